@@ -1,0 +1,1 @@
+"""ifa_tf: rank whole candidate sets against entire lifelong behaviour sequences."""

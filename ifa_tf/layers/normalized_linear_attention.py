@@ -1,0 +1,157 @@
+import keras
+from keras import ops
+
+from ifa_tf.layers.feature_maps import FEATURE_MAPS, apply_feature_map
+from ifa_tf.layers.validation import check_choice, check_positive_int, clone_initializer
+
+
+@keras.saving.register_keras_serializable(package="ifa_tf")
+class NormalizedLinearAttention(keras.layers.Layer):
+    """Multi-head linear attention with degree-matrix normalisation (IFA, Eq. 1, 6, 7).
+
+    For each head, with `Q = query W_q`, `K = key W_k`, `V = value W_v`:
+
+        E = D^-1 phi(Q) (phi(K)^T V),    D = diag(phi(Q) (phi(K)^T 1))
+
+    which equals the row-normalised `(phi(Q) phi(K)^T) V` without ever forming the
+    [m, n] interaction matrix: the cost is O((m + n) d^2) instead of O(m n d). Every
+    query interacts with every valid key; nothing is sampled or dropped.
+
+    Masking: keys (and their values) at padded positions are zeroed *after* phi, so
+    they contribute to neither the numerator nor the normaliser: appending padding or
+    changing the values stored there changes no output. Queries at padded positions get
+    a zero output. When a row has no valid key at all, `D = 0` and `epsilon` keeps the
+    output finite (zero). The normaliser is accumulated in float32 even under mixed
+    precision and cast back to the compute dtype.
+
+    Args:
+        num_heads: number of attention heads.
+        key_dim: size of each head for query and key.
+        value_dim: size of each head for value; defaults to `key_dim`.
+        output_dim: size of the output projection; defaults to the query's last dim.
+        feature_map: phi, one of `"elu_plus_one"` (default), `"softplus"`, `"relu"`. All are
+            non-negative, so D >= 0 (paper 4.4).
+        epsilon: added to D so an all-padding row gives a finite output.
+        use_bias: whether the projections have biases.
+        kernel_initializer, bias_initializer: for the projections.
+
+    Call arguments:
+        query: [B, m, d_q].
+        key: [B, n, d_k].
+        value: [B, n, d_v]; defaults to `key`.
+        query_mask: optional bool [B, m], True where the query is valid.
+        key_mask: optional bool [B, n], True where the key is valid. When omitted, the
+            Keras mask attached to `key` is used, if any.
+
+    Returns:
+        [B, m, output_dim].
+
+    Example:
+    >>> layer = NormalizedLinearAttention(num_heads=2, key_dim=8)
+    >>> out = layer(np.ones((1, 5, 16)), np.ones((1, 7, 16)))
+    >>> out.shape
+    (1, 5, 16)
+
+    Reference: Yu et al., "IFA: Interaction Fidelity Attention for Entire Lifelong Behaviour
+    Sequence Modeling", 2024; Katharopoulos et al., "Transformers are RNNs", ICML 2020.
+    """
+
+    def __init__(self, num_heads, key_dim, value_dim=None, output_dim=None,
+                 feature_map="elu_plus_one", epsilon=1e-6, use_bias=True,
+                 kernel_initializer="glorot_uniform", bias_initializer="zeros", **kwargs):
+        super().__init__(**kwargs)
+        check_positive_int("num_heads", num_heads)
+        check_positive_int("key_dim", key_dim)
+        if value_dim is not None:
+            check_positive_int("value_dim", value_dim)
+        if output_dim is not None:
+            check_positive_int("output_dim", output_dim)
+        check_choice("feature_map", feature_map, FEATURE_MAPS)
+        if not epsilon > 0:
+            raise ValueError(f"`epsilon` must be > 0. Received: epsilon={epsilon}")
+        self.num_heads = num_heads
+        self.key_dim = key_dim
+        self.value_dim = value_dim
+        self.output_dim = output_dim
+        self.feature_map = feature_map
+        self.epsilon = epsilon
+        self.use_bias = use_bias
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.bias_initializer = keras.initializers.get(bias_initializer)
+        self.supports_masking = True
+
+    def _dense(self, name, output_shape):
+        return keras.layers.EinsumDense(
+            "...d,dhk->...hk" if len(output_shape) == 2 else "...hk,hkd->...d",
+            output_shape=output_shape,
+            bias_axes=("hk" if len(output_shape) == 2 else "d") if self.use_bias else None,
+            kernel_initializer=clone_initializer(self.kernel_initializer),
+            bias_initializer=clone_initializer(self.bias_initializer),
+            dtype=self.dtype_policy,
+            name=name,
+        )
+
+    def build(self, query_shape, key_shape, value_shape=None):
+        value_shape = key_shape if value_shape is None else value_shape
+        value_dim = self.value_dim or self.key_dim
+        output_dim = self.output_dim or query_shape[-1]
+        self._query_dense = self._dense("query", (self.num_heads, self.key_dim))
+        self._query_dense.build(query_shape)
+        self._key_dense = self._dense("key", (self.num_heads, self.key_dim))
+        self._key_dense.build(key_shape)
+        self._value_dense = self._dense("value", (self.num_heads, value_dim))
+        self._value_dense.build(value_shape)
+        self._output_dense = self._dense("attention_output", (output_dim,))
+        self._output_dense.build((*query_shape[:-1], self.num_heads, value_dim))
+        self.built = True
+
+    def call(self, query, key, value=None, query_mask=None, key_mask=None):
+        value = key if value is None else value
+        if key_mask is None:
+            key_mask = getattr(key, "_keras_mask", None)
+        # The attention core runs in float32 (a no-op without mixed precision): its sums
+        # over up to 10^4 keys overflow float16, and it is O(d^2) small next to the
+        # projections, which stay in the compute dtype.
+        phi_q = apply_feature_map(self.feature_map, _float32(self._query_dense(query)))
+        phi_k = apply_feature_map(self.feature_map, _float32(self._key_dense(key)))
+        v = _float32(self._value_dense(value))
+        if key_mask is not None:
+            key_weight = ops.cast(key_mask, "float32")[:, :, None, None]
+            phi_k = phi_k * key_weight
+            v = v * key_weight
+        # Summaries of the whole sequence, O(n) and independent of m: phi(K)^T V, phi(K)^T 1.
+        key_value = ops.einsum("bnhk,bnhv->bhkv", phi_k, v)
+        key_sum = ops.sum(phi_k, axis=1)
+        degree = ops.einsum("bmhk,bhk->bmh", phi_q, key_sum) + self.epsilon
+        numerator = ops.einsum("bmhk,bhkv->bmhv", phi_q, key_value)
+        attended = ops.cast(numerator / degree[..., None], self.compute_dtype)
+        output = self._output_dense(attended)
+        if query_mask is not None:
+            output = output * ops.cast(query_mask, output.dtype)[..., None]
+        return output
+
+    def compute_mask(self, query, key, value=None, query_mask=None, key_mask=None):
+        return query_mask
+
+    def compute_output_shape(self, query_shape, key_shape, value_shape=None):
+        return (*query_shape[:-1], self.output_dim or query_shape[-1])
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({
+            "num_heads": self.num_heads,
+            "key_dim": self.key_dim,
+            "value_dim": self.value_dim,
+            "output_dim": self.output_dim,
+            "feature_map": self.feature_map,
+            "epsilon": self.epsilon,
+            "use_bias": self.use_bias,
+            "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+            "bias_initializer": keras.initializers.serialize(self.bias_initializer),
+        })
+        return config
+
+
+
+def _float32(x):
+    return ops.cast(x, "float32")

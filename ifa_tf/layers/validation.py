@@ -1,0 +1,26 @@
+"""Constructor-argument checks shared by the layers: errors name the argument and value."""
+
+import keras
+
+
+def check_positive_int(name, value):
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
+
+
+def check_units(name, units):
+    if isinstance(units, int) or not all(
+            isinstance(u, int) and not isinstance(u, bool) and u > 0 for u in units):
+        raise ValueError(f"`{name}` must be a list of positive integers. "
+                         f"Received: {name}={units!r}")
+    return list(units)
+
+
+def check_choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(f"`{name}` must be one of {sorted(choices)}. Received: {name}={value!r}")
+
+
+def clone_initializer(initializer):
+    """A fresh initializer of the same config, so sublayers never share seeded state."""
+    return keras.initializers.get(keras.initializers.serialize(initializer))

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Installs ifa_tf with its test extras into .venv, runs the test suite on the TensorFlow
+# backend, then the backend-independent layer tests again on JAX. Extra arguments go to the
+# first pytest run (e.g. `bash scripts/test.sh -k zoo`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/venv.sh
+install_venv ".[test]"
+export TF_CPP_MIN_LOG_LEVEL=2
+.venv/bin/python -m pytest -q "$@"
+KERAS_BACKEND=jax .venv/bin/python -m pytest -q -m "jax and not slow" tests
