@@ -208,7 +208,11 @@ class FeatureSchema:
 
         Checks presence, rank, integer dtype, one batch size, one n across the sequence
         features and one m across the candidate features, cross features and labels.
-        Dimensions that are unknown (None, symbolic) are skipped. Returns `features`.
+        Dimensions that are unknown (None, symbolic) are skipped. Names the schema does not
+        declare are an error; declared labels and extras are allowed and dropped.
+
+        Returns:
+            The model features alone (plus the labels with `with_labels=True`).
         """
         if not isinstance(features, Mapping):
             raise TypeError("Expected a dict of features keyed by name. Received: "
@@ -218,6 +222,11 @@ class FeatureSchema:
         if missing:
             raise ValueError(f"Missing features {missing}. Received features: "
                              f"{sorted(features)}")
+        declared = {*self.feature_names, *self.tasks, *self.extras}
+        unexpected = sorted(n for n in features if n not in declared)
+        if unexpected:
+            raise ValueError(f"Unexpected features {unexpected}: the schema does not declare "
+                             f"them. Declared features: {list(self.feature_names)}")
         dims = {}  # axis label -> (value, name that fixed it)
         for name in expected:
             value = features[name]
@@ -250,7 +259,7 @@ class FeatureSchema:
                         f"all {'features' if axis == 'batch' else axis + '-long features'} "
                         "of a request must agree.")
                 dims.setdefault(axis, (size, name))
-        return features
+        return {name: features[name] for name in expected}
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self):

@@ -1,0 +1,25 @@
+"""ifa_tf layers: written with `keras.ops`, so they run on TensorFlow, JAX and PyTorch."""
+
+from ifa_tf.layers.candidate_self_attention import CandidateSelfAttention
+from ifa_tf.layers.din_activation_unit import DINActivationUnit
+from ifa_tf.layers.hashed_embedding import HashedEmbedding
+from ifa_tf.layers.masked_average_pooling import MaskedAveragePooling
+from ifa_tf.layers.masked_target_attention import MaskedTargetAttention
+from ifa_tf.layers.mlp_tower import MLPTower
+from ifa_tf.layers.normalized_linear_attention import NormalizedLinearAttention
+from ifa_tf.layers.sim_hard_search import SIMHardSearch
+from ifa_tf.layers.sim_soft_search import SIMSoftSearch
+from ifa_tf.layers.twin_attention import TWINAttention
+
+__all__ = [
+    "CandidateSelfAttention",
+    "DINActivationUnit",
+    "HashedEmbedding",
+    "MaskedAveragePooling",
+    "MaskedTargetAttention",
+    "MLPTower",
+    "NormalizedLinearAttention",
+    "SIMHardSearch",
+    "SIMSoftSearch",
+    "TWINAttention",
+]

@@ -1,0 +1,119 @@
+import keras
+from keras import ops
+
+from ifa_tf.layers.validation import check_positive_int, clone_initializer
+
+
+@keras.saving.register_keras_serializable(package="ifa_tf")
+class MaskedTargetAttention(keras.layers.Layer):
+    """Multi-head softmax target attention: each candidate attends to its keys.
+
+    `softmax(Q K^T / sqrt(d) + bias) V` per head, over either one key set shared by all
+    candidates (keys [B, n, d]: exact attention over a whole sequence, O(m n)) or a key set
+    per candidate (keys [B, m, k, d]: the ESU over a sub-sequence chosen by a search unit).
+
+    Masking: invalid keys get zero weight; a candidate without any valid key gets a zero
+    output (no NaN); padded queries get a zero output. Softmax runs in float32.
+
+    Args:
+        num_heads: number of heads.
+        key_dim: size of each head.
+        output_dim: size of the output projection; defaults to the query's last dim.
+        use_bias: whether projections have biases.
+        kernel_initializer: for the projections.
+
+    Call arguments:
+        query: [B, m, d_q].
+        key: [B, n, d] or [B, m, k, d].
+        value: same leading shape as `key`; defaults to `key`.
+        query_mask: optional bool [B, m].
+        key_mask: optional bool [B, n] or [B, m, k].
+        attention_bias: optional float [B, m, n] or [B, m, k] added to every head's logits
+            (e.g. the search scores of SIM soft search, which lets them learn).
+
+    Returns:
+        [B, m, output_dim].
+    """
+
+    def __init__(self, num_heads, key_dim, output_dim=None, use_bias=True,
+                 kernel_initializer="glorot_uniform", **kwargs):
+        super().__init__(**kwargs)
+        check_positive_int("num_heads", num_heads)
+        check_positive_int("key_dim", key_dim)
+        if output_dim is not None:
+            check_positive_int("output_dim", output_dim)
+        self.num_heads = num_heads
+        self.key_dim = key_dim
+        self.output_dim = output_dim
+        self.use_bias = use_bias
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+
+    def _projection(self, name, equation, output_shape, bias_axes):
+        return keras.layers.EinsumDense(
+            equation, output_shape=output_shape, bias_axes=bias_axes if self.use_bias else None,
+            kernel_initializer=clone_initializer(self.kernel_initializer),
+            dtype=self.dtype_policy, name=name)
+
+    def build(self, query_shape, key_shape, value_shape=None):
+        value_shape = key_shape if value_shape is None else value_shape
+        heads = (self.num_heads, self.key_dim)
+        self._query_dense = self._projection("query", "...d,dhc->...hc", heads, "hc")
+        self._query_dense.build(query_shape)
+        self._key_dense = self._projection("key", "...d,dhc->...hc", heads, "hc")
+        self._key_dense.build(key_shape)
+        self._value_dense = self._projection("value", "...d,dhc->...hc", heads, "hc")
+        self._value_dense.build(value_shape)
+        self._output_dense = self._projection(
+            "attention_output", "...hc,hcd->...d", (self.output_dim or query_shape[-1],), "d")
+        self._output_dense.build((*query_shape[:-1], self.num_heads, self.key_dim))
+        self.built = True
+
+    def call(self, query, key, value=None, query_mask=None, key_mask=None, attention_bias=None):
+        value = key if value is None else value
+        per_candidate = len(key.shape) == 4
+        q = self._query_dense(query)  # [B, m, h, c]
+        k = self._key_dense(key)
+        v = self._value_dense(value)
+        if per_candidate:  # k, v: [B, m, k, h, c]
+            logits = ops.einsum("bmhc,bmkhc->bmhk", q, k)
+        else:  # k, v: [B, n, h, c]
+            logits = ops.einsum("bmhc,bnhc->bmhn", q, k)
+        logits = ops.cast(logits, "float32") / (self.key_dim ** 0.5)
+        if attention_bias is not None:
+            logits = logits + ops.cast(attention_bias, "float32")[:, :, None, :]
+        weights = masked_softmax(logits, None if key_mask is None else (
+            key_mask[:, :, None, :] if per_candidate else key_mask[:, None, None, :]))
+        weights = ops.cast(weights, v.dtype)
+        if per_candidate:
+            attended = ops.einsum("bmhk,bmkhc->bmhc", weights, v)
+        else:
+            attended = ops.einsum("bmhn,bnhc->bmhc", weights, v)
+        output = self._output_dense(attended)
+        if query_mask is not None:
+            output = output * ops.cast(query_mask, output.dtype)[..., None]
+        return output
+
+    def compute_output_shape(self, query_shape, key_shape, value_shape=None):
+        return (*query_shape[:-1], self.output_dim or query_shape[-1])
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({
+            "num_heads": self.num_heads,
+            "key_dim": self.key_dim,
+            "output_dim": self.output_dim,
+            "use_bias": self.use_bias,
+            "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+        })
+        return config
+
+
+def masked_softmax(logits, mask, axis=-1):
+    """Softmax over `axis` where invalid entries get weight 0; all-invalid rows give 0."""
+    logits = ops.cast(logits, "float32")
+    if mask is None:
+        return ops.softmax(logits, axis=axis)
+    mask = ops.cast(mask, "float32")
+    shifted = logits - ops.max(ops.where(mask > 0, logits, -1e9), axis=axis, keepdims=True)
+    exp = ops.exp(ops.minimum(shifted, 0.0)) * mask
+    return exp / ops.maximum(ops.sum(exp, axis=axis, keepdims=True), 1e-30)

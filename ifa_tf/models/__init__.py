@@ -1,0 +1,17 @@
+"""The shared ranking skeleton and the sequence modules that tell the zoo models apart."""
+
+from ifa_tf.models.candidate_set_ranker import CandidateSetRanker
+from ifa_tf.models.interest_modules import (AveragePoolingInterest, FullTargetAttentionInterest,
+                                            LinearAttentionInterest, RecentDINInterest,
+                                            SIMHardInterest, SIMSoftInterest, TWINInterest)
+
+__all__ = [
+    "AveragePoolingInterest",
+    "CandidateSetRanker",
+    "FullTargetAttentionInterest",
+    "LinearAttentionInterest",
+    "RecentDINInterest",
+    "SIMHardInterest",
+    "SIMSoftInterest",
+    "TWINInterest",
+]

@@ -1,0 +1,181 @@
+import keras
+from keras import ops
+
+from ifa_tf import layers
+from ifa_tf.layers.validation import check_positive_int, check_units
+from ifa_tf.models.training_defaults import TrainingDefaultsMixin
+from ifa_tf.schema import CANDIDATE_PREFIX, SEQUENCE_PREFIX, resolve_schema
+
+# Buckets of the value embeddings: log2 buckets cover every int64 magnitude; action bit
+# sets (1 click, 2 long view, 4 like) and their combinations fit in 8.
+_LOG2_BUCKETS = 66
+_ACTION_BUCKETS = 8
+
+
+@keras.saving.register_keras_serializable(package="ifa_tf")
+class CandidateSetRanker(TrainingDefaultsMixin, keras.Model):
+    """Scores a whole candidate set against a lifelong behaviour sequence (IFA, paper 4.2).
+
+    The skeleton every zoo model shares; models differ only in `interest`:
+
+    1. Embedding: raw int64 ids are hashed into tables (bucket 0 = padding). Sequence and
+       candidates share one table per item attribute; an item's embedding is the concat of
+       its attributes'. Sequence items also add embeddings of their context (action bits,
+       log2 of the time delta). Cross features are log2-bucketed counts.
+    2. Sequence module `interest` (F_c-s): candidates read the sequence.
+    3. RAM (optional, Eq. 3): `CandidateSelfAttention` among the candidates (F_c-c).
+    4. Towers (Eq. 4) over `[F_can, F_c-s, F_c-c, F_u, F_cro]`, one per task, and ESMM
+       (Eq. 5): `p(gate | cand)` from the first task's tower, and for every other task
+       `p(task | cand) = p(gate | cand) * p(task | gate)`.
+
+    Masking: a candidate is valid where `cand_item_id != 0`, a sequence item where
+    `seq_item_id != 0`. Padded candidates get probability 0 and are masked out of every
+    loss and metric (see `TrainingDefaultsMixin`); padding never changes a valid output.
+
+    Args:
+        interest: the sequence module (a layer from `ifa_tf.models.interest_modules`).
+        schema: a `FeatureSchema` (or dict / JSON path); `None` for the default schema.
+        embedding_dim: size of each attribute's, user feature's and cross feature's
+            embedding.
+        use_ram: add the candidate self-attention (RAM).
+        ram_heads, ram_key_dim: RAM's heads and head size.
+        feature_map: RAM's phi.
+        tower_units: hidden sizes of every task tower.
+        dropout: tower dropout.
+
+    Call arguments:
+        inputs: dict of the schema's features: user features [B], `seq_*` [B, n],
+            `cand_*` [B, m], all int64.
+
+    Returns:
+        `{task: p(task | candidate) [B, m] for every schema task, "score": [B, m]}` where
+        `score` is the probability of `schema.score_task`.
+
+    Example:
+    >>> model = ifa_tf.zoo.build("ifa")
+    >>> model.compile()
+    >>> model.fit(dataset, epochs=1)  # dataset of (features, labels)
+    """
+
+    def __init__(self, interest, schema=None, embedding_dim=16, use_ram=True, ram_heads=2,
+                 ram_key_dim=16, feature_map="elu_plus_one", tower_units=(128, 64),
+                 dropout=0.0, **kwargs):
+        schema = resolve_schema(schema)
+        check_positive_int("embedding_dim", embedding_dim)
+        tower_units = check_units("tower_units", tower_units)
+        if isinstance(interest, dict):
+            interest = keras.saving.deserialize_keras_object(interest)
+        if not isinstance(interest, keras.layers.Layer):
+            raise ValueError("`interest` must be a sequence module layer. "
+                             f"Received: interest={interest!r}")
+        item_dim = embedding_dim * len(schema.item_attributes)
+
+        # === Layers ===
+        attribute_embeddings = {
+            attribute: layers.HashedEmbedding(schema.num_buckets(attribute), embedding_dim,
+                                              name=f"{attribute}_embedding")
+            for attribute in schema.item_attributes
+        }
+        user_embeddings = {
+            name: layers.HashedEmbedding(schema.num_buckets(name), embedding_dim,
+                                         name=f"{name}_embedding")
+            for name in schema.user_features
+        }
+        context_embeddings = {
+            name: layers.HashedEmbedding(
+                *((_ACTION_BUCKETS, item_dim, "clip") if name == "seq_action"
+                  else (_LOG2_BUCKETS, item_dim, "log2")), name=f"{name}_embedding")
+            for name in schema.sequence_context
+        }
+        cross_embeddings = {
+            name: layers.HashedEmbedding(_LOG2_BUCKETS, embedding_dim, mode="log2",
+                                         name=f"{name}_embedding")
+            for name in schema.cross_features
+        }
+        ram = layers.CandidateSelfAttention(
+            ram_heads, ram_key_dim, feature_map=feature_map,
+            name="candidate_self_attention") if use_ram else None
+        towers = {task: layers.MLPTower(tower_units, dropout=dropout, name=f"{task}_tower")
+                  for task in schema.tasks}
+
+        # === Functional model ===
+        inputs = schema.keras_inputs()
+        candidate_ids = inputs[CANDIDATE_PREFIX + "item_id"]
+        sequence_ids = inputs[SEQUENCE_PREFIX + "item_id"]
+        candidate_mask = ops.not_equal(candidate_ids, 0)
+        sequence_mask = ops.not_equal(sequence_ids, 0)
+
+        def item_embeddings(prefix):
+            return ops.concatenate(
+                [attribute_embeddings[a](inputs[prefix + a]) for a in schema.item_attributes],
+                axis=-1)
+
+        candidates = item_embeddings(CANDIDATE_PREFIX)  # F_can [B, m, item_dim]
+        sequence = item_embeddings(SEQUENCE_PREFIX)  # F_seq [B, n, item_dim]
+        for name, embedding in context_embeddings.items():
+            sequence = sequence + embedding(inputs[name])
+        module_inputs = {
+            "candidates": candidates,
+            "sequence": sequence,
+            "candidate_mask": candidate_mask,
+            "sequence_mask": sequence_mask,
+            "candidate_item_ids": candidate_ids,
+            "sequence_item_ids": sequence_ids,
+        }
+        if "category_id" in schema.item_attributes:
+            module_inputs["candidate_category_ids"] = inputs[CANDIDATE_PREFIX + "category_id"]
+            module_inputs["sequence_category_ids"] = inputs[SEQUENCE_PREFIX + "category_id"]
+        parts = [candidates, interest(module_inputs)]  # F_can, F_c-s
+        if ram is not None:
+            parts.append(ram(candidates, candidate_mask=candidate_mask))  # F_c-c
+        if user_embeddings:
+            user = ops.concatenate(
+                [user_embeddings[n](inputs[n]) for n in schema.user_features], axis=-1)
+            # F_u, repeated m times (a product with ones: symbolic shapes are unknown here).
+            parts.append(user[:, None, :] * ops.ones_like(candidates[..., :1]))
+        parts.extend(cross_embeddings[n](inputs[n]) for n in schema.cross_features)  # F_cro
+        features = ops.concatenate(parts, axis=-1)
+
+        valid = ops.cast(candidate_mask, "float32")
+        gate = ops.sigmoid(ops.cast(towers[schema.gate_task](features), "float32")) * valid
+        outputs = {schema.gate_task: gate}
+        for task in schema.action_tasks:
+            outputs[task] = gate * ops.sigmoid(ops.cast(towers[task](features), "float32"))
+        outputs = {task: keras.layers.Identity(name=task)(p) for task, p in outputs.items()}
+        outputs["score"] = keras.layers.Identity(name="score")(outputs[schema.score_task])
+        super().__init__(inputs=inputs, outputs=outputs, **kwargs)
+
+        # === Config ===
+        self.interest = interest
+        self.schema = schema
+        self.embedding_dim = embedding_dim
+        self.use_ram = use_ram
+        self.ram_heads = ram_heads
+        self.ram_key_dim = ram_key_dim
+        self.feature_map = feature_map
+        self.tower_units = tower_units
+        self.dropout = dropout
+
+    def __call__(self, inputs, *args, **kwargs):
+        # Checked here, before Keras converts inputs: it would silently cast float ids and
+        # report mismatched lengths from deep inside the graph.
+        return super().__call__(self.schema.validate_features(inputs), *args, **kwargs)
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "trainable": self.trainable,
+            "interest": keras.saving.serialize_keras_object(self.interest),
+            "schema": self.schema.to_dict(),
+            "embedding_dim": self.embedding_dim,
+            "use_ram": self.use_ram,
+            "ram_heads": self.ram_heads,
+            "ram_key_dim": self.ram_key_dim,
+            "feature_map": self.feature_map,
+            "tower_units": self.tower_units,
+            "dropout": self.dropout,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)

@@ -1,0 +1,216 @@
+"""Sequence modules: how each model lets the candidate set read the behaviour sequence.
+
+Every model of the zoo shares embeddings, RAM, towers and loss (paper 5.1), and differs
+only in this module, so comparisons isolate it. A module is a layer called with one dict:
+
+    candidates [B, m, d], sequence [B, n, d], candidate_mask [B, m], sequence_mask [B, n],
+    candidate_item_ids / sequence_item_ids, and, when the schema has them,
+    candidate_category_ids / sequence_category_ids
+
+and returns the candidates' interest vectors [B, m, d]. These classes are thin adapters
+from that dict to the layers of `ifa_tf.layers`; they live together because each is a few
+lines.
+"""
+
+import keras
+from keras import ops
+
+from ifa_tf import layers
+from ifa_tf.layers.top_k import gather_positions, most_recent_positions
+from ifa_tf.layers.validation import check_positive_int
+
+
+class InterestModule(keras.layers.Layer):
+    """Base of the sequence modules: checks the dict and stores no state of its own."""
+
+    required_inputs = ("candidates", "sequence", "candidate_mask", "sequence_mask")
+
+    def call(self, inputs):
+        missing = [k for k in self.required_inputs if k not in inputs]
+        if missing:
+            raise ValueError(f"{type(self).__name__} needs inputs {missing}; the schema must "
+                             "declare the features they come from.")
+        return self.interest(inputs)
+
+    def interest(self, inputs):
+        raise NotImplementedError
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape["candidates"])
+
+
+@keras.saving.register_keras_serializable(package="ifa_tf")
+class AveragePoolingInterest(InterestModule):
+    """`avg_pooling`: the masked mean of the whole sequence, the same for every candidate."""
+
+    def build(self, input_shape):
+        self._pooling = layers.MaskedAveragePooling(dtype=self.dtype_policy, name="pooling")
+        self.built = True
+
+    def interest(self, inputs):
+        pooled = self._pooling(inputs["sequence"], mask=inputs["sequence_mask"])
+        return ops.broadcast_to(pooled[:, None, :], ops.shape(inputs["candidates"]))
+
+
+@keras.saving.register_keras_serializable(package="ifa_tf")
+class RecentDINInterest(InterestModule):
+    """`din`: DIN's activation unit over the k most recent valid sequence items."""
+
+    def __init__(self, k=100, hidden_units=(80, 40), **kwargs):
+        super().__init__(**kwargs)
+        check_positive_int("k", k)
+        self.k = k
+        self.hidden_units = list(hidden_units)
+
+    def build(self, input_shape):
+        shape = input_shape["candidates"]
+        self._unit = layers.DINActivationUnit(self.hidden_units, dtype=self.dtype_policy,
+                                              name="activation_unit")
+        self._unit.build(shape, (shape[0], self.k, shape[-1]))
+        self.built = True
+
+    def interest(self, inputs):
+        indices, recent_mask = most_recent_positions(inputs["sequence_mask"], self.k)
+        recent = gather_positions(inputs["sequence"], indices)  # [B, k, d]
+        return self._unit(inputs["candidates"], recent,
+                          query_mask=inputs["candidate_mask"], key_mask=recent_mask)
+
+    def get_config(self):
+        return {**super().get_config(), "k": self.k, "hidden_units": self.hidden_units}
+
+
+@keras.saving.register_keras_serializable(package="ifa_tf")
+class FullTargetAttentionInterest(InterestModule):
+    """`din_full`: exact softmax target attention over the whole sequence, O(m n)."""
+
+    def __init__(self, num_heads=2, key_dim=16, **kwargs):
+        super().__init__(**kwargs)
+        self.num_heads = num_heads
+        self.key_dim = key_dim
+
+    def build(self, input_shape):
+        self._attention = layers.MaskedTargetAttention(
+            self.num_heads, self.key_dim, dtype=self.dtype_policy, name="attention")
+        self._attention.build(input_shape["candidates"], input_shape["sequence"])
+        self.built = True
+
+    def interest(self, inputs):
+        return self._attention(inputs["candidates"], inputs["sequence"],
+                               query_mask=inputs["candidate_mask"],
+                               key_mask=inputs["sequence_mask"])
+
+    def get_config(self):
+        return {**super().get_config(), "num_heads": self.num_heads, "key_dim": self.key_dim}
+
+
+@keras.saving.register_keras_serializable(package="ifa_tf")
+class SIMHardInterest(FullTargetAttentionInterest):
+    """`sim_hard`: GSU = same-category, most recent k; ESU = target attention over them."""
+
+    required_inputs = (*InterestModule.required_inputs, "candidate_category_ids",
+                       "sequence_category_ids")
+
+    def __init__(self, k=100, num_heads=2, key_dim=16, **kwargs):
+        super().__init__(num_heads=num_heads, key_dim=key_dim, **kwargs)
+        check_positive_int("k", k)
+        self.k = k
+
+    def build(self, input_shape):
+        shape = input_shape["candidates"]
+        self._search = layers.SIMHardSearch(self.k, dtype=self.dtype_policy, name="search")
+        self._attention = layers.MaskedTargetAttention(
+            self.num_heads, self.key_dim, dtype=self.dtype_policy, name="attention")
+        self._attention.build(shape, (*shape[:2], self.k, input_shape["sequence"][-1]))
+        self.built = True
+
+    def interest(self, inputs):
+        indices, selected_mask = self._search(inputs["candidate_category_ids"],
+                                              inputs["sequence_category_ids"],
+                                              inputs["sequence_mask"])
+        selected = gather_positions(inputs["sequence"], indices)  # [B, m, k, d]
+        return self._attention(inputs["candidates"], selected,
+                               query_mask=inputs["candidate_mask"], key_mask=selected_mask)
+
+    def get_config(self):
+        return {**super().get_config(), "k": self.k}
+
+
+@keras.saving.register_keras_serializable(package="ifa_tf")
+class SIMSoftInterest(SIMHardInterest):
+    """`sim_soft`: GSU = top k by inner product of separate search embeddings of the item
+    ids; ESU = target attention over them, with the search scores as logit bias."""
+
+    required_inputs = (*InterestModule.required_inputs, "candidate_item_ids",
+                       "sequence_item_ids")
+
+    def __init__(self, k=100, num_heads=2, key_dim=16, search_dim=16,
+                 search_buckets=200_003, **kwargs):
+        super().__init__(k=k, num_heads=num_heads, key_dim=key_dim, **kwargs)
+        check_positive_int("search_dim", search_dim)
+        self.search_dim = search_dim
+        self.search_buckets = search_buckets
+
+    def build(self, input_shape):
+        shape = input_shape["candidates"]
+        self._search_embedding = layers.HashedEmbedding(
+            self.search_buckets, self.search_dim, dtype=self.dtype_policy,
+            name="search_embedding")
+        self._search_embedding.build(input_shape["candidate_item_ids"])
+        self._search = layers.SIMSoftSearch(self.k, dtype=self.dtype_policy, name="search")
+        self._attention = layers.MaskedTargetAttention(
+            self.num_heads, self.key_dim, dtype=self.dtype_policy, name="attention")
+        self._attention.build(shape, (*shape[:2], self.k, input_shape["sequence"][-1]))
+        self.built = True
+
+    def interest(self, inputs):
+        indices, selected_mask, scores = self._search(
+            self._search_embedding(inputs["candidate_item_ids"]),
+            self._search_embedding(inputs["sequence_item_ids"]),
+            inputs["sequence_mask"])
+        selected = gather_positions(inputs["sequence"], indices)
+        return self._attention(inputs["candidates"], selected,
+                               query_mask=inputs["candidate_mask"], key_mask=selected_mask,
+                               attention_bias=scores)
+
+    def get_config(self):
+        return {**super().get_config(), "search_dim": self.search_dim,
+                "search_buckets": self.search_buckets}
+
+
+@keras.saving.register_keras_serializable(package="ifa_tf")
+class TWINInterest(FullTargetAttentionInterest):
+    """`twin`, `twin_ram`: TWIN's light-attention GSU (top k) and multi-head ESU."""
+
+    def __init__(self, k=100, num_heads=2, key_dim=16, **kwargs):
+        super().__init__(num_heads=num_heads, key_dim=key_dim, **kwargs)
+        check_positive_int("k", k)
+        self.k = k
+
+    def build(self, input_shape):
+        self._attention = layers.TWINAttention(
+            self.k, self.num_heads, self.key_dim, dtype=self.dtype_policy, name="attention")
+        self._attention.build(input_shape["candidates"], input_shape["sequence"])
+        self.built = True
+
+    def get_config(self):
+        return {**super().get_config(), "k": self.k}
+
+
+@keras.saving.register_keras_serializable(package="ifa_tf")
+class LinearAttentionInterest(FullTargetAttentionInterest):
+    """`ifa`, `ifa_no_ram`: Full Sequence Modelling (FSM, IFA Eq. 2) by normalised linear
+    attention over every valid sequence item, O(m + n)."""
+
+    def __init__(self, num_heads=2, key_dim=16, feature_map="elu_plus_one", **kwargs):
+        super().__init__(num_heads=num_heads, key_dim=key_dim, **kwargs)
+        self.feature_map = feature_map
+
+    def build(self, input_shape):
+        self._attention = layers.NormalizedLinearAttention(
+            self.num_heads, self.key_dim, feature_map=self.feature_map,
+            dtype=self.dtype_policy, name="attention")
+        self._attention.build(input_shape["candidates"], input_shape["sequence"])
+        self.built = True
+
+    def get_config(self):
+        return {**super().get_config(), "feature_map": self.feature_map}

@@ -1,0 +1,107 @@
+"""The model zoo: every model of the IFA paper, built by name.
+
+>>> import ifa_tf
+>>> model = ifa_tf.zoo.build("ifa")               # default schema
+>>> model = ifa_tf.zoo.build("twin", k=50)        # overrides are checked
+>>> ifa_tf.zoo.list_models()
+['avg_pooling', 'din', 'din_full', 'ifa', 'ifa_no_ram', 'sim_hard', 'sim_soft', 'twin', 'twin_ram']
+
+Register your own with `@ifa_tf.zoo.register("name")` on a function
+`builder(schema=None, **overrides) -> keras.Model`; its keyword parameters are the valid
+overrides (a builder taking `**kwargs` validates them itself).
+"""
+
+import inspect
+
+from ifa_tf.models import (AveragePoolingInterest, CandidateSetRanker,
+                           FullTargetAttentionInterest, LinearAttentionInterest,
+                           RecentDINInterest, SIMHardInterest, SIMSoftInterest, TWINInterest)
+
+_REGISTRY = {}
+
+
+def register(name):
+    """Decorator adding a model builder to the zoo under `name`."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"A zoo name must be a non-empty string. Received: name={name!r}")
+
+    def decorator(builder):
+        if name in _REGISTRY:
+            raise ValueError(f"A model named {name!r} is already registered.")
+        _REGISTRY[name] = builder
+        return builder
+
+    return decorator
+
+
+def list_models():
+    """Names of every registered model, sorted."""
+    return sorted(_REGISTRY)
+
+
+def build(name, schema=None, **overrides):
+    """Builds the registered model `name` for `schema` (default schema when `None`).
+
+    Raises:
+        ValueError: for an unknown name or override, listing the valid ones.
+    """
+    if name not in _REGISTRY:
+        raise ValueError(f"Unknown model {name!r}. Registered models: {list_models()}")
+    builder = _REGISTRY[name]
+    valid = valid_overrides(name)
+    if valid is not None:
+        unknown = sorted(set(overrides) - set(valid))
+        if unknown:
+            raise ValueError(f"Unknown overrides {unknown} for model {name!r}. "
+                             f"Valid overrides: {sorted(valid)}")
+    return builder(schema=schema, **overrides)
+
+
+def valid_overrides(name):
+    """The override names `build(name, ...)` accepts, or None if the builder takes any."""
+    builder = _REGISTRY[name]
+    declared = getattr(builder, "valid_overrides", None)
+    if declared is not None:
+        return tuple(declared)
+    parameters = inspect.signature(builder).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in parameters):
+        return None
+    return tuple(p.name for p in parameters if p.name != "schema")
+
+
+def _keyword_parameters(function, exclude):
+    return [p.name for p in inspect.signature(function).parameters.values()
+            if p.kind is p.POSITIONAL_OR_KEYWORD and p.name not in exclude]
+
+
+_RANKER_OPTIONS = _keyword_parameters(CandidateSetRanker.__init__,
+                                      exclude={"self", "interest", "schema", "use_ram"})
+
+
+def _register_ranker(name, interest_class, use_ram):
+    """Registers a `CandidateSetRanker` with `interest_class` as its sequence module. Its
+    overrides are the ranker's options plus the module's constructor arguments."""
+    module_options = _keyword_parameters(interest_class.__init__, exclude={"self"})
+
+    def builder(schema=None, **overrides):
+        interest = interest_class(
+            **{k: v for k, v in overrides.items() if k in module_options}, name="interest")
+        return CandidateSetRanker(
+            interest, schema=schema, use_ram=use_ram, name=name,
+            **{k: v for k, v in overrides.items() if k in _RANKER_OPTIONS})
+
+    builder.valid_overrides = (*_RANKER_OPTIONS, *module_options)
+    builder.__name__ = name
+    builder.__doc__ = f"Builds `{name}`: {interest_class.__doc__.splitlines()[0]}"
+    register(name)(builder)
+
+
+_register_ranker("avg_pooling", AveragePoolingInterest, use_ram=False)
+_register_ranker("din", RecentDINInterest, use_ram=False)
+_register_ranker("din_full", FullTargetAttentionInterest, use_ram=False)
+_register_ranker("sim_hard", SIMHardInterest, use_ram=False)
+_register_ranker("sim_soft", SIMSoftInterest, use_ram=False)
+_register_ranker("twin", TWINInterest, use_ram=False)
+_register_ranker("twin_ram", TWINInterest, use_ram=True)  # IFA - FSM (paper Table 3)
+_register_ranker("ifa_no_ram", LinearAttentionInterest, use_ram=False)  # IFA - RAM
+_register_ranker("ifa", LinearAttentionInterest, use_ram=True)
