@@ -1,0 +1,18 @@
+"""Candidate-set data: the TFRecord format, the tf.data pipeline, the lifelong-behaviour
+simulator and the interaction-log converter.
+
+- `records`: one `tf.train.Example` per request, sharded writing, `metadata.json`.
+- `make_dataset`: TFRecords -> padded `(features, labels)` batches for `model.fit`.
+- `Simulator`, `SimulatorConfig`, `write_synthetic`: the simulator (`ifa-data synthetic`).
+- `LogConfig`, `convert_log`, `convert_movielens_100k`: logs -> TFRecords
+  (`ifa-data from-log`).
+- `ifa_tf.data.tfds_builder`: a TensorFlow Datasets builder over the simulator (imported on
+  demand, since it imports tensorflow_datasets).
+"""
+
+from ifa_tf.data.pipeline import make_dataset
+from ifa_tf.data.records import (METADATA_FILENAME, DataFormatError, ShardedWriter,
+                                 decode_example, encode_example, read_metadata,
+                                 write_metadata)
+from ifa_tf.data.simulator import (Simulator, SimulatorConfig, simulator_schema,
+                                   write_synthetic)

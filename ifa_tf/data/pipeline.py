@@ -1,0 +1,258 @@
+"""The tf.data input pipeline: TFRecord shards -> padded `(features, labels)` batches.
+
+Order of operations (the tensorflow/models ranking reader's): list shards, shard them per
+input pipeline, interleave the files, shuffle examples, batch, parse the whole batch with one
+`tf.io.parse_example`, cut and pad each batch to its own longest n and m, prefetch.
+
+Faults are reported with their location. Every record carries its file name and index up to
+the parse step, so a record whose candidate features and labels disagree in length fails with
+an error naming the file and the record. Each file's record count is checked against the
+metadata written beside the data (or, for uncompressed files without metadata, against a walk
+over the record headers), so a truncated or corrupt file fails with an error naming the file;
+with `skip_corrupt=True` the unreadable rest of the file is skipped instead and a warning
+names the file and counts the records lost.
+"""
+
+import logging
+import os
+import sys
+
+import tensorflow as tf
+
+from ifa_tf import schema as schema_lib
+from ifa_tf.data import records
+
+AUTOTUNE = tf.data.AUTOTUNE
+_logger = logging.getLogger(__name__)
+
+
+def make_dataset(file_pattern, schema=None, batch_size=32, *, shuffle=True,
+                 shuffle_buffer=4096, seed=None, repeat=False, max_seq_len=None,
+                 max_candidates=None, with_extras=False, drop_remainder=False,
+                 deterministic=False, input_context=None, skip_corrupt=False,
+                 cycle_length=8, num_parallel_calls=AUTOTUNE, prefetch=AUTOTUNE):
+    """Builds a `tf.data.Dataset` of padded request batches for `model.fit`.
+
+    Args:
+        file_pattern: a glob (or a list of globs) of TFRecord files; `*.gz` files are read
+            as GZIP.
+        schema: a `FeatureSchema` (or dict / JSON path). None: the schema recorded in the
+            `metadata.json` beside the files.
+        batch_size: requests per batch; with `input_context`, the global batch size, split
+            evenly across replicas.
+        shuffle: shuffle file order and examples (before batching).
+        shuffle_buffer: examples held by the shuffle buffer.
+        seed: seed of both shuffles; required when `deterministic` and `shuffle`.
+        repeat: repeat forever (after shuffling, so epochs are not cut at file ends).
+        max_seq_len: cap on n; longer sequences keep their most recent (last) events.
+        max_candidates: cap on m; longer candidate sets keep their first candidates.
+        with_extras: also yield the schema's extras (e.g. the simulator's ground truth) as a
+            third element `{name: float32 [B, m]}`. For evaluation loops, not `fit` (which
+            would read a third element as sample weights).
+        drop_remainder: drop the last incomplete batch.
+        deterministic: element order fixed by `seed` (slower parallel steps keep order).
+        input_context: a `tf.distribute.InputContext`; files (or, with fewer files than
+            pipelines, records) are sharded by `input_pipeline_id`.
+        skip_corrupt: skip the unreadable rest of a truncated or corrupt file (a warning names
+            the file and counts the records lost) instead of failing.
+        cycle_length: files read concurrently.
+        num_parallel_calls: parallelism of interleave and parsing.
+        prefetch: batches prefetched.
+
+    Yields:
+        `(features, labels)`: features `{name: int64}` for every model input, user features
+        [B], sequence features [B, n] (oldest first, right-padded with 0), candidate and cross
+        features [B, m] (right-padded with 0); labels `{task: float32 [B, m]}`, 0 at padded
+        candidates. n and m are the longest in the batch after the caps.
+    """
+    files = records.expand_file_pattern(file_pattern)
+    metadata = records.find_metadata(files)
+    if schema is None:
+        if metadata is None:
+            raise ValueError(
+                f"schema=None needs a {records.METADATA_FILENAME} beside the data, but none "
+                f"is beside {files[0]!r}. Pass schema= explicitly.")
+        schema = records.schema_from_metadata(metadata)
+    else:
+        schema = schema_lib.resolve_schema(schema)
+    _check_positive("batch_size", batch_size)
+    _check_positive("max_seq_len", max_seq_len, allow_none=True)
+    _check_positive("max_candidates", max_candidates, allow_none=True)
+    _check_positive("cycle_length", cycle_length)
+    if with_extras and not schema.extras:
+        raise ValueError("with_extras=True but the schema declares no extras.")
+    if deterministic and shuffle and seed is None:
+        raise ValueError("deterministic=True with shuffle=True needs a seed. Received: "
+                         "seed=None")
+
+    num_pipelines, pipeline_id = 1, 0
+    if input_context is not None:
+        num_pipelines = input_context.num_input_pipelines
+        pipeline_id = input_context.input_pipeline_id
+        batch_size = input_context.get_per_replica_batch_size(batch_size)
+    shard_records = num_pipelines > 1 and len(files) < num_pipelines
+    if num_pipelines > 1 and not shard_records:
+        files = files[pipeline_id::num_pipelines]
+
+    expected = [_expected_count(path, metadata, skip_corrupt) for path in files]
+    compressions = [records.compression_of(path) for path in files]
+    dataset = tf.data.Dataset.from_tensor_slices(
+        (tf.constant(files), tf.constant(compressions), tf.constant(expected, tf.int64)))
+    if shuffle:
+        dataset = dataset.shuffle(len(files), seed=seed)
+    guarded = skip_corrupt or all(count >= 0 for count in expected)
+    record_shard = (num_pipelines, pipeline_id) if shard_records else None
+    dataset = dataset.interleave(
+        lambda path, compression, count: _read_file(path, compression, count, skip_corrupt,
+                                                    guarded, record_shard),
+        cycle_length=min(cycle_length, len(files)), block_length=1,
+        num_parallel_calls=num_parallel_calls, deterministic=deterministic)
+    if shuffle:
+        dataset = dataset.shuffle(shuffle_buffer, seed=seed)
+    if repeat:
+        dataset = dataset.repeat()
+    dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
+    parse = _BatchParser(schema, max_seq_len, max_candidates, with_extras)
+    dataset = dataset.map(parse, num_parallel_calls=num_parallel_calls,
+                          deterministic=deterministic)
+    options = tf.data.Options()
+    options.deterministic = deterministic
+    dataset = dataset.with_options(options)
+    return dataset.prefetch(prefetch)
+
+
+def _check_positive(name, value, allow_none=False):
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer. Received: {name}={value!r}")
+
+
+def _expected_count(path, metadata, skip_corrupt):
+    """Records the file should hold: from the metadata, else from its headers, else -1."""
+    if metadata is not None:
+        count = metadata.get("files", {}).get(os.path.basename(path))
+        if count is not None:
+            return int(count)
+    if records.compression_of(path):
+        return -1
+    try:
+        return records.count_records(path)
+    except records.DataFormatError as error:
+        if not skip_corrupt:
+            raise
+        _logger.warning("skip_corrupt: %s; records after the fault are skipped.", error)
+        return -1
+
+
+def _read_file(path, compression, expected, skip_corrupt, guarded, record_shard):
+    """Yields `(path, index, serialized)`; checks the count against `expected` at the end.
+
+    `guarded`: the reader stops quietly at the first fault (`ignore_errors`) and the
+    end-of-file check turns the shortfall into an error (or a warning) naming the file. TF
+    alone would not name the file, and silently accepts a truncated last record of an
+    uncompressed file. Without a known count for every file (gzip files without metadata)
+    the strict pipeline is not guarded, so TF's own error comes through.
+    `record_shard=(num_pipelines, pipeline_id)` keeps the records whose index in the file
+    is `pipeline_id` modulo `num_pipelines` (an order-independent split).
+    """
+    serialized = tf.data.TFRecordDataset(path, compression_type=compression,
+                                         buffer_size=1 << 20)
+    if guarded:
+        serialized = serialized.ignore_errors()
+    indexed = serialized.enumerate()
+    end = tf.data.Dataset.from_tensors((tf.constant(-1, tf.int64), tf.constant(b"")))
+
+    def count_and_check(seen, element):
+        index, record = element
+        at_end = index < 0
+        complete = tf.logical_or(expected < 0, tf.equal(seen, expected))
+        fault = tf.logical_and(at_end, tf.logical_not(complete))
+        message = tf.strings.join([
+            path, ": truncated or corrupt TFRecord file: read ", tf.strings.as_string(seen),
+            " records, ", tf.strings.as_string(expected), " expected"])
+        if skip_corrupt:
+            check = tf.cond(fault, lambda: _warn(message, expected - seen), tf.no_op)
+        else:
+            check = tf.debugging.Assert(tf.logical_not(fault), [message])
+        with tf.control_dependencies([check]):
+            seen_next = tf.identity(seen + tf.cast(tf.logical_not(at_end), tf.int64))
+        return seen_next, (path, index, record)
+
+    checked = (indexed.concatenate(end)
+               .scan(tf.constant(0, tf.int64), count_and_check)
+               .filter(lambda _, index, __: index >= 0))
+    if record_shard is None:
+        return checked
+    num_pipelines, pipeline_id = record_shard
+    return checked.filter(lambda _, index, __: index % num_pipelines == pipeline_id)
+
+
+def _warn(message, skipped):
+    printed = tf.print("WARNING ifa_tf.data skip_corrupt:", message, "- skipped", skipped,
+                       "records", output_stream=sys.stderr)
+    with tf.control_dependencies([printed]):
+        return tf.no_op()
+
+
+class _BatchParser:
+    """Parses a batch of serialised requests, checks lengths, cuts and pads."""
+
+    def __init__(self, schema, max_seq_len, max_candidates, with_extras):
+        self.schema = schema
+        self.max_seq_len = max_seq_len
+        self.max_candidates = max_candidates
+        self.with_extras = with_extras
+        self.spec = schema.parse_spec(with_labels=True, with_extras=with_extras)
+
+    def __call__(self, paths, indices, serialized):
+        schema = self.schema
+        parsed = tf.io.parse_example(serialized, self.spec)
+        sequence_names = list(schema.sequence_features)
+        candidate_names = [*schema.candidate_features, *schema.cross_features, *schema.tasks]
+        if self.with_extras:
+            candidate_names += list(schema.extras)
+        checks = (self._length_checks(parsed, sequence_names, paths, indices, "sequence")
+                  + self._length_checks(parsed, candidate_names, paths, indices, "candidate"))
+        with tf.control_dependencies(checks):
+            features = {}
+            for name in schema.feature_names:
+                value = parsed[name]
+                if schema.rank(name) == 1:
+                    features[name] = tf.identity(value)
+                elif schema.role(name) == schema_lib.SEQUENCE:
+                    features[name] = self._pad(value, self.max_seq_len, keep_last=True)
+                else:
+                    features[name] = self._pad(value, self.max_candidates, keep_last=False)
+            labels = {task: tf.cast(self._pad(parsed[task], self.max_candidates, False),
+                                    tf.float32) for task in schema.tasks}
+            if not self.with_extras:
+                return features, labels
+            extras = {name: self._pad(parsed[name], self.max_candidates, False)
+                      for name in schema.extras}
+            return features, labels, extras
+
+    @staticmethod
+    def _pad(ragged, cap, keep_last):
+        if cap is not None:
+            ragged = ragged[:, -cap:] if keep_last else ragged[:, :cap]
+        return ragged.to_tensor(default_value=tf.zeros([], ragged.dtype))
+
+    @staticmethod
+    def _length_checks(parsed, names, paths, indices, what):
+        reference = names[0]
+        reference_lengths = parsed[reference].row_lengths()
+        checks = []
+        for name in names[1:]:
+            lengths = parsed[name].row_lengths()
+            mismatch = tf.not_equal(lengths, reference_lengths)
+            first = tf.argmax(tf.cast(mismatch, tf.int32), output_type=tf.int32)
+            message = tf.strings.join([
+                tf.gather(paths, first), " record ", tf.strings.as_string(
+                    tf.gather(indices, first)), f": {what} fields disagree in length: ",
+                # Unquoted names: TF escapes quotes inside assertion messages.
+                f"{reference} has ", tf.strings.as_string(tf.gather(reference_lengths, first)),
+                f" but {name} has ", tf.strings.as_string(tf.gather(lengths, first))])
+            checks.append(tf.debugging.Assert(tf.logical_not(tf.reduce_any(mismatch)),
+                                              [message]))
+        return checks
