@@ -1,0 +1,206 @@
+"""The simulator: deterministic by seed, well-formed requests, and the effects it claims
+(set-level impressions, long-range and cross-category ground truth) measured."""
+
+import os
+
+import numpy as np
+import pytest
+
+from ifa_tf.data import records, simulator
+
+CONFIG = simulator.SimulatorConfig(
+    num_requests=40, seed=1, max_seq_len=400, median_seq_len=300, min_seq_len=3,
+    max_candidates=40, num_items=2000, num_categories=12, num_topics=16, num_authors=200,
+    truth_samples=32, impression_slots=8, category_cap=2)
+
+
+@pytest.fixture(scope="module")
+def sim():
+    return simulator.Simulator(CONFIG)
+
+
+@pytest.fixture(scope="module")
+def requests(sim):
+    return [sim.request(i) for i in range(CONFIG.num_requests)]
+
+
+def test_same_seed_same_requests_other_seed_other_requests(requests):
+    again = simulator.Simulator(CONFIG)
+    for index in (0, 17, 39):
+        other = again.request(index)
+        for name, value in requests[index].items():
+            np.testing.assert_array_equal(other[name], value, err_msg=name)
+    reseeded = simulator.Simulator(simulator.SimulatorConfig(
+        **{**CONFIG.to_dict(), "seed": 2})).request(0)
+    assert not np.array_equal(reseeded["seq_item_id"][:20], requests[0]["seq_item_id"][:20])
+
+
+def test_written_files_are_identical_for_one_seed(tmp_path):
+    config = simulator.SimulatorConfig(num_requests=6, seed=5, max_seq_len=30,
+                                       max_candidates=10, num_items=300, num_topics=8,
+                                       num_authors=40, num_categories=6, truth_samples=8)
+    contents = []
+    for run in ("a", "b"):
+        simulator.write_synthetic(str(tmp_path / run), config, num_shards=2,
+                                  compression="none")
+        contents.append({name: open(tmp_path / run / name, "rb").read()
+                         for name in sorted(os.listdir(tmp_path / run))})
+    assert contents[0] == contents[1]
+    assert sorted(contents[0]) == ["metadata.json", "test-00000-of-00001.tfrecord",
+                                   "train-00000-of-00002.tfrecord",
+                                   "train-00001-of-00002.tfrecord"]
+
+
+def test_requests_are_well_formed(sim, requests):
+    schema = sim.schema
+    for request in requests:
+        n, m = records.check_request(request, schema)
+        assert CONFIG.min_seq_len <= n <= CONFIG.max_seq_len
+        assert CONFIG.max_candidates // 2 <= m <= CONFIG.max_candidates
+        for name in (*schema.sequence_features[:3], *schema.candidate_features):
+            assert (request[name] > 0).all(), name  # 0 is padding only
+        assert len(np.unique(request["cand_item_id"])) == m
+        deltas = request["seq_time_delta"]
+        assert (deltas >= 60).all() and (np.diff(deltas) <= 0).all()  # oldest first
+        assert ((request["seq_action"] >= 0) & (request["seq_action"] < 8)).all()
+        np.testing.assert_array_equal(request["seq_category_id"],
+                                      sim.item_category[request["seq_item_id"]])
+        np.testing.assert_array_equal(request["cand_author_id"],
+                                      sim.item_author[request["cand_item_id"]])
+        for task in ("click", "long_view", "like"):  # actions only on impressions
+            assert (request[task] <= request["impression"]).all()
+            assert (request["truth_" + task] <= request["truth_impression"] + 1e-7).all()
+
+
+def test_cross_features_count_sequence_events(requests):
+    request = requests[3]
+    for attribute in ("author", "category"):
+        expected = [np.sum(request[f"seq_{attribute}_id"] == value)
+                    for value in request[f"cand_{attribute}_id"]]
+        np.testing.assert_array_equal(request[f"cand_cross_{attribute}_count"], expected)
+    assert request["cand_cross_category_count"].max() > 0
+
+
+def test_impressions_respect_slot_budget_and_category_cap(requests):
+    for request in requests:
+        shown = request["impression"].astype(bool)
+        assert shown.sum() == min(CONFIG.impression_slots, len(shown)) or \
+            np.bincount(request["cand_category_id"][shown]).max() == CONFIG.category_cap
+        assert shown.sum() <= CONFIG.impression_slots
+        assert np.bincount(request["cand_category_id"][shown]).max() <= CONFIG.category_cap
+
+
+def test_impression_probability_depends_on_the_other_candidates(sim, requests):
+    request = requests[0]
+    candidates = request["cand_item_id"]
+    logits = np.zeros(len(candidates))
+    target = 0
+    category = request["cand_category_id"][target]
+    alone = sim.impression_probability(candidates, logits, np.random.default_rng(0))[target]
+    # Add category_cap items of the same category that the policy ranks far higher.
+    rivals = np.setdiff1d(np.flatnonzero(sim.item_category == category), candidates)
+    crowded = np.concatenate([candidates, rivals[:CONFIG.category_cap]])
+    crowded_logits = np.concatenate([logits, np.full(CONFIG.category_cap, 20.0)])
+    with_rivals = sim.impression_probability(crowded, crowded_logits,
+                                             np.random.default_rng(0))[target]
+    assert alone > 0.05
+    assert with_rivals == 0.0
+
+
+def test_truth_depends_on_old_events_outside_the_candidate_category(sim, requests):
+    """Removing the events that are older than the most recent 100 AND in another category
+    than the candidate (what recent-k and same-category retrieval both drop) changes the
+    ground truth of many candidates: measured here, not assumed."""
+    changes = []
+    for request in requests:
+        n = len(request["seq_item_id"])
+        if n <= 150:
+            continue
+        full = sim.action_probabilities(request["seq_item_id"], request["seq_action"],
+                                        request["seq_time_delta"], request["cand_item_id"])
+        old = np.arange(n) < n - 100
+        for j, category in enumerate(request["cand_category_id"]):
+            keep = ~(old & (request["seq_category_id"] != category))
+            cut = sim.action_probabilities(request["seq_item_id"][keep],
+                                           request["seq_action"][keep],
+                                           request["seq_time_delta"][keep],
+                                           request["cand_item_id"][j:j + 1])
+            changes.append(abs(cut["click"][0] - full["click"][j]))
+    changes = np.array(changes)
+    assert len(changes) > 300
+    assert (changes > 0.02).mean() > 0.25
+
+
+def test_topics_span_categories_and_dormant_interests_exist(sim, requests):
+    assert np.mean([len(c) > 1 for c in sim.topic_categories]) > 0.5
+    dormant_users = 0
+    for request in requests:
+        topics = sim.item_topic[request["seq_item_id"]]
+        if len(topics) < 200:
+            continue
+        recent = set(topics[-100:].tolist())
+        old_counts = np.bincount(topics[:-100])
+        dormant_users += any(count >= 5 and topic not in recent
+                             for topic, count in enumerate(old_counts))
+    assert dormant_users >= 3
+
+
+def test_signal_categories_reveal_the_target_interest(sim, requests):
+    effects = []
+    for request in requests:
+        signal = np.isin(request["seq_category_id"], sim.signal_categories)
+        target = np.isin(request["cand_category_id"], sim.target_categories)
+        if signal.sum() < 5 or not target.any():
+            continue
+        args = [request[k] for k in ("seq_item_id", "seq_action", "seq_time_delta")]
+        with_signal = sim.action_logits(*args, request["cand_item_id"])["click"]
+        without = sim.action_logits(*[a[~signal] for a in args], request["cand_item_id"])
+        effects.append((with_signal - without["click"])[target].mean()
+                       - (with_signal - without["click"])[~target].mean())
+    assert len(effects) >= 2
+    assert min(effects) > 0.5
+
+
+def test_labels_follow_the_ground_truth(tmp_path):
+    config = simulator.SimulatorConfig(
+        num_requests=120, seed=4, max_seq_len=80, max_candidates=30, num_items=1000,
+        num_categories=8, num_topics=12, num_authors=100, truth_samples=64,
+        test_fraction=0.5)
+    metadata = simulator.write_synthetic(str(tmp_path), config, num_shards=1)
+    for split in ("train", "test"):
+        stats = metadata["splits"][split]
+        assert 0.8 < stats["truth_auc"]["click"] <= 1.0
+        assert stats["label_rate"]["click"] < stats["label_rate"]["impression"]
+    sim = simulator.Simulator(config)
+    rows = [sim.request(i) for i in range(config.num_requests)]
+    for task in simulator.TASKS:
+        labels = np.concatenate([r[task] for r in rows])
+        truth = np.concatenate([r["truth_" + task] for r in rows])
+        standard_error = np.sqrt(truth.mean() / len(labels))
+        assert abs(labels.mean() - truth.mean()) < 4 * standard_error + 0.005, task
+
+
+def test_auc_matches_pairwise_definition():
+    labels = np.array([1, 0, 1, 0, 0, 1])
+    scores = np.array([0.9, 0.3, 0.3, 0.1, 0.5, 0.8])
+    pairs = [(p, q) for p in scores[labels == 1] for q in scores[labels == 0]]
+    expected = np.mean([1.0 if p > q else 0.5 if p == q else 0.0 for p, q in pairs])
+    assert simulator.auc(labels, scores) == pytest.approx(expected)
+    assert simulator.auc([0, 0], [0.1, 0.2]) is None
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("num_requests", 0, "num_requests=0"),
+    ("min_seq_len", 500, "min_seq_len must be <= max_seq_len"),
+    ("retrieval_mix", (0.5, 0.5, 0.5), "retrieval_mix="),
+    ("num_categories", 3, "num_categories=3"),
+    ("test_fraction", 1.0, "test_fraction=1.0"),
+])
+def test_config_rejects_bad_values(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        simulator.SimulatorConfig(**{**CONFIG.to_dict(), field: value})
+
+
+def test_config_from_dict_rejects_unknown_keys():
+    with pytest.raises(ValueError, match="num_request"):
+        simulator.SimulatorConfig.from_dict({"num_request": 3})
