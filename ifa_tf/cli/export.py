@@ -1,0 +1,84 @@
+"""`ifa-export`: turn a trained Keras model into a TF Serving SavedModel version.
+
+    ifa-export --model_dir=runs/ifa --export_base=/models/ifa [--version=N]
+
+writes `/models/ifa/<N>/` (the next version when --version is omitted) and prints its path.
+"""
+
+import glob
+import importlib
+import os
+
+from absl import app, flags
+
+flags.DEFINE_string("model_dir", None,
+                    "A `.keras` file, or a directory holding `model.keras` (or exactly one "
+                    "`*.keras` file).")
+flags.DEFINE_string("export_base", None, "Base directory of the model's versions.")
+flags.DEFINE_integer("version", None, "Version to write; default: one more than the highest.")
+flags.DEFINE_string("schema", None,
+                    "FeatureSchema JSON the model was built for; default: read off the model.")
+flags.DEFINE_string("model_name", None,
+                    "Name recorded in the export metadata; default: basename of export_base.")
+flags.mark_flags_as_required(["model_dir", "export_base"])
+FLAGS = flags.FLAGS
+
+
+def find_keras_file(model_dir):
+    """The `.keras` file a --model_dir points to."""
+    if os.path.isfile(model_dir):
+        return model_dir
+    if not os.path.isdir(model_dir):
+        raise FileNotFoundError(f"--model_dir {model_dir} does not exist")
+    preferred = os.path.join(model_dir, "model.keras")
+    if os.path.isfile(preferred):
+        return preferred
+    candidates = sorted(glob.glob(os.path.join(model_dir, "*.keras")))
+    if len(candidates) != 1:
+        raise FileNotFoundError(f"Expected model.keras or exactly one *.keras file in "
+                                f"{model_dir}; found {[os.path.basename(c) for c in candidates]}")
+    return candidates[0]
+
+
+def load_model(path):
+    """Loads a `.keras` file with ifa_tf's layers and models registered."""
+    import keras
+
+    for module in ("ifa_tf.zoo", "ifa_tf.layers"):
+        try:
+            importlib.import_module(module)
+            break
+        except ModuleNotFoundError as error:
+            if error.name != module:
+                raise
+    return keras.saving.load_model(path, compile=False)
+
+
+def export_model(model_dir, export_base, version=None, schema=None, model_name=None):
+    """Loads the model of `model_dir` and exports it; returns the version directory."""
+    from ifa_tf import export
+    from ifa_tf.schema import resolve_schema
+
+    model = load_model(find_keras_file(model_dir))
+    return export.export_saved_model(
+        model, export_base, version=version,
+        schema=resolve_schema(schema) if schema else None, model_name=model_name)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    try:
+        path = export_model(FLAGS.model_dir, FLAGS.export_base, FLAGS.version, FLAGS.schema,
+                            FLAGS.model_name)
+    except (FileExistsError, FileNotFoundError, ValueError) as error:
+        raise app.UsageError(str(error)) from error
+    print(path)
+
+
+def run():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,370 @@
+"""SavedModel export for TensorFlow Serving: one request = one user + the whole candidate set.
+
+`export_saved_model` writes `<base_dir>/<version>/`, a SavedModel whose `serving_default`
+signature takes the feature dict (every input a `TensorSpec` named after its feature, dims
+`[None]` for user features and `[None, None]` for sequence and candidate features, so any
+batch size, n and m is served without re-export) and returns:
+
+- every task probability the model outputs, float32 [B, m];
+- `score`, the ranking score, float32 [B, m];
+- `ranked_indices`, int64 [B, m]: candidate positions by descending score. Valid candidates
+  (`cand_item_id != 0`) come first; the positions of padded candidates follow, in their
+  original order, so every row is a permutation of `range(m)`;
+- `ranked_item_ids`, int64 [B, m]: `cand_item_id` gathered in that order, so its padded tail
+  is 0 and a client can stop at the first 0.
+
+The signature checks at run time that all features agree on the batch size, all candidate
+features on m and all sequence features on n, so an inconsistent request fails with
+INVALID_ARGUMENT instead of broadcasting silently. Ties in score keep candidate order.
+
+`assets.extra/` holds TF Serving warm-up requests (`tf_serving_warmup_requests`, replayed by
+the server before a version is marked AVAILABLE) and `ifa_export_metadata.json` (model name,
+feature schema, signature, TensorFlow / Keras versions).
+
+A version is written to a hidden temporary directory beside it and renamed into place, so a
+server polling `base_dir` never sees a half-written version; an existing version is never
+overwritten. Export knows the model only through its inputs and outputs.
+"""
+
+import datetime
+import errno
+import json
+import os
+import shutil
+import tempfile
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from ifa_tf import schema as schema_lib
+
+SIGNATURE_NAME = "serving_default"
+SCORE = "score"
+RANKED_INDICES = "ranked_indices"
+RANKED_ITEM_IDS = "ranked_item_ids"
+ASSETS_EXTRA = "assets.extra"
+WARMUP_FILE = "tf_serving_warmup_requests"
+METADATA_FILE = "ifa_export_metadata.json"
+METADATA_FORMAT = "ifa_tf.export/1"
+# (batch, m, n) of the recorded warm-up requests: a tiny one, and one near the paper's
+# operating point so the first real request does not pay for kernel selection.
+DEFAULT_WARMUP_SHAPES = ((1, 8, 32), (1, 200, 2000))
+
+_TEMP_PREFIX = ".tmp-export-"
+
+
+def list_versions(base_dir):
+    """Sorted integer versions present in `base_dir` (TF Serving's rule: all-digit names)."""
+    if not os.path.isdir(base_dir):
+        return []
+    return sorted(int(name) for name in os.listdir(base_dir)
+                  if name.isdigit() and os.path.isdir(os.path.join(base_dir, name)))
+
+
+def next_version(base_dir):
+    """One more than the highest version in `base_dir`, or 1."""
+    versions = list_versions(base_dir)
+    return versions[-1] + 1 if versions else 1
+
+
+def rank_candidates(score, candidate_ids):
+    """Orders each row's candidates by descending score, padded candidates last.
+
+    Args:
+        score: float [B, m].
+        candidate_ids: int64 [B, m], 0 where the candidate slot is padding.
+
+    Returns:
+        `(ranked_indices, ranked_item_ids)`, both int64 [B, m]. Ties keep candidate order.
+    """
+    valid = tf.not_equal(candidate_ids, schema_lib.PADDING_ID)
+    keyed = tf.where(valid, tf.cast(score, tf.float32), tf.constant(-np.inf, tf.float32))
+    ranked_indices = tf.argsort(keyed, axis=-1, direction="DESCENDING", stable=True)
+    ranked_item_ids = tf.gather(candidate_ids, ranked_indices, batch_dims=1)
+    return tf.cast(ranked_indices, tf.int64), ranked_item_ids
+
+
+def serving_specs(model, schema=None):
+    """`{name: tf.TensorSpec}` of the model's inputs: named after the feature, dims None.
+
+    When `schema` is given, the model's inputs must be exactly its features.
+    """
+    specs = {}
+    for tensor in model.inputs:
+        name = tensor.name
+        dtype = tf.as_dtype(keras.backend.standardize_dtype(tensor.dtype))
+        specs[name] = tf.TensorSpec([None] * len(tensor.shape), dtype, name=name)
+    if schema is not None:
+        expected = schema.serving_specs()
+        if set(expected) != set(specs):
+            raise ValueError(
+                "The model's inputs are not the schema's features. Only in the model: "
+                f"{sorted(set(specs) - set(expected))}; only in the schema: "
+                f"{sorted(set(expected) - set(specs))}.")
+        for name, spec in expected.items():
+            if specs[name].shape.rank != spec.shape.rank:
+                raise ValueError(f"Model input {name!r} has rank {specs[name].shape.rank}; "
+                                 f"the schema declares rank {spec.shape.rank}.")
+    if "cand_item_id" not in specs:
+        raise ValueError("The model must take a `cand_item_id` input (it marks valid "
+                         f"candidates and is returned ranked). Model inputs: {sorted(specs)}")
+    return specs
+
+
+def make_serving_function(model, specs):
+    """The function behind `serving_default`: checks, model call, ranking."""
+    candidate_names = sorted(n for n in specs if n.startswith(schema_lib.CANDIDATE_PREFIX)
+                             and specs[n].shape.rank == 2)
+    sequence_names = sorted(n for n in specs if n.startswith(schema_lib.SEQUENCE_PREFIX)
+                            and specs[n].shape.rank == 2)
+
+    def serve(features):
+        checks = _consistency_checks(features, candidate_names, sequence_names)
+        with tf.control_dependencies(checks):
+            features = {name: tf.identity(value) for name, value in features.items()}
+        outputs = model(features, training=False)
+        if not isinstance(outputs, dict) or SCORE not in outputs:
+            raise ValueError("The model must return a dict of outputs including "
+                             f"{SCORE!r}. Received: {type(outputs).__name__} "
+                             f"{sorted(outputs) if isinstance(outputs, dict) else ''}")
+        clashes = sorted({RANKED_INDICES, RANKED_ITEM_IDS} & set(outputs))
+        if clashes:
+            raise ValueError(f"Model outputs {clashes} clash with the ranking outputs.")
+        result = {name: tf.cast(value, tf.float32) for name, value in outputs.items()}
+        result[RANKED_INDICES], result[RANKED_ITEM_IDS] = rank_candidates(
+            result[SCORE], features["cand_item_id"])
+        return result
+
+    return serve
+
+
+def export_saved_model(model, base_dir, version=None, schema=None, model_name=None,
+                       warmup_shapes=DEFAULT_WARMUP_SHAPES, seed=0):
+    """Exports `model` to `<base_dir>/<version>/` for TF Serving; returns that path.
+
+    Args:
+        model: a Keras model taking the feature dict and returning `{task: [B, m], "score":
+            [B, m], ...}`.
+        base_dir: the model's base path (what TF Serving's `--model_base_path` points to).
+            A local (or mounted) directory, created when missing.
+        version: positive integer; defaults to one more than the highest present.
+        schema: the `FeatureSchema` the model was built for (recorded in the metadata and
+            checked against the model's inputs). When omitted it is read off the model's
+            input and output names.
+        model_name: name recorded in the metadata and the warm-up requests; defaults to
+            the basename of `base_dir`.
+        warmup_shapes: `(batch, m, n)` of each warm-up request; empty for none.
+        seed: seed of the warm-up requests' random ids.
+
+    Raises:
+        FileExistsError: `<base_dir>/<version>` already exists.
+        ValueError: bad version, or the model does not fit the serving contract.
+    """
+    base_dir = os.path.abspath(os.fspath(base_dir))
+    if version is None:
+        version = next_version(base_dir)
+    if isinstance(version, bool) or not isinstance(version, (int, np.integer)) or version < 1:
+        raise ValueError(f"`version` must be a positive integer. Received: version={version!r}")
+    version = int(version)
+    final_dir = os.path.join(base_dir, str(version))
+    if os.path.exists(final_dir):
+        raise FileExistsError(f"Version {version} already exists at {final_dir}; versions are "
+                              "never overwritten. Omit --version to write the next one.")
+    model_name = model_name or os.path.basename(base_dir.rstrip(os.sep)) or model.name
+    specs = serving_specs(model, schema)
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    serve = archive.add_endpoint(SIGNATURE_NAME, make_serving_function(model, specs),
+                                 input_signature=[specs])
+    warmup = [random_features(specs, *shape, seed=seed + i)
+              for i, shape in enumerate(warmup_shapes)]
+    # Running the signature before writing anything catches a broken model early, and tells
+    # which task is the ranking score when the schema is read off the model.
+    probe = serve(random_features(specs, 2, 5, 7, seed=seed))
+    if schema is None:
+        schema = infer_schema(specs, probe)
+
+    os.makedirs(base_dir, exist_ok=True)
+    temp_dir = tempfile.mkdtemp(prefix=f"{_TEMP_PREFIX}{version}-", dir=base_dir)
+    try:
+        export_dir = os.path.join(temp_dir, "model")
+        archive.write_out(export_dir, verbose=False)
+        extra_dir = os.path.join(export_dir, ASSETS_EXTRA)
+        os.makedirs(extra_dir)
+        write_warmup_requests(os.path.join(extra_dir, WARMUP_FILE), warmup, model_name)
+        metadata = _metadata(model_name, version, schema, specs, probe)
+        with open(os.path.join(extra_dir, METADATA_FILE), "w") as f:
+            json.dump(metadata, f, indent=2, sort_keys=True)
+        try:
+            # rename(2) is atomic and refuses a non-empty target: a concurrent export of
+            # the same version makes this one fail instead of mixing files.
+            os.rename(export_dir, final_dir)
+        except OSError as error:
+            if error.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                raise FileExistsError(f"Version {version} appeared at {final_dir} during "
+                                      "export; versions are never overwritten.") from error
+            raise
+    finally:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    return final_dir
+
+
+def infer_schema(specs, outputs):
+    """A `FeatureSchema` read off input names (DESIGN.md naming rule) and output names."""
+    names = list(specs)
+    ranks = {name: spec.shape.rank for name, spec in specs.items()}
+    seq_prefix, cand_prefix = schema_lib.SEQUENCE_PREFIX, schema_lib.CANDIDATE_PREFIX
+    attributes = [n[len(cand_prefix):] for n in names
+                  if n.startswith(cand_prefix) and not n.startswith(schema_lib.CROSS_PREFIX)
+                  and seq_prefix + n[len(cand_prefix):] in specs]
+    attributes.sort(key=lambda a: (a != "item_id", a))
+    tasks = [n for n in outputs if n not in (SCORE, RANKED_INDICES, RANKED_ITEM_IDS)]
+    score = np.asarray(outputs[SCORE])
+    score_task = next((t for t in tasks if np.array_equal(np.asarray(outputs[t]), score)),
+                      None)
+    fields = dict(
+        item_attributes=tuple(attributes),
+        user_features=tuple(sorted(n for n in names if ranks[n] == 1)),
+        sequence_context=tuple(sorted(n for n in names if n.startswith(seq_prefix)
+                                      and n[len(seq_prefix):] not in attributes)),
+        cross_features=tuple(sorted(n for n in names if n.startswith(schema_lib.CROSS_PREFIX))),
+        tasks=tuple(tasks))
+    if score_task is not None:
+        fields["score_task"] = score_task
+    try:
+        schema = schema_lib.FeatureSchema(**fields)
+    except ValueError as error:
+        raise ValueError("Could not read a FeatureSchema off the model's inputs and outputs "
+                         f"({error}); pass schema= explicitly.") from error
+    leftover = set(names) - set(schema.feature_names)
+    if leftover:
+        raise ValueError(f"Model inputs {sorted(leftover)} follow no schema naming rule; "
+                         "pass schema= explicitly.")
+    return schema
+
+
+def read_metadata(export_dir):
+    """The export metadata of a version directory, or None when it has none."""
+    path = os.path.join(export_dir, ASSETS_EXTRA, METADATA_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def make_predict_request(features, model_name, signature_name=SIGNATURE_NAME, version=None):
+    """A `tensorflow.serving.PredictRequest` carrying a NumPy feature dict."""
+    from tensorflow_serving.apis import predict_pb2
+
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = model_name
+    request.model_spec.signature_name = signature_name
+    if version is not None:
+        request.model_spec.version.value = int(version)
+    for name, value in features.items():
+        request.inputs[name].CopyFrom(tf.make_tensor_proto(np.asarray(value)))
+    return request
+
+
+def write_warmup_requests(path, feature_dicts, model_name):
+    """Writes TF Serving's warm-up file: a TFRecord of `PredictionLog`s."""
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    with tf.io.TFRecordWriter(path) as writer:
+        for features in feature_dicts:
+            log = prediction_log_pb2.PredictionLog(
+                predict_log=prediction_log_pb2.PredictLog(
+                    request=make_predict_request(features, model_name)))
+            writer.write(log.SerializeToString())
+
+
+def read_warmup_requests(export_dir):
+    """The `PredictRequest`s recorded in a version's warm-up file (empty when none)."""
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    path = os.path.join(export_dir, ASSETS_EXTRA, WARMUP_FILE)
+    if not os.path.exists(path):
+        return []
+    requests = []
+    for record in tf.data.TFRecordDataset(path).as_numpy_iterator():
+        log = prediction_log_pb2.PredictionLog.FromString(record)
+        if log.WhichOneof("log_type") == "predict_log":
+            requests.append(log.predict_log.request)
+    return requests
+
+
+def random_features(specs, batch, m, n, seed=0):
+    """A random request for `specs` (name -> TensorSpec): `batch` users, `m` candidates,
+    `n` sequence items, ids in [1, 1000) with the last eighth of each list padded (0).
+    Roles follow the naming rule: rank 1 = user, `seq_*` = sequence, other rank 2 = m."""
+    batch, m, n = int(batch), int(m), int(n)
+    rng = np.random.default_rng(seed)
+    features = {}
+    for name, spec in specs.items():
+        if spec.shape.rank == 1:
+            size = (batch,)
+        else:
+            size = (batch, n if name.startswith(schema_lib.SEQUENCE_PREFIX) else m)
+        features[name] = rng.integers(1, 1000, size=size, dtype=np.int64)
+    for name in features:
+        if name.startswith(schema_lib.CANDIDATE_PREFIX) and m > 1:
+            features[name][:, -max(1, m // 8):] = 0
+        if name.startswith(schema_lib.SEQUENCE_PREFIX) and n > 1:
+            features[name][:, -max(1, n // 8):] = 0
+    return {name: features[name].astype(specs[name].dtype.as_numpy_dtype) for name in specs}
+
+
+def _consistency_checks(features, candidate_names, sequence_names):
+    """Run-time asserts: one batch size, one m, one n (INVALID_ARGUMENT otherwise)."""
+    checks = []
+    batch = tf.shape(features["cand_item_id"], out_type=tf.int64)[0]
+    for name in sorted(features):
+        checks.append(tf.debugging.assert_equal(
+            tf.shape(features[name], out_type=tf.int64)[0], batch,
+            message=f"Inconsistent batch size: `{name}` and `cand_item_id` must have the "
+                    "same first dimension"))
+    for names, axis_name in ((candidate_names, "candidate count m"),
+                             (sequence_names, "sequence length n")):
+        if not names:
+            continue
+        reference = "cand_item_id" if "cand_item_id" in names else names[0]
+        if axis_name.startswith("sequence") and "seq_item_id" in names:
+            reference = "seq_item_id"
+        length = tf.shape(features[reference], out_type=tf.int64)[1]
+        for name in names:
+            checks.append(tf.debugging.assert_equal(
+                tf.shape(features[name], out_type=tf.int64)[1], length,
+                message=f"Inconsistent {axis_name}: `{name}` and `{reference}` must have "
+                        "the same second dimension"))
+    return checks
+
+
+def _metadata(model_name, version, schema, specs, probe):
+    def describe(value):
+        return {"dtype": tf.as_dtype(value.dtype).name,
+                "shape": [None] * len(value.shape)}
+
+    return {
+        "format": METADATA_FORMAT,
+        "model_name": model_name,
+        "version": version,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "signature_name": SIGNATURE_NAME,
+        "inputs": {name: describe(spec) for name, spec in specs.items()},
+        "outputs": {name: describe(value) for name, value in probe.items()},
+        "schema": schema.to_dict(),
+        "tensorflow_version": tf.__version__,
+        "keras_version": keras.__version__,
+        "ifa_tf_version": _package_version(),
+    }
+
+
+def _package_version():
+    from importlib import metadata
+
+    try:
+        return metadata.version("ifa_tf")
+    except metadata.PackageNotFoundError:
+        return None
