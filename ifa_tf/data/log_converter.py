@@ -1,0 +1,557 @@
+"""Interaction log (CSV/TSV) -> candidate-set TFRecords.
+
+Every log row is one event: a user was shown an item at a time, and possibly acted on it.
+Each user's events are sorted by time and cut into request windows of `window_seconds`; a
+request at time T (its window's first event) has
+- sequence: the user's events strictly before T (never at or after it: no leakage), oldest
+  first, the most recent `max_seq_len` kept;
+- candidates: the distinct items of the window (impression 1, actions OR-ed over the window)
+  plus `num_negatives` items the user did not see in the window, sampled by popularity over
+  the training period (impression 0, no actions), shuffled, at most `max_candidates`;
+- cross features `cand_cross_<a>_count`: sequence events sharing the candidate's attribute.
+Requests at or after the `1 - test_fraction` quantile of request times go to `test`.
+
+Malformed rows (wrong number of fields, empty ids, bad timestamps or action values) are an
+error listing their line numbers; with `skip_bad_rows` they are skipped, each logged with its
+line number and counted in the metadata. Ids that are all positive integers are kept; other
+ids are mapped to 1..V and the mapping is written as `vocab_<role>.txt` (line k = id k).
+"""
+
+import csv
+import dataclasses
+import datetime
+import logging
+import math
+import operator
+import os
+import re
+
+import numpy as np
+
+from ifa_tf import schema as schema_lib
+from ifa_tf.data import records
+
+ROLES = ("user", "item", "category", "timestamp", "action", "_")
+_REQUIRED_ROLES = ("user", "item", "timestamp")
+_KNOWN_ACTION_BITS = {"click": 1, "long_view": 2, "like": 4}
+_COMPARISONS = {">=": operator.ge, "<=": operator.le, "==": operator.eq, ">": operator.gt,
+                "<": operator.lt}
+_POSITIVE_INT = re.compile(r"^[1-9][0-9]{0,17}$")
+_MAX_LISTED_BAD_ROWS = 20
+_logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class LogConfig:
+    """How to read a log and cut it into requests.
+
+    Args:
+        columns: the role of each column, in order: `user`, `item`, `category`, `timestamp`,
+            `action`, or `_` (ignored). `user`, `item` and `timestamp` are required.
+        delimiter: field separator (`"\\t"` for TSV).
+        header: the first line is a header (skipped).
+        actions: how action values become tasks: comma-separated `value:task[+task]`
+            entries; a value may be a comparison on numbers (`>=4:click,==5:like`). Values
+            matching no entry are impressions without action. Empty: every row is a click.
+        window_seconds: length of a request window.
+        min_seq_len: requests with fewer earlier events are not written.
+        max_seq_len: most recent events kept in a sequence.
+        num_negatives: negatives sampled per request.
+        max_candidates: cap on the candidate set (window items first).
+        test_fraction: share of request times (the latest) in the `test` split.
+        seed: fixes negative sampling and candidate order.
+        skip_bad_rows: skip malformed rows (logged with line numbers, counted) instead of
+            failing.
+    """
+
+    columns: tuple = ("user", "item", "timestamp")
+    delimiter: str = ","
+    header: bool = True
+    actions: str = ""
+    window_seconds: int = 86_400
+    min_seq_len: int = 1
+    max_seq_len: int = 1000
+    num_negatives: int = 50
+    max_candidates: int = 200
+    test_fraction: float = 0.2
+    seed: int = 0
+    skip_bad_rows: bool = False
+
+    def __post_init__(self):
+        columns = self.columns
+        if isinstance(columns, str):
+            columns = tuple(c.strip() for c in columns.split(","))
+        object.__setattr__(self, "columns", tuple(columns))
+        unknown = [c for c in self.columns if c not in ROLES]
+        if unknown:
+            raise ValueError(f"LogConfig.columns: unknown roles {unknown}; valid roles: "
+                             f"{list(ROLES)}. Received: columns={self.columns!r}")
+        for role in ROLES[:-1]:
+            if self.columns.count(role) > 1:
+                raise ValueError(f"LogConfig.columns names {role!r} twice. "
+                                 f"Received: columns={self.columns!r}")
+        missing = [r for r in _REQUIRED_ROLES if r not in self.columns]
+        if missing:
+            raise ValueError(f"LogConfig.columns must name {list(_REQUIRED_ROLES)}; missing "
+                             f"{missing}. Received: columns={self.columns!r}")
+        if len(self.delimiter) != 1:
+            raise ValueError("LogConfig.delimiter must be one character. "
+                             f"Received: delimiter={self.delimiter!r}")
+        for name in ("window_seconds", "max_seq_len", "max_candidates"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"LogConfig.{name} must be a positive integer. "
+                                 f"Received: {name}={value!r}")
+        for name in ("min_seq_len", "num_negatives", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"LogConfig.{name} must be an integer >= 0. "
+                                 f"Received: {name}={value!r}")
+        if not 0.0 <= self.test_fraction < 1.0:
+            raise ValueError("LogConfig.test_fraction must be in [0, 1). "
+                             f"Received: test_fraction={self.test_fraction!r}")
+        if "action" in self.columns and not self.actions:
+            raise ValueError("LogConfig: the log has an action column, so actions= must map "
+                             "its values to tasks (e.g. 'pv:click,fav:like' or "
+                             "'>=4:click,>=5:like').")
+        self.action_rules  # validates the spec
+
+    @property
+    def action_rules(self):
+        return ActionRules.parse(self.actions)
+
+    @property
+    def tasks(self):
+        return ("impression", *self.action_rules.tasks)
+
+    def to_dict(self):
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+class ActionRules:
+    """Maps an action value to a bit set of tasks (`click` 1, `long_view` 2, `like` 4,
+    other task names the next bits in order of appearance)."""
+
+    def __init__(self, literals, comparisons, tasks):
+        self.literals = literals  # value -> bits
+        self.comparisons = comparisons  # [(compare, threshold, bits)]
+        self.tasks = tasks
+        self.bits = {task: _task_bit(task, tasks) for task in tasks}
+
+    @classmethod
+    def parse(cls, spec):
+        if not spec:
+            return cls({}, [], ("click",))
+        tasks, entries = [], []
+        for entry in spec.split(","):
+            value, sep, names = entry.strip().rpartition(":")
+            entry_tasks = [t.strip() for t in names.split("+")]
+            if not sep or not value or not all(re.fullmatch(r"[a-z][a-z0-9_]*", t)
+                                               for t in entry_tasks):
+                raise ValueError(f"actions: entry {entry!r} must be 'value:task[+task]' with "
+                                 f"lower-case task names. Received: actions={spec!r}")
+            if "impression" in entry_tasks:
+                raise ValueError("actions: 'impression' is implied by every row; map values "
+                                 f"to action tasks only. Received: actions={spec!r}")
+            tasks.extend(t for t in entry_tasks if t not in tasks)
+            entries.append((value, entry_tasks))
+        ordered = tuple(sorted(tasks, key=lambda t: (t not in _KNOWN_ACTION_BITS,
+                                                     list(_KNOWN_ACTION_BITS).index(t)
+                                                     if t in _KNOWN_ACTION_BITS else 0)))
+        literals, comparisons = {}, []
+        for value, entry_tasks in entries:
+            bits = 0
+            for task in entry_tasks:
+                bits |= _task_bit(task, ordered)
+            comparison = next((op for op in _COMPARISONS if value.startswith(op)), None)
+            if comparison is None:
+                literals[value] = literals.get(value, 0) | bits
+                continue
+            try:
+                threshold = float(value[len(comparison):])
+            except ValueError:
+                raise ValueError(f"actions: {value!r} compares with a non-number. "
+                                 f"Received: actions={spec!r}") from None
+            comparisons.append((_COMPARISONS[comparison], threshold, bits))
+        return cls(literals, comparisons, ordered)
+
+    def __call__(self, value):
+        """Bits of one action value; raises ValueError when a comparison needs a number."""
+        if not self.literals and not self.comparisons:
+            return self.bits["click"]
+        bits = self.literals.get(value, 0)
+        if self.comparisons:
+            try:
+                number = float(value)
+            except ValueError:
+                if value not in self.literals:
+                    raise ValueError(f"action value {value!r} is not a number") from None
+                return bits
+            if math.isnan(number):
+                raise ValueError(f"action value {value!r} is not a number")
+            for compare, threshold, entry_bits in self.comparisons:
+                if compare(number, threshold):
+                    bits |= entry_bits
+        return bits
+
+
+def _task_bit(task, tasks):
+    if task in _KNOWN_ACTION_BITS:
+        return _KNOWN_ACTION_BITS[task]
+    others = [t for t in tasks if t not in _KNOWN_ACTION_BITS]
+    return 8 << others.index(task)
+
+
+@dataclasses.dataclass
+class Events:
+    """Parsed log rows (raw string ids) with their line numbers."""
+
+    user: list
+    item: list
+    category: list
+    timestamp: np.ndarray
+    action_bits: np.ndarray
+    line: np.ndarray
+    bad_rows: list  # [(line, reason)] of skipped rows
+
+
+# --------------------------------------------------------------------------------- reading
+def read_log(path, config):
+    """Parses a CSV/TSV log into `Events`; malformed rows raise (or are skipped and logged)."""
+    rules = config.action_rules
+    column = {role: config.columns.index(role) for role in ROLES[:-1] if role in config.columns}
+    user, item, category, timestamp, bits, lines, bad = [], [], [], [], [], [], []
+    with open(path, newline="") as f:
+        reader = csv.reader(f, delimiter=config.delimiter)
+        for row in reader:
+            if reader.line_num == 1 and config.header:
+                continue
+            if not row:  # blank line
+                continue
+            try:
+                if len(row) != len(config.columns):
+                    raise ValueError(f"{len(row)} fields, expected {len(config.columns)} "
+                                     f"(columns={','.join(config.columns)})")
+                values = {role: row[i].strip() for role, i in column.items()}
+                for role in ("user", "item", "category"):
+                    if role in values and not values[role]:
+                        raise ValueError(f"empty {role}")
+                time = parse_timestamp(values["timestamp"])
+                action = rules(values.get("action", ""))
+            except ValueError as error:
+                bad.append((reader.line_num, str(error)))
+                continue
+            user.append(values["user"])
+            item.append(values["item"])
+            category.append(values.get("category"))
+            timestamp.append(time)
+            bits.append(action)
+            lines.append(reader.line_num)
+    events = Events(user, item, category, np.array(timestamp, np.int64),
+                    np.array(bits, np.int64), np.array(lines, np.int64), bad)
+    report_bad_rows(path, events.bad_rows, config.skip_bad_rows)
+    return events
+
+
+def report_bad_rows(path, bad_rows, skip):
+    if not bad_rows:
+        return
+    listed = "; ".join(f"line {line}: {reason}" for line, reason in
+                       bad_rows[:_MAX_LISTED_BAD_ROWS])
+    more = len(bad_rows) - _MAX_LISTED_BAD_ROWS
+    summary = f"{path}: {len(bad_rows)} malformed rows: {listed}" + (
+        f"; and {more} more" if more > 0 else "")
+    if not skip:
+        raise records.DataFormatError(summary + " (skip them with skip_bad_rows / "
+                                                "--skip_bad_rows)")
+    for line, reason in bad_rows:
+        _logger.warning("%s: skipped malformed line %d: %s", path, line, reason)
+    _logger.warning("%s: skipped %d malformed rows in all", path, len(bad_rows))
+
+
+def parse_timestamp(value):
+    """Seconds since the epoch from a number or an ISO 8601 date (naive dates are UTC)."""
+    try:
+        number = float(value)
+    except ValueError:
+        try:
+            parsed = datetime.datetime.fromisoformat(value)
+        except ValueError:
+            raise ValueError(f"timestamp {value!r} is neither a number nor an ISO 8601 "
+                             "date") from None
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=datetime.timezone.utc)
+        return int(parsed.timestamp())
+    if not math.isfinite(number):
+        raise ValueError(f"timestamp {value!r} is not finite")
+    return int(number)
+
+
+# ------------------------------------------------------------------------------ converting
+def convert_log(path, output_dir, config, num_shards=1, compression="gzip", source=None):
+    """Converts the log at `path` into `output_dir` (splits, vocabularies, metadata)."""
+    events = read_log(path, config)
+    return convert_events(events, output_dir, config, num_shards, compression,
+                          source=source or {"log": os.path.abspath(path)})
+
+
+def convert_events(events, output_dir, config, num_shards=1, compression="gzip",
+                   source=None):
+    """Cuts parsed events into requests and writes them; returns the metadata."""
+    if len(events.timestamp) == 0:
+        raise records.DataFormatError("The log holds no valid rows.")
+    has_category = "category" in config.columns
+    schema = schema_lib.FeatureSchema(
+        item_attributes=("item_id", "category_id") if has_category else ("item_id",),
+        cross_features=("cand_cross_category_count",) if has_category else (),
+        tasks=config.tasks, score_task=config.tasks[1])
+    os.makedirs(output_dir, exist_ok=True)
+    ids, id_ranges, vocab_files = {}, {}, {}
+    for role in ("user", "item", "category") if has_category else ("user", "item"):
+        ids[role], vocabulary = encode_ids(getattr(events, role))
+        id_ranges[f"{role}_id"] = [int(ids[role].min()), int(ids[role].max())]
+        if vocabulary is not None:
+            vocab_files[role] = _write_vocabulary(output_dir, role, vocabulary)
+    item_category = {}
+    if has_category:  # an item's category is the first one the log gives it
+        for item, category in zip(ids["item"][::-1], ids["category"][::-1]):
+            item_category[item] = category
+    timeline = _merge_and_sort(ids["user"], ids["item"], events.timestamp, events.action_bits,
+                               events.line)
+    requests = list(_request_points(timeline, config))
+    if not requests:
+        raise records.DataFormatError(
+            f"No request has at least min_seq_len={config.min_seq_len} earlier events.")
+    times = np.array([r.time for r in requests])
+    split_time = (int(np.quantile(times, 1.0 - config.test_fraction, method="lower"))
+                  if config.test_fraction > 0 else int(times.max()) + 1)
+    train_items = timeline.item[timeline.time < split_time]
+    popularity = np.bincount(train_items if len(train_items) else timeline.item)
+    sampler = _NegativeSampler(popularity)
+
+    rules = config.action_rules
+    metadata = {
+        "source": "log", **(source or {}),
+        "schema": schema.to_dict(), "tasks": list(schema.tasks), "id_ranges": id_ranges,
+        "vocabularies": vocab_files, "converter": config.to_dict(),
+        "action_bits": rules.bits, "num_events": int(len(timeline.time)),
+        "bad_rows": len(events.bad_rows),
+        "bad_row_lines": [line for line, _ in events.bad_rows[:100]],
+        "split_time": split_time, "splits": {}, "files": {},
+    }
+    for split in ("train", "test"):
+        chosen = [r for r in requests if (r.time >= split_time) == (split == "test")]
+        if not chosen:
+            continue
+        lengths = []
+        with records.ShardedWriter(output_dir, split, min(num_shards, len(chosen)),
+                                   compression) as writer:
+            for point in chosen:
+                request = _build_request(point, timeline, item_category, sampler, schema,
+                                         rules, config)
+                lengths.append((len(request["seq_item_id"]), len(request["cand_item_id"])))
+                writer.write(records.encode_example(request, schema))
+        metadata["files"].update(writer.row_counts)
+        metadata["splits"][split] = {
+            "pattern": os.path.basename(records.split_pattern(output_dir, split, compression)),
+            "num_requests": len(chosen),
+            "mean_seq_len": float(np.mean([n for n, _ in lengths])),
+            "mean_candidates": float(np.mean([m for _, m in lengths]))}
+    records.write_metadata(output_dir, metadata)
+    return metadata
+
+
+def encode_ids(values):
+    """Raw ids -> int64 ids >= 1: kept when all are positive integers, else 1..V by sorted
+    value. Returns `(ids, vocabulary or None)`."""
+    if all(_POSITIVE_INT.match(v) for v in values):
+        return np.array([int(v) for v in values], np.int64), None
+    vocabulary, inverse = np.unique(np.array(values, dtype=object).astype(str),
+                                    return_inverse=True)
+    return (inverse + 1).astype(np.int64), vocabulary.tolist()
+
+
+def _write_vocabulary(output_dir, role, vocabulary):
+    name = f"vocab_{role}.txt"
+    tmp_path = os.path.join(output_dir, ".tmp-" + name)
+    with open(tmp_path, "w") as f:
+        f.writelines(f"{value}\n" for value in vocabulary)
+    os.replace(tmp_path, os.path.join(output_dir, name))
+    return name
+
+
+@dataclasses.dataclass
+class _Timeline:
+    """All events sorted by (user, time, line), rows with one (user, item, time) merged."""
+
+    user: np.ndarray
+    item: np.ndarray
+    time: np.ndarray
+    bits: np.ndarray
+    user_start: np.ndarray  # index of each user's first event, plus the end
+
+
+def _merge_and_sort(user, item, time, bits, line):
+    order = np.lexsort((line, item, time, user))
+    user, item, time, bits = user[order], item[order], time[order], bits[order]
+    same = np.zeros(len(user), bool)
+    same[1:] = (user[1:] == user[:-1]) & (item[1:] == item[:-1]) & (time[1:] == time[:-1])
+    group = np.cumsum(~same) - 1
+    merged_bits = np.zeros(group[-1] + 1, np.int64)
+    np.bitwise_or.at(merged_bits, group, bits)
+    keep = ~same
+    user, item, time = user[keep], item[keep], time[keep]
+    # Re-sort within a timestamp by first line, so ties keep the log's order.
+    first_line = line[order][keep]
+    order = np.lexsort((first_line, time, user))
+    user, item, time, merged_bits = user[order], item[order], time[order], merged_bits[order]
+    starts = np.flatnonzero(np.r_[True, user[1:] != user[:-1]])
+    return _Timeline(user, item, time, merged_bits, np.r_[starts, len(user)])
+
+
+@dataclasses.dataclass
+class _RequestPoint:
+    user: int
+    time: int
+    history: slice  # events strictly before `time`
+    window: slice  # events in [time, time + window_seconds)
+
+
+def _request_points(timeline, config):
+    for begin, end in zip(timeline.user_start[:-1], timeline.user_start[1:]):
+        times = timeline.time[begin:end]
+        start = 0
+        while start < len(times):
+            request_time = times[start]
+            stop = int(np.searchsorted(times, request_time + config.window_seconds, "left"))
+            earlier = int(np.searchsorted(times, request_time, "left"))
+            if earlier >= config.min_seq_len:
+                yield _RequestPoint(int(timeline.user[begin]), int(request_time),
+                                    slice(begin, begin + earlier),
+                                    slice(begin + start, begin + stop))
+            start = stop
+
+
+class _NegativeSampler:
+    def __init__(self, popularity):
+        self.items = np.flatnonzero(popularity)
+        cdf = np.cumsum(popularity[self.items].astype(np.float64))
+        self.cdf = cdf / cdf[-1]
+
+    def sample(self, rng, count, exclude):
+        """Up to `count` distinct items by popularity, none in `exclude`."""
+        chosen = np.zeros(0, np.int64)
+        for _ in range(8):
+            if len(chosen) >= count:
+                break
+            draw = self.items[np.minimum(np.searchsorted(self.cdf, rng.random(2 * count + 8)),
+                                         len(self.items) - 1)]
+            draw = draw[~np.isin(draw, exclude) & ~np.isin(draw, chosen)]
+            _, first = np.unique(draw, return_index=True)
+            chosen = np.concatenate([chosen, draw[np.sort(first)]])
+        return chosen[:count]
+
+
+def _build_request(point, timeline, item_category, sampler, schema, rules, config):
+    rng = np.random.default_rng(np.random.SeedSequence(
+        config.seed, spawn_key=(point.user, point.time)))
+    history = slice(max(point.history.start, point.history.stop - config.max_seq_len),
+                    point.history.stop)
+    seq_item = timeline.item[history]
+    window_items = timeline.item[point.window]
+    window_bits = timeline.bits[point.window]
+    positives, first, inverse = np.unique(window_items, return_index=True,
+                                          return_inverse=True)
+    positive_bits = np.zeros(len(positives), np.int64)
+    np.bitwise_or.at(positive_bits, inverse, window_bits)
+    in_log_order = np.argsort(first)[:config.max_candidates]
+    positives, positive_bits = positives[in_log_order], positive_bits[in_log_order]
+    room = min(config.num_negatives, config.max_candidates - len(positives))
+    negatives = sampler.sample(rng, room, positives) if room > 0 else np.zeros(0, np.int64)
+    candidates = np.concatenate([positives, negatives])
+    bits = np.concatenate([positive_bits, np.zeros(len(negatives), np.int64)])
+    impression = np.r_[np.ones(len(positives), np.int64), np.zeros(len(negatives), np.int64)]
+    order = rng.permutation(len(candidates))
+    candidates, bits, impression = candidates[order], bits[order], impression[order]
+    request = {"user_id": np.int64(point.user),
+               "seq_item_id": seq_item,
+               "seq_action": timeline.bits[history],
+               "seq_time_delta": point.time - timeline.time[history],
+               "cand_item_id": candidates,
+               "impression": impression}
+    if "category_id" in schema.item_attributes:
+        for side, items in (("seq", seq_item), ("cand", candidates)):
+            request[f"{side}_category_id"] = np.fromiter(
+                (item_category[i] for i in items.tolist()), np.int64, len(items))
+    request.update(records.cross_counts(request, schema))
+    for task in schema.action_tasks:
+        request[task] = ((bits & rules.bits[task]) > 0).astype(np.int64)
+    return request
+
+
+# ------------------------------------------------------------------------------ MovieLens
+MOVIELENS_ACTIONS = ">=4:click,==5:like"
+
+
+def read_movielens_100k(data_dir, config):
+    """Events of the RecBole-layout MovieLens-100K files (`ml-100k.inter`, `ml-100k.item`)
+    that `shared/data/fetch_movielens_100k.sh` writes: category = an item's first genre,
+    action = the rating (map it with `config.actions`, default `>=4:click,==5:like`)."""
+    genre = {}
+    item_path = os.path.join(data_dir, "ml-100k.item")
+    with open(item_path, newline="") as f:
+        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        header = next(reader)
+        columns = [name.split(":")[0] for name in header]
+        item_column, class_column = columns.index("item_id"), columns.index("class")
+        for row in reader:
+            if len(row) != len(columns):
+                raise records.DataFormatError(
+                    f"{item_path}: line {reader.line_num}: {len(row)} fields, expected "
+                    f"{len(columns)}")
+            genres = row[class_column].split()
+            genre[row[item_column]] = genres[0] if genres else "unknown"
+    inter_path = os.path.join(data_dir, "ml-100k.inter")
+    rules = config.action_rules
+    user, item, category, timestamp, bits, lines, bad = [], [], [], [], [], [], []
+    with open(inter_path, newline="") as f:
+        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        header = [name.split(":")[0] for name in next(reader)]
+        position = {name: header.index(name)
+                    for name in ("user_id", "item_id", "rating", "timestamp")}
+        for row in reader:
+            try:
+                if len(row) != len(header):
+                    raise ValueError(f"{len(row)} fields, expected {len(header)}")
+                movie = row[position["item_id"]]
+                if movie not in genre:
+                    raise ValueError(f"item {movie!r} is not in {item_path}")
+                time = parse_timestamp(row[position["timestamp"]])
+                action = rules(row[position["rating"]])
+            except ValueError as error:
+                bad.append((reader.line_num, str(error)))
+                continue
+            user.append(row[position["user_id"]])
+            item.append(movie)
+            category.append(genre[movie])
+            timestamp.append(time)
+            bits.append(action)
+            lines.append(reader.line_num)
+    report_bad_rows(inter_path, bad, config.skip_bad_rows)
+    return Events(user, item, category, np.array(timestamp, np.int64),
+                  np.array(bits, np.int64), np.array(lines, np.int64), bad)
+
+
+def convert_movielens_100k(data_dir, output_dir, config=None, num_shards=1,
+                           compression="gzip"):
+    """The MovieLens-100K preset: `data_dir` holds the fetched files. `config` supplies the
+    request cutting and `actions` (its `columns`, `delimiter`, `header` are not used)."""
+    config = config or LogConfig(columns=("user", "item", "category", "timestamp",
+                                          "action"), actions=MOVIELENS_ACTIONS)
+    config = dataclasses.replace(config, columns=("user", "item", "category", "timestamp",
+                                                  "action"),
+                                 actions=config.actions or MOVIELENS_ACTIONS)
+    events = read_movielens_100k(data_dir, config)
+    return convert_events(events, output_dir, config, num_shards, compression,
+                          source={"preset": "movielens_100k",
+                                  "log": os.path.abspath(data_dir)})

@@ -1,0 +1,290 @@
+"""The log converter: no leakage, candidates and labels from the window, split by time,
+malformed rows reported with line numbers, the MovieLens-100K preset."""
+
+import glob
+import logging
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from ifa_tf.data import log_converter, make_dataset, records
+
+HOUR = 3600
+DAY = 86_400
+
+
+def _random_log(seed=0, num_users=6, events_per_user=40):
+    """Rows (user, item, category, timestamp, action) with many timestamp ties."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for user in range(num_users):
+        times = np.sort(rng.integers(0, 20, events_per_user)) * 6 * HOUR + 1_000_000
+        for time in times:
+            item = int(rng.integers(1, 30))
+            rows.append((f"u{user}", f"i{item}", f"c{item % 4}", int(time),
+                         str(rng.choice(["pv", "fav", "cart"]))))
+    rng.shuffle(rows)  # the converter must sort by time itself
+    return rows
+
+
+def _write_log(path, rows, delimiter=",", header="user,item,category,ts,type"):
+    with open(path, "w") as f:
+        if header:
+            f.write(header.replace(",", delimiter) + "\n")
+        for row in rows:
+            f.write(delimiter.join(str(v) for v in row) + "\n")
+
+
+def _read_all(output_dir, split):
+    schema = records.schema_from_metadata(records.read_metadata(output_dir))
+    out = []
+    for path in sorted(glob.glob(os.path.join(output_dir, f"{split}-*"))):
+        for serialized in tf.data.TFRecordDataset(path, compression_type="GZIP"):
+            out.append(records.decode_example(serialized.numpy(), schema))
+    return out
+
+
+def _vocab(output_dir, role):
+    with open(os.path.join(output_dir, f"vocab_{role}.txt")) as f:
+        return [line.rstrip("\n") for line in f]
+
+
+CONFIG = log_converter.LogConfig(columns="user,item,category,timestamp,action",
+                                 actions="pv:click,fav:like+click", window_seconds=DAY,
+                                 num_negatives=5, max_seq_len=1000, test_fraction=0.25)
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("log")
+    rows = _random_log()
+    _write_log(directory / "log.csv", rows)
+    output_dir = str(directory / "out")
+    metadata = log_converter.convert_log(str(directory / "log.csv"), output_dir, CONFIG,
+                                         num_shards=2)
+    return rows, output_dir, metadata
+
+
+def _request_time(request, user_rows):
+    """The request time, recovered from the log: the first event time with exactly n
+    earlier events (the converter keeps whole histories here: max_seq_len is not hit), rows
+    of one item at one time counting once."""
+    events = {(t, i) for t, i, _ in user_rows}
+    for time in sorted({t for t, _ in events}):
+        if sum(t < time for t, _ in events) == len(request["seq_item_id"]):
+            return time
+    raise AssertionError("no time matches the sequence length")
+
+
+def _user_rows(rows, users, request):
+    user = users[request["user_id"] - 1]
+    return sorted((t, i, kind) for u, i, _, t, kind in rows if u == user)
+
+
+def test_sequence_holds_exactly_the_events_strictly_before_the_request(converted):
+    rows, output_dir, _ = converted
+    users, items = _vocab(output_dir, "user"), _vocab(output_dir, "item")
+    requests = _read_all(output_dir, "train") + _read_all(output_dir, "test")
+    assert len(requests) > 20
+    for request in requests:
+        assert (request["seq_time_delta"] > 0).all()  # nothing at or after T
+        user_rows = _user_rows(rows, users, request)
+        time = _request_time(request, user_rows)
+        earlier = sorted({(t, i) for t, i, _ in user_rows if t < time})
+        assert sorted(items[i - 1] for i in request["seq_item_id"]) == sorted(
+            i for _, i in earlier)
+        np.testing.assert_array_equal(np.sort(request["seq_time_delta"]),
+                                      np.sort([time - t for t, _ in earlier]))
+        deltas = request["seq_time_delta"]
+        assert (np.diff(deltas) <= 0).all()  # oldest first
+        window = {i for t, i, _ in user_rows if time <= t < time + DAY}
+        positives = {items[i - 1] for i, shown in zip(request["cand_item_id"],
+                                                      request["impression"]) if shown}
+        assert positives == window
+
+
+def test_labels_follow_the_action_mapping(converted):
+    rows, output_dir, metadata = converted
+    assert metadata["tasks"] == ["impression", "click", "like"]
+    users, items = _vocab(output_dir, "user"), _vocab(output_dir, "item")
+    negatives = 0
+    for request in _read_all(output_dir, "train"):
+        user_rows = _user_rows(rows, users, request)
+        time = _request_time(request, user_rows)
+        window_kinds = {}
+        for t, item, kind in user_rows:
+            if time <= t < time + DAY:
+                window_kinds.setdefault(item, set()).add(kind)
+        assert len(np.unique(request["cand_item_id"])) == len(request["cand_item_id"])
+        for j, item_id in enumerate(request["cand_item_id"]):
+            kinds = window_kinds.get(items[item_id - 1])
+            assert request["impression"][j] == (kinds is not None)
+            if kinds is None:
+                negatives += 1
+                assert request["click"][j] == request["like"][j] == 0
+                continue
+            assert request["click"][j] == bool(kinds & {"pv", "fav"})
+            assert request["like"][j] == ("fav" in kinds)
+    assert negatives > 0
+
+
+def test_sequence_actions_are_bit_sets(tmp_path):
+    _write_log(tmp_path / "log.csv", [("a", "x", "c", 10, "pv"), ("a", "y", "c", 20, "fav"),
+                                      ("a", "z", "c", 30, "cart"), ("a", "x", "c", 30, "pv"),
+                                      ("a", "w", "c", 200_000, "pv")])
+    log_converter.convert_log(str(tmp_path / "log.csv"), str(tmp_path / "out"), CONFIG)
+    (request,) = _read_all(str(tmp_path / "out"), "train") + _read_all(
+        str(tmp_path / "out"), "test")
+    items = _vocab(str(tmp_path / "out"), "item")
+    assert [items[i - 1] for i in request["seq_item_id"]] == ["x", "y", "z", "x"]
+    np.testing.assert_array_equal(request["seq_action"], [1, 5, 0, 1])  # fav = click+like
+    np.testing.assert_array_equal(request["seq_time_delta"],
+                                  [199_990, 199_980, 199_970, 199_970])
+    assert [items[i - 1] for i, s in zip(request["cand_item_id"], request["impression"])
+            if s] == ["w"]
+    cross = dict(zip(request["cand_item_id"], request["cand_cross_category_count"]))
+    assert cross[items.index("w") + 1] == 4
+
+
+def test_split_is_by_time(converted):
+    rows, output_dir, metadata = converted
+    split_time = metadata["split_time"]
+    users, items = _vocab(output_dir, "user"), _vocab(output_dir, "item")
+    for split, later in (("train", False), ("test", True)):
+        for request in _read_all(output_dir, split):
+            user = users[request["user_id"] - 1]
+            last = items[request["seq_item_id"][-1] - 1]
+            times = [t + request["seq_time_delta"][-1] for u, i, _, t, _ in rows
+                     if u == user and i == last]
+            # some occurrence of the last sequence item gives the request time
+            assert any((t >= split_time) == later for t in times), split
+    assert metadata["splits"]["test"]["num_requests"] > 0
+
+
+def test_output_loads_through_the_pipeline(converted):
+    _, output_dir, _ = converted
+    features, labels = next(iter(make_dataset(os.path.join(output_dir, "train-*"),
+                                              batch_size=4, max_seq_len=7)))
+    assert "seq_author_id" not in features and "cand_author_id" not in features
+    assert features["seq_item_id"].shape[1] <= 7
+    assert sorted(labels) == ["click", "impression", "like"]
+
+
+def test_malformed_rows_are_reported_with_line_numbers(tmp_path):
+    rows = [("a", "x", "c", 10, "pv"), ("a", "y", "c", "yesterday", "pv"),
+            ("b", "", "c", 10, "pv"), ("b", "x", "c", 20, "pv", "extra"),
+            ("b", "y", "c", 200_000, "pv")]
+    _write_log(tmp_path / "log.csv", rows)
+    with pytest.raises(records.DataFormatError) as error:
+        log_converter.convert_log(str(tmp_path / "log.csv"), str(tmp_path / "out"), CONFIG)
+    message = str(error.value)
+    assert "3 malformed rows" in message
+    assert "line 3: timestamp 'yesterday'" in message
+    assert "line 4: empty item" in message
+    assert "line 5: 6 fields, expected 5" in message
+    assert not os.path.exists(tmp_path / "out" / "metadata.json")
+
+
+def test_skipped_rows_are_logged_and_counted(tmp_path, caplog):
+    rows = [("a", "x", "c", 10, "pv"), ("a", "y", "c", "yesterday", "pv"),
+            ("a", "y", "c", 200_000, "pv")]
+    _write_log(tmp_path / "log.csv", rows)
+    config = log_converter.LogConfig(columns="user,item,category,timestamp,action",
+                                     actions="pv:click", skip_bad_rows=True, test_fraction=0)
+    with caplog.at_level(logging.WARNING):
+        metadata = log_converter.convert_log(str(tmp_path / "log.csv"),
+                                             str(tmp_path / "out"), config)
+    assert metadata["bad_rows"] == 1 and metadata["bad_row_lines"] == [3]
+    assert "skipped malformed line 3" in caplog.text
+
+
+def test_threshold_actions_noheader_tab_and_ignored_columns(tmp_path):
+    rows = [("7", "100", "junk", "4", "2024-01-01T00:00:00"),
+            ("7", "101", "junk", "5", "2024-01-01T01:00:00"),
+            ("7", "102", "junk", "2", "2024-01-03T00:00:00"),
+            ("7", "103", "junk", "5", "2024-01-03T00:00:00")]
+    _write_log(tmp_path / "log.tsv", rows, delimiter="\t", header=None)
+    config = log_converter.LogConfig(columns="user,item,_,action,timestamp", delimiter="\t",
+                                     header=False, actions=">=4:click,==5:like",
+                                     num_negatives=1, test_fraction=0)
+    metadata = log_converter.convert_log(str(tmp_path / "log.tsv"), str(tmp_path / "out"),
+                                         config)
+    assert metadata["vocabularies"] == {}  # integer ids kept as they are
+    assert metadata["schema"]["item_attributes"] == ["item_id"]
+    (request,) = _read_all(str(tmp_path / "out"), "train")
+    assert request["user_id"] == 7
+    np.testing.assert_array_equal(request["seq_item_id"], [100, 101])
+    np.testing.assert_array_equal(request["seq_action"], [1, 5])
+    np.testing.assert_array_equal(request["seq_time_delta"], [2 * DAY, 2 * DAY - HOUR])
+    labels = dict(zip(request["cand_item_id"].tolist(),
+                      zip(request["impression"], request["click"], request["like"])))
+    assert labels[102] == (1, 0, 0) and labels[103] == (1, 1, 1)
+    assert len(labels) == 3  # one negative, drawn from the popular items 100/101
+    assert {100, 101} & set(labels)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"columns": "user,item,stamp"}, "unknown roles \\['stamp'\\]"),
+    ({"columns": "user,item"}, "missing \\['timestamp'\\]"),
+    ({"columns": "user,item,timestamp,action"}, "must map its values"),
+    ({"actions": "pv"}, "'value:task"),
+    ({"actions": "pv:impression"}, "'impression' is implied"),
+    ({"actions": ">=four:click"}, "compares with a non-number"),
+    ({"window_seconds": 0}, "window_seconds=0"),
+])
+def test_config_errors_name_the_value(kwargs, message):
+    base = {"columns": "user,item,timestamp", "actions": ""}
+    with pytest.raises(ValueError, match=message):
+        log_converter.LogConfig(**{**base, **kwargs})
+
+
+def test_threshold_rules_reject_non_numbers():
+    rules = log_converter.ActionRules.parse(">=4:click,==5:like,pv:long_view")
+    assert rules.tasks == ("click", "long_view", "like")
+    assert rules("5") == 1 | 4 and rules("4.5") == 1 and rules("pv") == 2 and rules("1") == 0
+    with pytest.raises(ValueError, match="'great' is not a number"):
+        rules("great")
+
+
+def _fake_movielens(directory):
+    with open(directory / "ml-100k.item", "w") as f:
+        f.write("item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n")
+        f.write("1\tToy Story\t1995\tAnimation Children's Comedy\n")
+        f.write("2\tGoldenEye\t1995\tAction Adventure Thriller\n")
+        f.write("3\tFour Rooms\t1995\tThriller\n")
+    with open(directory / "ml-100k.inter", "w") as f:
+        f.write("user_id:token\titem_id:token\trating:float\ttimestamp:float\n")
+        for user, item, rating, time in [(5, 1, 3, 100), (5, 2, 5, 200), (5, 3, 4, 300_000),
+                                         (6, 2, 1, 100), (6, 1, 4, 500_000)]:
+            f.write(f"{user}\t{item}\t{rating}\t{time}\n")
+
+
+def test_movielens_preset_reads_the_fetched_layout(tmp_path):
+    _fake_movielens(tmp_path)
+    config = log_converter.LogConfig(num_negatives=1, test_fraction=0)
+    metadata = log_converter.convert_movielens_100k(str(tmp_path), str(tmp_path / "out"),
+                                                    config)
+    assert metadata["preset"] == "movielens_100k"
+    assert metadata["tasks"] == ["impression", "click", "like"]
+    genres = _vocab(str(tmp_path / "out"), "category")
+    assert genres == ["Action", "Animation", "Thriller"]
+    requests = {int(r["user_id"]): r for r in _read_all(str(tmp_path / "out"), "train")}
+    assert sorted(requests) == [5, 6]
+    np.testing.assert_array_equal(requests[5]["seq_item_id"], [1, 2])
+    np.testing.assert_array_equal(requests[5]["seq_category_id"], [2, 1])  # first genre
+    np.testing.assert_array_equal(requests[5]["seq_action"], [0, 5])  # 3: none, 5: click+like
+    shown = requests[5]["cand_item_id"][requests[5]["impression"] == 1]
+    np.testing.assert_array_equal(shown, [3])
+
+
+@pytest.mark.skipif(not os.path.exists("/tmp/ml-100k/ml-100k.inter"),
+                    reason="MovieLens-100K not fetched (shared/data/fetch_movielens_100k.sh)")
+def test_movielens_100k_real_files(tmp_path):
+    config = log_converter.LogConfig(num_negatives=20, max_candidates=100)
+    metadata = log_converter.convert_movielens_100k("/tmp/ml-100k", str(tmp_path), config)
+    assert metadata["num_events"] == 100_000 and metadata["bad_rows"] == 0
+    assert metadata["id_ranges"]["item_id"] == [1, 1682]
+    assert metadata["splits"]["train"]["num_requests"] > metadata["splits"]["test"][
+        "num_requests"] > 0
