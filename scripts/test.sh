@@ -8,4 +8,5 @@ source scripts/venv.sh
 install_venv ".[test]"
 export TF_CPP_MIN_LOG_LEVEL=2
 .venv/bin/python -m pytest -q "$@"
-KERAS_BACKEND=jax .venv/bin/python -m pytest -q -m "jax and not slow" tests
+# int64 ids need JAX's 64-bit mode: without it JAX truncates them to int32.
+KERAS_BACKEND=jax JAX_ENABLE_X64=1 .venv/bin/python -m pytest -q -m "jax and not slow" tests

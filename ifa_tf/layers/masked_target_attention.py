@@ -114,6 +114,8 @@ def masked_softmax(logits, mask, axis=-1):
     if mask is None:
         return ops.softmax(logits, axis=axis)
     mask = ops.cast(mask, "float32")
-    shifted = logits - ops.max(ops.where(mask > 0, logits, -1e9), axis=axis, keepdims=True)
+    # `initial` keeps the max defined over an empty axis (n = 0).
+    row_max = ops.max(ops.where(mask > 0, logits, -1e9), axis=axis, keepdims=True, initial=-1e9)
+    shifted = logits - row_max
     exp = ops.exp(ops.minimum(shifted, 0.0)) * mask
     return exp / ops.maximum(ops.sum(exp, axis=axis, keepdims=True), 1e-30)

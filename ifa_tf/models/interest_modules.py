@@ -25,11 +25,15 @@ class InterestModule(keras.layers.Layer):
 
     required_inputs = ("candidates", "sequence", "candidate_mask", "sequence_mask")
 
-    def call(self, inputs):
+    def __call__(self, inputs, **kwargs):
+        # Checked here rather than in `call`: symbolic calls never reach `call`.
         missing = [k for k in self.required_inputs if k not in inputs]
         if missing:
             raise ValueError(f"{type(self).__name__} needs inputs {missing}; the schema must "
                              "declare the features they come from.")
+        return super().__call__(inputs, **kwargs)
+
+    def call(self, inputs):
         return self.interest(inputs)
 
     def interest(self, inputs):

@@ -1,0 +1,338 @@
+"""Layer tests against independent float64 NumPy references. Backend-independent: CI runs
+this file on TensorFlow and again with KERAS_BACKEND=jax."""
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+from ifa_tf import layers
+
+pytestmark = pytest.mark.jax
+
+PHI = {
+    "elu_plus_one": lambda x: np.where(x > 0, x + 1.0, np.exp(np.minimum(x, 0.0))),
+    "softplus": lambda x: np.log1p(np.exp(x)),
+    "relu": lambda x: np.maximum(x, 0.0),
+}
+
+
+def np_(x):
+    return np.asarray(ops.convert_to_numpy(x), dtype=np.float64)
+
+
+def randomize(layer, seed=0, scale=0.3):
+    rng = np.random.default_rng(seed)
+    layer.set_weights([rng.normal(scale=scale, size=w.shape).astype("float32")
+                       for w in layer.get_weights()])
+    return {w.path.split("/")[-2] + "/" + w.name: np_(w) for w in layer.weights}
+
+
+def round_trip(layer, *args, **kwargs):
+    """Config round trip + weights: the restored layer gives the same output."""
+    expected = np_(_first(layer(*args, **kwargs)))
+    restored = layer.__class__.from_config(layer.get_config())
+    restored(*args, **kwargs)
+    restored.set_weights(layer.get_weights())
+    np.testing.assert_allclose(np_(_first(restored(*args, **kwargs))), expected, atol=1e-6)
+
+
+def _first(x):
+    return x[0] if isinstance(x, (tuple, list)) else x
+
+
+def random_mask(rng, batch, length, min_valid=0):
+    lengths = rng.integers(min_valid, length + 1, size=batch)
+    return np.arange(length)[None, :] < lengths[:, None]
+
+
+def dense(x, kernel, bias=None):
+    """x [..., d] with kernel [d, *out] (EinsumDense '...d,d...->...')."""
+    out = np.tensordot(x, kernel, axes=([-1], [0]))
+    return out if bias is None else out + bias
+
+
+def output_dense(x, kernel, bias):
+    """x [..., h, c] with kernel [h, c, d]."""
+    return np.tensordot(x, kernel, axes=([-2, -1], [0, 1])) + bias
+
+
+def attention_weights(layer):
+    w = {v.path.split("/")[-2] + "/" + v.name: np_(v) for v in layer.weights}
+    return lambda name, part: w.get(f"{name}/{part}")
+
+
+# ----------------------------------------------------------------------------------- IFA
+def reference_linear_attention(layer, query, key, value, query_mask, key_mask, phi):
+    """D^-1 (phi(Q) phi(K)^T) V with the [m, n] matrix formed explicitly, in float64."""
+    w = attention_weights(layer)
+    q = PHI[phi](dense(query, w("query", "kernel"), w("query", "bias")))  # [B, m, h, c]
+    k = PHI[phi](dense(key, w("key", "kernel"), w("key", "bias")))
+    v = dense(value, w("value", "kernel"), w("value", "bias"))
+    scores = np.einsum("bmhc,bnhc->bhmn", q, k) * key_mask[:, None, None, :]
+    degree = scores.sum(-1, keepdims=True) + layer.epsilon
+    attended = np.einsum("bhmn,bnhv->bmhv", scores / degree, v)
+    out = output_dense(attended, w("attention_output", "kernel"),
+                       w("attention_output", "bias"))
+    return out * query_mask[..., None]
+
+
+@pytest.mark.parametrize("phi", sorted(PHI))
+@pytest.mark.parametrize("num_heads", [1, 2, 4])
+def test_normalized_linear_attention_matches_float64_reference(phi, num_heads):
+    rng = np.random.default_rng(num_heads)
+    batch, m, n, d = 3, 7, 11, 12
+    query = rng.normal(size=(batch, m, d)).astype("float32")
+    key = rng.normal(size=(batch, n, d)).astype("float32")
+    value = rng.normal(size=(batch, n, 10)).astype("float32")
+    query_mask, key_mask = random_mask(rng, batch, m, 1), random_mask(rng, batch, n, 1)
+    layer = layers.NormalizedLinearAttention(num_heads, key_dim=5, value_dim=4, output_dim=6,
+                                             feature_map=phi)
+    layer(query, key, value)
+    randomize(layer, seed=num_heads)
+    out = np_(layer(query, key, value, query_mask=query_mask, key_mask=key_mask))
+    ref = reference_linear_attention(layer, query, key, value, query_mask, key_mask, phi)
+    assert out.shape == (batch, m, 6)
+    assert np.abs(out - ref).max() / np.abs(ref).max() <= 1e-5
+
+
+def test_normalized_linear_attention_ignores_padded_keys_and_their_values():
+    rng = np.random.default_rng(1)
+    query = rng.normal(size=(2, 5, 8)).astype("float32")
+    key = rng.normal(size=(2, 6, 8)).astype("float32")
+    mask = np.array([[1] * 6, [1] * 4 + [0] * 2], bool)
+    layer = layers.NormalizedLinearAttention(2, 4)
+    base = np_(layer(query, key, key_mask=mask))
+    # Append 3 padded keys and scramble what is stored at every padded position.
+    longer = np.concatenate([key, rng.normal(size=(2, 3, 8)).astype("float32")], axis=1)
+    longer[1, 4:] = rng.normal(size=(5, 8)) * 100
+    longer_mask = np.concatenate([mask, np.zeros((2, 3), bool)], axis=1)
+    np.testing.assert_allclose(np_(layer(query, longer, key_mask=longer_mask)), base,
+                               atol=1e-6)
+
+
+def test_normalized_linear_attention_all_padding_is_finite():
+    layer = layers.NormalizedLinearAttention(2, 4, feature_map="relu")
+    query = np.ones((2, 3, 8), "float32")
+    for key in (np.ones((2, 5, 8), "float32"), np.ones((2, 0, 8), "float32")):
+        out = np_(layer(query, key, key_mask=np.zeros(key.shape[:2], bool)))
+        assert np.isfinite(out).all()
+
+
+def test_normalized_linear_attention_keras_mask_equals_explicit_mask():
+    rng = np.random.default_rng(2)
+    ids = np.array([[3, 4, 5, 0, 0], [7, 0, 0, 0, 0]])
+    embedding = keras.layers.Embedding(10, 8, mask_zero=True)
+    query = rng.normal(size=(2, 4, 8)).astype("float32")
+    layer = layers.NormalizedLinearAttention(2, 4)
+    automatic = layer(query, embedding(ids))
+    explicit = layer(query, embedding(ids), key_mask=ids != 0)
+    np.testing.assert_allclose(np_(automatic), np_(explicit), atol=1e-7)
+
+
+def test_normalized_linear_attention_round_trip_and_bad_arguments():
+    query = np.ones((1, 3, 8), "float32")
+    round_trip(layers.NormalizedLinearAttention(2, 4, feature_map="softplus", epsilon=1e-3),
+               query, query)
+    with pytest.raises(ValueError, match="feature_map='tanh'"):
+        layers.NormalizedLinearAttention(2, 4, feature_map="tanh")
+    with pytest.raises(ValueError, match="num_heads=0"):
+        layers.NormalizedLinearAttention(0, 4)
+    with pytest.raises(ValueError, match="epsilon=0"):
+        layers.NormalizedLinearAttention(2, 4, epsilon=0)
+
+
+def test_candidate_self_attention_is_masked_linear_self_attention():
+    rng = np.random.default_rng(3)
+    candidates = rng.normal(size=(2, 6, 8)).astype("float32")
+    mask = np.array([[1] * 6, [1] * 3 + [0] * 3], bool)
+    layer = layers.CandidateSelfAttention(2, 4)
+    layer(candidates)
+    randomize(layer)
+    out = np_(layer(candidates, candidate_mask=mask))
+    ref = reference_linear_attention(layer, candidates, candidates, candidates, mask, mask,
+                                     "elu_plus_one")
+    assert np.abs(out - ref).max() / np.abs(ref).max() <= 1e-5
+    # Padded candidates change no valid candidate's output.
+    scrambled = candidates.copy()
+    scrambled[1, 3:] = rng.normal(size=(3, 8)) * 50
+    np.testing.assert_allclose(np_(layer(scrambled, candidate_mask=mask)), out, atol=1e-6)
+    round_trip(layer, candidates, candidate_mask=mask)
+
+
+# ------------------------------------------------------------------------ target attention
+def reference_softmax_attention(layer, query, key, key_mask, query_mask, bias=None):
+    w = attention_weights(layer)
+    q = dense(query, w("query", "kernel"), w("query", "bias"))
+    k = dense(key, w("key", "kernel"), w("key", "bias"))
+    v = dense(key, w("value", "kernel"), w("value", "bias"))
+    per_candidate = key.ndim == 4
+    logits = (np.einsum("bmhc,bmkhc->bmhk", q, k) if per_candidate
+              else np.einsum("bmhc,bnhc->bmhn", q, k)) / np.sqrt(q.shape[-1])
+    if bias is not None:
+        logits = logits + bias[:, :, None, :]
+    mask = key_mask[:, :, None, :] if per_candidate else key_mask[:, None, None, :]
+    logits = np.where(mask, logits, -np.inf)
+    with np.errstate(invalid="ignore"):
+        weights = np.exp(logits - logits.max(-1, keepdims=True))
+        weights = np.nan_to_num(weights / weights.sum(-1, keepdims=True))
+    attended = (np.einsum("bmhk,bmkhc->bmhc", weights, v) if per_candidate
+                else np.einsum("bmhn,bnhc->bmhc", weights, v))
+    out = output_dense(attended, w("attention_output", "kernel"),
+                       w("attention_output", "bias"))
+    return out * query_mask[..., None]
+
+
+@pytest.mark.parametrize("per_candidate", [False, True])
+def test_masked_target_attention_matches_reference(per_candidate):
+    rng = np.random.default_rng(4)
+    batch, m, n, d = 2, 5, 9, 8
+    query = rng.normal(size=(batch, m, d)).astype("float32")
+    key_shape = (batch, m, n, d) if per_candidate else (batch, n, d)
+    key = rng.normal(size=key_shape).astype("float32")
+    key_mask = rng.random(key_shape[:-1]) < 0.7
+    key_mask[0, ...] = False  # a request with no valid key at all
+    query_mask = random_mask(rng, batch, m, 1)
+    bias = rng.normal(size=(batch, m, n)).astype("float32") if per_candidate else None
+    layer = layers.MaskedTargetAttention(2, 4)
+    layer(query, key)
+    randomize(layer)
+    out = np_(layer(query, key, key_mask=key_mask, query_mask=query_mask,
+                    attention_bias=bias))
+    ref = reference_softmax_attention(layer, query, key, key_mask, query_mask, bias)
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
+    assert np.isfinite(out).all()
+    round_trip(layer, query, key, key_mask=key_mask)
+
+
+def test_din_activation_unit_equals_mlp_on_concatenation():
+    rng = np.random.default_rng(5)
+    query = rng.normal(size=(2, 4, 6)).astype("float32")
+    key = rng.normal(size=(2, 7, 6)).astype("float32")
+    key_mask = random_mask(rng, 2, 7, 1)
+    layer = layers.DINActivationUnit(hidden_units=[5, 3], activation="relu",
+                                     weight_normalization="none")
+    layer(query, key)
+    randomize(layer)
+    w = {v.name: np_(v) for v in layer.weights if "dense" not in v.path}
+    hidden_w = [np_(v) for v in layer.weights if "dense" in v.path]
+    # DIN's formulation: an MLP of [q, k, q - k, q * k] for every (candidate, item) pair.
+    q = np.broadcast_to(query[:, :, None, :], (2, 4, 7, 6))
+    k = np.broadcast_to(key[:, None, :, :], (2, 4, 7, 6))
+    first = np.concatenate([w["query_kernel"], w["key_kernel"], w["difference_kernel"],
+                            w["product_kernel"]], axis=0)
+    h = np.maximum(np.concatenate([q, k, q - k, q * k], -1) @ first + w["first_bias"], 0)
+    h = np.maximum(h @ hidden_w[0] + hidden_w[1], 0)
+    logits = (h @ hidden_w[2] + hidden_w[3])[..., 0] * key_mask[:, None, :]
+    ref = np.einsum("bmk,bkd->bmd", logits, key)
+    np.testing.assert_allclose(np_(layer(query, key, key_mask=key_mask)), ref,
+                               rtol=1e-4, atol=1e-5)
+    round_trip(layer, query, key, key_mask=key_mask)
+
+
+# ---------------------------------------------------------------------------- search units
+def test_sim_hard_search_keeps_most_recent_same_category_items():
+    sequence_categories = np.array([[1, 2, 1, 1, 3, 1, 1]])
+    sequence_mask = np.array([[1, 1, 1, 1, 1, 1, 0]], bool)  # the last item is padding
+    indices, selected = layers.SIMHardSearch(k=3)(
+        np.array([[1, 3, 4]]), sequence_categories, sequence_mask)
+    np.testing.assert_array_equal(np_(indices)[0, 0], [5, 3, 2])  # most recent first
+    np.testing.assert_array_equal(np_(selected)[0], [[1, 1, 1], [1, 0, 0], [0, 0, 0]])
+    assert np_(indices)[0, 1, 0] == 4
+
+
+def test_sim_soft_search_matches_numpy_top_k():
+    rng = np.random.default_rng(6)
+    candidates = rng.normal(size=(2, 3, 4)).astype("float32")
+    sequence = rng.normal(size=(2, 9, 4)).astype("float32")
+    mask = random_mask(rng, 2, 9, 4)
+    indices, selected, scores = layers.SIMSoftSearch(k=4)(candidates, sequence, mask)
+    inner = np.einsum("bme,bne->bmn", candidates, sequence)
+    inner = np.where(mask[:, None, :], inner, -np.inf)
+    expected = np.argsort(-inner, axis=-1)[..., :4]
+    valid = np.take_along_axis(np.isfinite(inner), expected, -1)
+    np.testing.assert_array_equal(np.where(valid, expected, 0), np_(indices))
+    np.testing.assert_array_equal(valid, np_(selected))
+    np.testing.assert_allclose(np_(scores), np.where(
+        valid, np.take_along_axis(inner, expected, -1), 0), rtol=1e-5)
+
+
+def test_twin_attention_is_softmax_attention_over_light_attention_top_k():
+    rng = np.random.default_rng(7)
+    batch, m, n, d, k = 2, 4, 12, 8, 3
+    query = rng.normal(size=(batch, m, d)).astype("float32")
+    key = rng.normal(size=(batch, n, d)).astype("float32")
+    key_mask = random_mask(rng, batch, n, 5)
+    layer = layers.TWINAttention(k=k, num_heads=2, key_dim=4)
+    layer(query, key)
+    randomize(layer)
+    w = attention_weights(layer)
+    q = dense(query, w("query", "kernel"), w("query", "bias"))
+    keys = dense(key, w("key", "kernel"), w("key", "bias"))
+    light = np.where(key_mask[:, None, :], np.einsum("bmhc,bnhc->bmn", q, keys), -np.inf)
+    top = np.argsort(-light, axis=-1)[..., :k]
+    selected_mask = np.zeros((batch, m, n), bool)
+    np.put_along_axis(selected_mask, top, True, axis=-1)
+    # The ESU over the GSU's choice equals softmax attention restricted to those items.
+    esu = layers.MaskedTargetAttention(2, 4)
+    esu(query, key)
+    esu.set_weights(layer.get_weights())
+    ref = reference_softmax_attention(esu, query, np.broadcast_to(
+        key[:, None], (batch, m, n, d)), selected_mask & key_mask[:, None, :],
+        np.ones((batch, m), bool))
+    np.testing.assert_allclose(np_(layer(query, key, key_mask=key_mask)), ref,
+                               rtol=1e-4, atol=1e-5)
+    round_trip(layer, query, key, key_mask=key_mask)
+
+
+def test_search_units_handle_sequences_shorter_than_k_and_empty():
+    query = np.ones((2, 3, 8), "float32")
+    for n in (0, 2):
+        key = np.ones((2, n, 8), "float32")
+        mask = np.ones((2, n), bool)
+        assert np.isfinite(np_(layers.TWINAttention(k=5)(query, key, key_mask=mask))).all()
+        _, selected = layers.SIMHardSearch(k=5)(np.ones((2, 3), "int32"),
+                                                np.ones((2, n), "int32"), mask)
+        assert np_(selected).sum() == 2 * 3 * n
+
+
+# ------------------------------------------------------------------ pooling, towers, ids
+def test_masked_average_pooling():
+    sequence = np.arange(24, dtype="float32").reshape(2, 4, 3)
+    mask = np.array([[1, 1, 0, 0], [0, 0, 0, 0]], bool)
+    out = np_(layers.MaskedAveragePooling()(sequence, mask=mask))
+    np.testing.assert_allclose(out, [[1.5, 2.5, 3.5], [0, 0, 0]])
+
+
+def test_mlp_tower_matches_numpy():
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(2, 5, 6)).astype("float32")
+    tower = layers.MLPTower([4, 3])
+    tower(x)
+    randomize(tower)
+    w = [np_(v) for v in tower.weights]
+    h = np.maximum(x @ w[0] + w[1], 0)
+    h = np.maximum(h @ w[2] + w[3], 0)
+    np.testing.assert_allclose(np_(tower(x)), (h @ w[4] + w[5])[..., 0], rtol=1e-5, atol=1e-6)
+    round_trip(tower, x)
+    with pytest.raises(ValueError, match="hidden_units=5"):
+        layers.MLPTower(5)
+
+
+def test_hashed_embedding_buckets():
+    ids = np.array([0, 1, 2, -7, 2**62, 123456789012])
+    hashed = layers.HashedEmbedding(97, 4)
+    buckets = np_(hashed.bucketize(ids)).astype(int)
+    assert buckets[0] == 0 and (buckets[1:] >= 1).all() and (buckets < 97).all()
+    # Consecutive ids spread evenly over the non-padding buckets.
+    load = np.bincount(np_(hashed.bucketize(np.arange(1, 9601))).astype(int), minlength=97)
+    assert load[0] == 0 and load[1:].min() >= 50 and load[1:].max() <= 150
+    log2 = layers.HashedEmbedding(66, 4, mode="log2")
+    np.testing.assert_array_equal(np_(log2.bucketize(np.array([0, 1, 2, 3, 7, 1000, -5]))),
+                                  [1, 2, 2, 3, 4, 10, 1])
+    clip = layers.HashedEmbedding(8, 4, mode="clip")
+    np.testing.assert_array_equal(np_(clip.bucketize(np.array([0, 5, 7, 9]))), [0, 5, 7, 7])
+    assert tuple(hashed(ids).shape) == (6, 4)
+    round_trip(hashed, ids)
+    with pytest.raises(ValueError, match="num_buckets=1"):
+        layers.HashedEmbedding(1, 4)

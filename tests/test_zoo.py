@@ -1,0 +1,252 @@
+"""Every registered model: outputs, padding/permutation/batch invariances, edge shapes,
+saving, training defaults and errors. Parameterised over `zoo.list_models()`, so a model is
+tested the moment it is registered."""
+
+import keras
+import keras_rs
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import ifa_tf
+from ifa_tf import zoo
+from ifa_tf.schema import FeatureSchema
+
+SCHEMA = FeatureSchema(embedding_buckets={"user_id": 40, "item_id": 64, "category_id": 8,
+                                          "author_id": 16})
+# Small sub-sequences so that n = 12 is "long" for the sampling baselines.
+OVERRIDES = {"din": {"k": 4}, "sim_hard": {"k": 4}, "sim_soft": {"k": 4, "search_buckets": 64},
+             "twin": {"k": 4}, "twin_ram": {"k": 4}}
+SMALL = {"embedding_dim": 4, "tower_units": [16, 8]}
+MODELS = zoo.list_models()
+
+
+def build(name, **extra):
+    keras.utils.set_random_seed(1)
+    return zoo.build(name, schema=SCHEMA, **SMALL, **OVERRIDES.get(name, {}), **extra)
+
+
+def make_batch(seed=0, batch=3, n=12, m=6, seq_valid=(12, 9, 5), cand_valid=(6, 4, 1)):
+    rng = np.random.default_rng(seed)
+    f = {"user_id": rng.integers(1, 1000, batch)}
+    for attribute, high in (("item_id", 500), ("category_id", 4), ("author_id", 9)):
+        f["seq_" + attribute] = rng.integers(1, high, (batch, n))
+        f["cand_" + attribute] = rng.integers(1, high, (batch, m))
+    f["seq_action"] = rng.integers(0, 8, (batch, n))
+    f["seq_time_delta"] = rng.integers(0, 10**7, (batch, n))
+    for name in SCHEMA.cross_features:
+        f[name] = rng.integers(0, 20, (batch, m))
+    f["seq_item_id"][np.arange(n)[None, :] >= np.array(seq_valid)[:, None]] = 0
+    f["cand_item_id"][np.arange(m)[None, :] >= np.array(cand_valid)[:, None]] = 0
+    labels = {t: (rng.random((batch, m)) < 0.5).astype("float32") for t in SCHEMA.tasks}
+    return f, labels
+
+
+def predict(model, features):
+    return {k: keras.ops.convert_to_numpy(v) for k, v in model(features).items()}
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {name: build(name) for name in MODELS}
+
+
+def test_zoo_lists_every_model_of_the_paper():
+    assert set(MODELS) >= {"avg_pooling", "din", "din_full", "sim_hard", "sim_soft", "twin",
+                           "twin_ram", "ifa_no_ram", "ifa"}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_outputs_are_esmm_probabilities(models, name):
+    features, _ = make_batch()
+    out = predict(models[name], features)
+    assert sorted(out) == sorted([*SCHEMA.tasks, "score"])
+    valid = features["cand_item_id"] != 0
+    for task in SCHEMA.tasks:
+        assert out[task].shape == (3, 6)
+        assert ((out[task] > 0) & (out[task] < 1))[valid].all()
+        assert (out[task][~valid] == 0).all()
+        assert (out[task] <= out["impression"] + 1e-7).all()  # p(a|cand) = p(imp) p(a|imp)
+    np.testing.assert_array_equal(out["score"], out["click"])
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_padding_changes_no_valid_output(models, name):
+    features, _ = make_batch()
+    base = predict(models[name], features)
+    rng = np.random.default_rng(5)
+    padded = {}
+    for key, value in features.items():
+        if key.startswith(("seq_", "cand_")):
+            extra = 4 if key.startswith("seq_") else 3
+            value = np.concatenate([value, rng.integers(1, 50, (3, extra))], axis=1)
+            ids = features["seq_item_id" if key.startswith("seq_") else "cand_item_id"]
+            length = ids.shape[1] + extra
+            is_padding = np.concatenate([ids == 0, np.ones((3, extra), bool)], axis=1)
+            # Store garbage wherever the position is padding, but keep item id 0 there.
+            value = np.where(is_padding, 0 if key.endswith("item_id") else value, value)
+            assert value.shape == (3, length)
+        padded[key] = value
+    out = predict(models[name], padded)
+    valid = features["cand_item_id"] != 0
+    for task in out:
+        np.testing.assert_allclose(out[task][:, :6][valid], base[task][valid], atol=2e-6)
+        assert (out[task][:, 6:] == 0).all()
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_permuting_candidates_permutes_outputs(models, name):
+    features, _ = make_batch(cand_valid=(6, 6, 6))
+    permutation = np.array([3, 0, 5, 1, 4, 2])
+    permuted = {k: (v[:, permutation] if k.startswith("cand_") else v)
+                for k, v in features.items()}
+    base, out = predict(models[name], features), predict(models[name], permuted)
+    for task in out:
+        np.testing.assert_allclose(out[task], base[task][:, permutation], atol=2e-6)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_requests_are_independent_of_their_batch(models, name):
+    features, _ = make_batch()
+    batch_out = predict(models[name], features)
+    for row in range(3):
+        single = predict(models[name], {k: v[row:row + 1] for k, v in features.items()})
+        for task in single:
+            np.testing.assert_allclose(single[task][0], batch_out[task][row], atol=2e-6)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_empty_sequence_and_single_candidate(models, name):
+    features, _ = make_batch(n=0, m=1, seq_valid=(0, 0, 0), cand_valid=(1, 1, 0))
+    out = predict(models[name], features)
+    assert out["score"].shape == (3, 1)
+    assert np.isfinite(out["score"]).all() and out["score"][2, 0] == 0
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_keras_file_round_trip(models, name, tmp_path):
+    features, _ = make_batch()
+    path = tmp_path / f"{name}.keras"
+    models[name].save(path)
+    restored = keras.saving.load_model(path)
+    assert isinstance(restored, ifa_tf.models.CandidateSetRanker)
+    assert restored.schema == SCHEMA
+    base, out = predict(models[name], features), predict(restored, features)
+    for task in base:
+        np.testing.assert_allclose(out[task], base[task], atol=1e-7)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_compile_without_arguments_then_fit_lowers_the_loss(name):
+    model = build(name)
+    features, labels = make_batch(seed=3)
+    model.compile()
+    before = model.evaluate(features, labels, verbose=0, return_dict=True)
+    model.fit(features, labels, epochs=15, batch_size=3, verbose=0)
+    after = model.evaluate(features, labels, verbose=0, return_dict=True)
+    assert after["loss"] < before["loss"] - 0.04  # four tasks' losses summed, ~2.7 at start
+    assert {f"{t}_auc" for t in SCHEMA.tasks} <= set(after)
+
+
+def test_full_sequence_fidelity():
+    """IFA and din_full read every valid item; din (k = 4) ignores all but the 4 most recent."""
+    features, _ = make_batch(seq_valid=(12, 12, 12))
+    changed = {k: v.copy() for k, v in features.items()}
+    changed["seq_item_id"][:, 0] += 1000  # the oldest event: outside din's 4 most recent
+    changed["seq_category_id"][:, 0] = (changed["seq_category_id"][:, 0] % 3) + 1
+    for name, reacts in (("ifa", True), ("ifa_no_ram", True), ("din_full", True),
+                         ("din", False)):
+        model = build(name)
+        delta = np.abs(predict(model, changed)["score"] - predict(model, features)["score"])
+        assert (delta.max() > 1e-6) == reacts, name
+
+
+def test_padded_candidates_change_no_loss_or_metric():
+    model = build("ifa")
+    model.compile(metrics={"click": [keras_rs.metrics.NDCG(k=3, name="ndcg")]})
+    features, labels = make_batch(cand_valid=(6, 6, 6))
+    base = model.evaluate(features, labels, verbose=0, return_dict=True)
+    padded = {k: (np.pad(v, ((0, 0), (0, 4))) if k.startswith("cand_") else v)
+              for k, v in features.items()}
+    padded_labels = {t: np.pad(v, ((0, 0), (0, 4)), constant_values=1) for t, v in labels.items()}
+    out = model.evaluate(padded, padded_labels, verbose=0, return_dict=True)
+    for key in base:
+        np.testing.assert_allclose(out[key], base[key], rtol=1e-5, err_msg=key)
+
+
+def test_custom_training_options_and_tf_data():
+    model = build("twin")
+    model.compile(optimizer=keras.optimizers.Adam(3e-3),
+                  loss={t: "binary_crossentropy" for t in SCHEMA.tasks},
+                  loss_weights={"impression": 1.0, "click": 2.0, "long_view": 0.5, "like": 0.5},
+                  metrics={"click": [keras_rs.metrics.NDCG(k=3, name="ndcg")]})
+    features, labels = make_batch()
+    dataset = tf.data.Dataset.from_tensor_slices((features, labels)).batch(2)
+    history = model.fit(dataset, epochs=2, verbose=0)
+    assert {"loss", "click_ndcg", "click_loss"} <= set(history.history)
+    assert np.isfinite(history.history["loss"]).all()
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda f: f.pop("seq_author_id"), r"Missing features \['seq_author_id'\]"),
+    (lambda f: f.update(cand_item_id=f["cand_item_id"].astype("float32")),
+     r"'cand_item_id' must hold integer ids \(int64\). Received: dtype=float32"),
+    (lambda f: f.update(user_id=f["user_id"][:, None]),
+     r"'user_id' must have rank 1 \(\[batch\]\). Received: shape=\(3, 1\)"),
+    (lambda f: f.update(cand_author_id=f["cand_author_id"][:, :4]),
+     r"'cand_author_id' has candidate count m 4 but 'cand_item_id' has 6"),
+    (lambda f: f.update(seq_action=f["seq_action"][:, :5]),
+     r"'seq_action' has sequence length n 5 but 'seq_item_id' has 12"),
+    (lambda f: f.update(bogus=f["user_id"]), r"Unexpected features \['bogus'\]"),
+])
+def test_bad_input_is_a_clear_error(models, mutate, message):
+    features, labels = make_batch()
+    mutate(features)
+    with pytest.raises(ValueError, match=message):
+        models["ifa"](features)
+    with pytest.raises(ValueError, match=message):
+        models["ifa"].predict(features, verbose=0)
+
+
+def test_negative_and_huge_ids_are_hashed(models):
+    features, _ = make_batch()
+    features["cand_item_id"][0, :2] = [-5, 2**62]
+    features["seq_author_id"][:, :3] = 10**15
+    assert np.isfinite(predict(models["ifa"], features)["score"]).all()
+
+
+def test_unknown_names_and_overrides_list_the_valid_ones():
+    with pytest.raises(ValueError, match=r"Unknown model 'ifa2'. Registered models: \['avg_"):
+        zoo.build("ifa2")
+    with pytest.raises(ValueError, match=r"Unknown overrides \['kk'\] .*Valid overrides: "
+                                         r"\[.*'k'.*\]"):
+        zoo.build("twin", kk=3)
+    with pytest.raises(ValueError, match="embedding_dim=0"):
+        zoo.build("ifa", embedding_dim=0)
+
+
+def test_register_adds_a_buildable_model():
+    @zoo.register("test_tiny_ifa")
+    def tiny(schema=None, heads=1):
+        return zoo.build("ifa", schema=schema, ram_heads=heads, **SMALL)
+
+    try:
+        assert "test_tiny_ifa" in zoo.list_models()
+        assert zoo.build("test_tiny_ifa", schema=SCHEMA).name == "ifa"
+        with pytest.raises(ValueError, match=r"Valid overrides: \['heads'\]"):
+            zoo.build("test_tiny_ifa", size=3)
+        with pytest.raises(ValueError, match="already registered"):
+            zoo.register("test_tiny_ifa")(tiny)
+    finally:
+        zoo._REGISTRY.pop("test_tiny_ifa")
+
+
+def test_schema_without_authors_or_cross_features():
+    schema = FeatureSchema(item_attributes=("item_id", "category_id"), cross_features=(),
+                           embedding_buckets={"item_id": 64})
+    model = zoo.build("sim_hard", schema=schema, k=3, **SMALL)
+    features, _ = make_batch()
+    kept = {k: v for k, v in features.items() if k in schema.feature_names}
+    assert predict(model, kept)["score"].shape == (3, 6)
+    with pytest.raises(ValueError, match="needs inputs"):
+        zoo.build("sim_hard", schema=FeatureSchema(item_attributes=("item_id",)))
