@@ -1,0 +1,166 @@
+"""`ifa-data`: write candidate-set TFRecords.
+
+    ifa-data synthetic --output_dir=data/sim --num_requests=10000 --seed=0 \\
+        --max_seq_len=1000 --max_candidates=200
+    ifa-data from-log --input=log.csv --output_dir=data/log \\
+        --columns=user,item,category,timestamp,action --actions=pv:click,fav:like
+    ifa-data from-log --preset=movielens_100k --input=/tmp/ml-100k --output_dir=data/ml
+
+Thin over `ifa_tf.data.write_synthetic`, `convert_log` and `convert_movielens_100k`. Flags
+are defined when the command runs (not on import), so other console scripts can define
+flags of the same name.
+"""
+
+import logging
+
+from absl import app, flags
+
+from ifa_tf.data import log_converter, simulator
+
+COMMANDS = ("synthetic", "from-log")
+PRESETS = ("movielens_100k",)
+
+_COMMON = ("output_dir", "seed", "max_seq_len", "max_candidates", "min_seq_len",
+           "test_fraction", "num_shards", "compression")
+# Flags of one subcommand only, mapped to their config field.
+_SYNTHETIC = {"num_requests": "num_requests", "median_seq_len": "median_seq_len",
+              "min_candidates": "min_candidates", "num_items": "num_items",
+              "num_categories": "num_categories", "num_topics": "num_topics",
+              "num_authors": "num_authors", "impression_slots": "impression_slots",
+              "category_cap": "category_cap", "truth_samples": "truth_samples"}
+_FROM_LOG = {"input": None, "preset": None, "columns": "columns", "delimiter": "delimiter",
+             "header": "header", "actions": "actions", "window_seconds": "window_seconds",
+             "num_negatives": "num_negatives", "skip_bad_rows": "skip_bad_rows"}
+
+
+def define_flags(flag_values=flags.FLAGS):
+    """Defines the flags of both subcommands on `flag_values`."""
+    f = flag_values
+    flags.DEFINE_string("output_dir", None, "Directory to write shards and metadata.json to.",
+                        flag_values=f)
+    flags.DEFINE_integer("seed", 0, "Seed of the simulator / of negative sampling.",
+                         flag_values=f)
+    flags.DEFINE_integer("max_seq_len", 1000, "Longest sequence (most recent events kept).",
+                         flag_values=f)
+    flags.DEFINE_integer("max_candidates", 200, "Largest candidate set.", flag_values=f)
+    flags.DEFINE_integer("min_seq_len", None, "Shortest sequence (default: 5 for synthetic, "
+                         "1 for from-log).", flag_values=f)
+    flags.DEFINE_float("test_fraction", None, "Share of requests in the test split "
+                       "(default: 0.1 synthetic, 0.2 from-log; from-log splits by time).",
+                       flag_values=f)
+    flags.DEFINE_integer("num_shards", 4, "Files per split.", flag_values=f)
+    flags.DEFINE_enum("compression", "gzip", ["gzip", "none"], "Shard compression.",
+                      flag_values=f)
+    # synthetic
+    flags.DEFINE_integer("num_requests", 1000, "synthetic: requests (one user each).",
+                         flag_values=f)
+    flags.DEFINE_integer("median_seq_len", None, "synthetic: median n (default "
+                         "max_seq_len // 5); lengths are log-normal.", flag_values=f)
+    flags.DEFINE_integer("min_candidates", None, "synthetic: smallest m (default "
+                         "max_candidates // 2).", flag_values=f)
+    for name, help_text in (("num_items", "items"), ("num_categories", "categories"),
+                            ("num_topics", "latent topics"), ("num_authors", "authors"),
+                            ("impression_slots", "logging policy slot budget"),
+                            ("category_cap", "logging policy per-category cap"),
+                            ("truth_samples", "policy runs estimating p(impression)")):
+        flags.DEFINE_integer(name, None, f"synthetic: {help_text} (default: SimulatorConfig)",
+                             flag_values=f)
+    # from-log
+    flags.DEFINE_string("input", None, "from-log: the log file (with --preset: the "
+                        "directory of its files).", flag_values=f)
+    flags.DEFINE_enum("preset", None, list(PRESETS), "from-log: a known log layout.",
+                      flag_values=f)
+    flags.DEFINE_list("columns", None, "from-log: role of each column: user, item, category, "
+                      "timestamp, action, or _ to ignore.", flag_values=f)
+    flags.DEFINE_string("delimiter", ",", "from-log: field separator; 'tab' or '\\t' for "
+                        "TSV.", flag_values=f)
+    flags.DEFINE_boolean("header", True, "from-log: the first line is a header "
+                         "(--noheader: it is data).", flag_values=f)
+    flags.DEFINE_string("actions", None, "from-log: action values -> tasks, e.g. "
+                        "'pv:click,fav:like' or '>=4:click,==5:like'.", flag_values=f)
+    flags.DEFINE_integer("window_seconds", 86_400, "from-log: request window length.",
+                         flag_values=f)
+    flags.DEFINE_integer("num_negatives", 50, "from-log: popularity-sampled negatives per "
+                         "request.", flag_values=f)
+    flags.DEFINE_boolean("skip_bad_rows", False, "from-log: skip malformed rows (each is "
+                         "logged with its line number) instead of failing.", flag_values=f)
+
+
+def synthetic_config(flag_values):
+    """The `SimulatorConfig` the flags describe (unset flags keep the config defaults)."""
+    overrides = {field: flag_values[name].value for name, field in _SYNTHETIC.items()
+                 if flag_values[name].value is not None}
+    for name in ("seed", "max_seq_len", "max_candidates", "min_seq_len", "test_fraction"):
+        if flag_values[name].value is not None:
+            overrides[name] = flag_values[name].value
+    return simulator.SimulatorConfig(**overrides)
+
+
+def log_config(flag_values):
+    """The `LogConfig` the flags describe."""
+    overrides = {field: flag_values[name].value for name, field in _FROM_LOG.items()
+                 if field is not None and flag_values[name].value is not None}
+    if "delimiter" in overrides:
+        overrides["delimiter"] = {"tab": "\t", "\\t": "\t"}.get(overrides["delimiter"],
+                                                              overrides["delimiter"])
+    for name in ("seed", "max_seq_len", "max_candidates", "min_seq_len", "test_fraction"):
+        if flag_values[name].value is not None:
+            overrides[name] = flag_values[name].value
+    if flag_values["preset"].value == "movielens_100k":
+        overrides.setdefault("actions", log_converter.MOVIELENS_ACTIONS)
+        overrides["columns"] = ("user", "item", "category", "timestamp", "action")
+    return log_converter.LogConfig(**overrides)
+
+
+def run_command(command, flag_values=flags.FLAGS):
+    """Runs one subcommand with parsed `flag_values`; returns the metadata written."""
+    if command not in COMMANDS:
+        raise app.UsageError(f"Unknown command {command!r}; expected one of {list(COMMANDS)}.")
+    foreign = _SYNTHETIC if command == "from-log" else _FROM_LOG
+    misplaced = sorted(name for name in foreign if flag_values[name].present)
+    if misplaced:
+        raise app.UsageError(f"Flags {['--' + n for n in misplaced]} do not apply to "
+                             f"`ifa-data {command}`.")
+    output_dir = flag_values["output_dir"].value
+    if not output_dir:
+        raise app.UsageError("--output_dir is required.")
+    shards = dict(num_shards=flag_values["num_shards"].value,
+                  compression=flag_values["compression"].value)
+    if command == "synthetic":
+        config = synthetic_config(flag_values)
+        step = max(1, config.num_requests // 10)
+
+        def progress(done):
+            if done % step == 0:
+                logging.info("%d / %d requests", done, config.num_requests)
+
+        return simulator.write_synthetic(output_dir, config, **shards, progress=progress)
+    source = flag_values["input"].value
+    if not source:
+        raise app.UsageError("from-log needs --input.")
+    config = log_config(flag_values)
+    if flag_values["preset"].value == "movielens_100k":
+        return log_converter.convert_movielens_100k(source, output_dir, config, **shards)
+    if not flag_values["columns"].present:
+        raise app.UsageError("from-log needs --columns (or --preset).")
+    return log_converter.convert_log(source, output_dir, config, **shards)
+
+
+def main(argv):
+    if len(argv) != 2:
+        raise app.UsageError(f"Usage: ifa-data {{{'|'.join(COMMANDS)}}} [flags]. "
+                             f"Received: {argv[1:]}")
+    metadata = run_command(argv[1])
+    for split, stats in metadata["splits"].items():
+        logging.info("%s: %d requests (%s)", split, stats["num_requests"], stats["pattern"])
+    parts = [f"{split}={stats['num_requests']}" for split, stats in metadata["splits"].items()]
+    print(f"wrote {', '.join(parts)} requests to {flags.FLAGS.output_dir}")
+
+
+def run():
+    define_flags()
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()
