@@ -1,0 +1,207 @@
+"""Load test of a served ranking model: concurrent clients, requests/s, p50/p99 latency, errors.
+
+By default it exports a freshly built zoo model (default schema), starts `ifa-serve` on it
+and measures each `--shapes` entry (m x n, one user per request):
+
+    python benchmarks/serving_load.py --shapes=1000x1000,10000x10000 --clients=4 \\
+        --duration_s=20 --markdown
+
+`--target=host:port --model_name=NAME` measures a running server instead (TF Serving or
+ifa-serve; gRPC or REST with --protocol). Latency is measured in the client: request
+encoding, the call, response decoding and turning it into a ranked list.
+"""
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+from absl import app, flags
+
+flags.DEFINE_string("target", "", "host:port of a running server; empty: start ifa-serve.")
+flags.DEFINE_string("model_name", "ifa", "Served model name.")
+flags.DEFINE_string("model", "ifa", "Zoo model to export and serve when --target is empty.")
+flags.DEFINE_enum("protocol", "grpc", ["grpc", "rest"], "Client protocol.")
+flags.DEFINE_list("shapes", ["1000x1000", "10000x10000"], "m x n of each measurement.")
+flags.DEFINE_integer("batch_size", 1, "Users per request.")
+flags.DEFINE_integer("clients", 4, "Concurrent clients (threads, one channel each).")
+flags.DEFINE_float("duration_s", 20.0, "Measured seconds per shape.")
+flags.DEFINE_float("warmup_s", 3.0, "Unmeasured seconds of load before each measurement.")
+flags.DEFINE_string("output_json", "", "Write the results here as JSON.")
+flags.DEFINE_bool("markdown", False, "Print a Markdown table.")
+FLAGS = flags.FLAGS
+
+
+@dataclasses.dataclass
+class LoadResult:
+    clients: int
+    duration_s: float
+    requests: int
+    errors: int
+    requests_per_s: float
+    p50_ms: float
+    p99_ms: float
+    mean_ms: float
+    error_codes: dict
+
+
+def run_load(make_client, features, clients, duration_s):
+    """Runs `clients` threads calling `client.rank(features)` for `duration_s` seconds."""
+    from ifa_tf.serving import ServingError
+
+    latencies, error_codes, lock = [], {}, threading.Lock()
+    start_barrier = threading.Barrier(clients + 1)
+    deadline = [0.0]
+
+    def worker():
+        client = make_client()
+        own_latencies, own_errors = [], {}
+        start_barrier.wait()
+        while time.monotonic() < deadline[0]:
+            began = time.perf_counter()
+            try:
+                client.rank(features)
+            except ServingError as error:
+                own_errors[error.code.name] = own_errors.get(error.code.name, 0) + 1
+                continue
+            own_latencies.append(time.perf_counter() - began)
+        client.close()
+        with lock:
+            latencies.extend(own_latencies)
+            for code, count in own_errors.items():
+                error_codes[code] = error_codes.get(code, 0) + count
+
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    deadline[0] = time.monotonic() + duration_s
+    began = time.monotonic()
+    start_barrier.wait()
+    for thread in threads:
+        thread.join()
+    elapsed = time.monotonic() - began
+    milliseconds = np.asarray(latencies) * 1e3
+    percentile = (lambda q: float(np.percentile(milliseconds, q))) if len(latencies) else (
+        lambda q: float("nan"))
+    return LoadResult(
+        clients=clients, duration_s=elapsed, requests=len(latencies),
+        errors=sum(error_codes.values()), requests_per_s=len(latencies) / elapsed,
+        p50_ms=percentile(50), p99_ms=percentile(99),
+        mean_ms=float(milliseconds.mean()) if len(latencies) else float("nan"),
+        error_codes=error_codes)
+
+
+def random_request(schema, batch, m, n, seed=0):
+    """A full (unpadded) request of `batch` users, `m` candidates, `n` sequence items."""
+    rng = np.random.default_rng(seed)
+    features = {}
+    for name in schema.feature_names:
+        role = schema.role(name)
+        shape = (batch,) if role == "user" else (batch, n if role == "sequence" else m)
+        features[name] = rng.integers(1, 1_000_000, size=shape, dtype=np.int64)
+    return features
+
+
+def _start_server(model_name, zoo_name, workdir, max_m, max_n):
+    """Exports a fresh zoo model and starts ifa-serve on it; returns (process, gRPC port,
+    REST port)."""
+    import socket
+
+    import ifa_tf
+    from ifa_tf import export
+
+    model = ifa_tf.zoo.build(zoo_name)
+    export.export_saved_model(model, os.path.join(workdir, model_name))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        rest_port = sock.getsockname()[1]
+    log = open(os.path.join(workdir, "ifa-serve.log"), "w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ifa_tf.cli.serve", f"--port={port}",
+         f"--rest_api_port={rest_port}", f"--model_name={model_name}",
+         f"--model_base_path={os.path.join(workdir, model_name)}",
+         f"--max_candidates={max_m}", f"--max_sequence_length={max_n}"],
+        stdout=log, stderr=subprocess.STDOUT)
+    return process, port, rest_port
+
+
+def _wait_ready(client, timeout=300):
+    from ifa_tf.serving import ServingError
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if any(state == "AVAILABLE" for _, state, _ in client.model_status(timeout=2)):
+                return
+        except ServingError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError("server not ready")
+
+
+def main(argv):
+    del argv
+    import platform
+
+    import tensorflow as tf
+
+    from ifa_tf.schema import default_schema
+    from ifa_tf.serving import connect
+
+    shapes = [tuple(int(d) for d in shape.split("x")) for shape in FLAGS.shapes]
+    process = None
+    target = FLAGS.target
+    with tempfile.TemporaryDirectory() as workdir:
+        if not target:
+            process, port, rest_port = _start_server(
+                FLAGS.model_name, FLAGS.model, workdir, max(m for m, _ in shapes),
+                max(n for _, n in shapes))
+            target = f"127.0.0.1:{port if FLAGS.protocol == 'grpc' else rest_port}"
+        try:
+            def make_client():
+                return connect(target, FLAGS.model_name, protocol=FLAGS.protocol, timeout=60)
+
+            _wait_ready(make_client())
+            rows = []
+            for m, n in shapes:
+                features = random_request(default_schema(), FLAGS.batch_size, m, n)
+                run_load(make_client, features, FLAGS.clients, FLAGS.warmup_s)
+                result = run_load(make_client, features, FLAGS.clients, FLAGS.duration_s)
+                rows.append({"m": m, "n": n, "batch_size": FLAGS.batch_size,
+                             **dataclasses.asdict(result)})
+                print(json.dumps(rows[-1]), flush=True)
+        finally:
+            if process is not None:
+                process.send_signal(signal.SIGTERM)
+                process.wait(timeout=120)
+    report = {"command": " ".join(sys.argv), "model": FLAGS.model, "protocol": FLAGS.protocol,
+              "server": "ifa-serve" if not FLAGS.target else FLAGS.target,
+              "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
+                         f"{len(tf.config.list_physical_devices('GPU'))} GPU",
+              "tensorflow": tf.__version__, "results": rows}
+    if FLAGS.output_json:
+        with open(FLAGS.output_json, "w") as f:
+            json.dump(report, f, indent=2)
+    if FLAGS.markdown:
+        print(f"\nModel `{FLAGS.model}`, {FLAGS.protocol}, {report['machine']}, "
+              f"TF {tf.__version__}, {FLAGS.clients} concurrent clients, "
+              f"{FLAGS.duration_s:g} s per shape, batch {FLAGS.batch_size}:\n")
+        print("| m | n | requests/s | p50 ms | p99 ms | requests | errors |")
+        print("|---:|---:|---:|---:|---:|---:|---:|")
+        for row in rows:
+            print(f"| {row['m']:,} | {row['n']:,} | {row['requests_per_s']:.1f} | "
+                  f"{row['p50_ms']:.1f} | {row['p99_ms']:.1f} | {row['requests']} | "
+                  f"{row['errors']} |")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,85 @@
+"""`ifa-serve`: serve exported SavedModels over TF Serving's gRPC and REST APIs.
+
+    ifa-serve --model_name=ifa --model_base_path=/models/ifa --port=8500 --rest_api_port=8501
+
+Flags shared with `tensorflow_model_server` keep its names and defaults; `--host` (loopback
+by default) and the `--max_*` request limits are ifa-serve's own. SIGTERM or SIGINT stops the
+server after in-flight requests finish.
+"""
+
+import signal
+import threading
+
+from absl import app, flags, logging
+
+from ifa_tf.serving.server import ModelServer, ServerOptions
+
+_DEFAULTS = ServerOptions.__dataclass_fields__
+
+flags.DEFINE_integer("port", 8500, "gRPC port (0: any free port, logged at start).")
+flags.DEFINE_integer("rest_api_port", 0, "REST API port; 0 disables the REST API.")
+flags.DEFINE_string("host", "127.0.0.1",
+                    "Address to listen on. Loopback by default; 0.0.0.0 for every interface.")
+flags.DEFINE_string("model_name", "default", "Name of the model served from --model_base_path.")
+flags.DEFINE_string("model_base_path", "", "Directory whose all-digit subdirectories are versions.")
+flags.DEFINE_string("model_config_file", "",
+                    "TF Serving models.config (text ModelServerConfig); replaces --model_name "
+                    "and --model_base_path.")
+flags.DEFINE_float("file_system_poll_wait_seconds", 1.0,
+                   "Seconds between polls of the base paths for new versions; 0 polls once.")
+flags.DEFINE_integer("grpc_max_threads", 16, "Threads answering gRPC calls concurrently.")
+flags.DEFINE_integer("max_request_bytes", 256 * 1024 * 1024,
+                     "Largest gRPC message / REST body accepted (RESOURCE_EXHAUSTED beyond).")
+flags.DEFINE_integer("max_batch_size", 0, "Most users per request; 0: no limit.")
+flags.DEFINE_integer("max_candidates", 100_000, "Most candidates m per request; 0: no limit.")
+flags.DEFINE_integer("max_sequence_length", 100_000,
+                     "Longest behaviour sequence n per request; 0: no limit.")
+flags.DEFINE_integer("max_num_load_retries", 5, "Retries of a version that fails to load.")
+flags.DEFINE_float("shutdown_grace_seconds", 30.0,
+                   "How long SIGTERM waits for in-flight requests.")
+flags.DEFINE_integer("tensorflow_intra_op_parallelism", 0,
+                     "Threads inside one op; 0: TensorFlow's default.")
+flags.DEFINE_integer("tensorflow_inter_op_parallelism", 0,
+                     "Ops run concurrently; 0: TensorFlow's default.")
+FLAGS = flags.FLAGS
+
+
+def options_from_flags():
+    return ServerOptions(**{name: getattr(FLAGS, name) for name in _DEFAULTS})
+
+
+def serve(options, stop_event):
+    """Runs a server until `stop_event` is set; the function the CLI and tests share."""
+    server = ModelServer(options).start()
+    stop_event.wait()
+    server.stop()
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    import tensorflow as tf
+
+    if FLAGS.tensorflow_intra_op_parallelism:
+        tf.config.threading.set_intra_op_parallelism_threads(
+            FLAGS.tensorflow_intra_op_parallelism)
+    if FLAGS.tensorflow_inter_op_parallelism:
+        tf.config.threading.set_inter_op_parallelism_threads(
+            FLAGS.tensorflow_inter_op_parallelism)
+    try:
+        options = options_from_flags()
+    except ValueError as error:
+        raise app.UsageError(str(error)) from error
+    stop_event = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda number, frame: stop_event.set())
+    logging.info("ifa-serve starting: %s", options)
+    serve(options, stop_event)
+
+
+def run():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

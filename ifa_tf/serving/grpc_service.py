@@ -1,0 +1,110 @@
+"""TF Serving's gRPC services over a `ModelManager`: PredictionService and ModelService."""
+
+import logging
+
+import grpc
+import tensorflow as tf
+from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2,
+                                     model_service_pb2_grpc, predict_pb2,
+                                     prediction_service_pb2_grpc)
+
+from ifa_tf.serving import errors
+from ifa_tf.serving.model_manager import to_ndarray
+
+_LOG = logging.getLogger("ifa_serve")
+SIGNATURE_DEF_FIELD = "signature_def"
+
+
+def model_spec_request(model_spec):
+    """`(name, version or None, label or None)` of a request's `ModelSpec`."""
+    if not model_spec.name:
+        raise errors.invalid_argument("Missing ModelSpec")
+    choice = model_spec.WhichOneof("version_choice")
+    version = model_spec.version.value if choice == "version" else None
+    label = model_spec.version_label if choice == "version_label" else None
+    return model_spec.name, version, label
+
+
+def predict(manager, request):
+    """Answers a `PredictRequest` (raises `ServingError`)."""
+    name, version, label = model_spec_request(request.model_spec)
+    servable = manager.resolve(name, version, label)
+    signature = servable.signature(request.model_spec.signature_name)
+    inputs = {key: to_ndarray(proto, key) for key, proto in request.inputs.items()}
+    outputs = signature.run(inputs, request.output_filter, manager.limits)
+    response = predict_pb2.PredictResponse()
+    response.model_spec.name = name
+    response.model_spec.version.value = servable.version
+    response.model_spec.signature_name = signature.name
+    for alias, value in outputs.items():
+        response.outputs[alias].CopyFrom(tf.make_tensor_proto(value))
+    return response
+
+
+def get_model_metadata(manager, request):
+    name, version, label = model_spec_request(request.model_spec)
+    if not request.metadata_field:
+        raise errors.invalid_argument(
+            "GetModelMetadataRequest must specify at least one metadata_field")
+    for field in request.metadata_field:
+        if field != SIGNATURE_DEF_FIELD:
+            raise errors.invalid_argument(f"Metadata field {field} is not supported")
+    servable = manager.resolve(name, version, label)
+    signature_map = get_model_metadata_pb2.SignatureDefMap()
+    for key, signature_def in servable.signature_defs.items():
+        signature_map.signature_def[key].CopyFrom(signature_def)
+    response = get_model_metadata_pb2.GetModelMetadataResponse()
+    response.model_spec.name = name
+    response.model_spec.version.value = servable.version
+    response.metadata[SIGNATURE_DEF_FIELD].Pack(signature_map)
+    return response
+
+
+def get_model_status(manager, request):
+    name, version, label = model_spec_request(request.model_spec)
+    if label:
+        version = manager.version_for_label(name, label)
+    response = get_model_status_pb2.GetModelStatusResponse()
+    for number, state, message in manager.status(name, version):
+        status = response.model_version_status.add()
+        status.version = number
+        status.state = state
+        status.status.error_code = grpc.StatusCode.UNKNOWN.value[0] if message else 0
+        status.status.error_message = message
+    return response
+
+
+def _unary(method):
+    """Turns `ServingError` into the call's status; anything else into INTERNAL."""
+
+    def handler(self, request, context):
+        try:
+            return method(self.manager, request)
+        except errors.ServingError as error:
+            context.abort(error.code, error.message)
+        except Exception as error:  # never leak a stack trace as an UNKNOWN status
+            _LOG.exception("Unexpected error in %s", method.__name__)
+            context.abort(grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}")
+
+    handler.__name__ = method.__name__
+    return handler
+
+
+class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
+    """`Predict` and `GetModelMetadata`; Classify, Regress, MultiInference are UNIMPLEMENTED
+    (the exported signatures are predict signatures)."""
+
+    def __init__(self, manager):
+        self.manager = manager
+
+    Predict = _unary(predict)
+    GetModelMetadata = _unary(get_model_metadata)
+
+
+class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
+    """`GetModelStatus`; `HandleReloadConfigRequest` is UNIMPLEMENTED."""
+
+    def __init__(self, manager):
+        self.manager = manager
+
+    GetModelStatus = _unary(get_model_status)

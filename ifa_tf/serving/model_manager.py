@@ -1,0 +1,364 @@
+"""Loads, polls and hot-swaps SavedModel versions, following TF Serving's rules.
+
+Each model has a base path whose all-digit subdirectories are versions. A version policy
+(`latest` N, default 1; `all`; `specific` versions, as in TF Serving's `models.config`) picks
+the versions to serve. Every `poll_wait_seconds` the base paths are listed again: a new
+version is loaded (and warmed up with its `assets.extra/tf_serving_warmup_requests`) while the
+old one keeps serving, then swapped in; the old one is dropped from the table, and requests
+already holding it finish on it. A request without a version gets the highest available one.
+"""
+
+import dataclasses
+import logging
+import os
+import threading
+import time
+
+import grpc
+import numpy as np
+import tensorflow as tf
+from google.protobuf import text_format
+from tensorflow.core.framework import types_pb2
+from tensorflow.core.protobuf import saved_model_pb2
+from tensorflow_serving.apis import get_model_status_pb2
+from tensorflow_serving.config import model_server_config_pb2
+
+from ifa_tf import export as export_lib
+from ifa_tf import schema as schema_lib
+from ifa_tf.serving import errors
+
+State = get_model_status_pb2.ModelVersionStatus.State
+_LOG = logging.getLogger("ifa_serve")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """One served model: its name, base path, version policy and labels.
+
+    `policy` is `("latest", n)`, `("all",)` or `("specific", (v1, v2, ...))`.
+    """
+
+    name: str
+    base_path: str
+    policy: tuple = ("latest", 1)
+    version_labels: dict = dataclasses.field(default_factory=dict)
+
+    def select(self, versions):
+        """The versions, among those on disk, that this policy serves."""
+        kind = self.policy[0]
+        if kind == "latest":
+            return sorted(versions)[-self.policy[1]:] if versions else []
+        if kind == "all":
+            return sorted(versions)
+        return sorted(v for v in versions if v in self.policy[1])
+
+
+def read_model_config_file(path):
+    """Parses a TF Serving `models.config` (text `ModelServerConfig`) into `ModelConfig`s."""
+    with open(path) as f:
+        text = f.read()
+    config = model_server_config_pb2.ModelServerConfig()
+    try:
+        text_format.Parse(text, config)
+    except text_format.ParseError as error:
+        raise ValueError(f"Invalid model config file {path}: {error}") from error
+    if config.WhichOneof("config") != "model_config_list":
+        raise ValueError(f"{path} must hold a model_config_list.")
+    models = []
+    for model in config.model_config_list.config:
+        if not model.name or not model.base_path:
+            raise ValueError(f"Every model in {path} needs a name and a base_path. "
+                             f"Received: {text_format.MessageToString(model, as_one_line=True)}")
+        if model.model_platform and model.model_platform != "tensorflow":
+            raise ValueError(f"Model {model.name!r}: only model_platform \"tensorflow\" is "
+                             f"served. Received: {model.model_platform!r}")
+        policy_kind = model.model_version_policy.WhichOneof("policy_choice")
+        if policy_kind == "all":
+            policy = ("all",)
+        elif policy_kind == "specific":
+            policy = ("specific", tuple(model.model_version_policy.specific.versions))
+        else:
+            policy = ("latest", model.model_version_policy.latest.num_versions or 1)
+        base_path = model.base_path
+        if not os.path.isabs(base_path):
+            base_path = os.path.join(os.path.dirname(os.path.abspath(path)), base_path)
+        models.append(ModelConfig(model.name, base_path, policy, dict(model.version_labels)))
+    names = [m.name for m in models]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{path} names a model twice: {names}")
+    return models
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """Request limits; 0 means unlimited."""
+
+    max_batch_size: int = 0
+    max_candidates: int = 0
+    max_sequence_length: int = 0
+
+
+class Signature:
+    """One signature of a loaded version: input checks and execution."""
+
+    def __init__(self, name, function, signature_def):
+        self.name = name
+        self.function = function
+        self.signature_def = signature_def
+        self.inputs = {key: (tf.dtypes.as_dtype(info.dtype),
+                             None if info.tensor_shape.unknown_rank
+                             else len(info.tensor_shape.dim))
+                       for key, info in signature_def.inputs.items()}
+        self.outputs = sorted(signature_def.outputs)
+
+    def run(self, inputs, output_filter=(), limits=Limits()):
+        """Checks `inputs` (name -> np.ndarray) and runs; returns name -> np.ndarray."""
+        self._check_inputs(inputs, limits)
+        wanted = list(output_filter) or self.outputs
+        for alias in wanted:
+            if alias not in self.outputs:
+                raise errors.invalid_argument(
+                    f"output tensor alias not found in signature: {alias} Outputs expected "
+                    f"to be in the set {{{','.join(self.outputs)}}}.")
+        if len(set(wanted)) != len(wanted):
+            raise errors.invalid_argument(
+                f"duplicate output tensor alias: {sorted(wanted)}")
+        try:
+            outputs = self.function(**{k: tf.constant(v) for k, v in inputs.items()})
+        except tf.errors.OpError as error:
+            raise errors.ServingError(errors.code_for_value(error.error_code),
+                                      _op_error_message(error)) from error
+        return {alias: outputs[alias].numpy() for alias in wanted}
+
+    def _check_inputs(self, inputs, limits):
+        sent, required = set(inputs), set(self.inputs)
+        if sent != required:
+            raise errors.invalid_argument(
+                f"input size does not match signature: {len(sent)}!={len(required)} "
+                f"len({{{','.join(sorted(sent))}}}) != len({{{','.join(sorted(required))}}}). "
+                f"Sent extra: {{{','.join(sorted(sent - required))}}}. "
+                f"Missing but required: {{{','.join(sorted(required - sent))}}}.")
+        for index, key in enumerate(sorted(self.inputs)):
+            dtype, rank = self.inputs[key]
+            value = inputs[key]
+            if value.dtype != dtype.as_numpy_dtype:
+                raise errors.invalid_argument(
+                    f"Expects arg[{index}] ({key}) to be {_type_name(dtype)} but "
+                    f"{_type_name(value.dtype)} is provided")
+            if rank is not None and value.ndim != rank:
+                raise errors.invalid_argument(
+                    f"Input {key} must have rank {rank}; received shape {list(value.shape)}")
+        _check_dimensions(inputs, limits)
+
+
+def _check_dimensions(inputs, limits):
+    """One batch size, one m, one n, each within the limits (clear INVALID_ARGUMENT)."""
+    axes = {"batch size": {}, "candidate count m": {}, "sequence length n": {}}
+    for key, value in inputs.items():
+        if value.ndim >= 1:
+            axes["batch size"][key] = value.shape[0]
+        if value.ndim == 2 and key.startswith(schema_lib.CANDIDATE_PREFIX):
+            axes["candidate count m"][key] = value.shape[1]
+        if value.ndim == 2 and key.startswith(schema_lib.SEQUENCE_PREFIX):
+            axes["sequence length n"][key] = value.shape[1]
+    caps = {"batch size": ("max_batch_size", limits.max_batch_size),
+            "candidate count m": ("max_candidates", limits.max_candidates),
+            "sequence length n": ("max_sequence_length", limits.max_sequence_length)}
+    for axis, sizes in axes.items():
+        if len(set(sizes.values())) > 1:
+            listed = ", ".join(f"{k}={v}" for k, v in sorted(sizes.items()))
+            raise errors.invalid_argument(
+                f"Inconsistent {axis} across inputs: {listed}; all must agree.")
+        flag, cap = caps[axis]
+        size = next(iter(sizes.values()), 0)
+        if cap and size > cap:
+            raise errors.invalid_argument(
+                f"Request {axis} {size} exceeds this server's limit --{flag}={cap}.")
+
+
+def _type_name(dtype):
+    """TensorFlow's C++ name of a dtype (`float`, `int64`), as its error messages use."""
+    try:
+        enum = tf.dtypes.as_dtype(dtype).as_datatype_enum
+    except TypeError:
+        return str(dtype)
+    return types_pb2.DataType.Name(enum)[len("DT_"):].lower()
+
+
+def _op_error_message(error):
+    """The useful line of a TF runtime error (drops Python-side 'Graph execution' framing)."""
+    message = error.message
+    marker = message.find("assertion failed:")
+    if marker >= 0:
+        message = message[marker:]
+    return message.strip()
+
+
+class Servable:
+    """One loaded version of one model."""
+
+    def __init__(self, name, version, path):
+        self.name = name
+        self.version = version
+        self.path = path
+        self.loaded = tf.saved_model.load(path, tags=["serve"])
+        saved_model = saved_model_pb2.SavedModel()
+        with open(os.path.join(path, "saved_model.pb"), "rb") as f:
+            saved_model.ParseFromString(f.read())
+        meta_graph = next((g for g in saved_model.meta_graphs
+                           if "serve" in g.meta_info_def.tags), saved_model.meta_graphs[0])
+        self.signature_defs = meta_graph.signature_def
+        self.signatures = {
+            key: Signature(key, self.loaded.signatures[key], self.signature_defs[key])
+            for key in self.loaded.signatures}
+        self.metadata = export_lib.read_metadata(path)
+
+    def signature(self, name):
+        name = name or export_lib.SIGNATURE_NAME
+        if name not in self.signatures:
+            raise errors.signature_not_found(name)
+        return self.signatures[name]
+
+    def warm_up(self):
+        """Replays the version's recorded warm-up requests, as TF Serving does on load."""
+        requests = export_lib.read_warmup_requests(self.path)
+        for request in requests:
+            inputs = {k: tf.make_ndarray(v) for k, v in request.inputs.items()}
+            self.signature(request.model_spec.signature_name).run(
+                inputs, request.output_filter)
+        return len(requests)
+
+
+class ModelManager:
+    """Serves the configured models' versions; polls base paths for new and removed ones."""
+
+    def __init__(self, configs, poll_wait_seconds=1.0, max_load_retries=5, limits=Limits()):
+        self.configs = {c.name: c for c in configs}
+        self.poll_wait_seconds = poll_wait_seconds
+        self.max_load_retries = max_load_retries
+        self.limits = limits
+        self._lock = threading.Lock()
+        self._servables = {name: {} for name in self.configs}  # name -> {version: Servable}
+        self._states = {name: {} for name in self.configs}  # name -> {version: (state, msg)}
+        self._failures = {}  # (name, version) -> failed load attempts
+        self._stop = threading.Event()
+        self._thread = None
+
+    # ------------------------------------------------------------------------ lifecycle
+    def start(self):
+        """Loads what is on disk now, then polls in the background (unless the wait is 0)."""
+        self.poll()
+        if self.poll_wait_seconds > 0:
+            self._thread = threading.Thread(target=self._poll_loop, name="ifa-serve-poll",
+                                            daemon=True)
+            self._thread.start()
+
+    def stop(self):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _poll_loop(self):
+        while not self._stop.wait(self.poll_wait_seconds):
+            try:
+                self.poll()
+            except Exception:  # a bad poll must not kill the server; the next one retries
+                _LOG.exception("File system poll failed")
+
+    def poll(self):
+        """One pass: load aspired versions not loaded yet, then unload the rest."""
+        for name, config in self.configs.items():
+            on_disk = export_lib.list_versions(config.base_path)
+            if not on_disk:
+                _LOG.warning("No versions of servable %s found under base path %s",
+                             name, config.base_path)
+            aspired = config.select(on_disk)
+            for version in aspired:
+                if version not in self._servables[name]:
+                    self._load(config, version)
+            with self._lock:
+                loaded_aspired = [v for v in aspired if v in self._servables[name]]
+                # Keep serving the old versions while none of the aspired ones loaded.
+                if loaded_aspired:
+                    for version in list(self._servables[name]):
+                        if version not in aspired:
+                            del self._servables[name][version]
+                            self._states[name][version] = (State.END, "")
+                            _LOG.info("Unloaded servable version {name: %s version: %d}",
+                                      name, version)
+
+    def _load(self, config, version):
+        key = (config.name, version)
+        if self._failures.get(key, 0) > self.max_load_retries:
+            return
+        path = os.path.join(config.base_path, str(version))
+        with self._lock:
+            self._states[config.name][version] = (State.LOADING, "")
+        start = time.monotonic()
+        try:
+            servable = Servable(config.name, version, path)
+            warmed = servable.warm_up()
+        except Exception as error:  # any load failure is reported in the version's status
+            self._failures[key] = self._failures.get(key, 0) + 1
+            message = f"Failed to load servable version {version} of {config.name}: {error}"
+            _LOG.error(message)
+            with self._lock:
+                self._states[config.name][version] = (State.END, message)
+            return
+        with self._lock:
+            self._servables[config.name][version] = servable
+            self._states[config.name][version] = (State.AVAILABLE, "")
+        _LOG.info("Successfully loaded servable version {name: %s version: %d} in %.2fs "
+                  "(%d warm-up requests)", config.name, version, time.monotonic() - start,
+                  warmed)
+
+    # -------------------------------------------------------------------------- lookups
+    def resolve(self, name, version=None, label=None):
+        """The `Servable` a model spec asks for, or TF Serving's error."""
+        if name not in self.configs:
+            raise errors.servable_not_found(name, version)
+        if label:
+            labels = self.configs[name].version_labels
+            if label not in labels:
+                raise errors.unknown_version_label(label)
+            version = labels[label]
+        with self._lock:
+            servables = self._servables[name]
+            if version is None:
+                if not servables:
+                    raise errors.servable_not_found(name)
+                return servables[max(servables)]
+            if version not in servables:
+                raise errors.servable_not_found(name, version)
+            return servables[version]
+
+    def status(self, name, version=None):
+        """`[(version, state, error_message)]` of a model, as GetModelStatus reports them."""
+        if name not in self.configs:
+            raise errors.ServingError(grpc.StatusCode.NOT_FOUND,
+                                      f"Could not find any versions of model {name}")
+        with self._lock:
+            states = dict(self._states[name])
+        if version is not None:
+            if version not in states:
+                raise errors.ServingError(grpc.StatusCode.NOT_FOUND,
+                                          f"Could not find version {version} of model {name}")
+            states = {version: states[version]}
+        if not states:
+            raise errors.ServingError(grpc.StatusCode.NOT_FOUND,
+                                      f"Could not find any versions of model {name}")
+        return [(v, s, m) for v, (s, m) in sorted(states.items())]
+
+    def version_for_label(self, name, label):
+        labels = self.configs[name].version_labels if name in self.configs else {}
+        if label not in labels:
+            raise errors.unknown_version_label(label)
+        return labels[label]
+
+
+def to_ndarray(tensor_proto, key):
+    """A request `TensorProto` as NumPy, INVALID_ARGUMENT when it is malformed."""
+    try:
+        return np.asarray(tf.make_ndarray(tensor_proto))
+    except Exception as error:  # make_ndarray raises several types for malformed protos
+        raise errors.invalid_argument(f"Input {key}: malformed TensorProto ({error})") from error

@@ -1,0 +1,250 @@
+"""TF Serving's REST API over a `ModelManager` (stdlib HTTP server, one thread per request).
+
+    GET  /v1/models/<name>[/versions/<v> | /labels/<l>]            model status
+    GET  /v1/models/<name>[/versions/<v> | /labels/<l>]/metadata   signature defs
+    POST /v1/models/<name>[/versions/<v> | /labels/<l>]:predict    {"instances": [...]} (row)
+                                                                   or {"inputs": {...}} (columnar)
+
+Errors are `{"error": message}` with the HTTP status TF Serving uses for the status code.
+"""
+
+import http.server
+import json
+import logging
+import re
+import threading
+import time
+
+import grpc
+import numpy as np
+from google.protobuf import json_format
+from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2
+
+from ifa_tf.serving import errors, grpc_service
+
+_LOG = logging.getLogger("ifa_serve")
+_PATH = re.compile(r"^/v1/models/(?P<name>[^/:]+)"
+                   r"(?:/versions/(?P<version>[0-9]+)|/labels/(?P<label>[^/:]+))?"
+                   r"(?:(?P<metadata>/metadata)|:(?P<verb>[a-z]+))?/?$")
+
+
+def handle_predict(manager, name, version, label, body):
+    """Answers a REST predict body (bytes); returns the JSON-ready response dict."""
+    try:
+        payload = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise errors.invalid_argument(f"JSON Parse error: {error}") from error
+    if not isinstance(payload, dict):
+        raise errors.invalid_argument("JSON Value: the request body must be a JSON object")
+    if ("instances" in payload) == ("inputs" in payload):
+        raise errors.invalid_argument(
+            "Missing 'inputs' or 'instances' key" if "instances" not in payload else
+            "Can only have one of 'instances' or 'inputs' key in the request")
+    servable = manager.resolve(name, version, label)
+    signature = servable.signature(payload.get("signature_name"))
+    row_format = "instances" in payload
+    if row_format:
+        inputs = _columns_from_instances(payload["instances"], signature)
+    else:
+        inputs = _columns_from_inputs(payload["inputs"], signature)
+    outputs = signature.run(inputs, (), manager.limits)
+    if row_format:
+        batch = next(iter(outputs.values())).shape[0] if outputs else 0
+        rows = [{alias: value[i].tolist() for alias, value in outputs.items()}
+                for i in range(batch)]
+        if len(outputs) == 1:
+            rows = [next(iter(row.values())) for row in rows]
+        return {"predictions": rows}
+    columns = {alias: value.tolist() for alias, value in outputs.items()}
+    return {"outputs": next(iter(columns.values())) if len(columns) == 1 else columns}
+
+
+def status_json(manager, name, version, label):
+    request = get_model_status_pb2.GetModelStatusRequest()
+    _fill_model_spec(request.model_spec, name, version, label)
+    response = grpc_service.get_model_status(manager, request)
+    return json_format.MessageToDict(response, preserving_proto_field_name=True,
+                                     always_print_fields_with_no_presence=True)
+
+
+def metadata_json(manager, name, version, label):
+    request = get_model_metadata_pb2.GetModelMetadataRequest()
+    _fill_model_spec(request.model_spec, name, version, label)
+    request.metadata_field.append(grpc_service.SIGNATURE_DEF_FIELD)
+    response = grpc_service.get_model_metadata(manager, request)
+    signature_map = get_model_metadata_pb2.SignatureDefMap()
+    response.metadata[grpc_service.SIGNATURE_DEF_FIELD].Unpack(signature_map)
+    return {
+        "model_spec": json_format.MessageToDict(response.model_spec,
+                                                preserving_proto_field_name=True,
+                                                always_print_fields_with_no_presence=True),
+        "metadata": {"signature_def": json_format.MessageToDict(
+            signature_map, preserving_proto_field_name=True)},
+    }
+
+
+def _fill_model_spec(model_spec, name, version, label):
+    model_spec.name = name
+    if version is not None:
+        model_spec.version.value = version
+    elif label is not None:
+        model_spec.version_label = label
+
+
+def _to_array(value, key, signature):
+    dtype, _ = signature.inputs[key]
+    try:
+        array = np.asarray(value)
+    except ValueError as error:  # NumPy 2 refuses ragged nested lists outright
+        raise errors.invalid_argument(f"Input {key}: nested lists of unequal lengths "
+                                      f"({error})") from error
+    if array.dtype == object:
+        raise errors.invalid_argument(f"Input {key}: nested lists of unequal lengths")
+    if array.size and dtype.is_integer and array.dtype.kind not in "iu":
+        raise errors.invalid_argument(
+            f"Input {key} expects {dtype.name} values; received JSON values of NumPy kind "
+            f"{array.dtype.name}")
+    if array.size and dtype.is_floating and array.dtype.kind not in "iuf":
+        raise errors.invalid_argument(f"Input {key} expects {dtype.name} values")
+    return array.astype(dtype.as_numpy_dtype)
+
+
+def _columns_from_inputs(inputs, signature):
+    if not isinstance(inputs, dict):
+        if len(signature.inputs) != 1:
+            raise errors.invalid_argument(
+                "'inputs' must be a JSON object keyed by input name when the signature has "
+                f"{len(signature.inputs)} inputs")
+        inputs = {next(iter(signature.inputs)): inputs}
+    unknown = sorted(set(inputs) - set(signature.inputs))
+    if unknown:
+        raise errors.invalid_argument(
+            f"input size does not match signature: {len(inputs)}!={len(signature.inputs)} "
+            f"Sent extra: {{{','.join(unknown)}}}.")
+    return {key: _to_array(value, key, signature) for key, value in inputs.items()}
+
+
+def _columns_from_instances(instances, signature):
+    if not isinstance(instances, list) or not instances:
+        raise errors.invalid_argument("'instances' must be a non-empty JSON list")
+    if not all(isinstance(instance, dict) for instance in instances):
+        if len(signature.inputs) != 1:
+            raise errors.invalid_argument(
+                "Each instance must be a JSON object keyed by input name when the signature "
+                f"has {len(signature.inputs)} inputs")
+        instances = [{next(iter(signature.inputs)): instance} for instance in instances]
+    keys = set(instances[0])
+    for index, instance in enumerate(instances):
+        if set(instance) != keys:
+            raise errors.invalid_argument(
+                f"Failed to process element: {index} of 'instances' list. Error: its keys "
+                f"{sorted(instance)} differ from those of element 0 {sorted(keys)}")
+    unknown = sorted(keys - set(signature.inputs))
+    if unknown:
+        raise errors.invalid_argument(
+            f"input size does not match signature: {len(keys)}!={len(signature.inputs)} "
+            f"Sent extra: {{{','.join(unknown)}}}.")
+    return {key: _to_array([instance[key] for instance in instances], key, signature)
+            for key in keys}
+
+
+class InFlight:
+    """Counts requests being answered, so shutdown can wait for them."""
+
+    def __init__(self):
+        self._count = 0
+        self._idle = threading.Condition()
+
+    def __enter__(self):
+        with self._idle:
+            self._count += 1
+
+    def __exit__(self, *exc_info):
+        with self._idle:
+            self._count -= 1
+            self._idle.notify_all()
+
+    def wait_idle(self, timeout):
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            return self._idle.wait_for(lambda: self._count == 0,
+                                       max(0.0, deadline - time.monotonic()))
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as TF Serving's REST server
+    server_version = "ifa-serve"
+    manager = None  # set by make_rest_server
+    max_request_bytes = 0
+    in_flight = None
+
+    def do_GET(self):
+        self._dispatch("GET")
+
+    def do_POST(self):
+        self._dispatch("POST")
+
+    def _dispatch(self, method):
+        with self.in_flight:
+            self._answer(method)
+
+    def _answer(self, method):
+        try:
+            body = self._read_body()
+            match = _PATH.match(self.path.split("?", 1)[0])
+            if match is None:
+                raise errors.invalid_argument(f"Malformed request: {method} {self.path}")
+            name, label = match["name"], match["label"]
+            version = int(match["version"]) if match["version"] else None
+            if method == "GET" and match["verb"] is None:
+                result = (metadata_json if match["metadata"] else status_json)(
+                    self.manager, name, version, label)
+            elif method == "POST" and match["verb"] == "predict" and not match["metadata"]:
+                result = handle_predict(self.manager, name, version, label, body)
+            elif method == "POST" and match["verb"] in ("classify", "regress"):
+                raise errors.ServingError(grpc.StatusCode.UNIMPLEMENTED,
+                                          f"{match['verb']} is not served by ifa-serve")
+            else:
+                raise errors.invalid_argument(f"Malformed request: {method} {self.path}")
+            self._reply(200, result)
+        except errors.ServingError as error:
+            self._reply(413 if error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+                        else errors.http_status(error.code), {"error": error.message})
+        except Exception as error:  # answer something rather than drop the connection
+            _LOG.exception("Unexpected error answering %s %s", method, self.path)
+            self._reply(500, {"error": f"{type(error).__name__}: {error}"})
+
+    def _read_body(self):
+        length = int(self.headers.get("Content-Length") or 0)
+        if self.max_request_bytes and length > self.max_request_bytes:
+            self.close_connection = True  # the unread body would corrupt the next request
+            raise errors.ServingError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"Request body of {length} bytes exceeds this server's limit "
+                f"--max_request_bytes={self.max_request_bytes}")
+        return self.rfile.read(length) if length else b""
+
+    def _reply(self, status, payload):
+        body = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format, *args):  # noqa: A002 (BaseHTTPRequestHandler's name)
+        _LOG.debug("%s - %s", self.address_string(), format % args)
+
+
+def make_rest_server(manager, host, port, max_request_bytes=0):
+    """A `ThreadingHTTPServer` (run `serve_forever()` in a thread) and its `InFlight` count.
+
+    Handler threads are daemons because idle keep-alive connections hold theirs; shutdown
+    waits on the in-flight count instead of on the threads.
+    """
+    in_flight = InFlight()
+    handler = type("RestHandler", (_Handler,), {"manager": manager, "in_flight": in_flight,
+                                                "max_request_bytes": max_request_bytes})
+    server = http.server.ThreadingHTTPServer((host, port), handler)
+    server.daemon_threads = True
+    return server, in_flight

@@ -1,0 +1,125 @@
+"""`ifa-serve`: a TF-Serving-compatible model server (gRPC + REST) for machines without the
+`tensorflow_model_server` binary. See `serving/README.md` for what it shares with TF Serving
+and where it differs."""
+
+import concurrent.futures
+import dataclasses
+import logging
+import threading
+
+import grpc
+from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
+
+from ifa_tf.serving import grpc_service, rest
+from ifa_tf.serving.model_manager import Limits, ModelConfig, ModelManager, read_model_config_file
+
+_LOG = logging.getLogger("ifa_serve")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerOptions:
+    """What the `ifa-serve` flags set; names follow `tensorflow_model_server`'s flags."""
+
+    port: int = 8500
+    rest_api_port: int = 0  # 0: no REST API, as in TF Serving
+    host: str = "127.0.0.1"
+    model_name: str = "default"
+    model_base_path: str = ""
+    model_config_file: str = ""
+    file_system_poll_wait_seconds: float = 1.0
+    grpc_max_threads: int = 16
+    max_request_bytes: int = 256 * 1024 * 1024
+    max_batch_size: int = 0
+    max_candidates: int = 100_000
+    max_sequence_length: int = 100_000
+    max_num_load_retries: int = 5
+    shutdown_grace_seconds: float = 30.0
+
+    def __post_init__(self):
+        if bool(self.model_base_path) == bool(self.model_config_file):
+            raise ValueError("Set exactly one of --model_base_path and --model_config_file. "
+                             f"Received: model_base_path={self.model_base_path!r}, "
+                             f"model_config_file={self.model_config_file!r}")
+        for field in ("port", "rest_api_port"):
+            value = getattr(self, field)
+            if not 0 <= value <= 65535:
+                raise ValueError(f"--{field} must be in [0, 65535]. Received: {field}={value}")
+        for field in ("grpc_max_threads", "max_request_bytes"):
+            if getattr(self, field) < 1:
+                raise ValueError(f"--{field} must be positive. "
+                                 f"Received: {field}={getattr(self, field)}")
+        for field in ("max_batch_size", "max_candidates", "max_sequence_length",
+                      "file_system_poll_wait_seconds"):
+            if getattr(self, field) < 0:
+                raise ValueError(f"--{field} must be >= 0 (0: no limit / poll once). "
+                                 f"Received: {field}={getattr(self, field)}")
+
+    def model_configs(self):
+        if self.model_config_file:
+            return read_model_config_file(self.model_config_file)
+        return [ModelConfig(self.model_name, self.model_base_path)]
+
+    def limits(self):
+        return Limits(self.max_batch_size, self.max_candidates, self.max_sequence_length)
+
+
+class ModelServer:
+    """Loads the models, then serves gRPC on `port` and REST on `rest_api_port` (if set).
+
+    `start()` returns once the versions on disk are loaded and the ports listen;
+    `stop()` refuses new calls, lets in-flight ones finish (up to the grace period), and
+    stops polling.
+    """
+
+    def __init__(self, options):
+        self.options = options
+        self.manager = ModelManager(options.model_configs(),
+                                    options.file_system_poll_wait_seconds,
+                                    options.max_num_load_retries, options.limits())
+        self.grpc_port = None
+        self.rest_port = None
+        self._grpc_server = None
+        self._rest_server = None
+        self._rest_thread = None
+        self._rest_in_flight = None
+
+    def start(self):
+        options = self.options
+        self.manager.start()
+        message_options = [("grpc.max_receive_message_length", options.max_request_bytes),
+                           ("grpc.max_send_message_length", -1)]
+        self._grpc_server = grpc.server(
+            concurrent.futures.ThreadPoolExecutor(max_workers=options.grpc_max_threads,
+                                                  thread_name_prefix="ifa-serve-grpc"),
+            options=message_options)
+        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
+            grpc_service.PredictionServicer(self.manager), self._grpc_server)
+        model_service_pb2_grpc.add_ModelServiceServicer_to_server(
+            grpc_service.ModelServicer(self.manager), self._grpc_server)
+        self.grpc_port = self._grpc_server.add_insecure_port(f"{options.host}:{options.port}")
+        if not self.grpc_port:
+            raise OSError(f"Cannot listen on {options.host}:{options.port}")
+        self._grpc_server.start()
+        _LOG.info("Running gRPC ModelServer at %s:%d ...", options.host, self.grpc_port)
+        if options.rest_api_port:
+            self._rest_server, self._rest_in_flight = rest.make_rest_server(
+                self.manager, options.host, options.rest_api_port, options.max_request_bytes)
+            self.rest_port = self._rest_server.server_address[1]
+            self._rest_thread = threading.Thread(target=self._rest_server.serve_forever,
+                                                 name="ifa-serve-rest", daemon=True)
+            self._rest_thread.start()
+            _LOG.info("Exporting HTTP/REST API at:%s:%d ...", options.host, self.rest_port)
+        return self
+
+    def stop(self):
+        _LOG.info("Shutting down: refusing new requests, finishing in-flight ones")
+        grace = self.options.shutdown_grace_seconds
+        if self._rest_server is not None:
+            self._rest_server.shutdown()  # stops accepting connections
+            self._rest_server.server_close()
+        if self._grpc_server is not None:
+            self._grpc_server.stop(grace).wait()
+        if self._rest_server is not None and not self._rest_in_flight.wait_idle(grace):
+            _LOG.warning("REST requests still running after %.0fs; leaving them", grace)
+        self.manager.stop()
+        _LOG.info("Server stopped")
