@@ -24,18 +24,30 @@ import time
 import numpy as np
 from absl import app, flags
 
-flags.DEFINE_string("target", "", "host:port of a running server; empty: start ifa-serve.")
-flags.DEFINE_string("model_name", "ifa", "Served model name.")
-flags.DEFINE_string("model", "ifa", "Zoo model to export and serve when --target is empty.")
-flags.DEFINE_enum("protocol", "grpc", ["grpc", "rest"], "Client protocol.")
-flags.DEFINE_list("shapes", ["1000x1000", "10000x10000"], "m x n of each measurement.")
-flags.DEFINE_integer("batch_size", 1, "Users per request.")
-flags.DEFINE_integer("clients", 4, "Concurrent clients (threads, one channel each).")
-flags.DEFINE_float("duration_s", 20.0, "Measured seconds per shape.")
-flags.DEFINE_float("warmup_s", 3.0, "Unmeasured seconds of load before each measurement.")
-flags.DEFINE_string("output_json", "", "Write the results here as JSON.")
-flags.DEFINE_bool("markdown", False, "Print a Markdown table.")
+
+def define_flags(flag_values=flags.FLAGS):
+    """Defines the benchmark's flags (at run time, so importing this file defines none)."""
+    f = flag_values
+    flags.DEFINE_string("target", "", "host:port of a running server; empty: start ifa-serve.",
+                        flag_values=f)
+    flags.DEFINE_string("model_name", "ifa", "Served model name.", flag_values=f)
+    flags.DEFINE_string("model", "ifa", "Zoo model to export and serve when --target is empty.",
+                        flag_values=f)
+    flags.DEFINE_enum("protocol", "grpc", ["grpc", "rest"], "Client protocol.", flag_values=f)
+    flags.DEFINE_list("shapes", ["1000x1000", "10000x10000"], "m x n of each measurement.",
+                      flag_values=f)
+    flags.DEFINE_integer("batch_size", 1, "Users per request.", flag_values=f)
+    flags.DEFINE_integer("clients", 4, "Concurrent clients (threads, one channel each).",
+                         flag_values=f)
+    flags.DEFINE_float("duration_s", 20.0, "Measured seconds per shape.", flag_values=f)
+    flags.DEFINE_float("warmup_s", 3.0, "Unmeasured seconds of load before each measurement.",
+                       flag_values=f)
+    flags.DEFINE_string("output_json", "", "Write the results here as JSON.", flag_values=f)
+    flags.DEFINE_bool("markdown", False, "Print a Markdown table.", flag_values=f)
+
+
 FLAGS = flags.FLAGS
+
 
 
 @dataclasses.dataclass
@@ -204,4 +216,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

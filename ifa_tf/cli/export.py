@@ -11,17 +11,28 @@ import os
 
 from absl import app, flags
 
-flags.DEFINE_string("model_dir", None,
-                    "A `.keras` file, or a directory holding `model.keras` (or exactly one "
-                    "`*.keras` file).")
-flags.DEFINE_string("export_base", None, "Base directory of the model's versions.")
-flags.DEFINE_integer("version", None, "Version to write; default: one more than the highest.")
-flags.DEFINE_string("schema", None,
-                    "FeatureSchema JSON the model was built for; default: read off the model.")
-flags.DEFINE_string("model_name", None,
-                    "Name recorded in the export metadata; default: basename of export_base.")
-flags.mark_flags_as_required(["model_dir", "export_base"])
+
+def define_flags(flag_values=flags.FLAGS):
+    """Defines ifa-export's flags (at run time, so other console scripts may reuse names)."""
+    f = flag_values
+    flags.DEFINE_string("model_dir", None,
+                        "A `.keras` file, or a directory holding `model.keras` (or exactly one "
+                        "`*.keras` file).", flag_values=f)
+    flags.DEFINE_string("export_base", None, "Base directory of the model's versions.",
+                        flag_values=f)
+    flags.DEFINE_integer("version", None, "Version to write; default: one more than the highest.",
+                         flag_values=f)
+    flags.DEFINE_string("schema", None,
+                        "FeatureSchema JSON the model was built for; default: read off the model.",
+                        flag_values=f)
+    flags.DEFINE_string("model_name", None,
+                        "Name recorded in the export metadata; default: basename of export_base.",
+                        flag_values=f)
+    flags.mark_flags_as_required(["model_dir", "export_base"], flag_values=f)
+
+
 FLAGS = flags.FLAGS
+
 
 
 def find_keras_file(model_dir):
@@ -77,6 +88,7 @@ def main(argv):
 
 
 def run():
+    define_flags()
     app.run(main)
 
 

@@ -16,31 +16,48 @@ from ifa_tf.serving.server import ModelServer, ServerOptions
 
 _DEFAULTS = ServerOptions.__dataclass_fields__
 
-flags.DEFINE_integer("port", 8500, "gRPC port (0: any free port, logged at start).")
-flags.DEFINE_integer("rest_api_port", 0, "REST API port; 0 disables the REST API.")
-flags.DEFINE_string("host", "127.0.0.1",
-                    "Address to listen on. Loopback by default; 0.0.0.0 for every interface.")
-flags.DEFINE_string("model_name", "default", "Name of the model served from --model_base_path.")
-flags.DEFINE_string("model_base_path", "", "Directory whose all-digit subdirectories are versions.")
-flags.DEFINE_string("model_config_file", "",
-                    "TF Serving models.config (text ModelServerConfig); replaces --model_name "
-                    "and --model_base_path.")
-flags.DEFINE_float("file_system_poll_wait_seconds", 1.0,
-                   "Seconds between polls of the base paths for new versions; 0 polls once.")
-flags.DEFINE_integer("grpc_max_threads", 16, "Threads answering gRPC calls concurrently.")
-flags.DEFINE_integer("max_request_bytes", 256 * 1024 * 1024,
-                     "Largest gRPC message / REST body accepted (RESOURCE_EXHAUSTED beyond).")
-flags.DEFINE_integer("max_batch_size", 0, "Most users per request; 0: no limit.")
-flags.DEFINE_integer("max_candidates", 100_000, "Most candidates m per request; 0: no limit.")
-flags.DEFINE_integer("max_sequence_length", 100_000,
-                     "Longest behaviour sequence n per request; 0: no limit.")
-flags.DEFINE_integer("max_num_load_retries", 5, "Retries of a version that fails to load.")
-flags.DEFINE_float("shutdown_grace_seconds", 30.0,
-                   "How long SIGTERM waits for in-flight requests.")
-flags.DEFINE_integer("tensorflow_intra_op_parallelism", 0,
-                     "Threads inside one op; 0: TensorFlow's default.")
-flags.DEFINE_integer("tensorflow_inter_op_parallelism", 0,
-                     "Ops run concurrently; 0: TensorFlow's default.")
+
+def define_flags(flag_values=flags.FLAGS):
+    """Defines ifa-serve's flags (at run time, so other console scripts may reuse names)."""
+    f = flag_values
+    flags.DEFINE_integer("port", 8500, "gRPC port (0: any free port, logged at start).",
+                         flag_values=f)
+    flags.DEFINE_integer("rest_api_port", 0, "REST API port; 0 disables the REST API.",
+                         flag_values=f)
+    flags.DEFINE_string("host", "127.0.0.1",
+                        "Address to listen on. Loopback by default; 0.0.0.0 for every interface.",
+                        flag_values=f)
+    flags.DEFINE_string("model_name", "default",
+                        "Name of the model served from --model_base_path.", flag_values=f)
+    flags.DEFINE_string("model_base_path", "",
+                        "Directory whose all-digit subdirectories are versions.", flag_values=f)
+    flags.DEFINE_string("model_config_file", "",
+                        "TF Serving models.config (text ModelServerConfig); replaces --model_name "
+                        "and --model_base_path.", flag_values=f)
+    flags.DEFINE_float("file_system_poll_wait_seconds", 1.0,
+                       "Seconds between polls of the base paths for new versions; 0 polls once.",
+                       flag_values=f)
+    flags.DEFINE_integer("grpc_max_threads", 16, "Threads answering gRPC calls concurrently.",
+                         flag_values=f)
+    flags.DEFINE_integer("max_request_bytes", 256 * 1024 * 1024,
+                         "Largest gRPC message / REST body accepted (RESOURCE_EXHAUSTED beyond).",
+                         flag_values=f)
+    flags.DEFINE_integer("max_batch_size", 0, "Most users per request; 0: no limit.",
+                         flag_values=f)
+    flags.DEFINE_integer("max_candidates", 100_000, "Most candidates m per request; 0: no limit.",
+                         flag_values=f)
+    flags.DEFINE_integer("max_sequence_length", 100_000,
+                         "Longest behaviour sequence n per request; 0: no limit.", flag_values=f)
+    flags.DEFINE_integer("max_num_load_retries", 5, "Retries of a version that fails to load.",
+                         flag_values=f)
+    flags.DEFINE_float("shutdown_grace_seconds", 30.0,
+                       "How long SIGTERM waits for in-flight requests.", flag_values=f)
+    flags.DEFINE_integer("tensorflow_intra_op_parallelism", 0,
+                         "Threads inside one op; 0: TensorFlow's default.", flag_values=f)
+    flags.DEFINE_integer("tensorflow_inter_op_parallelism", 0,
+                         "Ops run concurrently; 0: TensorFlow's default.", flag_values=f)
+
+
 FLAGS = flags.FLAGS
 
 
@@ -78,6 +95,7 @@ def main(argv):
 
 
 def run():
+    define_flags()
     app.run(main)
 
 

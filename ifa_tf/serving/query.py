@@ -1,0 +1,98 @@
+"""Asks a running server (TF Serving or ifa-serve) to rank one request and prints the list.
+
+    python -m ifa_tf.serving.query --target=localhost:8500 --model_name=ifa \\
+        [--data='data/test-*.tfrecord.gz'] [--protocol=rest] [--top=10]
+
+The request is the first example of `--data` when given, else random ids shaped by the
+schema recorded in the export metadata (`--export_dir`) or the default schema.
+"""
+
+import time
+
+import numpy as np
+from absl import app, flags
+
+
+def define_flags(flag_values=flags.FLAGS):
+    """Defines the query flags (at run time, so other tools may reuse names)."""
+    f = flag_values
+    flags.DEFINE_string("target", "localhost:8500",
+                        "host:port (gRPC port, or REST with --protocol).", flag_values=f)
+    flags.DEFINE_string("model_name", "ifa", "Served model name.", flag_values=f)
+    flags.DEFINE_enum("protocol", "grpc", ["grpc", "rest"], "Client protocol.", flag_values=f)
+    flags.DEFINE_string("data", "", "TFRecord glob; its first request is sent.", flag_values=f)
+    flags.DEFINE_string("export_dir", "", "A version directory whose metadata gives the schema.",
+                        flag_values=f)
+    flags.DEFINE_integer("candidates", 50, "m of a random request.", flag_values=f)
+    flags.DEFINE_integer("sequence_length", 500, "n of a random request.", flag_values=f)
+    flags.DEFINE_integer("top", 10, "Candidates printed.", flag_values=f)
+    flags.DEFINE_float("wait_s", 60.0, "How long to wait for the model to become available.",
+                       flag_values=f)
+
+
+FLAGS = flags.FLAGS
+
+
+
+def first_request(data, schema):
+    """The first request of a TFRecord glob, as batched NumPy features."""
+    from ifa_tf.data import make_dataset
+
+    features, _ = next(iter(make_dataset(data, schema=schema, batch_size=1, shuffle=False)))
+    return {name: features[name].numpy() for name in schema.feature_names}
+
+
+def random_request(schema, m, n, seed=0):
+    rng = np.random.default_rng(seed)
+    return {name: rng.integers(1, 100_000, size=(1,) if schema.rank(name) == 1 else (
+        1, n if name in schema.sequence_features else m), dtype=np.int64)
+        for name in schema.feature_names}
+
+
+def wait_until_available(client, wait_s):
+    from ifa_tf.serving import ServingError
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            if any(state == "AVAILABLE" for _, state, _ in client.model_status(timeout=2)):
+                return
+        except ServingError:
+            if time.monotonic() > deadline:
+                raise
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{client.model_name} not AVAILABLE after {wait_s}s")
+        time.sleep(0.5)
+
+
+def format_ranking(ranking, top, tasks=None):
+    """A text table of the first `top` candidates: id, score and every task probability."""
+    lines = [f"model version {ranking.version}: {len(ranking.item_ids)} candidates ranked"]
+    tasks = [t for t in (tasks or sorted(ranking.scores)) if t != "score"]
+    lines.append("rank  item_id  score     " + "  ".join(f"{t:>10}" for t in tasks))
+    for position in range(min(top, len(ranking.item_ids))):
+        lines.append(f"{position + 1:>4}  {ranking.item_ids[position]:>7}  "
+                     f"{ranking.scores['score'][position]:.6f}  "
+                     + "  ".join(f"{ranking.scores[t][position]:>10.6f}" for t in tasks))
+    return "\n".join(lines)
+
+
+def main(argv):
+    del argv
+    from ifa_tf import export
+    from ifa_tf.schema import FeatureSchema, default_schema
+    from ifa_tf.serving import connect
+
+    metadata = export.read_metadata(FLAGS.export_dir) if FLAGS.export_dir else None
+    schema = FeatureSchema.from_dict(metadata["schema"]) if metadata else default_schema()
+    features = (first_request(FLAGS.data, schema) if FLAGS.data else
+                random_request(schema, FLAGS.candidates, FLAGS.sequence_length))
+    with connect(FLAGS.target, FLAGS.model_name, protocol=FLAGS.protocol) as client:
+        wait_until_available(client, FLAGS.wait_s)
+        ranking = client.rank(features)[0]
+    print(format_ranking(ranking, FLAGS.top, schema.tasks))
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)
