@@ -1,0 +1,163 @@
+"""Turns benchmark records into `results.md` and log-log plots."""
+
+import os
+
+HEADLINE_MODEL = "ifa"
+
+
+def describe(record):
+    kind = record["kind"]
+    if kind == "score":
+        return (f"{record['model']} {record['path']} m={record['m']} n={record['n']}: "
+                f"{record['median_ms']:.1f} ms, peak +{record['peak_memory_mb']:.0f} MB")
+    if kind == "train":
+        return f"{record['model']} train: {record['requests_per_s']:.1f} requests/s"
+    if kind == "attention":
+        return f"attention m={record['m']} n={record['n']}: {record['median_ms']:.2f} ms"
+    return f"ERROR {record['job']}: {record['error']}"
+
+
+def _scores(results, path):
+    return {(r["model"], r["m"], r["n"]): r for r in results["records"]
+            if r["kind"] == "score" and r["path"] == path}
+
+
+def headline(results):
+    """The issue's goals as measured ratios (None where a figure is missing)."""
+    config = results["config"]
+    m, n = max(config["m_values"]), max(config["n_values"])
+    lines = []
+    for path in config["paths"]:
+        scores = _scores(results, path)
+        ifa = scores.get((HEADLINE_MODEL, m, n))
+        if ifa is None:
+            continue
+        lines.append(f"- **{path}**, m = {m:,}, n = {n:,}: IFA {ifa['median_ms']:.1f} ms.")
+        for other in ("din_full", "twin", "sim_soft", "avg_pooling"):
+            record = scores.get((other, m, n))
+            if record:
+                lines.append(f"  - {other}: {record['median_ms']:.1f} ms, IFA is "
+                             f"{record['median_ms'] / ifa['median_ms']:.2f}x faster "
+                             f"(IFA / {other} = {ifa['median_ms'] / record['median_ms']:.2f})")
+        base = scores.get(("avg_pooling", m, n))
+        if base and base["peak_memory_mb"] > 0:
+            lines.append(f"  - peak memory: IFA +{ifa['peak_memory_mb']:.0f} MB, avg_pooling "
+                         f"+{base['peak_memory_mb']:.0f} MB, ratio "
+                         f"{ifa['peak_memory_mb'] / base['peak_memory_mb']:.2f}")
+        mid_m = sorted(config["m_values"])[len(config["m_values"]) // 2]
+        small_n = sorted(config["n_values"])[len(config["n_values"]) // 2]
+        low, high = scores.get((HEADLINE_MODEL, mid_m, small_n)), scores.get(
+            (HEADLINE_MODEL, mid_m, n))
+        if low and high and small_n != n:
+            lines.append(f"  - IFA at m = {mid_m:,}: n = {small_n:,} -> {n:,} grows time "
+                         f"{high['median_ms'] / low['median_ms']:.2f}x")
+    attention = [r for r in results["records"] if r["kind"] == "attention"]
+    if attention:
+        record, machine = attention[0], results["machine"]
+        compute_floor = record["flops"] / (machine["matmul_gflops"] * 1e9) * 1e3
+        memory_floor = record["bytes"] / (machine["memory_bandwidth_gbs"] * 1e9) * 1e3
+        floor = max(compute_floor, memory_floor)
+        lines.append(
+            f"- IFA attention module (`NormalizedLinearAttention`, m = {record['m']:,}, "
+            f"n = {record['n']:,}, d = {record['depth']}, {record['heads']} heads x "
+            f"{record['key_dim']}): {record['flops'] / 1e6:.0f} MFLOP, {record['median_ms']:.2f}"
+            f" ms; floor {floor:.2f} ms (compute {compute_floor:.2f} ms at "
+            f"{machine['matmul_gflops']:.0f} GFLOP/s, memory {memory_floor:.2f} ms at "
+            f"{machine['memory_bandwidth_gbs']:.1f} GB/s): {record['median_ms'] / floor:.2f}x "
+            "the floor")
+    return lines
+
+
+def write(results, output_dir):
+    config = results["config"]
+    machine = results["machine"]
+    shapes = [(m, n) for m in config["m_values"] for n in config["n_values"]]
+    out = [
+        "# ifa-bench results",
+        "",
+        f"Commit `{results['commit']}`, started {results['started']}, wall time "
+        f"{results['wall_time_s']:.0f} s. Machine: {machine['platform']}, "
+        f"{machine['cpu_count']} CPUs, matmul {machine['matmul_gflops']:.0f} GFLOP/s (float32), "
+        f"memory bandwidth {machine['memory_bandwidth_gbs']:.1f} GB/s.",
+        "",
+        "Produced by `ifa-bench --output_dir=" + output_dir + "` (see `ifa-bench --help`); "
+        "every model at its zoo defaults (default schema, k = 100), one request (B = 1), "
+        f"{config['warmup']} warm-up and {config['repeats']} timed calls per shape; median "
+        "(p10-p90) milliseconds. Peak memory: growth of the process's peak RSS while scoring "
+        "(fresh process per model and path).",
+        "",
+        "## Headline",
+        "",
+        *headline(results),
+    ]
+    for path in config["paths"]:
+        scores = _scores(results, path)
+        out += ["", f"## Scoring latency through the {path.replace('_', ' ')} (ms)", "",
+                "| model | " + " | ".join(f"m={m:,} n={n:,}" for m, n in shapes) + " |",
+                "|---" * (len(shapes) + 1) + "|"]
+        for model in sorted({k[0] for k in scores}):
+            cells = []
+            for m, n in shapes:
+                r = scores.get((model, m, n))
+                cells.append("—" if r is None else
+                             f"{r['median_ms']:.1f} ({r['p10_ms']:.1f}-{r['p90_ms']:.1f})")
+            out.append(f"| {model} | " + " | ".join(cells) + " |")
+        out += ["", f"Peak memory growth (MB) through the {path.replace('_', ' ')}:", "",
+                "| model | " + " | ".join(f"m={m:,} n={n:,}" for m, n in shapes) + " |",
+                "|---" * (len(shapes) + 1) + "|"]
+        for model in sorted({k[0] for k in scores}):
+            cells = [("—" if (model, m, n) not in scores else
+                      f"{scores[(model, m, n)]['peak_memory_mb']:.0f}") for m, n in shapes]
+            out.append(f"| {model} | " + " | ".join(cells) + " |")
+        _plot(scores, config, path, output_dir)
+        out += ["", f"![time vs n](time_vs_n_{path}.png)",
+                f"![per-candidate cost vs m](per_candidate_vs_m_{path}.png)"]
+    train = [r for r in results["records"] if r["kind"] == "train"]
+    if train:
+        out += ["", f"## Training throughput (B = {config['train_batch_size']}, "
+                f"m = {config['train_m']:,}, n = {config['train_n']:,}, `train_on_batch`)", "",
+                "| model | step ms (p10-p90) | requests/s |", "|---|---|---|"]
+        for r in sorted(train, key=lambda r: r["model"]):
+            out.append(f"| {r['model']} | {r['median_ms']:.1f} ({r['p10_ms']:.1f}-"
+                       f"{r['p90_ms']:.1f}) | {r['requests_per_s']:.1f} |")
+    errors = [r for r in results["records"] if r["kind"] == "error"]
+    if errors:
+        out += ["", "## Jobs that failed", ""] + [f"- {r['job']}: {r['error']}" for r in errors]
+    with open(os.path.join(output_dir, "results.md"), "w") as f:
+        f.write("\n".join(out) + "\n")
+
+
+def _plot(scores, config, path, output_dir):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted({k[0] for k in scores})
+    for name, outer, inner, per_candidate in (
+            (f"time_vs_n_{path}.png", "m_values", "n_values", False),
+            (f"per_candidate_vs_m_{path}.png", "n_values", "m_values", True)):
+        fixed_values = config[outer]
+        fig, axes = plt.subplots(1, len(fixed_values), figsize=(5 * len(fixed_values), 4),
+                                 squeeze=False)
+        for ax, fixed in zip(axes[0], fixed_values):
+            for model in models:
+                xs, ys = [], []
+                for x in config[inner]:
+                    key = (model, fixed, x) if outer == "m_values" else (model, x, fixed)
+                    if key in scores:
+                        m = key[1]
+                        ys.append(scores[key]["median_ms"] * (1e3 / m if per_candidate else 1))
+                        xs.append(x)
+                if xs:
+                    ax.loglog(xs, ys, marker="o", label=model,
+                              linewidth=2.5 if model == HEADLINE_MODEL else 1)
+            label = "m" if outer == "m_values" else "n"
+            ax.set_title(f"{path}: {label} = {fixed:,}")
+            ax.set_xlabel("n (sequence length)" if not per_candidate else "m (candidates)")
+            ax.set_ylabel("µs per candidate" if per_candidate else "ms per request")
+            ax.grid(True, which="both", alpha=0.3)
+        axes[0][-1].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(os.path.join(output_dir, name), dpi=90)
+        plt.close(fig)

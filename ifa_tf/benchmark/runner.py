@@ -1,0 +1,127 @@
+"""Runs the benchmark jobs, each in a fresh process, and writes JSON, Markdown and plots."""
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+
+from ifa_tf.benchmark import machine, report
+
+PATHS = ("keras", "saved_model")
+
+
+@dataclasses.dataclass
+class BenchConfig:
+    """What `ifa-bench` measures. Every field has a flag of the same name."""
+
+    output_dir: str = "benchmarks/results/ifa_bench"
+    models: tuple = ()  # empty: every registered model
+    paths: tuple = PATHS
+    m_values: tuple = (100, 1_000, 10_000)
+    n_values: tuple = (100, 1_000, 10_000)
+    repeats: int = 5
+    warmup: int = 2
+    train_batch_size: int = 32
+    train_m: int = 200
+    train_n: int = 1_000
+    train_repeats: int = 5
+    job_timeout_s: int = 1_800
+
+    def __post_init__(self):
+        unknown = sorted(set(self.paths) - set(PATHS))
+        if unknown:
+            raise ValueError(f"Unknown paths {unknown}. Valid paths: {list(PATHS)}")
+        for field in ("m_values", "n_values"):
+            values = getattr(self, field)
+            if not values or any(int(v) < 1 for v in values):
+                raise ValueError(f"`{field}` must be positive sizes. Received: {values!r}")
+        if self.repeats < 1 or self.warmup < 0:
+            raise ValueError(f"`repeats` must be >= 1 and `warmup` >= 0. Received: "
+                             f"repeats={self.repeats}, warmup={self.warmup}")
+
+
+def jobs(config, models, export_base):
+    shapes = [[m, n] for m in config.m_values for n in config.n_values]
+    for model in models:
+        for path in config.paths:
+            job = {"kind": "score", "model": model, "path": path, "shapes": shapes,
+                   "repeats": config.repeats, "warmup": config.warmup}
+            if path == "saved_model":  # exported by a job of its own, so its memory isn't ours
+                yield {"kind": "export", "model": model,
+                       "export_base": os.path.join(export_base, model)}
+                job["export_dir"] = os.path.join(export_base, model, "1")
+            yield job
+    for model in models:
+        yield {"kind": "train", "model": model, "m": config.train_m, "n": config.train_n,
+               "batch_size": config.train_batch_size, "repeats": config.train_repeats,
+               "warmup": 2}
+    largest_m, largest_n = max(config.m_values), max(config.n_values)
+    yield {"kind": "attention", "m": largest_m, "n": largest_n, "depth": 48, "heads": 2,
+           "key_dim": 16, "repeats": max(config.repeats, 10), "warmup": config.warmup}
+
+
+def run_job(job, timeout_s):
+    """Runs one job in a subprocess; a crash or timeout becomes an error record."""
+    command = [sys.executable, "-m", "ifa_tf.benchmark.worker", json.dumps(job)]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s,
+                              env=env)
+    except subprocess.TimeoutExpired as e:
+        lines, error = (e.stdout or b"").decode().splitlines(), f"timed out after {timeout_s} s"
+    else:
+        lines = done.stdout.splitlines()
+        error = None if done.returncode == 0 else (
+            f"exit {done.returncode}: " + " | ".join(done.stderr.strip().splitlines()[-3:]))
+    records = [json.loads(line) for line in lines if line.startswith("{")]
+    if error:
+        records.append({"kind": "error", "job": {k: v for k, v in job.items()
+                                                 if k not in ("shapes",)}, "error": error})
+    return records
+
+
+def run_benchmark(config, log=print):
+    import ifa_tf
+
+    models = list(config.models) or ifa_tf.zoo.list_models()
+    unknown = sorted(set(models) - set(ifa_tf.zoo.list_models()))
+    if unknown:
+        raise ValueError(f"Unknown models {unknown}. Registered: {ifa_tf.zoo.list_models()}")
+    started = datetime.datetime.now(datetime.timezone.utc)
+    log("measuring this machine's matmul throughput and memory bandwidth")
+    results = {
+        "config": dataclasses.asdict(config),
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "cpu_count": os.cpu_count(), "matmul_gflops": machine.matmul_gflops(),
+                    "memory_bandwidth_gbs": machine.memory_bandwidth_gbs()},
+        "commit": _commit(),
+        "started": started.isoformat(timespec="seconds"),
+        "records": [],
+    }
+    with tempfile.TemporaryDirectory() as export_base:
+        for job in jobs(config, models, export_base):
+            label = " ".join(str(job.get(k)) for k in ("kind", "model", "path") if job.get(k))
+            log(f"running {label}")
+            for record in run_job(job, config.job_timeout_s):
+                if record["kind"] != "export":
+                    results["records"].append(record)
+                    log("  " + report.describe(record))
+    results["wall_time_s"] = round(
+        (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds(), 1)
+    os.makedirs(config.output_dir, exist_ok=True)
+    with open(os.path.join(config.output_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    report.write(results, config.output_dir)
+    return results
+
+
+def _commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"

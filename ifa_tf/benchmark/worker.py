@@ -1,0 +1,140 @@
+"""One benchmark job in its own process, so that its peak memory is its own.
+
+    python -m ifa_tf.benchmark.worker '<job as JSON>'
+
+prints one JSON record per measurement, one per line.
+"""
+
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+
+def time_callable(fn, repeats, warmup):
+    """Runs `fn` `warmup` times, then `repeats` timed times; milliseconds."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    samples = np.asarray(samples)
+    return {"median_ms": float(np.median(samples)), "p10_ms": float(np.percentile(samples, 10)),
+            "p90_ms": float(np.percentile(samples, 90)), "min_ms": float(samples.min()),
+            "repeats": int(repeats)}
+
+
+def _status_mb(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024.0
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def reset_peak_rss():
+    """Resets the process's peak RSS (Linux >= 4.0), so start-up peaks are not counted.
+    Returns the current RSS in MB, the baseline of later peaks."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_mb("VmRSS")
+
+
+def peak_rss_mb():
+    return _status_mb("VmHWM")
+
+
+def scoring_function(job):
+    """A callable features -> outputs: the Keras model, or the exported SavedModel's
+    `serving_default` loaded alone, as a server would."""
+    import tensorflow as tf
+
+    import ifa_tf
+
+    if job["path"] == "keras":
+        model = ifa_tf.zoo.build(job["model"])
+        call = tf.function(lambda features: model(features, training=False),
+                           reduce_retracing=True)
+        return lambda features: call(features)["score"].numpy()
+    serving = tf.saved_model.load(job["export_dir"]).signatures["serving_default"]
+    return lambda features: serving(**features)["ranked_item_ids"].numpy()
+
+
+def export_job(job):
+    import ifa_tf
+    from ifa_tf.export import export_saved_model
+
+    export_dir = export_saved_model(ifa_tf.zoo.build(job["model"]), job["export_base"],
+                                    version=1)
+    yield {"kind": "export", "model": job["model"], "export_dir": str(export_dir)}
+
+
+def score_job(job):
+    import tensorflow as tf
+
+    import ifa_tf
+    from ifa_tf.benchmark.requests import random_request
+
+    schema = ifa_tf.default_schema()
+    score = scoring_function(job)
+    baseline = reset_peak_rss()
+    for m, n in sorted(job["shapes"], key=lambda s: s[0] * s[1]):
+        features = {k: tf.constant(v) for k, v in random_request(schema, m, n).items()}
+        timing = time_callable(lambda: score(features), job["repeats"], job["warmup"])
+        yield {"kind": "score", "model": job["model"], "path": job["path"], "m": m, "n": n,
+               **timing, "peak_memory_mb": peak_rss_mb() - baseline}
+
+
+def train_job(job):
+    import ifa_tf
+    from ifa_tf.benchmark.requests import random_labels, random_request
+
+    schema = ifa_tf.default_schema()
+    model = ifa_tf.zoo.build(job["model"], schema=schema)
+    model.compile()
+    batch, m, n = job["batch_size"], job["m"], job["n"]
+    features = random_request(schema, m, n, batch=batch)
+    labels = random_labels(schema, batch, m)
+    timing = time_callable(lambda: model.train_on_batch(features, labels), job["repeats"],
+                           job["warmup"])
+    yield {"kind": "train", "model": job["model"], "m": m, "n": n, "batch_size": batch,
+           **timing, "requests_per_s": batch / (timing["median_ms"] / 1e3)}
+
+
+def attention_job(job):
+    import tensorflow as tf
+
+    from ifa_tf.benchmark.flops import linear_attention_bytes, linear_attention_flops
+    from ifa_tf.layers import NormalizedLinearAttention
+
+    m, n, depth, heads, key_dim = job["m"], job["n"], job["depth"], job["heads"], job["key_dim"]
+    layer = NormalizedLinearAttention(heads, key_dim)
+    rng = np.random.default_rng(0)
+    query = tf.constant(rng.normal(size=(1, m, depth)), tf.float32)
+    key = tf.constant(rng.normal(size=(1, n, depth)), tf.float32)
+    mask = tf.ones((1, n), tf.bool)
+    call = tf.function(lambda q, k, mk: layer(q, k, key_mask=mk))
+    timing = time_callable(lambda: call(query, key, mask).numpy(), job["repeats"],
+                           job["warmup"])
+    weights = sum(int(np.prod(w.shape)) for w in layer.weights)
+    flops = linear_attention_flops(m, n, depth, depth, depth, heads, key_dim, key_dim, depth)
+    moved = linear_attention_bytes(m, n, depth, depth, depth, weights)
+    yield {"kind": "attention", "m": m, "n": n, "depth": depth, "heads": heads,
+           "key_dim": key_dim, **timing, "flops": flops, "bytes": moved}
+
+
+JOBS = {"export": export_job, "score": score_job, "train": train_job, "attention": attention_job}
+
+
+def main(argv):
+    job = json.loads(argv[1])
+    for record in JOBS[job["kind"]](job):
+        print(json.dumps(record), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv)

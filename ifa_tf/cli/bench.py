@@ -1,0 +1,39 @@
+"""ifa-bench: latency, memory and throughput of every zoo model; see ifa_tf.benchmark."""
+
+import dataclasses
+
+from absl import app, flags
+
+from ifa_tf.benchmark.runner import PATHS, BenchConfig, run_benchmark
+
+_DEFAULTS = BenchConfig()
+flags.DEFINE_string("output_dir", _DEFAULTS.output_dir, "Where results.json/.md and plots go.")
+flags.DEFINE_list("models", [], "Models to time (default: every registered model).")
+flags.DEFINE_list("paths", list(PATHS), "Scoring paths: keras, saved_model.")
+flags.DEFINE_list("m_values", [str(v) for v in _DEFAULTS.m_values], "Candidate-set sizes.")
+flags.DEFINE_list("n_values", [str(v) for v in _DEFAULTS.n_values], "Sequence lengths.")
+flags.DEFINE_integer("repeats", _DEFAULTS.repeats, "Timed calls per shape.")
+flags.DEFINE_integer("warmup", _DEFAULTS.warmup, "Untimed calls per shape first.")
+flags.DEFINE_integer("train_batch_size", _DEFAULTS.train_batch_size, "Training batch size.")
+flags.DEFINE_integer("train_m", _DEFAULTS.train_m, "Candidates per training request.")
+flags.DEFINE_integer("train_n", _DEFAULTS.train_n, "Sequence length of training requests.")
+flags.DEFINE_integer("train_repeats", _DEFAULTS.train_repeats, "Timed training steps.")
+flags.DEFINE_integer("job_timeout_s", _DEFAULTS.job_timeout_s, "Limit per model and path.")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    values = {}
+    for field in dataclasses.fields(BenchConfig):
+        value = flags.FLAGS[field.name].value
+        if field.name in ("m_values", "n_values"):
+            value = tuple(int(v) for v in value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        values[field.name] = value
+    run_benchmark(BenchConfig(**values))
+
+
+def run():
+    app.run(main)

@@ -1,0 +1,60 @@
+"""ifa-bench's own logic: configuration checks, FLOP counting, error capture, the report."""
+
+import json
+import os
+
+import pytest
+
+from ifa_tf.benchmark import flops, report, runner
+
+
+def test_bench_config_rejects_bad_values():
+    with pytest.raises(ValueError, match=r"Unknown paths \['grpc'\]"):
+        runner.BenchConfig(paths=("keras", "grpc"))
+    with pytest.raises(ValueError, match="m_values"):
+        runner.BenchConfig(m_values=(0,))
+    with pytest.raises(ValueError, match="repeats=0"):
+        runner.BenchConfig(repeats=0)
+
+
+def test_linear_attention_flops_counts_every_product():
+    m, n, d, h, c = 7, 11, 6, 2, 3
+    counted = flops.linear_attention_flops(m, n, d, d, d, h, c, c, d)
+    # Products written out one by one (multiply-add = 2): Q, K, V, output projections;
+    # phi(K)^T V; phi(Q)(phi(K)^T V); phi(Q)(phi(K)^T 1); plus elementwise terms.
+    matmuls = 2 * (m * d * h * c + 2 * n * d * h * c + m * h * c * d
+                   + n * h * c * c + m * h * c * c + m * h * c)
+    elementwise = (m + 3 * n) * h * c + n * h * c + m * h * c
+    assert counted == matmuls + elementwise
+
+
+def test_run_job_turns_a_crash_into_an_error_record():
+    records = runner.run_job({"kind": "score", "model": "no_such_model", "path": "keras",
+                              "shapes": [[1, 1]], "repeats": 1, "warmup": 0}, timeout_s=120)
+    assert records[-1]["kind"] == "error"
+    assert "no_such_model" in records[-1]["error"]
+
+
+def test_report_headline_and_tables(tmp_path):
+    config = runner.BenchConfig(output_dir=str(tmp_path), models=("ifa", "avg_pooling"),
+                                paths=("keras",), m_values=(10, 100), n_values=(10, 100))
+    records = []
+    for model, scale in (("ifa", 1.0), ("avg_pooling", 0.8)):
+        for m in (10, 100):
+            for n in (10, 100):
+                records.append({"kind": "score", "model": model, "path": "keras", "m": m,
+                                "n": n, "median_ms": scale * (1 + m / 10 + n / 100),
+                                "p10_ms": 1.0, "p90_ms": 2.0, "min_ms": 1.0, "repeats": 3,
+                                "peak_memory_mb": 10 * scale})
+    results = {"config": vars(config), "records": records, "commit": "abc", "started": "t",
+               "wall_time_s": 1.0, "machine": {"platform": "p", "cpu_count": 2,
+                                               "matmul_gflops": 100.0,
+                                               "memory_bandwidth_gbs": 10.0}}
+    lines = report.headline(json.loads(json.dumps(results)))
+    assert "IFA 12.0 ms" in lines[0]
+    assert any("avg_pooling: 9.6 ms, IFA is 0.80x faster" in line for line in lines)
+    assert any("ratio 1.25" in line for line in lines)
+    report.write(results, str(tmp_path))
+    text = (tmp_path / "results.md").read_text()
+    assert "| ifa | 2.1 (1.0-2.0) | 3.0 (1.0-2.0) | 11.1 (1.0-2.0) | 12.0 (1.0-2.0) |" in text
+    assert os.path.exists(tmp_path / "time_vs_n_keras.png")
