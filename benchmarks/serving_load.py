@@ -170,6 +170,7 @@ def main(argv):
     from ifa_tf.serving import connect
 
     shapes = [tuple(int(d) for d in shape.split("x")) for shape in FLAGS.shapes]
+    load_before = os.getloadavg()[0]  # other work on the machine skews every figure
     process = None
     target = FLAGS.target
     with tempfile.TemporaryDirectory() as workdir:
@@ -199,14 +200,16 @@ def main(argv):
               "server": "ifa-serve" if not FLAGS.target else FLAGS.target,
               "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
                          f"{len(tf.config.list_physical_devices('GPU'))} GPU",
-              "tensorflow": tf.__version__, "results": rows}
+              "load_average_1min_before": load_before, "tensorflow": tf.__version__,
+              "results": rows}
     if FLAGS.output_json:
         with open(FLAGS.output_json, "w") as f:
             json.dump(report, f, indent=2)
     if FLAGS.markdown:
-        print(f"\nModel `{FLAGS.model}`, {FLAGS.protocol}, {report['machine']}, "
-              f"TF {tf.__version__}, {FLAGS.clients} concurrent clients, "
-              f"{FLAGS.duration_s:g} s per shape, batch {FLAGS.batch_size}:\n")
+        print(f"\nModel `{FLAGS.model}`, {FLAGS.protocol}, {report['machine']} (1-min load "
+              f"average {load_before:.1f} before the run), TF {tf.__version__}, "
+              f"{FLAGS.clients} concurrent clients, {FLAGS.duration_s:g} s per shape, "
+              f"batch {FLAGS.batch_size}:\n")
         print("| m | n | requests/s | p50 ms | p99 ms | requests | errors |")
         print("|---:|---:|---:|---:|---:|---:|---:|")
         for row in rows:
