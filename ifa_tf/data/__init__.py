@@ -10,6 +10,7 @@ simulator and the interaction-log converter.
   demand, since it imports tensorflow_datasets).
 """
 
+from ifa_tf.data.log_converter import LogConfig, convert_log, convert_movielens_100k
 from ifa_tf.data.pipeline import make_dataset
 from ifa_tf.data.records import (METADATA_FILENAME, DataFormatError, ShardedWriter,
                                  decode_example, encode_example, read_metadata,

@@ -114,7 +114,7 @@ class LogConfig:
             raise ValueError("LogConfig: the log has an action column, so actions= must map "
                              "its values to tasks (e.g. 'pv:click,fav:like' or "
                              "'>=4:click,>=5:like').")
-        self.action_rules  # validates the spec
+        ActionRules.parse(self.actions)  # a bad spec fails here, not mid-conversion
 
     @property
     def action_rules(self):
@@ -155,9 +155,8 @@ class ActionRules:
                                  f"to action tasks only. Received: actions={spec!r}")
             tasks.extend(t for t in entry_tasks if t not in tasks)
             entries.append((value, entry_tasks))
-        ordered = tuple(sorted(tasks, key=lambda t: (t not in _KNOWN_ACTION_BITS,
-                                                     list(_KNOWN_ACTION_BITS).index(t)
-                                                     if t in _KNOWN_ACTION_BITS else 0)))
+        ordered = tuple([t for t in _KNOWN_ACTION_BITS if t in tasks]
+                        + [t for t in tasks if t not in _KNOWN_ACTION_BITS])
         literals, comparisons = {}, []
         for value, entry_tasks in entries:
             bits = 0

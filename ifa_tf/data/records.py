@@ -315,6 +315,4 @@ def _json_default(value):
         return float(value)
     if isinstance(value, np.ndarray):
         return value.tolist()
-    if isinstance(value, tuple):
-        return list(value)
     raise TypeError(f"Cannot write {type(value).__name__} into metadata.json")

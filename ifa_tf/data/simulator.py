@@ -238,7 +238,9 @@ class Simulator:
             author[members] = authors[pick]
         popularity = 1.0 / rng.permutation(np.arange(1, num_items + 1)) ** 0.9
 
-        pad = lambda values, fill=0: np.concatenate([[fill], values])  # noqa: E731
+        def pad(values, fill=0):
+            return np.concatenate([[fill], values])
+
         self.item_topic = pad(topic + 1)
         self.item_category = pad(category)
         self.item_author = pad(author)
