@@ -2,6 +2,8 @@
 own files included), version policies, polling, failed loads, options validation."""
 
 import os
+import threading
+import time
 
 import grpc
 import keras
@@ -12,12 +14,12 @@ import yaml
 import ifa_tf
 from ifa_tf import export
 from ifa_tf.schema import FeatureSchema
-from ifa_tf.serving import errors
+from ifa_tf.serving import GrpcClient, ServingError, errors
 from ifa_tf.serving.client import Ranking
-from ifa_tf.serving.model_manager import (Limits, ModelConfig, ModelManager, State,
+from ifa_tf.serving.model_manager import (Limits, ModelConfig, ModelManager, Signature, State,
                                           read_model_config_file)
 from ifa_tf.serving.query import format_ranking
-from ifa_tf.serving.server import ServerOptions
+from ifa_tf.serving.server import ModelServer, ServerOptions
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCHEMA = FeatureSchema(embedding_buckets={"user_id": 7, "item_id": 11, "category_id": 5,
@@ -133,3 +135,38 @@ def test_format_ranking_lists_the_top_candidates():
     assert lines[1].split() == ["rank", "item_id", "score", "impression", "click"]
     assert lines[2].split() == ["1", "7", "0.900000", "0.950000", "0.900000"]
     assert len(lines) == 3
+
+
+def test_stop_lets_in_flight_requests_finish_and_refuses_new_ones(tiny_model, tmp_path,
+                                                                  monkeypatch):
+    """What SIGTERM runs: a request already executing completes; later ones are refused."""
+    export.export_saved_model(tiny_model, tmp_path / "m", schema=SCHEMA, warmup_shapes=())
+    server = ModelServer(ServerOptions(model_name="m", model_base_path=str(tmp_path / "m"),
+                                       port=0, file_system_poll_wait_seconds=0)).start()
+    started = threading.Event()
+    original_run = Signature.run
+
+    def slow_run(self, *args, **kwargs):
+        started.set()
+        time.sleep(1.0)
+        return original_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(Signature, "run", slow_run)
+    features = export.random_features(export.serving_specs(tiny_model), 1, 5, 7)
+    target = f"127.0.0.1:{server.grpc_port}"
+    outcome = {}
+
+    def query():
+        with GrpcClient(target, "m", timeout=30) as client:
+            outcome["rankings"] = client.rank(features)
+
+    thread = threading.Thread(target=query)
+    thread.start()
+    assert started.wait(30)
+    server.stop()
+    thread.join()
+    assert len(outcome["rankings"]) == 1 and len(outcome["rankings"][0].item_ids) > 0
+    with GrpcClient(target, "m", timeout=5) as client:
+        with pytest.raises(ServingError) as raised:
+            client.rank(features)
+    assert raised.value.code == grpc.StatusCode.UNAVAILABLE
