@@ -305,8 +305,11 @@ def test_export_cli_function_round_trips_a_keras_file(exported, tmp_path):
     model_dir = tmp_path / "run"
     model_dir.mkdir()
     model.save(model_dir / "model.keras")
+    (model_dir / "schema.json").write_text(SCHEMA.to_json())
     export_dir = export_cli.export_model(str(model_dir), str(tmp_path / "serving" / "ifa"))
     assert export_dir.endswith(os.path.join("serving", "ifa", "1"))
+    # The schema beside the model is the one recorded (buckets included, unlike inference).
+    assert FeatureSchema.from_dict(export.read_metadata(export_dir)["schema"]) == SCHEMA
     signature = tf.saved_model.load(export_dir).signatures[export.SIGNATURE_NAME]
     features = make_features(2, 6, 11, seed=3)
     outputs = signature(**{k: tf.constant(v) for k, v in features.items()})

@@ -6,8 +6,8 @@ writes `/models/ifa/<N>/` (the next version when --version is omitted) and print
 """
 
 import glob
-import importlib
 import os
+import sys
 
 from absl import app, flags
 
@@ -23,7 +23,8 @@ def define_flags(flag_values=flags.FLAGS):
     flags.DEFINE_integer("version", None, "Version to write; default: one more than the highest.",
                          flag_values=f)
     flags.DEFINE_string("schema", None,
-                        "FeatureSchema JSON the model was built for; default: read off the model.",
+                        "FeatureSchema JSON the model was built for; default: schema.json beside "
+                        "the .keras file if there is one, else read off the model.",
                         flag_values=f)
     flags.DEFINE_string("model_name", None,
                         "Name recorded in the export metadata; default: basename of export_base.",
@@ -32,6 +33,7 @@ def define_flags(flag_values=flags.FLAGS):
 
 
 FLAGS = flags.FLAGS
+SCHEMA_FILE = "schema.json"
 
 
 
@@ -55,22 +57,25 @@ def load_model(path):
     """Loads a `.keras` file with ifa_tf's layers and models registered."""
     import keras
 
-    for module in ("ifa_tf.zoo", "ifa_tf.layers"):
-        try:
-            importlib.import_module(module)
-            break
-        except ModuleNotFoundError as error:
-            if error.name != module:
-                raise
+    import ifa_tf  # noqa: F401 (registers the layers and models under package "ifa_tf")
+
     return keras.saving.load_model(path, compile=False)
 
 
 def export_model(model_dir, export_base, version=None, schema=None, model_name=None):
-    """Loads the model of `model_dir` and exports it; returns the version directory."""
+    """Loads the model of `model_dir` and exports it; returns the version directory.
+
+    `schema` (a FeatureSchema, dict or JSON path) defaults to `schema.json` beside the
+    `.keras` file, else to the schema read off the model's inputs and outputs.
+    """
     from ifa_tf import export
     from ifa_tf.schema import resolve_schema
 
-    model = load_model(find_keras_file(model_dir))
+    keras_file = find_keras_file(model_dir)
+    if schema is None:
+        beside = os.path.join(os.path.dirname(keras_file), SCHEMA_FILE)
+        schema = beside if os.path.isfile(beside) else None
+    model = load_model(keras_file)
     return export.export_saved_model(
         model, export_base, version=version,
         schema=resolve_schema(schema) if schema else None, model_name=model_name)
@@ -83,7 +88,7 @@ def main(argv):
         path = export_model(FLAGS.model_dir, FLAGS.export_base, FLAGS.version, FLAGS.schema,
                             FLAGS.model_name)
     except (FileExistsError, FileNotFoundError, ValueError) as error:
-        raise app.UsageError(str(error)) from error
+        sys.exit(f"ifa-export: {error}")
     print(path)
 
 
