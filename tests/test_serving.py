@@ -117,7 +117,8 @@ model_config_list {{
              f"--rest_api_port={self.rest_port}", f"--model_config_file={self.config_file}",
              "--file_system_poll_wait_seconds=0.2", f"--max_candidates={MAX_CANDIDATES}",
              f"--max_sequence_length={MAX_SEQUENCE_LENGTH}",
-             f"--max_request_bytes={MAX_REQUEST_BYTES}", "--grpc_max_threads=8"],
+             f"--max_request_bytes={MAX_REQUEST_BYTES}", "--grpc_max_threads=8",
+             f"--monitoring_config_file={os.path.join(REPO, 'serving', 'monitoring.config')}"],
             stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO)
         self.target = f"127.0.0.1:{self.port}"
         self.rest_target = f"127.0.0.1:{self.rest_port}"
@@ -396,6 +397,43 @@ def test_rest_errors(server):
     status, body = rest(server, "/v1/models/ifa:predict", {"inputs": columnar,
                                                            "instances": []})
     assert status == 400 and "only have one of" in body["error"]
+
+
+def prometheus_samples(server):
+    """`{series: value}` scraped from the metrics path of the kit's monitoring.config."""
+    url = f"http://{server.rest_target}/monitoring/prometheus/metrics"
+    with urllib.request.urlopen(url, timeout=30) as response:
+        assert response.headers["Content-Type"].startswith("text/plain")
+        text = response.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            series, value = line.rsplit(" ", 1)
+            samples[series] = float(value)
+    return samples
+
+
+def test_prometheus_metrics_count_and_time_predict_calls(server):
+    ok = ':tensorflow:serving:request_count{model_name="ifa",status="OK"}'
+    not_found = ':tensorflow:serving:request_count{model_name="nope",status="NOT_FOUND"}'
+    grpc_count = (':tensorflow:serving:request_latency_count{model_name="ifa",API="Predict",'
+                  'entrypoint="GRPC"}')
+    rest_count = grpc_count.replace("GRPC", "REST")
+    before = prometheus_samples(server)
+    features = make_features(1, 5, 9, seed=12)
+    server.predict_stub.Predict(predict_request(features), timeout=30)
+    with pytest.raises(grpc.RpcError):
+        server.predict_stub.Predict(predict_request(features, name="nope"), timeout=30)
+    status, _ = rest(server, "/v1/models/ifa:predict",
+                     {"inputs": {k: v.tolist() for k, v in features.items()}})
+    assert status == 200
+    after = prometheus_samples(server)
+    assert after[ok] - before.get(ok, 0) == 2
+    assert after[not_found] - before.get(not_found, 0) == 1
+    assert after[grpc_count] - before.get(grpc_count, 0) == 1
+    assert after[rest_count] - before.get(rest_count, 0) == 1
+    infinity_bucket = rest_count.replace("_count{", "_bucket{").replace('"}', '",le="+Inf"}')
+    assert after[infinity_bucket] == after[rest_count]
 
 
 # -------------------------------------------------------------------------------- client

@@ -18,6 +18,7 @@ from ifa_tf.serving import GrpcClient, ServingError, errors
 from ifa_tf.serving.client import Ranking
 from ifa_tf.serving.model_manager import (Limits, ModelConfig, ModelManager, Signature, State,
                                           read_model_config_file)
+from ifa_tf.serving.metrics import read_monitoring_config
 from ifa_tf.serving.query import format_ranking
 from ifa_tf.serving.server import ModelServer, ServerOptions
 
@@ -76,6 +77,19 @@ def test_models_config_errors(tmp_path, text, message):
     path.write_text(text)
     with pytest.raises(ValueError, match=message):
         read_model_config_file(path)
+
+
+def test_monitoring_config(tmp_path):
+    assert read_monitoring_config(os.path.join(REPO, "serving", "monitoring.config")) == (
+        "/monitoring/prometheus/metrics")
+    path = tmp_path / "monitoring.config"
+    path.write_text("prometheus_config { enable: false }")
+    assert read_monitoring_config(path) is None
+    path.write_text("prometheus_config { enable: true }")
+    assert read_monitoring_config(path) == "/monitoring/prometheus/metrics"
+    path.write_text("logging_config {}")
+    with pytest.raises(ValueError, match="prometheus_config"):
+        read_monitoring_config(path)
 
 
 def test_server_options_are_validated():

@@ -50,6 +50,9 @@ def define_flags(flag_values=flags.FLAGS):
                          "Longest behaviour sequence n per request; 0: no limit.", flag_values=f)
     flags.DEFINE_integer("max_num_load_retries", 5, "Retries of a version that fails to load.",
                          flag_values=f)
+    flags.DEFINE_string("monitoring_config_file", "",
+                        "TF Serving monitoring config; with prometheus_config enabled, the REST "
+                        "port serves Prometheus metrics at its path.", flag_values=f)
     flags.DEFINE_float("shutdown_grace_seconds", 30.0,
                        "How long SIGTERM waits for in-flight requests.", flag_values=f)
     flags.DEFINE_integer("tensorflow_intra_op_parallelism", 0,

@@ -1,6 +1,7 @@
 """TF Serving's gRPC services over a `ModelManager`: PredictionService and ModelService."""
 
 import logging
+import time
 
 import grpc
 import tensorflow as tf
@@ -74,17 +75,26 @@ def get_model_status(manager, request):
     return response
 
 
-def _unary(method):
-    """Turns `ServingError` into the call's status; anything else into INTERNAL."""
+def _unary(method, api=None):
+    """Turns `ServingError` into the call's status, anything else into INTERNAL; counts and
+    times the calls of `api` in the servicer's metrics."""
 
     def handler(self, request, context):
+        began = time.perf_counter()
+        status = grpc.StatusCode.OK
         try:
             return method(self.manager, request)
         except errors.ServingError as error:
+            status = error.code
             context.abort(error.code, error.message)
         except Exception as error:  # never leak a stack trace as an UNKNOWN status
+            status = grpc.StatusCode.INTERNAL
             _LOG.exception("Unexpected error in %s", method.__name__)
             context.abort(grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}")
+        finally:
+            if api is not None and self.metrics is not None:
+                self.metrics.record(request.model_spec.name, api, "GRPC", status.name,
+                                    time.perf_counter() - began)
 
     handler.__name__ = method.__name__
     return handler
@@ -94,10 +104,11 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
     """`Predict` and `GetModelMetadata`; Classify, Regress, MultiInference are UNIMPLEMENTED
     (the exported signatures are predict signatures)."""
 
-    def __init__(self, manager):
+    def __init__(self, manager, metrics=None):
         self.manager = manager
+        self.metrics = metrics
 
-    Predict = _unary(predict)
+    Predict = _unary(predict, api="Predict")
     GetModelMetadata = _unary(get_model_metadata)
 
 
@@ -106,5 +117,6 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
 
     def __init__(self, manager):
         self.manager = manager
+        self.metrics = None
 
     GetModelStatus = _unary(get_model_status)

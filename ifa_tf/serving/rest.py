@@ -2,6 +2,7 @@
 
     GET  /v1/models/<name>[/versions/<v> | /labels/<l>]            model status
     GET  /v1/models/<name>[/versions/<v> | /labels/<l>]/metadata   signature defs
+    GET  <metrics path>                                             Prometheus metrics
     POST /v1/models/<name>[/versions/<v> | /labels/<l>]:predict    {"instances": [...]} (row)
                                                                    or {"inputs": {...}} (columnar)
 
@@ -177,6 +178,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     manager = None  # set by make_rest_server
     max_request_bytes = 0
     in_flight = None
+    metrics = None
+    metrics_path = None
 
     def do_GET(self):
         self._dispatch("GET")
@@ -191,7 +194,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _answer(self, method):
         try:
             body = self._read_body()
-            match = _PATH.match(self.path.split("?", 1)[0])
+            path = self.path.split("?", 1)[0]
+            if method == "GET" and self.metrics_path and path == self.metrics_path:
+                self._reply_text(200, self.metrics.render())
+                return
+            match = _PATH.match(path)
             if match is None:
                 raise errors.invalid_argument(f"Malformed request: {method} {self.path}")
             name, label = match["name"], match["label"]
@@ -200,7 +207,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 result = (metadata_json if match["metadata"] else status_json)(
                     self.manager, name, version, label)
             elif method == "POST" and match["verb"] == "predict" and not match["metadata"]:
-                result = handle_predict(self.manager, name, version, label, body)
+                result = self._timed_predict(name, version, label, body)
             elif method == "POST" and match["verb"] in ("classify", "regress"):
                 raise errors.ServingError(grpc.StatusCode.UNIMPLEMENTED,
                                           f"{match['verb']} is not served by ifa-serve")
@@ -214,6 +221,22 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             _LOG.exception("Unexpected error answering %s %s", method, self.path)
             self._reply(500, {"error": f"{type(error).__name__}: {error}"})
 
+    def _timed_predict(self, name, version, label, body):
+        began = time.perf_counter()
+        status = grpc.StatusCode.OK
+        try:
+            return handle_predict(self.manager, name, version, label, body)
+        except errors.ServingError as error:
+            status = error.code
+            raise
+        except Exception:
+            status = grpc.StatusCode.INTERNAL
+            raise
+        finally:
+            if self.metrics is not None:
+                self.metrics.record(name, "Predict", "REST", status.name,
+                                    time.perf_counter() - began)
+
     def _read_body(self):
         length = int(self.headers.get("Content-Length") or 0)
         if self.max_request_bytes and length > self.max_request_bytes:
@@ -225,9 +248,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         return self.rfile.read(length) if length else b""
 
     def _reply(self, status, payload):
-        body = json.dumps(payload).encode()
+        self._send(status, json.dumps(payload).encode(), "application/json")
+
+    def _reply_text(self, status, text):
+        self._send(status, text.encode(), "text/plain; version=0.0.4")
+
+    def _send(self, status, body, content_type):
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -236,15 +264,17 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         _LOG.debug("%s - %s", self.address_string(), format % args)
 
 
-def make_rest_server(manager, host, port, max_request_bytes=0):
+def make_rest_server(manager, host, port, max_request_bytes=0, metrics=None,
+                     metrics_path=None):
     """A `ThreadingHTTPServer` (run `serve_forever()` in a thread) and its `InFlight` count.
 
     Handler threads are daemons because idle keep-alive connections hold theirs; shutdown
     waits on the in-flight count instead of on the threads.
     """
     in_flight = InFlight()
-    handler = type("RestHandler", (_Handler,), {"manager": manager, "in_flight": in_flight,
-                                                "max_request_bytes": max_request_bytes})
+    handler = type("RestHandler", (_Handler,), {
+        "manager": manager, "in_flight": in_flight, "max_request_bytes": max_request_bytes,
+        "metrics": metrics, "metrics_path": metrics_path})
     server = http.server.ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True
     return server, in_flight

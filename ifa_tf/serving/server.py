@@ -11,6 +11,7 @@ import grpc
 from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
 from ifa_tf.serving import grpc_service, rest
+from ifa_tf.serving import metrics as metrics_lib
 from ifa_tf.serving.model_manager import Limits, ModelConfig, ModelManager, read_model_config_file
 
 _LOG = logging.getLogger("ifa_serve")
@@ -34,6 +35,7 @@ class ServerOptions:
     max_sequence_length: int = 100_000
     max_num_load_retries: int = 5
     shutdown_grace_seconds: float = 30.0
+    monitoring_config_file: str = ""
 
     def __post_init__(self):
         if bool(self.model_base_path) == bool(self.model_config_file):
@@ -82,6 +84,9 @@ class ModelServer:
         self._rest_server = None
         self._rest_thread = None
         self._rest_in_flight = None
+        self.metrics = metrics_lib.Metrics()
+        self.metrics_path = (metrics_lib.read_monitoring_config(options.monitoring_config_file)
+                             if options.monitoring_config_file else None)
 
     def start(self):
         options = self.options
@@ -93,7 +98,7 @@ class ModelServer:
                                                   thread_name_prefix="ifa-serve-grpc"),
             options=message_options)
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-            grpc_service.PredictionServicer(self.manager), self._grpc_server)
+            grpc_service.PredictionServicer(self.manager, self.metrics), self._grpc_server)
         model_service_pb2_grpc.add_ModelServiceServicer_to_server(
             grpc_service.ModelServicer(self.manager), self._grpc_server)
         self.grpc_port = self._grpc_server.add_insecure_port(f"{options.host}:{options.port}")
@@ -103,7 +108,8 @@ class ModelServer:
         _LOG.info("Running gRPC ModelServer at %s:%d ...", options.host, self.grpc_port)
         if options.rest_api_port:
             self._rest_server, self._rest_in_flight = rest.make_rest_server(
-                self.manager, options.host, options.rest_api_port, options.max_request_bytes)
+                self.manager, options.host, options.rest_api_port, options.max_request_bytes,
+                self.metrics, self.metrics_path)
             self.rest_port = self._rest_server.server_address[1]
             self._rest_thread = threading.Thread(target=self._rest_server.serve_forever,
                                                  name="ifa-serve-rest", daemon=True)
