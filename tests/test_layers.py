@@ -336,3 +336,20 @@ def test_hashed_embedding_buckets():
     round_trip(hashed, ids)
     with pytest.raises(ValueError, match="num_buckets=1"):
         layers.HashedEmbedding(1, 4)
+
+
+def test_normalized_linear_attention_mixed_precision_keeps_a_float32_normaliser():
+    rng = np.random.default_rng(9)
+    query = (rng.normal(size=(1, 4, 8)) * 3).astype("float32")
+    key = (rng.normal(size=(1, 5000, 8)) * 3).astype("float32")  # sums overflow float16
+    exact = layers.NormalizedLinearAttention(2, 4, feature_map="softplus")
+    exact(query, key)
+    randomize(exact, scale=1.0)
+    mixed = layers.NormalizedLinearAttention(2, 4, feature_map="softplus",
+                                             dtype="mixed_float16")
+    mixed(query, key)
+    mixed.set_weights(exact.get_weights())
+    out = mixed(query, key)
+    assert keras.backend.standardize_dtype(out.dtype) == "float16"
+    assert np.isfinite(np_(out)).all()
+    np.testing.assert_allclose(np_(out), np_(exact(query, key)), rtol=2e-2, atol=2e-2)

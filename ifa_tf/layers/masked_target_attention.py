@@ -1,7 +1,8 @@
 import keras
 from keras import ops
 
-from ifa_tf.layers.validation import check_positive_int, clone_initializer
+from ifa_tf.layers.projections import head_projection, merge_heads_projection
+from ifa_tf.layers.validation import check_positive_int
 
 
 @keras.saving.register_keras_serializable(package="ifa_tf")
@@ -48,24 +49,17 @@ class MaskedTargetAttention(keras.layers.Layer):
         self.use_bias = use_bias
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
 
-    def _projection(self, name, equation, output_shape, bias_axes):
-        return keras.layers.EinsumDense(
-            equation, output_shape=output_shape, bias_axes=bias_axes if self.use_bias else None,
-            kernel_initializer=clone_initializer(self.kernel_initializer),
-            dtype=self.dtype_policy, name=name)
-
     def build(self, query_shape, key_shape, value_shape=None):
         value_shape = key_shape if value_shape is None else value_shape
-        heads = (self.num_heads, self.key_dim)
-        self._query_dense = self._projection("query", "...d,dhc->...hc", heads, "hc")
-        self._query_dense.build(query_shape)
-        self._key_dense = self._projection("key", "...d,dhc->...hc", heads, "hc")
-        self._key_dense.build(key_shape)
-        self._value_dense = self._projection("value", "...d,dhc->...hc", heads, "hc")
-        self._value_dense.build(value_shape)
-        self._output_dense = self._projection(
-            "attention_output", "...hc,hcd->...d", (self.output_dim or query_shape[-1],), "d")
-        self._output_dense.build((*query_shape[:-1], self.num_heads, self.key_dim))
+        self._query_dense = head_projection("query", query_shape, self.num_heads,
+                                            self.key_dim, self, self.use_bias)
+        self._key_dense = head_projection("key", key_shape, self.num_heads, self.key_dim, self,
+                                          self.use_bias)
+        self._value_dense = head_projection("value", value_shape, self.num_heads, self.key_dim,
+                                            self, self.use_bias)
+        self._output_dense = merge_heads_projection(
+            "attention_output", (*query_shape[:-1], self.num_heads, self.key_dim),
+            self.output_dim or query_shape[-1], self, self.use_bias)
         self.built = True
 
     def call(self, query, key, value=None, query_mask=None, key_mask=None, attention_bias=None):

@@ -2,7 +2,8 @@ import keras
 from keras import ops
 
 from ifa_tf.layers.feature_maps import FEATURE_MAPS, apply_feature_map
-from ifa_tf.layers.validation import check_choice, check_positive_int, clone_initializer
+from ifa_tf.layers.projections import head_projection, merge_heads_projection
+from ifa_tf.layers.validation import check_choice, check_positive_int
 
 
 @keras.saving.register_keras_serializable(package="ifa_tf")
@@ -80,29 +81,19 @@ class NormalizedLinearAttention(keras.layers.Layer):
         self.bias_initializer = keras.initializers.get(bias_initializer)
         self.supports_masking = True
 
-    def _dense(self, name, output_shape):
-        return keras.layers.EinsumDense(
-            "...d,dhk->...hk" if len(output_shape) == 2 else "...hk,hkd->...d",
-            output_shape=output_shape,
-            bias_axes=("hk" if len(output_shape) == 2 else "d") if self.use_bias else None,
-            kernel_initializer=clone_initializer(self.kernel_initializer),
-            bias_initializer=clone_initializer(self.bias_initializer),
-            dtype=self.dtype_policy,
-            name=name,
-        )
-
     def build(self, query_shape, key_shape, value_shape=None):
         value_shape = key_shape if value_shape is None else value_shape
         value_dim = self.value_dim or self.key_dim
         output_dim = self.output_dim or query_shape[-1]
-        self._query_dense = self._dense("query", (self.num_heads, self.key_dim))
-        self._query_dense.build(query_shape)
-        self._key_dense = self._dense("key", (self.num_heads, self.key_dim))
-        self._key_dense.build(key_shape)
-        self._value_dense = self._dense("value", (self.num_heads, value_dim))
-        self._value_dense.build(value_shape)
-        self._output_dense = self._dense("attention_output", (output_dim,))
-        self._output_dense.build((*query_shape[:-1], self.num_heads, value_dim))
+        self._query_dense = head_projection("query", query_shape, self.num_heads,
+                                            self.key_dim, self, self.use_bias)
+        self._key_dense = head_projection("key", key_shape, self.num_heads, self.key_dim, self,
+                                          self.use_bias)
+        self._value_dense = head_projection("value", value_shape, self.num_heads, value_dim,
+                                            self, self.use_bias)
+        self._output_dense = merge_heads_projection(
+            "attention_output", (*query_shape[:-1], self.num_heads, value_dim), output_dim,
+            self, self.use_bias)
         self.built = True
 
     def call(self, query, key, value=None, query_mask=None, key_mask=None):
@@ -114,17 +105,17 @@ class NormalizedLinearAttention(keras.layers.Layer):
         # projections, which stay in the compute dtype.
         phi_q = apply_feature_map(self.feature_map, _float32(self._query_dense(query)))
         phi_k = apply_feature_map(self.feature_map, _float32(self._key_dense(key)))
-        v = _float32(self._value_dense(value))
         if key_mask is not None:
-            key_weight = ops.cast(key_mask, "float32")[:, :, None, None]
-            phi_k = phi_k * key_weight
-            v = v * key_weight
-        # Summaries of the whole sequence, O(n) and independent of m: phi(K)^T V, phi(K)^T 1.
-        key_value = ops.einsum("bnhk,bnhv->bhkv", phi_k, v)
-        key_sum = ops.sum(phi_k, axis=1)
-        degree = ops.einsum("bmhk,bhk->bmh", phi_q, key_sum) + self.epsilon
-        numerator = ops.einsum("bmhk,bhkv->bmhv", phi_q, key_value)
-        attended = ops.cast(numerator / degree[..., None], self.compute_dtype)
+            # A zero row of phi(K) removes its key from phi(K)^T V and phi(K)^T 1 alike.
+            phi_k = phi_k * ops.cast(key_mask, "float32")[:, :, None, None]
+        v = _float32(self._value_dense(value))
+        # phi(K)^T [V 1]: the sequence summary phi(K)^T V and the normaliser's phi(K)^T 1
+        # (Eq. 7) in one O(n) product; then phi(Q) times it gives the numerator and D.
+        values_and_ones = ops.concatenate([v, ops.ones_like(v[..., :1])], axis=-1)
+        summary = ops.einsum("bnhk,bnhv->bhkv", phi_k, values_and_ones)
+        numerator_and_degree = ops.einsum("bmhk,bhkv->bmhv", phi_q, summary)
+        degree = numerator_and_degree[..., -1:] + self.epsilon
+        attended = ops.cast(numerator_and_degree[..., :-1] / degree, self.compute_dtype)
         output = self._output_dense(attended)
         if query_mask is not None:
             output = output * ops.cast(query_mask, output.dtype)[..., None]

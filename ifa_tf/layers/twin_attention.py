@@ -2,8 +2,9 @@ import keras
 from keras import ops
 
 from ifa_tf.layers.masked_target_attention import masked_softmax
+from ifa_tf.layers.projections import head_projection, merge_heads_projection
 from ifa_tf.layers.top_k import gather_positions, select_top_k
-from ifa_tf.layers.validation import check_positive_int, clone_initializer
+from ifa_tf.layers.validation import check_positive_int
 
 
 @keras.saving.register_keras_serializable(package="ifa_tf")
@@ -46,24 +47,17 @@ class TWINAttention(keras.layers.Layer):
         self.output_dim = output_dim
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
 
-    def _projection(self, name, equation, output_shape, bias_axes):
-        return keras.layers.EinsumDense(
-            equation, output_shape=output_shape, bias_axes=bias_axes,
-            kernel_initializer=clone_initializer(self.kernel_initializer),
-            dtype=self.dtype_policy, name=name)
-
     def build(self, query_shape, key_shape, value_shape=None):
         value_shape = key_shape if value_shape is None else value_shape
-        heads = (self.num_heads, self.key_dim)
-        self._query_dense = self._projection("query", "...d,dhc->...hc", heads, "hc")
-        self._query_dense.build(query_shape)
-        self._key_dense = self._projection("key", "...d,dhc->...hc", heads, "hc")
-        self._key_dense.build(key_shape)
-        self._value_dense = self._projection("value", "...d,dhc->...hc", heads, "hc")
-        self._value_dense.build(value_shape)
-        self._output_dense = self._projection(
-            "attention_output", "...hc,hcd->...d", (self.output_dim or query_shape[-1],), "d")
-        self._output_dense.build((*query_shape[:-1], self.num_heads, self.key_dim))
+        self._query_dense = head_projection("query", query_shape, self.num_heads,
+                                            self.key_dim, self, True)
+        self._key_dense = head_projection("key", key_shape, self.num_heads, self.key_dim, self,
+                                          True)
+        self._value_dense = head_projection("value", value_shape, self.num_heads, self.key_dim,
+                                            self, True)
+        self._output_dense = merge_heads_projection(
+            "attention_output", (*query_shape[:-1], self.num_heads, self.key_dim),
+            self.output_dim or query_shape[-1], self, True)
         self.built = True
 
     def call(self, query, key, value=None, query_mask=None, key_mask=None):
