@@ -318,10 +318,7 @@ class ModelManager:
         if name not in self.configs:
             raise errors.servable_not_found(name, version)
         if label:
-            labels = self.configs[name].version_labels
-            if label not in labels:
-                raise errors.unknown_version_label(label)
-            version = labels[label]
+            version = self.version_for_label(name, label)
         with self._lock:
             servables = self._servables[name]
             if version is None:
