@@ -100,26 +100,73 @@ class NormalizedLinearAttention(keras.layers.Layer):
         value = key if value is None else value
         if key_mask is None:
             key_mask = getattr(key, "_keras_mask", None)
+        heads, key_dim = self.num_heads, self.key_dim
+        value_dim = self.value_dim or key_dim
+        # Heads stay flat ([..., heads * dim]) and projections that read the same tensor
+        # share one matmul (Q, K, V for self-attention; K, V over a sequence): the hot path
+        # is a handful of 2-D matmuls with no per-head transposes.
+        if key is query and value is query:
+            phi_q, phi_k, v = self._project(query, self._query_dense, self._key_dense,
+                                            self._value_dense)
+        elif value is key:
+            (phi_q,) = self._project(query, self._query_dense)
+            phi_k, v = self._project(key, self._key_dense, self._value_dense)
+        else:
+            (phi_q,) = self._project(query, self._query_dense)
+            (phi_k,) = self._project(key, self._key_dense)
+            (v,) = self._project(value, self._value_dense)
         # The attention core runs in float32 (a no-op without mixed precision): its sums
         # over up to 10^4 keys overflow float16, and it is O(d^2) small next to the
         # projections, which stay in the compute dtype.
-        phi_q = apply_feature_map(self.feature_map, _float32(self._query_dense(query)))
-        phi_k = apply_feature_map(self.feature_map, _float32(self._key_dense(key)))
+        phi_q = apply_feature_map(self.feature_map, _float32(phi_q))  # [B, m, h*k]
+        phi_k = apply_feature_map(self.feature_map, _float32(phi_k))  # [B, n, h*k]
         if key_mask is not None:
             # A zero row of phi(K) removes its key from phi(K)^T V and phi(K)^T 1 alike.
-            phi_k = phi_k * ops.cast(key_mask, "float32")[:, :, None, None]
-        v = _float32(self._value_dense(value))
-        # phi(K)^T [V 1]: the sequence summary phi(K)^T V and the normaliser's phi(K)^T 1
-        # (Eq. 7) in one O(n) product; then phi(Q) times it gives the numerator and D.
+            phi_k = phi_k * ops.cast(key_mask, "float32")[:, :, None]
+        v = ops.reshape(_float32(v), (*ops.shape(v)[:-1], heads, value_dim))
         values_and_ones = ops.concatenate([v, ops.ones_like(v[..., :1])], axis=-1)
-        summary = ops.einsum("bnhk,bnhv->bhkv", phi_k, values_and_ones)
-        numerator_and_degree = ops.einsum("bmhk,bhkv->bmhv", phi_q, summary)
+        values_and_ones = ops.reshape(values_and_ones, (*ops.shape(v)[:-2], -1))
+        # phi(K)^T [V 1] holds the sequence summary phi(K)^T V and the normaliser's
+        # phi(K)^T 1 (Eq. 7): one O(n) product for all heads at once, keeping only the
+        # blocks where key head = value head. phi(Q) times it gives numerator and D.
+        summary = ops.matmul(ops.transpose(phi_k, (0, 2, 1)), values_and_ones)
+        summary = summary * self._head_blocks(heads, key_dim, value_dim + 1)
+        numerator_and_degree = ops.matmul(phi_q, summary)  # [B, m, h*(v+1)]
+        numerator_and_degree = ops.reshape(
+            numerator_and_degree, (*ops.shape(numerator_and_degree)[:-1], heads, value_dim + 1))
         degree = numerator_and_degree[..., -1:] + self.epsilon
         attended = ops.cast(numerator_and_degree[..., :-1] / degree, self.compute_dtype)
         output = self._output_dense(attended)
         if query_mask is not None:
             output = output * ops.cast(query_mask, output.dtype)[..., None]
         return output
+
+    def _project(self, inputs, *denses):
+        """`inputs` through the head projections `denses` in one matmul; each result is
+        [..., heads * dim]. Uses the projections' own weights, so nothing else changes."""
+        kernels, biases, sizes = [], [], []
+        for dense in denses:
+            kernel = ops.cast(dense.kernel, self.compute_dtype)
+            kernels.append(ops.reshape(kernel, (kernel.shape[0], -1)))
+            sizes.append(kernels[-1].shape[-1])
+            if self.use_bias:
+                biases.append(ops.reshape(ops.cast(dense.bias, self.compute_dtype), (-1,)))
+        kernel = kernels[0] if len(kernels) == 1 else ops.concatenate(kernels, axis=-1)
+        projected = ops.matmul(ops.cast(inputs, self.compute_dtype), kernel)
+        if self.use_bias:
+            projected = projected + (biases[0] if len(biases) == 1
+                                     else ops.concatenate(biases, axis=-1))
+        if len(denses) == 1:
+            return (projected,)
+        split_points = [sum(sizes[:i + 1]) for i in range(len(sizes) - 1)]
+        return tuple(ops.split(projected, split_points, axis=-1))
+
+    @staticmethod
+    def _head_blocks(heads, rows_per_head, columns_per_head):
+        """[h*r, h*c] constant: 1 where row and column belong to the same head."""
+        row_head = ops.repeat(ops.arange(heads), rows_per_head)
+        column_head = ops.repeat(ops.arange(heads), columns_per_head)
+        return ops.cast(ops.equal(row_head[:, None], column_head[None, :]), "float32")
 
     def compute_mask(self, query, key, value=None, query_mask=None, key_mask=None):
         return query_mask
