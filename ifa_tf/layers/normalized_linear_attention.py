@@ -125,7 +125,8 @@ class NormalizedLinearAttention(keras.layers.Layer):
             phi_k = phi_k * ops.cast(key_mask, "float32")[:, :, None]
         v = ops.reshape(_float32(v), (*ops.shape(v)[:-1], heads, value_dim))
         values_and_ones = ops.concatenate([v, ops.ones_like(v[..., :1])], axis=-1)
-        values_and_ones = ops.reshape(values_and_ones, (*ops.shape(v)[:-2], -1))
+        values_and_ones = ops.reshape(values_and_ones,
+                                      (*ops.shape(v)[:-2], heads * (value_dim + 1)))
         # phi(K)^T [V 1] holds the sequence summary phi(K)^T V and the normaliser's
         # phi(K)^T 1 (Eq. 7): one O(n) product for all heads at once, keeping only the
         # blocks where key head = value head. phi(Q) times it gives numerator and D.
