@@ -72,6 +72,8 @@ def reference_linear_attention(layer, query, key, value, query_mask, key_mask, p
     scores = np.einsum("bmhc,bnhc->bhmn", q, k) * key_mask[:, None, None, :]
     degree = scores.sum(-1, keepdims=True) + layer.epsilon
     attended = np.einsum("bhmn,bnhv->bmhv", scores / degree, v)
+    if not layer.use_output_projection:  # Eq. 6 as written: the heads are the output
+        return attended.reshape(*attended.shape[:2], -1) * query_mask[..., None]
     out = output_dense(attended, w("attention_output", "kernel"),
                        w("attention_output", "bias"))
     return out * query_mask[..., None]
@@ -94,6 +96,25 @@ def test_normalized_linear_attention_matches_float64_reference(phi, num_heads):
     ref = reference_linear_attention(layer, query, key, value, query_mask, key_mask, phi)
     assert out.shape == (batch, m, 6)
     assert np.abs(out - ref).max() / np.abs(ref).max() <= 1e-5
+
+
+def test_normalized_linear_attention_without_output_projection_is_equation_6():
+    rng = np.random.default_rng(11)
+    query = rng.normal(size=(2, 5, 8)).astype("float32")
+    key = rng.normal(size=(2, 9, 8)).astype("float32")
+    query_mask, key_mask = random_mask(rng, 2, 5, 1), random_mask(rng, 2, 9, 1)
+    layer = layers.NormalizedLinearAttention(3, 4, value_dim=2, use_output_projection=False)
+    layer(query, key)
+    randomize(layer)
+    out = np_(layer(query, key, query_mask=query_mask, key_mask=key_mask))
+    assert out.shape == (2, 5, 6) and not any("attention_output" in w.path
+                                              for w in layer.weights)
+    ref = reference_linear_attention(layer, query, key, key, query_mask, key_mask,
+                                     "elu_plus_one")
+    assert np.abs(out - ref).max() / np.abs(ref).max() <= 1e-5
+    round_trip(layer, query, key, key_mask=key_mask)
+    with pytest.raises(ValueError, match="output_dim=8"):
+        layers.NormalizedLinearAttention(2, 4, output_dim=8, use_output_projection=False)
 
 
 def test_normalized_linear_attention_ignores_padded_keys_and_their_values():

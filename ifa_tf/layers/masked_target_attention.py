@@ -64,13 +64,16 @@ class MaskedTargetAttention(keras.layers.Layer):
 
     def call(self, query, key, value=None, query_mask=None, key_mask=None, attention_bias=None):
         value = key if value is None else value
-        per_candidate = len(key.shape) == 4
-        q = self._query_dense(query)  # [B, m, h, c]
-        k = self._key_dense(key)
-        v = self._value_dense(value)
-        if per_candidate:  # k, v: [B, m, k, h, c]
+        return self.attend(self._query_dense(query), self._key_dense(key),
+                           self._value_dense(value), query_mask, key_mask, attention_bias)
+
+    def attend(self, q, k, v, query_mask=None, key_mask=None, attention_bias=None):
+        """Softmax attention of projected queries [B, m, h, c] over projected keys and
+        values, shared ([B, n, h, c]) or per candidate ([B, m, k, h, c])."""
+        per_candidate = len(k.shape) == 5
+        if per_candidate:
             logits = ops.einsum("bmhc,bmkhc->bmhk", q, k)
-        else:  # k, v: [B, n, h, c]
+        else:
             logits = ops.einsum("bmhc,bnhc->bmhn", q, k)
         logits = ops.cast(logits, "float32") / (self.key_dim ** 0.5)
         if attention_bias is not None:

@@ -30,6 +30,10 @@ class NormalizedLinearAttention(keras.layers.Layer):
         key_dim: size of each head for query and key.
         value_dim: size of each head for value; defaults to `key_dim`.
         output_dim: size of the output projection; defaults to the query's last dim.
+        use_output_projection: project the concatenated heads to `output_dim` (the usual
+            multi-head layout). With False the output is the heads themselves,
+            [..., num_heads * value_dim], exactly Eq. 6; when a linear layer follows (IFA's
+            towers), the projection adds no expressivity, only cost.
         feature_map: phi, one of `"elu_plus_one"` (default), `"softplus"`, `"relu"`. All are
             non-negative, so D >= 0 (paper 4.4).
         epsilon: added to D so an all-padding row gives a finite output.
@@ -45,7 +49,7 @@ class NormalizedLinearAttention(keras.layers.Layer):
             Keras mask attached to `key` is used, if any.
 
     Returns:
-        [B, m, output_dim].
+        [B, m, output_dim], or [B, m, num_heads * value_dim] without output projection.
 
     Example:
     >>> layer = NormalizedLinearAttention(num_heads=2, key_dim=8)
@@ -58,6 +62,7 @@ class NormalizedLinearAttention(keras.layers.Layer):
     """
 
     def __init__(self, num_heads, key_dim, value_dim=None, output_dim=None,
+                 use_output_projection=True,
                  feature_map="elu_plus_one", epsilon=1e-6, use_bias=True,
                  kernel_initializer="glorot_uniform", bias_initializer="zeros", **kwargs):
         super().__init__(**kwargs)
@@ -67,6 +72,10 @@ class NormalizedLinearAttention(keras.layers.Layer):
             check_positive_int("value_dim", value_dim)
         if output_dim is not None:
             check_positive_int("output_dim", output_dim)
+            if not use_output_projection:
+                raise ValueError("`output_dim` sets the output projection's size; it cannot be "
+                                 "combined with use_output_projection=False. Received: "
+                                 f"output_dim={output_dim}")
         check_choice("feature_map", feature_map, FEATURE_MAPS)
         if not epsilon > 0:
             raise ValueError(f"`epsilon` must be > 0. Received: epsilon={epsilon}")
@@ -74,6 +83,7 @@ class NormalizedLinearAttention(keras.layers.Layer):
         self.key_dim = key_dim
         self.value_dim = value_dim
         self.output_dim = output_dim
+        self.use_output_projection = use_output_projection
         self.feature_map = feature_map
         self.epsilon = epsilon
         self.use_bias = use_bias
@@ -93,7 +103,7 @@ class NormalizedLinearAttention(keras.layers.Layer):
                                             self, self.use_bias)
         self._output_dense = merge_heads_projection(
             "attention_output", (*query_shape[:-1], self.num_heads, value_dim), output_dim,
-            self, self.use_bias)
+            self, self.use_bias) if self.use_output_projection else None
         self.built = True
 
     def call(self, query, key, value=None, query_mask=None, key_mask=None):
@@ -137,7 +147,10 @@ class NormalizedLinearAttention(keras.layers.Layer):
             numerator_and_degree, (*ops.shape(numerator_and_degree)[:-1], heads, value_dim + 1))
         degree = numerator_and_degree[..., -1:] + self.epsilon
         attended = ops.cast(numerator_and_degree[..., :-1] / degree, self.compute_dtype)
-        output = self._output_dense(attended)
+        if self._output_dense is None:
+            output = ops.reshape(attended, (*ops.shape(attended)[:-2], heads * value_dim))
+        else:
+            output = self._output_dense(attended)
         if query_mask is not None:
             output = output * ops.cast(query_mask, output.dtype)[..., None]
         return output
@@ -173,6 +186,8 @@ class NormalizedLinearAttention(keras.layers.Layer):
         return query_mask
 
     def compute_output_shape(self, query_shape, key_shape, value_shape=None):
+        if not self.use_output_projection:
+            return (*query_shape[:-1], self.num_heads * (self.value_dim or self.key_dim))
         return (*query_shape[:-1], self.output_dim or query_shape[-1])
 
     def get_config(self):
@@ -182,6 +197,7 @@ class NormalizedLinearAttention(keras.layers.Layer):
             "key_dim": self.key_dim,
             "value_dim": self.value_dim,
             "output_dim": self.output_dim,
+            "use_output_projection": self.use_output_projection,
             "feature_map": self.feature_map,
             "epsilon": self.epsilon,
             "use_bias": self.use_bias,

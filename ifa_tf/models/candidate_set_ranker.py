@@ -92,8 +92,10 @@ class CandidateSetRanker(TrainingDefaultsMixin, keras.Model):
                                          name=f"{name}_embedding")
             for name in schema.cross_features
         }
+        # Like FSM, RAM outputs its heads (Eq. 3, 6): a projection before the linear first
+        # tower layer would only add cost.
         ram = layers.CandidateSelfAttention(
-            ram_heads, ram_key_dim, feature_map=feature_map,
+            ram_heads, ram_key_dim, feature_map=feature_map, use_output_projection=False,
             name="candidate_self_attention") if use_ram else None
         towers = {task: layers.MLPTower(tower_units, dropout=dropout, name=f"{task}_tower")
                   for task in schema.tasks}

@@ -203,7 +203,9 @@ class TWINInterest(FullTargetAttentionInterest):
 @keras.saving.register_keras_serializable(package="ifa_tf")
 class LinearAttentionInterest(FullTargetAttentionInterest):
     """`ifa`, `ifa_no_ram`: Full Sequence Modelling (FSM, IFA Eq. 2) by normalised linear
-    attention over every valid sequence item, O(m + n)."""
+    attention over every valid sequence item, O(m + n). As in Eq. 6 the heads are the
+    output (num_heads * key_dim wide), with no output projection: the towers' first layer
+    is linear, so one would add cost and no expressivity."""
 
     def __init__(self, num_heads=2, key_dim=16, feature_map="elu_plus_one", **kwargs):
         super().__init__(num_heads=num_heads, key_dim=key_dim, **kwargs)
@@ -212,9 +214,12 @@ class LinearAttentionInterest(FullTargetAttentionInterest):
     def build(self, input_shape):
         self._attention = layers.NormalizedLinearAttention(
             self.num_heads, self.key_dim, feature_map=self.feature_map,
-            dtype=self.dtype_policy, name="attention")
+            use_output_projection=False, dtype=self.dtype_policy, name="attention")
         self._attention.build(input_shape["candidates"], input_shape["sequence"])
         self.built = True
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape["candidates"][:-1], self.num_heads * self.key_dim)
 
     def get_config(self):
         return {**super().get_config(), "feature_map": self.feature_map}
