@@ -1,0 +1,289 @@
+"""Typed training configuration: a dataclass per concern, defaults from `zoo/<model>.yaml`,
+overrides from flags, unknown keys rejected, the resolved config written beside the
+checkpoints.
+
+A config file (and its YAML) has four sections:
+
+    model:            # `name` plus any override `zoo.build(name, ...)` accepts
+      name: ifa
+      embedding_dim: 16
+    data:             # DataConfig
+      batch_size: 64
+    train:            # TrainConfig
+      epochs: 2
+    eval:             # EvalConfig
+      protocol: split
+
+Overrides are dotted `section.key=value` strings (`model.k=50`, `train.epochs=3`); values are
+parsed as YAML (`[64, 32]`, `null`, `0.001`). A key that does not exist is an error naming it
+and listing the valid keys; model keys are checked against `zoo.valid_overrides(name)`.
+"""
+
+import dataclasses
+import os
+from typing import Any, Optional
+
+import yaml
+
+from ifa_tf import zoo
+
+PROTOCOLS = ("split", "streaming")
+STRATEGIES = ("default", "mirrored", "multi_worker")
+ZOO_CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), "zoo")
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """The zoo model and its `zoo.build` overrides (checked against the model's valid ones)."""
+
+    name: str = "ifa"
+    overrides: dict = dataclasses.field(default_factory=dict)
+
+    def validate(self):
+        if self.name not in zoo.list_models():
+            raise ValueError(f"Unknown model {self.name!r} (model.name). Registered models: "
+                             f"{zoo.list_models()}")
+        valid = zoo.valid_overrides(self.name)
+        if valid is not None:
+            unknown = sorted(set(self.overrides) - set(valid))
+            if unknown:
+                raise ValueError(f"Unknown config keys {['model.' + k for k in unknown]} for "
+                                 f"model {self.name!r}. Valid model keys: "
+                                 f"{sorted(['name', *set(valid)])}")
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Where the TFRecords are and how batches are made (`ifa_tf.data.make_dataset`).
+
+    Args:
+        train_data: glob of the training shards (requests in time order for `streaming`).
+        eval_data: glob of the evaluation shards (the later requests); empty: no evaluation
+            (`split`) - `streaming` evaluates on the training stream itself.
+        schema: a schema JSON path; empty: the `metadata.json` beside `train_data`.
+        batch_size: global batch size (split across replicas).
+        eval_batch_size: evaluation batch size; 0: `batch_size`.
+        max_seq_len, max_candidates: caps on n and m (null: none).
+        shuffle_buffer: examples in the shuffle buffer (`split` only; `streaming` keeps order).
+    """
+
+    train_data: str = ""
+    eval_data: str = ""
+    schema: str = ""
+    batch_size: int = 64
+    eval_batch_size: int = 0
+    max_seq_len: Optional[int] = None
+    max_candidates: Optional[int] = None
+    shuffle_buffer: int = 4096
+
+    def validate(self):
+        _check_positive("data.batch_size", self.batch_size)
+        _check_positive("data.shuffle_buffer", self.shuffle_buffer)
+        if self.eval_batch_size:
+            _check_positive("data.eval_batch_size", self.eval_batch_size)
+        for key in ("max_seq_len", "max_candidates"):
+            if getattr(self, key) is not None:
+                _check_positive(f"data.{key}", getattr(self, key))
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """How long and how to train.
+
+    Args:
+        epochs: passes over the training data; with `steps`, the number of checkpointed
+            chunks the steps are spread over.
+        steps: total training steps (the data repeats); null: `epochs` full passes.
+        optimizer: a Keras optimizer name.
+        learning_rate: its learning rate.
+        seed: seeds weights, dropout and shuffling (`keras.utils.set_random_seed`).
+        strategy: `default` (one device), `mirrored` (all local GPUs) or `multi_worker`
+            (`MultiWorkerMirroredStrategy` from `TF_CONFIG`).
+        checkpoint_every_epochs: chief writes `checkpoints/epoch-XXXX.weights.h5` this often
+            (0: never; the crash backup is written every epoch regardless).
+        verbose: Keras progress output (0 silent, 1 progress bar, 2 one line per epoch).
+    """
+
+    epochs: int = 1
+    steps: Optional[int] = None
+    optimizer: str = "adam"
+    learning_rate: float = 1e-3
+    seed: int = 0
+    strategy: str = "default"
+    checkpoint_every_epochs: int = 1
+    verbose: int = 1
+
+    def validate(self):
+        _check_positive("train.epochs", self.epochs)
+        if self.steps is not None:
+            _check_positive("train.steps", self.steps)
+        if not isinstance(self.learning_rate, (int, float)) or self.learning_rate <= 0:
+            raise ValueError("train.learning_rate must be a positive number. Received: "
+                             f"train.learning_rate={self.learning_rate!r}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"train.strategy must be one of {list(STRATEGIES)}. Received: "
+                             f"train.strategy={self.strategy!r}")
+        if not isinstance(self.checkpoint_every_epochs, int) or self.checkpoint_every_epochs < 0:
+            raise ValueError("train.checkpoint_every_epochs must be an integer >= 0. Received: "
+                             f"{self.checkpoint_every_epochs!r}")
+
+    @property
+    def steps_per_epoch(self):
+        """Steps of one epoch: `ceil(steps / epochs)`, or None for a full pass."""
+        if self.steps is None:
+            return None
+        return -(-self.steps // self.epochs)
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    """How the model is evaluated (`ifa_tf.metrics`).
+
+    Args:
+        protocol: `split` (train on `train_data`, then evaluate on `eval_data`, the later
+            requests) or `streaming` (paper 5.1: every batch of the stream is evaluated with
+            the current weights first, then trained on; cumulative metrics).
+        ndcg_k: k of NDCG@k.
+        max_batches: evaluate at most this many batches (null: all).
+    """
+
+    protocol: str = "split"
+    ndcg_k: int = 10
+    max_batches: Optional[int] = None
+
+    def validate(self):
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"eval.protocol must be one of {list(PROTOCOLS)}. Received: "
+                             f"eval.protocol={self.protocol!r}")
+        _check_positive("eval.ndcg_k", self.ndcg_k)
+        if self.max_batches is not None:
+            _check_positive("eval.max_batches", self.max_batches)
+
+
+@dataclasses.dataclass
+class Config:
+    """The whole training run: model, data, training and evaluation."""
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+
+    def validate(self):
+        for section in _SECTIONS:
+            getattr(self, section).validate()
+        if self.eval.protocol == "streaming" and self.train.strategy != "default":
+            raise ValueError("eval.protocol='streaming' runs on one device; set "
+                             f"train.strategy='default'. Received: {self.train.strategy!r}")
+        return self
+
+    def to_dict(self):
+        """Nested plain dict; the model section is flat (`name` + overrides), as in YAML."""
+        result = {section: dataclasses.asdict(getattr(self, section))
+                  for section in _SECTIONS if section != "model"}
+        return {"model": {"name": self.model.name, **self.model.overrides}, **result}
+
+    def to_yaml(self):
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, values):
+        """A validated config from a nested dict (unknown sections or keys are errors)."""
+        config = cls()
+        apply_dict(config, values or {})
+        return config.validate()
+
+
+_SECTIONS = ("model", "data", "train", "eval")
+_SECTION_TYPES = {"data": DataConfig, "train": TrainConfig, "eval": EvalConfig}
+
+
+def apply_dict(config, values, source="config"):
+    """Sets `values` ({section: {key: value}}) on `config`; unknown keys are errors."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{source} must be a mapping of sections {list(_SECTIONS)}. "
+                         f"Received: {type(values).__name__}")
+    unknown = sorted(set(values) - set(_SECTIONS))
+    if unknown:
+        raise ValueError(f"Unknown config sections {unknown} in {source}. Valid sections: "
+                         f"{list(_SECTIONS)}")
+    for section, entries in values.items():
+        if entries is None:
+            continue
+        if not isinstance(entries, dict):
+            raise ValueError(f"Section {section!r} of {source} must be a mapping. Received: "
+                             f"{entries!r}")
+        for key, value in entries.items():
+            set_value(config, f"{section}.{key}", value)
+    return config
+
+
+def set_value(config, dotted_key, value):
+    """Sets one `section.key`; unknown keys are errors naming the key and the valid ones."""
+    section, _, key = dotted_key.partition(".")
+    if section not in _SECTIONS or not key:
+        raise ValueError(f"Unknown config key {dotted_key!r}: keys are 'section.key' with "
+                         f"section one of {list(_SECTIONS)}.")
+    if section == "model":
+        if key == "name":
+            config.model.name = value
+        else:
+            config.model.overrides[key] = value
+        return
+    target = getattr(config, section)
+    fields = [f.name for f in dataclasses.fields(_SECTION_TYPES[section])]
+    if key not in fields:
+        raise ValueError(f"Unknown config key {dotted_key!r}. Valid {section} keys: "
+                         f"{[f'{section}.{name}' for name in fields]}")
+    setattr(target, key, value)
+
+
+def parse_override(text):
+    """`'section.key=value'` -> `(key, value)`, the value parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"A config override must look like section.key=value. Received: "
+                         f"{text!r}")
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+
+
+def zoo_config_path(model_name, config_dir=None):
+    return os.path.join(config_dir or ZOO_CONFIG_DIR, f"{model_name}.yaml")
+
+
+def load_config(model_name=None, config_file=None, overrides=(), config_dir=None):
+    """The resolved config: defaults < `zoo/<model>.yaml` < `config_file` < `overrides`.
+
+    Args:
+        model_name: the zoo model; its `zoo/<model>.yaml` supplies the defaults when present.
+            None: taken from `config_file` or the overrides (`model.name=...`).
+        config_file: an extra YAML file with the same sections.
+        overrides: `section.key=value` strings or `(section.key, value)` pairs, applied last.
+        config_dir: where the per-model YAML files are (default: the repository's `zoo/`).
+    """
+    pairs = [parse_override(o) if isinstance(o, str) else tuple(o) for o in overrides]
+    file_values = {}
+    if config_file:
+        with open(config_file) as f:
+            file_values = yaml.safe_load(f) or {}
+    if model_name is None:
+        named = [v for k, v in pairs if k == "model.name"]
+        model_name = (named[-1] if named
+                      else (file_values.get("model") or {}).get("name", ModelConfig.name))
+    config = Config()
+    config.model.name = model_name
+    zoo_path = zoo_config_path(model_name, config_dir)
+    if os.path.exists(zoo_path):
+        with open(zoo_path) as f:
+            apply_dict(config, yaml.safe_load(f) or {}, source=zoo_path)
+    apply_dict(config, file_values, source=config_file or "config")
+    for key, value in pairs:
+        set_value(config, key, value)
+    config.model.name = model_name
+    return config.validate()
+
+
+def _check_positive(name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer. Received: {name}={value!r}")

@@ -1,0 +1,254 @@
+"""`train_and_evaluate(config, workdir)`: train a zoo model on TFRecords and evaluate it.
+
+What lands in `workdir` (written by the chief only):
+
+    config.yaml                 the resolved config
+    backup/                     crash backup (Keras `BackupAndRestore`, every epoch): a
+                                restarted run resumes from the last finished epoch; removed
+                                when training completes
+    checkpoints/epoch-XXXX.weights.h5
+    logs/                       TensorBoard (train/, validation/ and evaluation/ scalars)
+    progress.jsonl              one line per epoch started: {"epoch", "initial_epoch", "pid"}
+    model.keras                 the trained model
+    metrics.json                evaluation metrics per task (see `ifa_tf.metrics`), the
+                                training history, steps and wall time
+"""
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+
+import keras
+import tensorflow as tf
+
+from ifa_tf import zoo
+from ifa_tf.data import make_dataset, records
+from ifa_tf.metrics import CandidateSetEvaluator
+from ifa_tf.schema import resolve_schema
+from ifa_tf.training import strategies
+from ifa_tf.training.streaming import streaming_train_and_evaluate
+
+CONFIG_FILENAME = "config.yaml"
+METRICS_FILENAME = "metrics.json"
+MODEL_FILENAME = "model.keras"
+PROGRESS_FILENAME = "progress.jsonl"
+_logger = logging.getLogger(__name__)
+
+
+def load_schema(config):
+    """The schema of the run: `data.schema` if set, else the metadata beside the data."""
+    if config.data.schema:
+        return resolve_schema(config.data.schema)
+    files = records.expand_file_pattern(config.data.train_data)
+    metadata = records.find_metadata(files)
+    if metadata is None:
+        raise ValueError(f"No {records.METADATA_FILENAME} beside {files[0]!r}; set "
+                         "data.schema to a schema JSON file.")
+    return records.schema_from_metadata(metadata)
+
+
+def build_model(config, schema):
+    """The zoo model of `config`, compiled with the paper's loss and the configured
+    optimizer (call inside the strategy's scope)."""
+    model = zoo.build(config.model.name, schema=schema, **config.model.overrides)
+    optimizer = keras.optimizers.get({"class_name": config.train.optimizer,
+                                      "config": {"learning_rate": config.train.learning_rate}})
+    model.compile(optimizer=optimizer)
+    return model
+
+
+def evaluate(model, dataset, schema, ndcg_k=10, max_batches=None):
+    """Runs `model` over `(features, labels[, extras])` batches; returns
+    `ifa_tf.metrics.CandidateSetEvaluator.result()` plus `num_requests`."""
+    evaluator = CandidateSetEvaluator(schema.tasks, ndcg_k=ndcg_k)
+    predict = tf.function(lambda features: model(features, training=False),
+                          reduce_retracing=True)
+    for index, batch in enumerate(dataset):
+        if max_batches is not None and index >= max_batches:
+            break
+        features, labels = batch[0], batch[1]
+        extras = batch[2] if len(batch) > 2 else None
+        evaluator.update(features, labels, predict(features), extras)
+    return {"num_requests": evaluator.num_requests, "tasks": evaluator.result()}
+
+
+def train_and_evaluate(config, workdir):
+    """Trains `config.model` on `config.data.train_data` and evaluates it by
+    `config.eval.protocol`; writes everything listed in the module docstring into `workdir`.
+
+    Returns the metrics dict that is written to `metrics.json`.
+    """
+    config.validate()
+    started = time.time()
+    chief = strategies.is_chief()
+    # Non-chief workers write into a throwaway directory (files are written by the chief
+    # only) but read the chief's backup, so that every worker resumes from the same epoch.
+    write_dir = workdir if chief else tempfile.mkdtemp(prefix="ifa_train_worker_")
+    os.makedirs(write_dir, exist_ok=True)
+    keras.utils.set_random_seed(config.train.seed)
+    strategy = strategies.make_strategy(config.train.strategy)
+    schema = load_schema(config)
+    if chief:
+        with open(os.path.join(workdir, CONFIG_FILENAME), "w") as f:
+            f.write(config.to_yaml())
+    with strategy.scope():
+        model = build_model(config, schema)
+
+    try:
+        if config.eval.protocol == "streaming":
+            result = _streaming(config, model, schema, write_dir)
+        else:
+            result = _split(config, model, schema, strategy, workdir, write_dir, chief)
+        result.update({"model": config.model.name, "protocol": config.eval.protocol,
+                       "seed": config.train.seed, "num_parameters": model.count_params(),
+                       "wall_time_s": round(time.time() - started, 2)})
+        if chief:
+            model.save(os.path.join(workdir, MODEL_FILENAME))
+            with open(os.path.join(workdir, METRICS_FILENAME), "w") as f:
+                json.dump(result, f, indent=2, sort_keys=True, default=_json_default)
+        return result
+    finally:
+        if not chief:
+            shutil.rmtree(write_dir, ignore_errors=True)
+
+
+def _split(config, model, schema, strategy, workdir, write_dir, chief):
+    data, train = config.data, config.train
+    steps_per_epoch = train.steps_per_epoch
+
+    def train_input(input_context=None):
+        return make_dataset(data.train_data, schema=schema, batch_size=data.batch_size,
+                            shuffle=True, shuffle_buffer=data.shuffle_buffer,
+                            seed=train.seed, repeat=steps_per_epoch is not None,
+                            max_seq_len=data.max_seq_len, max_candidates=data.max_candidates,
+                            input_context=input_context)
+
+    if train.strategy == "default":
+        train_dataset = train_input()
+    else:
+        train_dataset = strategy.distribute_datasets_from_function(train_input)
+    validation = None
+    if data.eval_data and train.strategy == "default":
+        validation = make_dataset(data.eval_data, schema=schema,
+                                  batch_size=data.eval_batch_size or data.batch_size,
+                                  shuffle=False, max_seq_len=data.max_seq_len,
+                                  max_candidates=data.max_candidates)
+    callbacks = [
+        ChiefBackupAndRestore(os.path.join(workdir, "backup"), chief=chief),
+        keras.callbacks.TerminateOnNaN(),
+        ProgressLog(os.path.join(write_dir, PROGRESS_FILENAME)),
+        keras.callbacks.TensorBoard(os.path.join(write_dir, "logs")),
+    ]
+    if train.checkpoint_every_epochs:
+        callbacks.append(EpochCheckpoint(os.path.join(write_dir, "checkpoints"),
+                                         train.checkpoint_every_epochs))
+    history = model.fit(train_dataset, epochs=train.epochs, steps_per_epoch=steps_per_epoch,
+                        validation_data=validation, callbacks=callbacks,
+                        verbose=train.verbose)
+    result = {"history": {k: [float(v) for v in values]
+                          for k, values in history.history.items()},
+              "train_steps": int(model.optimizer.iterations.numpy())}
+    if data.eval_data:
+        with_extras = bool(schema.extras)
+        eval_dataset = make_dataset(data.eval_data, schema=schema,
+                                    batch_size=data.eval_batch_size or data.batch_size,
+                                    shuffle=False, max_seq_len=data.max_seq_len,
+                                    max_candidates=data.max_candidates,
+                                    with_extras=with_extras)
+        result["eval"] = evaluate(model, eval_dataset, schema, config.eval.ndcg_k,
+                                  config.eval.max_batches)
+        if chief:
+            _write_scalars(os.path.join(write_dir, "logs", "evaluation"), result["eval"],
+                           step=result["train_steps"])
+    return result
+
+
+def _streaming(config, model, schema, write_dir):
+    data = config.data
+    dataset = make_dataset(data.train_data, schema=schema, batch_size=data.batch_size,
+                           shuffle=False, deterministic=True, max_seq_len=data.max_seq_len,
+                           max_candidates=data.max_candidates,
+                           with_extras=bool(schema.extras))
+    if config.train.steps is not None:
+        dataset = dataset.take(config.train.steps)
+    evaluator = CandidateSetEvaluator(schema.tasks, ndcg_k=config.eval.ndcg_k)
+    losses = streaming_train_and_evaluate(model, dataset, evaluator,
+                                          epochs=config.train.epochs)
+    result = {"eval": {"num_requests": evaluator.num_requests, "tasks": evaluator.result()},
+              "history": {"loss": losses},
+              "train_steps": int(model.optimizer.iterations.numpy())}
+    _write_scalars(os.path.join(write_dir, "logs", "evaluation"), result["eval"],
+                   step=result["train_steps"])
+    return result
+
+
+class ChiefBackupAndRestore(keras.callbacks.BackupAndRestore):
+    """`BackupAndRestore` for clusters: every worker restores from `backup_dir`, only the
+    chief writes (and finally deletes) it. Model weights are read locally, so skipping the
+    save on other workers needs no collective step."""
+
+    def __init__(self, backup_dir, chief=True, **kwargs):
+        super().__init__(backup_dir, **kwargs)
+        self.chief = chief
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        if self.model._initial_epoch:
+            _logger.info("Resumed from the backup in %s at epoch %d", self.backup_dir,
+                         self.model._initial_epoch)
+
+    def _save_model(self):
+        if self.chief:
+            super()._save_model()
+
+    def on_train_end(self, logs=None):
+        if self.chief:
+            super().on_train_end(logs)
+
+
+class EpochCheckpoint(keras.callbacks.Callback):
+    """Writes `epoch-XXXX.weights.h5` (1-based epoch) every `every` epochs."""
+
+    def __init__(self, directory, every=1):
+        super().__init__()
+        self.directory = directory
+        self.every = every
+
+    def on_epoch_end(self, epoch, logs=None):
+        if (epoch + 1) % self.every == 0:
+            os.makedirs(self.directory, exist_ok=True)
+            path = os.path.join(self.directory, f"epoch-{epoch + 1:04d}.weights.h5")
+            self.model.save_weights(path + ".tmp.weights.h5", overwrite=True)
+            os.replace(path + ".tmp.weights.h5", path)
+
+
+class ProgressLog(keras.callbacks.Callback):
+    """Appends `{"epoch", "initial_epoch", "pid"}` to a JSON-lines file at every epoch
+    start, so a resumed run is visible (its first epoch is not 0)."""
+
+    def __init__(self, path):
+        super().__init__()
+        self.path = path
+
+    def on_epoch_begin(self, epoch, logs=None):
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"epoch": epoch, "initial_epoch": self.model._initial_epoch,
+                                "pid": os.getpid()}) + "\n")
+
+
+def _write_scalars(logdir, evaluation, step):
+    writer = tf.summary.create_file_writer(logdir)
+    with writer.as_default():
+        for task, values in evaluation["tasks"].items():
+            for name, value in values.items():
+                tf.summary.scalar(f"{task}/{name}", float(value), step=step)
+    writer.close()
+
+
+def _json_default(value):
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"Not JSON serialisable: {value!r}")
