@@ -86,6 +86,9 @@ def write(results, output_dir):
         "(p10-p90) milliseconds. Peak memory: growth of the process's peak RSS while scoring "
         "(fresh process per model and path).",
         "",
+        f"Highest 1-minute load average seen by a measurement: {_max_load(results)} "
+        f"(on {machine['cpu_count']} CPUs; above that, other work shared the machine).",
+        "",
         "## Headline",
         "",
         *headline(results),
@@ -125,6 +128,11 @@ def write(results, output_dir):
         out += ["", "## Jobs that failed", ""] + [f"- {r['job']}: {r['error']}" for r in errors]
     with open(os.path.join(output_dir, "results.md"), "w") as f:
         f.write("\n".join(out) + "\n")
+
+
+def _max_load(results):
+    loads = [r["load_average_1min"] for r in results["records"] if "load_average_1min" in r]
+    return f"{max(loads):.2f}" if loads else "not recorded"
 
 
 def _plot(scores, config, path, output_dir):

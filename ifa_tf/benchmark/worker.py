@@ -25,7 +25,9 @@ def time_callable(fn, repeats, warmup):
     samples = np.asarray(samples)
     return {"median_ms": float(np.median(samples)), "p10_ms": float(np.percentile(samples, 10)),
             "p90_ms": float(np.percentile(samples, 90)), "min_ms": float(samples.min()),
-            "repeats": int(repeats)}
+            "repeats": int(repeats),
+            # Other work on the machine skews timings; the record says how much there was.
+            "load_average_1min": round(os.getloadavg()[0], 2)}
 
 
 def _status_mb(field):
