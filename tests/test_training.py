@@ -30,12 +30,19 @@ def tiny_data(tmp_path_factory):
     simulator.write_synthetic(directory, simulator.SimulatorConfig(
         num_requests=160, seed=3, max_seq_len=30, max_candidates=12, num_items=500,
         num_authors=100, truth_samples=8, test_fraction=0.25), num_shards=2)
+    # Small hash tables keep checkpoints (and so the tests) fast.
+    schema = simulator.simulator_schema().to_dict()
+    schema["embedding_buckets"] = {"user_id": 101, "item_id": 509, "category_id": 29,
+                                   "author_id": 103}
+    with open(os.path.join(directory, "schema.json"), "w") as f:
+        json.dump(schema, f)
     return directory
 
 
 def tiny_config(data_dir, model="ifa", **sections):
     overrides = [("data.train_data", os.path.join(data_dir, "train-*")),
                  ("data.eval_data", os.path.join(data_dir, "test-*")),
+                 ("data.schema", os.path.join(data_dir, "schema.json")),
                  ("data.batch_size", 16), ("train.verbose", 0),
                  *[(f"model.{k}", v) for k, v in TINY_MODEL.items()]]
     overrides += [(key, value) for key, value in sections.items()]
@@ -193,7 +200,8 @@ def make_batch(schema, seed, batch=8, n=10, m=6):
 
 
 def test_streaming_protocol_end_to_end(tiny_data, tmp_path):
-    config = tiny_config(tiny_data, **{"eval.protocol": "streaming", "data.eval_data": ""})
+    config = tiny_config(tiny_data, model="avg_pooling",
+                         **{"eval.protocol": "streaming", "data.eval_data": ""})
     result = training.train_and_evaluate(config, str(tmp_path / "run"))
     assert result["eval"]["num_requests"] == 120  # every training request, evaluated once
     assert len(result["history"]["loss"]) == result["train_steps"] == 8
@@ -204,7 +212,8 @@ def test_streaming_protocol_end_to_end(tiny_data, tmp_path):
 def ifa_train(tiny_data, model_dir, *extra):
     command = [sys.executable, "-m", "ifa_tf.cli.train", "--model=avg_pooling",
                f"--train_data={tiny_data}/train-*", f"--eval_data={tiny_data}/test-*",
-               f"--model_dir={model_dir}", "--batch_size=8", "--verbose=2",
+               f"--model_dir={model_dir}", f"--schema={tiny_data}/schema.json",
+               "--batch_size=8", "--verbose=2",
                "--set=model.embedding_dim=4", "--set=model.tower_units=[8]", *extra]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
     return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
@@ -220,7 +229,7 @@ def test_ifa_train_rejects_a_typo_naming_the_key(tiny_data, tmp_path):
 
 def test_ifa_train_resumes_after_sigkill(tiny_data, tmp_path):
     model_dir = tmp_path / "run"
-    epochs = 40
+    epochs = 12
     first = ifa_train(tiny_data, model_dir, f"--epochs={epochs}")
     backup = model_dir / "backup" / "training_metadata.json"
     deadline = time.time() + 120

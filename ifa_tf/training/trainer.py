@@ -75,9 +75,11 @@ def evaluate(model, dataset, schema, ndcg_k=10, max_batches=None):
     return {"num_requests": evaluator.num_requests, "tasks": evaluator.result()}
 
 
-def train_and_evaluate(config, workdir):
+def train_and_evaluate(config, workdir, callbacks=()):
     """Trains `config.model` on `config.data.train_data` and evaluates it by
     `config.eval.protocol`; writes everything listed in the module docstring into `workdir`.
+
+    `callbacks`: extra Keras callbacks for `fit` (`split` protocol).
 
     Returns the metrics dict that is written to `metrics.json`.
     """
@@ -88,20 +90,24 @@ def train_and_evaluate(config, workdir):
     # only) but read the chief's backup, so that every worker resumes from the same epoch.
     write_dir = workdir if chief else tempfile.mkdtemp(prefix="ifa_train_worker_")
     os.makedirs(write_dir, exist_ok=True)
-    keras.utils.set_random_seed(config.train.seed)
+    # MultiWorkerMirroredStrategy must exist before other TensorFlow ops run.
     strategy = strategies.make_strategy(config.train.strategy)
+    keras.utils.set_random_seed(config.train.seed)
     schema = load_schema(config)
     if chief:
         with open(os.path.join(workdir, CONFIG_FILENAME), "w") as f:
             f.write(config.to_yaml())
     with strategy.scope():
         model = build_model(config, schema)
+    if config.train.strategy != "default":
+        _build_from_local_replica(model)
 
     try:
         if config.eval.protocol == "streaming":
             result = _streaming(config, model, schema, write_dir)
         else:
-            result = _split(config, model, schema, strategy, workdir, write_dir, chief)
+            result = _split(config, model, schema, strategy, workdir, write_dir, chief,
+                            list(callbacks))
         result.update({"model": config.model.name, "protocol": config.eval.protocol,
                        "seed": config.train.seed, "num_parameters": model.count_params(),
                        "wall_time_s": round(time.time() - started, 2)})
@@ -115,7 +121,7 @@ def train_and_evaluate(config, workdir):
             shutil.rmtree(write_dir, ignore_errors=True)
 
 
-def _split(config, model, schema, strategy, workdir, write_dir, chief):
+def _split(config, model, schema, strategy, workdir, write_dir, chief, extra_callbacks):
     data, train = config.data, config.train
     steps_per_epoch = train.steps_per_epoch
 
@@ -146,7 +152,7 @@ def _split(config, model, schema, strategy, workdir, write_dir, chief):
         callbacks.append(EpochCheckpoint(os.path.join(write_dir, "checkpoints"),
                                          train.checkpoint_every_epochs))
     history = model.fit(train_dataset, epochs=train.epochs, steps_per_epoch=steps_per_epoch,
-                        validation_data=validation, callbacks=callbacks,
+                        validation_data=validation, callbacks=callbacks + extra_callbacks,
                         verbose=train.verbose)
     result = {"history": {k: [float(v) for v in values]
                           for k, values in history.history.items()},
@@ -183,6 +189,28 @@ def _streaming(config, model, schema, write_dir):
     _write_scalars(os.path.join(write_dir, "logs", "evaluation"), result["eval"],
                    step=result["train_steps"])
     return result
+
+
+def _build_from_local_replica(model):
+    """Works around Keras 3's distributed `fit` on dict inputs: before the first step it
+    builds the model from one batch averaged across replicas with `strategy.reduce`, which
+    `MultiWorkerMirroredStrategy` cannot do for a dict of int64 features ("Attempt to
+    convert a value ({'user_id': PerReplica...")). Building needs only shapes and dtypes,
+    so this builds from the first local replica's batch instead (no collective step)."""
+    strategy = model.distribute_strategy
+
+    def maybe_symbolic_build(iterator=None, data_batch=None):
+        if iterator is not None:
+            for _, _, batches in iterator:
+                data_batch = tf.nest.map_structure(
+                    lambda value: (strategy.experimental_local_results(value)[0]
+                                   if isinstance(value, tf.distribute.DistributedValues)
+                                   else value), next(batches))
+                break
+        with strategy.scope():
+            model._symbolic_build(data_batch=data_batch)
+
+    model._maybe_symbolic_build = maybe_symbolic_build
 
 
 class ChiefBackupAndRestore(keras.callbacks.BackupAndRestore):
