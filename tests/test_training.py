@@ -78,6 +78,12 @@ def test_config_typos_are_errors_naming_the_key(override, message):
         training.load_config("ifa", overrides=[override])
 
 
+def test_config_rejects_two_model_names():
+    with pytest.raises(ValueError, match="model.name='twin'"):
+        training.load_config("ifa", overrides=["model.name=twin"])
+    assert training.load_config(None, overrides=["model.name=twin"]).model.name == "twin"
+
+
 def test_config_file_sections_are_checked(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("trainer:\n  epochs: 2\n")

@@ -267,10 +267,14 @@ def load_config(model_name=None, config_file=None, overrides=(), config_dir=None
     if config_file:
         with open(config_file) as f:
             file_values = yaml.safe_load(f) or {}
+    named = [v for k, v in pairs if k == "model.name"]
+    named += [(file_values.get("model") or {}).get("name")] if not named else []
+    named = [v for v in named if v is not None]
     if model_name is None:
-        named = [v for k, v in pairs if k == "model.name"]
-        model_name = (named[-1] if named
-                      else (file_values.get("model") or {}).get("name", ModelConfig.name))
+        model_name = named[-1] if named else ModelConfig.name
+    elif named and named[-1] != model_name:
+        raise ValueError(f"The model is {model_name!r} but the config sets model.name="
+                         f"{named[-1]!r}; name it once.")
     config = Config()
     config.model.name = model_name
     zoo_path = zoo_config_path(model_name, config_dir)
