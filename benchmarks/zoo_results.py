@@ -108,10 +108,11 @@ def summarise(results, tasks, metric):
     return table
 
 
-def markdown_table(table, tasks, rows, names=None, truth=None):
+def markdown_table(table, tasks, rows, names=None, truth=None, lower_is_better=False):
     header = "| Model | " + " | ".join(t.replace("_", " ").capitalize() for t in tasks) + " |"
     lines = [header, "|" + "---|" * (len(tasks) + 1)]
-    best = {t: max(table[m][t][0] for m in rows) for t in tasks}
+    pick = min if lower_is_better else max
+    best = {t: pick(table[m][t][0] for m in rows) for t in tasks}
     for model in rows:
         cells = []
         for task in tasks:
@@ -204,6 +205,8 @@ def main(argv):
 
 def write_report(results, metadata, models, seeds, wall_time):
     os.makedirs(FLAGS.output_dir, exist_ok=True)
+    run_time = sum(r["wall_time_s"] for by_model in results.values()
+                   for runs in by_model.values() for r in runs)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
                             capture_output=True, text=True).stdout.strip() or "unknown"
     command = "python benchmarks/zoo_results.py " + " ".join(sys.argv[1:])
@@ -214,7 +217,9 @@ def write_report(results, metadata, models, seeds, wall_time):
         "",
         f"- Command: `{command}`",
         f"- Commit: `{commit}`",
-        f"- Wall time: {wall_time / 60:.1f} min (CPU, {os.cpu_count()} cores)",
+        f"- Wall time: {wall_time / 60:.1f} min for this invocation (runs finished earlier "
+        f"are read back from `work_dir`); the runs themselves took {run_time / 60:.1f} min "
+        f"(CPU, {os.cpu_count()} cores)",
         f"- Seeds: {seeds}; every model: {FLAGS.epochs} epoch(s) on the simulator, "
         f"{FLAGS.ml_epochs} on MovieLens-100K, batch {FLAGS.batch_size}, "
         f"k = {FLAGS.k} for the sampling baselines, other settings from `zoo/<model>.yaml`"
@@ -253,7 +258,8 @@ def write_report(results, metadata, models, seeds, wall_time):
             if metric not in first[tasks[0]]:
                 continue
             lines += [f"### {title}", "",
-                      markdown_table(summarise(by_model, tasks, metric), tasks, models), ""]
+                      markdown_table(summarise(by_model, tasks, metric), tasks, models,
+                                     lower_is_better=metric == "logloss"), ""]
         if truth:
             gap = summarise(by_model, tasks, "auc_gap_to_truth")
             lines += ["### Gap to ground truth (truth AUC - model AUC; lower is better)", "",
