@@ -148,6 +148,22 @@ def test_compile_without_arguments_then_fit_lowers_the_loss(name):
     assert {f"{t}_auc" for t in SCHEMA.tasks} <= set(after)
 
 
+def test_trained_model_reloads_compiled(tmp_path):
+    model = build("ifa")
+    model.compile(optimizer=keras.optimizers.Adam(1e-2))
+    features, labels = make_batch()
+    model.fit(features, labels, epochs=2, batch_size=3, verbose=0)
+    model.save(tmp_path / "trained.keras")
+    restored = keras.saving.load_model(tmp_path / "trained.keras")
+    expected = model.evaluate(features, labels, verbose=0, return_dict=True)
+    got = restored.evaluate(features, labels, verbose=0, return_dict=True)
+    for key in expected:
+        np.testing.assert_allclose(got[key], expected[key], rtol=1e-5, err_msg=key)
+    assert float(restored.optimizer.learning_rate) == pytest.approx(1e-2)
+    assert int(restored.optimizer.iterations) == int(model.optimizer.iterations)
+    restored.fit(features, labels, epochs=1, batch_size=3, verbose=0)  # training continues
+
+
 def test_full_sequence_fidelity():
     """IFA and din_full read every valid item; din (k = 4) ignores all but the 4 most recent."""
     features, _ = make_batch(seq_valid=(12, 12, 12))

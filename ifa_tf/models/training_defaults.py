@@ -39,6 +39,13 @@ class TrainingDefaultsMixin:
         super().compile(optimizer=optimizer, loss=loss, loss_weights=loss_weights,
                         weighted_metrics=weighted_metrics, **kwargs)
 
+    def compile_from_config(self, config):
+        # Keras skips compile state on load when `compile` is overridden; ours only fills
+        # defaults, so replaying the saved arguments through it restores the same state.
+        self.compile(**keras.saving.deserialize_keras_object(config))
+        if self.built:
+            self.optimizer.build(self.trainable_variables)
+
     def fit(self, x=None, y=None, *args, **kwargs):
         return super().fit(self.checked_data(x, y), y, *args, **kwargs)
 
