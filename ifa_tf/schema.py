@@ -15,7 +15,7 @@ A position is valid where its item id (`seq_item_id` / `cand_item_id`) is non-ze
 import dataclasses
 import json
 import os
-from typing import Any, Mapping
+from typing import Mapping
 
 import numpy as np
 

@@ -86,7 +86,8 @@ def score_job(job):
     baseline = reset_peak_rss()
     for m, n in sorted(job["shapes"], key=lambda s: s[0] * s[1]):
         features = {k: tf.constant(v) for k, v in random_request(schema, m, n).items()}
-        timing = time_callable(lambda: score(features), job["repeats"], job["warmup"])
+        timing = time_callable(lambda request=features: score(request), job["repeats"],
+                               job["warmup"])
         yield {"kind": "score", "model": job["model"], "path": job["path"], "m": m, "n": n,
                **timing, "peak_memory_mb": peak_rss_mb() - baseline}
 

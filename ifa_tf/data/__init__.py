@@ -17,3 +17,10 @@ from ifa_tf.data.records import (METADATA_FILENAME, DataFormatError, ShardedWrit
                                  write_metadata)
 from ifa_tf.data.simulator import (Simulator, SimulatorConfig, simulator_schema,
                                    write_synthetic)
+
+__all__ = [
+    "METADATA_FILENAME", "DataFormatError", "LogConfig", "ShardedWriter", "Simulator",
+    "SimulatorConfig", "convert_log", "convert_movielens_100k", "decode_example",
+    "encode_example", "make_dataset", "read_metadata", "simulator_schema", "write_metadata",
+    "write_synthetic",
+]

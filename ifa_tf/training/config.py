@@ -21,7 +21,7 @@ and listing the valid keys; model keys are checked against `zoo.valid_overrides(
 
 import dataclasses
 import os
-from typing import Any, Optional
+from typing import Optional
 
 import yaml
 
