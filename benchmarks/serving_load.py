@@ -109,17 +109,6 @@ def run_load(make_client, features, clients, duration_s):
         error_codes=error_codes)
 
 
-def random_request(schema, batch, m, n, seed=0):
-    """A full (unpadded) request of `batch` users, `m` candidates, `n` sequence items."""
-    rng = np.random.default_rng(seed)
-    features = {}
-    for name in schema.feature_names:
-        role = schema.role(name)
-        shape = (batch,) if role == "user" else (batch, n if role == "sequence" else m)
-        features[name] = rng.integers(1, 1_000_000, size=shape, dtype=np.int64)
-    return features
-
-
 def _start_server(model_name, zoo_name, workdir, max_m, max_n):
     """Exports a fresh zoo model and starts ifa-serve on it; returns (process, gRPC port,
     REST port)."""
@@ -166,6 +155,7 @@ def main(argv):
 
     import tensorflow as tf
 
+    from ifa_tf.benchmark.requests import random_request
     from ifa_tf.schema import default_schema
     from ifa_tf.serving import connect
 
@@ -186,7 +176,7 @@ def main(argv):
             _wait_ready(make_client())
             rows = []
             for m, n in shapes:
-                features = random_request(default_schema(), FLAGS.batch_size, m, n)
+                features = random_request(default_schema(), m, n, batch=FLAGS.batch_size)
                 run_load(make_client, features, FLAGS.clients, FLAGS.warmup_s)
                 result = run_load(make_client, features, FLAGS.clients, FLAGS.duration_s)
                 rows.append({"m": m, "n": n, "batch_size": FLAGS.batch_size,

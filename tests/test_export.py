@@ -16,6 +16,7 @@ from tensorflow_serving.apis import prediction_log_pb2
 import ifa_tf
 from ifa_tf import export
 from ifa_tf.cli import export as export_cli
+from ifa_tf.benchmark.requests import random_request
 from ifa_tf.schema import FeatureSchema
 
 SCHEMA = FeatureSchema(embedding_buckets={"user_id": 31, "item_id": 101, "category_id": 13,
@@ -29,12 +30,7 @@ CPP_SOURCE = os.path.join(os.path.dirname(__file__), "cpp", "saved_model_runner.
 
 def make_features(batch, m, n, seed):
     """Random request whose rows have different numbers of valid candidates / events."""
-    rng = np.random.default_rng(seed)
-    features = {}
-    for name in SCHEMA.feature_names:
-        role = SCHEMA.role(name)
-        shape = (batch,) if role == "user" else (batch, n if role == "sequence" else m)
-        features[name] = rng.integers(1, 10_000, size=shape, dtype=np.int64)
+    features = random_request(SCHEMA, m, n, batch=batch, seed=seed)
     for row in range(batch):
         valid_m = max(1, m - row * 2 - 1) if m > 1 else 1
         valid_n = max(1, n - row * 3 - 2) if n > 2 else n

@@ -25,6 +25,7 @@ from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb
 
 import ifa_tf
 from ifa_tf import export
+from ifa_tf.benchmark.requests import random_request
 from ifa_tf.schema import FeatureSchema
 from ifa_tf.serving import GrpcClient, RestClient, ServingError, connect
 
@@ -41,12 +42,7 @@ def free_port():
 
 
 def make_features(batch, m, n, seed):
-    rng = np.random.default_rng(seed)
-    features = {}
-    for name in SCHEMA.feature_names:
-        role = SCHEMA.role(name)
-        shape = (batch,) if role == "user" else (batch, n if role == "sequence" else m)
-        features[name] = rng.integers(1, 10_000, size=shape, dtype=np.int64)
+    features = random_request(SCHEMA, m, n, batch=batch, seed=seed)
     for row in range(batch):
         for name in SCHEMA.candidate_features + SCHEMA.cross_features:
             features[name][row, m - 1 - row:] = 0
