@@ -33,12 +33,6 @@ class InterestModule(keras.layers.Layer):
                              "declare the features they come from.")
         return super().__call__(inputs, **kwargs)
 
-    def call(self, inputs):
-        return self.interest(inputs)
-
-    def interest(self, inputs):
-        raise NotImplementedError
-
     def compute_output_shape(self, input_shape):
         return tuple(input_shape["candidates"])
 
@@ -51,7 +45,7 @@ class AveragePoolingInterest(InterestModule):
         self._pooling = layers.MaskedAveragePooling(dtype=self.dtype_policy, name="pooling")
         self.built = True
 
-    def interest(self, inputs):
+    def call(self, inputs):
         pooled = self._pooling(inputs["sequence"], mask=inputs["sequence_mask"])
         return ops.broadcast_to(pooled[:, None, :], ops.shape(inputs["candidates"]))
 
@@ -73,7 +67,7 @@ class RecentDINInterest(InterestModule):
         self._unit.build(shape, (shape[0], self.k, shape[-1]))
         self.built = True
 
-    def interest(self, inputs):
+    def call(self, inputs):
         indices, recent_mask = most_recent_positions(inputs["sequence_mask"], self.k)
         recent = gather_positions(inputs["sequence"], indices)  # [B, k, d]
         return self._unit(inputs["candidates"], recent,
@@ -98,7 +92,7 @@ class FullTargetAttentionInterest(InterestModule):
         self._attention.build(input_shape["candidates"], input_shape["sequence"])
         self.built = True
 
-    def interest(self, inputs):
+    def call(self, inputs):
         return self._attention(inputs["candidates"], inputs["sequence"],
                                query_mask=inputs["candidate_mask"],
                                key_mask=inputs["sequence_mask"])
@@ -127,7 +121,7 @@ class SIMHardInterest(FullTargetAttentionInterest):
         self._attention.build(shape, (*shape[:2], self.k, input_shape["sequence"][-1]))
         self.built = True
 
-    def interest(self, inputs):
+    def call(self, inputs):
         indices, selected_mask = self._search(inputs["candidate_category_ids"],
                                               inputs["sequence_category_ids"],
                                               inputs["sequence_mask"])
@@ -166,7 +160,7 @@ class SIMSoftInterest(SIMHardInterest):
         self._attention.build(shape, (*shape[:2], self.k, input_shape["sequence"][-1]))
         self.built = True
 
-    def interest(self, inputs):
+    def call(self, inputs):
         indices, selected_mask, scores = self._search(
             self._search_embedding(inputs["candidate_item_ids"]),
             self._search_embedding(inputs["sequence_item_ids"]),
