@@ -19,13 +19,15 @@ def test_bench_config_rejects_bad_values():
 
 def test_linear_attention_flops_counts_every_product():
     m, n, d, h, c = 7, 11, 6, 2, 3
-    counted = flops.linear_attention_flops(m, n, d, d, d, h, c, c, d)
-    # Products written out one by one (multiply-add = 2): Q, K, V, output projections;
-    # phi(K)^T V; phi(Q)(phi(K)^T V); phi(Q)(phi(K)^T 1); plus elementwise terms.
-    matmuls = 2 * (m * d * h * c + 2 * n * d * h * c + m * h * c * d
-                   + n * h * c * c + m * h * c * c + m * h * c)
-    elementwise = (m + 3 * n) * h * c + n * h * c + m * h * c
-    assert counted == matmuls + elementwise
+    # Products written out one by one (multiply-add = 2): Q and K projections; phi(K)^T
+    # value and its product with W_v per head; phi(Q_h) S_h and phi(Q_h) z_h; plus
+    # elementwise terms (phi, key mask, phi(K)^T 1, scaling, the bias term of S).
+    matmuls = 2 * (m * d * h * c + n * d * h * c + n * h * c * d + h * c * d * c
+                   + m * h * c * c + m * h * c)
+    elementwise = m * h * c + 2 * n * h * c + n * h * c + 2 * h * c * c + m * h * c
+    assert flops.linear_attention_flops(m, n, d, d, d, h, c, c) == matmuls + elementwise
+    with_output = flops.linear_attention_flops(m, n, d, d, d, h, c, c, output_dim=d)
+    assert with_output == matmuls + elementwise + 2 * m * h * c * d
 
 
 def test_run_job_turns_a_crash_into_an_error_record():

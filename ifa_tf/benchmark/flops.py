@@ -2,19 +2,23 @@
 
 
 def linear_attention_flops(m, n, query_dim, key_dim_in, value_dim_in, num_heads, key_dim,
-                           value_dim, output_dim):
-    """FLOPs (multiply-add = 2) of one request through `NormalizedLinearAttention`.
-
-    Projections (Q, K, V, output), phi(K)^T V, phi(K)^T 1, phi(Q) (phi(K)^T V), the degree
-    phi(Q) (phi(K)^T 1) and the division; feature maps and masks count one FLOP per element.
+                           value_dim, output_dim=None):
+    """FLOPs (multiply-add = 2) of one request through `NormalizedLinearAttention` as it
+    computes: projections Q and K; per head phi(K_h)^T value, then times W_v,h (V is never
+    projected over n); phi(K)^T 1; numerator phi(Q_h) S_h and degree phi(Q_h) z_h over the
+    diagonal blocks only (the arithmetic needed, not the zeros a block-diagonal matmul
+    multiplies); the output projection when `output_dim` is set. Feature maps, the key
+    mask and the final scaling count one FLOP per element.
     """
     hk, hv = num_heads * key_dim, num_heads * value_dim
-    projections = 2 * (m * query_dim * hk + n * key_dim_in * hk + n * value_dim_in * hv
-                       + m * hv * output_dim)
-    feature_maps = m * hk + n * hk + n * hk + n * hv  # phi(Q), phi(K), key mask on K and V
-    key_summaries = 2 * n * num_heads * key_dim * value_dim + n * hk
+    projections = 2 * (m * query_dim * hk + n * key_dim_in * hk)
+    if output_dim:
+        projections += 2 * m * hv * output_dim
+    feature_maps = m * hk + 2 * n * hk  # phi(Q), phi(K), key mask
+    key_side = (2 * n * hk * value_dim_in + n * hk
+                + 2 * num_heads * key_dim * value_dim_in * value_dim + 2 * hk * value_dim)
     query_side = 2 * m * num_heads * key_dim * value_dim + 2 * m * hk + m * hv
-    return projections + feature_maps + key_summaries + query_side
+    return projections + feature_maps + key_side + query_side
 
 
 def linear_attention_bytes(m, n, query_dim, key_dim_in, output_dim, weights, itemsize=4):

@@ -1,4 +1,5 @@
 import keras
+from keras import ops
 
 from ifa_tf.layers.validation import check_units, clone_initializer
 
@@ -53,10 +54,13 @@ class MLPTower(keras.layers.Layer):
         self.built = True
 
     def call(self, inputs, training=None):
-        x = inputs
+        # The layers run on the inputs flattened to 2-D: on TensorFlow's CPU runtime
+        # (oneDNN) a 2-D matmul fuses with its bias and ReLU into one kernel, where the
+        # [..., d] form (a reshaped tensordot) costs two more passes over [..., units].
+        x = ops.reshape(inputs, (-1, inputs.shape[-1]))
         for dense, dropout in zip(self._hidden, self._dropouts):
             x = dropout(dense(x), training=training)
-        return self._logit(x)[..., 0]
+        return ops.reshape(self._logit(x), ops.shape(inputs)[:-1])
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-1])

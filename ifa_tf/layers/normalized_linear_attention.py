@@ -112,41 +112,34 @@ class NormalizedLinearAttention(keras.layers.Layer):
             key_mask = getattr(key, "_keras_mask", None)
         heads, key_dim = self.num_heads, self.key_dim
         value_dim = self.value_dim or key_dim
-        # Heads stay flat ([..., heads * dim]) and projections that read the same tensor
-        # share one matmul (Q, K, V for self-attention; K, V over a sequence): the hot path
-        # is a handful of 2-D matmuls with no per-head transposes.
-        if key is query and value is query:
-            phi_q, phi_k, v = self._project(query, self._query_dense, self._key_dense,
-                                            self._value_dense)
-        elif value is key:
-            (phi_q,) = self._project(query, self._query_dense)
-            phi_k, v = self._project(key, self._key_dense, self._value_dense)
-        else:
-            (phi_q,) = self._project(query, self._query_dense)
-            (phi_k,) = self._project(key, self._key_dense)
-            (v,) = self._project(value, self._value_dense)
-        # The attention core runs in float32 (a no-op without mixed precision): its sums
-        # over up to 10^4 keys overflow float16, and it is O(d^2) small next to the
-        # projections, which stay in the compute dtype.
-        phi_q = apply_feature_map(self.feature_map, _float32(phi_q))  # [B, m, h*k]
-        phi_k = apply_feature_map(self.feature_map, _float32(phi_k))  # [B, n, h*k]
+        # Heads stay flat ([..., heads * dim]), so the hot path is a handful of 2-D matmuls
+        # with no per-head transposes. The core runs in float32 (a no-op without mixed
+        # precision): its sums over up to 10^4 keys overflow float16.
+        phi_q = self._project_phi(query, self._query_dense)  # [B, m, h*k]
+        phi_k = self._project_phi(key, self._key_dense)  # [B, n, h*k]
         if key_mask is not None:
             # A zero row of phi(K) removes its key from phi(K)^T V and phi(K)^T 1 alike.
             phi_k = phi_k * ops.cast(key_mask, "float32")[:, :, None]
-        v = ops.reshape(_float32(v), (*ops.shape(v)[:-1], heads, value_dim))
-        values_and_ones = ops.concatenate([v, ops.ones_like(v[..., :1])], axis=-1)
-        values_and_ones = ops.reshape(values_and_ones,
-                                      (*ops.shape(v)[:-2], heads * (value_dim + 1)))
-        # phi(K)^T [V 1] holds the sequence summary phi(K)^T V and the normaliser's
-        # phi(K)^T 1 (Eq. 7): one O(n) product for all heads at once, keeping only the
-        # blocks where key head = value head. phi(Q) times it gives numerator and D.
-        summary = ops.matmul(ops.transpose(phi_k, (0, 2, 1)), values_and_ones)
-        summary = summary * self._head_blocks(heads, key_dim, value_dim + 1)
-        numerator_and_degree = ops.matmul(phi_q, summary)  # [B, m, h*(v+1)]
-        numerator_and_degree = ops.reshape(
-            numerator_and_degree, (*ops.shape(numerator_and_degree)[:-1], heads, value_dim + 1))
-        degree = numerator_and_degree[..., -1:] + self.epsilon
-        attended = ops.cast(numerator_and_degree[..., :-1] / degree, self.compute_dtype)
+        # The sequence summary of Eq. 7 per head, phi(K_h)^T V_h with V_h = value W_h + b_h,
+        # is (phi(K_h)^T value) W_h + (phi(K_h)^T 1) b_h: V is never projected over n, and
+        # one O(n) product phi(K)^T value serves every head.
+        keys_by_value = ops.matmul(ops.transpose(phi_k, (0, 2, 1)), _float32(value))
+        keys_by_value = ops.reshape(keys_by_value, (-1, heads, key_dim, value.shape[-1]))
+        key_sums = ops.reshape(ops.sum(phi_k, axis=1), (-1, heads, key_dim))  # phi(K_h)^T 1
+        value_kernel = ops.transpose(_float32(self._value_dense.kernel), (1, 0, 2))  # [h, d, v]
+        summary = ops.matmul(keys_by_value, value_kernel)  # [B, h, k, v]
+        if self.use_bias:
+            summary = summary + key_sums[..., None] * _float32(self._value_dense.bias)[:, None]
+        # phi(Q) against block-diagonal summaries gives every head's numerator and its
+        # degree D (Eq. 7) in two matmuls, [B, m, h*v] and [B, m, h], with no slicing.
+        numerator = ops.matmul(phi_q, self._block_diagonal(summary))
+        degree = ops.matmul(phi_q, self._block_diagonal(key_sums[..., None]))
+        scale = 1.0 / (degree + self.epsilon)  # [B, m, h]: small, the division is done here
+        if query_mask is not None and self._output_dense is None:
+            scale = scale * ops.cast(query_mask, "float32")[..., None]
+            query_mask = None  # folded into the scale: padded queries get zero output
+        numerator = ops.reshape(numerator, (*ops.shape(numerator)[:-1], heads, value_dim))
+        attended = ops.cast(numerator * scale[..., None], self.compute_dtype)
         if self._output_dense is None:
             output = ops.reshape(attended, (*ops.shape(attended)[:-2], heads * value_dim))
         else:
@@ -155,32 +148,34 @@ class NormalizedLinearAttention(keras.layers.Layer):
             output = output * ops.cast(query_mask, output.dtype)[..., None]
         return output
 
-    def _project(self, inputs, *denses):
-        """`inputs` through the head projections `denses` in one matmul; each result is
-        [..., heads * dim]. Uses the projections' own weights, so nothing else changes."""
-        kernels, biases, sizes = [], [], []
-        for dense in denses:
-            kernel = ops.cast(dense.kernel, self.compute_dtype)
-            kernels.append(ops.reshape(kernel, (kernel.shape[0], -1)))
-            sizes.append(kernels[-1].shape[-1])
-            if self.use_bias:
-                biases.append(ops.reshape(ops.cast(dense.bias, self.compute_dtype), (-1,)))
-        kernel = kernels[0] if len(kernels) == 1 else ops.concatenate(kernels, axis=-1)
-        projected = ops.matmul(ops.cast(inputs, self.compute_dtype), kernel)
+    def _project_phi(self, inputs, dense):
+        """phi(inputs W + b) as [..., heads * dim] float32. The product is taken on the
+        inputs flattened to 2-D, so that TensorFlow's CPU runtime (oneDNN) fuses matmul,
+        bias and an ELU into one kernel instead of three passes over the result."""
+        depth = inputs.shape[-1]
+        kernel = ops.reshape(ops.cast(dense.kernel, self.compute_dtype), (depth, -1))
+        projected = ops.matmul(ops.reshape(ops.cast(inputs, self.compute_dtype), (-1, depth)),
+                               kernel)
         if self.use_bias:
-            projected = projected + (biases[0] if len(biases) == 1
-                                     else ops.concatenate(biases, axis=-1))
-        if len(denses) == 1:
-            return (projected,)
-        split_points = [sum(sizes[:i + 1]) for i in range(len(sizes) - 1)]
-        return tuple(ops.split(projected, split_points, axis=-1))
+            projected = projected + ops.reshape(ops.cast(dense.bias, self.compute_dtype), (-1,))
+        phi = apply_feature_map(self.feature_map, _float32(projected))
+        return ops.reshape(phi, (*ops.shape(inputs)[:-1], kernel.shape[-1]))
+
+    def _block_diagonal(self, blocks):
+        """[B, h, r, c] per-head blocks -> [B, h*r, h*c], zero off the diagonal blocks."""
+        heads, rows, columns = blocks.shape[1], blocks.shape[2], blocks.shape[3]
+        if heads == 1:
+            return ops.reshape(blocks, (-1, rows, columns))
+        tiled = ops.tile(blocks, (1, 1, 1, heads)) * self._head_blocks(heads, rows, columns)
+        return ops.reshape(tiled, (-1, heads * rows, heads * columns))
 
     @staticmethod
     def _head_blocks(heads, rows_per_head, columns_per_head):
-        """[h*r, h*c] constant: 1 where row and column belong to the same head."""
-        row_head = ops.repeat(ops.arange(heads), rows_per_head)
+        """[h, r, h*c] constant: 1 where the column belongs to the row's head."""
         column_head = ops.repeat(ops.arange(heads), columns_per_head)
-        return ops.cast(ops.equal(row_head[:, None], column_head[None, :]), "float32")
+        same = ops.equal(ops.arange(heads)[:, None, None], column_head[None, None, :])
+        return ops.broadcast_to(ops.cast(same, "float32"),
+                                (heads, rows_per_head, heads * columns_per_head))
 
     def compute_mask(self, query, key, value=None, query_mask=None, key_mask=None):
         return query_mask
