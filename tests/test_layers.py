@@ -345,6 +345,15 @@ def test_hashed_embedding_buckets():
     hashed = layers.HashedEmbedding(97, 4)
     buckets = np_(hashed.bucketize(ids)).astype(int)
     assert buckets[0] == 0 and (buckets[1:] >= 1).all() and (buckets < 97).all()
+    # Exactly multiply-shift hashing in unbounded integers, on every backend (int64
+    # products wrap modulo 2^64 alike).
+    def reference(i):
+        top = ((i * 0x9E3779B97F4A7C15) % 2**64) >> 32
+        return 0 if i == 0 else 1 + (top * 96 >> 32)
+    extremes = np.array([-2**63, -1, 2**63 - 1, 2**32, 2**40 + 3])
+    np.testing.assert_array_equal(np_(hashed.bucketize(extremes)),
+                                  [reference(int(i)) for i in extremes])
+    np.testing.assert_array_equal(buckets, [reference(int(i)) for i in ids])
     # Consecutive ids spread evenly over the non-padding buckets.
     load = np.bincount(np_(hashed.bucketize(np.arange(1, 9601))).astype(int), minlength=97)
     assert load[0] == 0 and load[1:].min() >= 50 and load[1:].max() <= 150
@@ -357,6 +366,25 @@ def test_hashed_embedding_buckets():
     round_trip(hashed, ids)
     with pytest.raises(ValueError, match="num_buckets=1"):
         layers.HashedEmbedding(1, 4)
+
+
+def test_summed_hashed_embedding_is_the_sum_of_the_lookups():
+    rng = np.random.default_rng(0)
+    actions = rng.integers(-2, 12, size=(2, 9))
+    deltas = rng.integers(-5, 2**40, size=(2, 9))
+    for max_joint_rows in (4096, 10):  # one joint lookup; per-feature fallback
+        summed = layers.SummedHashedEmbedding([8, 66], ["clip", "log2"], 5,
+                                              names=["a", "t"], max_joint_rows=max_joint_rows)
+        got = np_(summed([actions, deltas]))
+        action_table, delta_table = (np_(e.embeddings) for e in summed._embeddings)
+        a_buckets = np_(summed._embeddings[0].bucketize(actions)).astype(int)
+        t_buckets = np_(summed._embeddings[1].bucketize(deltas)).astype(int)
+        np.testing.assert_allclose(got, action_table[a_buckets] + delta_table[t_buckets],
+                                   rtol=1e-6, atol=1e-7)
+        assert [w.path.split("/")[-3] for w in summed.weights] == ["a", "t"]
+        round_trip(summed, [actions, deltas])
+    with pytest.raises(ValueError, match="one entry per feature"):
+        layers.SummedHashedEmbedding([8, 66], ["clip"], 5)
 
 
 def test_normalized_linear_attention_mixed_precision_keeps_a_float32_normaliser():

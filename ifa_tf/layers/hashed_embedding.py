@@ -1,13 +1,16 @@
+import math
+
 import keras
 from keras import ops
 
 from ifa_tf.layers.validation import check_choice, check_positive_int
 
-# Multiplicative hashing modulo the Mersenne prime 2^31 - 1: reducing first keeps every
-# product below 2^62, so no id, however large or negative, overflows int64.
-_PRIME = 2_147_483_647
-_MULTIPLIER = 1_540_483_477
-_INCREMENT = 1_013_904_223
+# Multiply-shift hashing (Fibonacci hashing): the top 32 bits of id * phi * 2^64 modulo
+# 2^64, mapped onto the buckets by a multiply and a shift ("fastrange"). int64 products
+# wrap modulo 2^64 on every backend, so any id, negative or huge, is fine, and there is
+# no integer division on the hot path (an int64 modulo costs ~25 ns a value on a CPU).
+_MULTIPLIER = 0x9E3779B97F4A7C15 - 2**64  # 2^64 / golden ratio, odd, as a signed int64
+_LOW_32_BITS = 0xFFFFFFFF
 
 BUCKETING_MODES = ("hash", "log2", "clip")
 
@@ -41,8 +44,9 @@ class HashedEmbedding(keras.layers.Layer):
         super().__init__(**kwargs)
         check_choice("mode", mode, BUCKETING_MODES)
         check_positive_int("output_dim", output_dim)
-        if not isinstance(num_buckets, int) or num_buckets < 2:
-            raise ValueError("`num_buckets` must be an integer >= 2 (bucket 0 is padding). "
+        if not isinstance(num_buckets, int) or not 2 <= num_buckets <= 2**31:
+            raise ValueError("`num_buckets` must be an integer in [2, 2^31] (bucket 0 is "
+                             "padding). "
                              f"Received: num_buckets={num_buckets!r}")
         self.num_buckets = num_buckets
         self.output_dim = output_dim
@@ -63,14 +67,19 @@ class HashedEmbedding(keras.layers.Layer):
         """The table row of each value (int tensor of the same shape)."""
         if self.mode == "hash":
             values = ops.cast(values, "int64")
-            reduced = ops.mod(values, _PRIME)
-            mixed = ops.mod(reduced * _MULTIPLIER + _INCREMENT, _PRIME)
-            return ops.where(ops.equal(values, 0), 0, ops.mod(mixed, self.num_buckets - 1) + 1)
+            mixed = ops.bitwise_and(ops.right_shift(values * _MULTIPLIER, 32), _LOW_32_BITS)
+            bucket = ops.right_shift(mixed * (self.num_buckets - 1), 32) + 1
+            return ops.where(ops.equal(values, 0), 0, bucket)
         if self.mode == "log2":
             magnitude = ops.cast(ops.maximum(values, 0), "float32")
             bucket = 1 + ops.cast(ops.floor(ops.log2(1.0 + magnitude)), "int32")
             return ops.minimum(bucket, self.num_buckets - 1)
         return ops.clip(ops.cast(values, "int32"), 0, self.num_buckets - 1)
+
+    @property
+    def embeddings(self):
+        """The table, [num_buckets, output_dim]."""
+        return self._embedding.embeddings
 
     def call(self, values):
         return self._embedding(self.bucketize(values))
@@ -89,3 +98,82 @@ class HashedEmbedding(keras.layers.Layer):
         })
         return config
 
+
+
+@keras.saving.register_keras_serializable(package="ifa_tf")
+class SummedHashedEmbedding(keras.layers.Layer):
+    """The sum of several features' `HashedEmbedding`s, looked up at once.
+
+    For features with few buckets (action bit sets, log2 time deltas), the sum
+    `sum_f E_f[b_f]` is one row of the outer-sum table `T[b_1, ..., b_k] = sum_f E_f[b_f]`
+    at the mixed-radix index of the buckets. `T` is rebuilt from the tables at every call
+    (a few hundred rows), so over a [B, n] sequence this costs one gather and no additions
+    where per-feature lookups cost one gather and one addition each. Each feature keeps its
+    own table, and gradients reach every table as they would through the sum. When `T`
+    would exceed `max_joint_rows` rows, the features are looked up one by one instead.
+
+    Args:
+        num_buckets: the bucket count of each feature.
+        modes: the `HashedEmbedding` mode of each feature.
+        output_dim: size of every embedding (they are summed).
+        names: the name of each feature's `HashedEmbedding`.
+        max_joint_rows: the largest outer-sum table built.
+
+    Call arguments:
+        values: a list with one int tensor per feature, all of the same shape.
+
+    Returns:
+        `values[0].shape + (output_dim,)`.
+    """
+
+    def __init__(self, num_buckets, modes, output_dim, names=None, max_joint_rows=4096,
+                 **kwargs):
+        super().__init__(**kwargs)
+        names = list(names) if names is not None else [f"embedding_{i}"
+                                                        for i in range(len(num_buckets))]
+        if not num_buckets or not len(num_buckets) == len(modes) == len(names):
+            raise ValueError("`num_buckets`, `modes` and `names` need one entry per feature. "
+                             f"Received: num_buckets={num_buckets}, modes={modes}, "
+                             f"names={names}")
+        check_positive_int("max_joint_rows", max_joint_rows)
+        self.num_buckets = list(num_buckets)
+        self.modes = list(modes)
+        self.output_dim = output_dim
+        self.names = names
+        self.max_joint_rows = max_joint_rows
+        self._embeddings = [
+            HashedEmbedding(buckets, output_dim, mode=mode, dtype=self.dtype_policy, name=name)
+            for buckets, mode, name in zip(self.num_buckets, self.modes, self.names)]
+
+    def build(self, input_shape):
+        for embedding, shape in zip(self._embeddings, input_shape):
+            embedding.build(shape)
+        self.built = True
+
+    def call(self, values):
+        if len(self._embeddings) == 1 or math.prod(self.num_buckets) > self.max_joint_rows:
+            total = self._embeddings[0](values[0])
+            for embedding, value in zip(self._embeddings[1:], values[1:]):
+                total = total + embedding(value)
+            return total
+        joint_table, joint_index = None, None
+        for embedding, value in zip(self._embeddings, values):
+            table = embedding.embeddings
+            bucket = ops.cast(embedding.bucketize(value), "int32")
+            if joint_table is None:
+                joint_table, joint_index = table, bucket
+            else:
+                joint_table = ops.reshape(joint_table[:, None, :] + table[None, :, :],
+                                          (-1, self.output_dim))
+                joint_index = joint_index * embedding.num_buckets + bucket
+        return ops.cast(ops.take(joint_table, joint_index, axis=0), self.compute_dtype)
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[0], self.output_dim)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"num_buckets": self.num_buckets, "modes": self.modes,
+                       "output_dim": self.output_dim, "names": self.names,
+                       "max_joint_rows": self.max_joint_rows})
+        return config

@@ -81,12 +81,14 @@ class CandidateSetRanker(TrainingDefaultsMixin, keras.Model):
                                          name=f"{name}_embedding")
             for name in schema.user_features
         }
-        context_embeddings = {
-            name: layers.HashedEmbedding(
-                *((_ACTION_BUCKETS, item_dim, "clip") if name == "seq_action"
-                  else (_LOG2_BUCKETS, item_dim, "log2")), name=f"{name}_embedding")
-            for name in schema.sequence_context
-        }
+        # Context (action bits, log2 time delta) embeddings are summed into the sequence
+        # items; with few buckets per feature the sum is a single lookup.
+        context_buckets = [(_ACTION_BUCKETS, "clip") if name == "seq_action"
+                           else (_LOG2_BUCKETS, "log2") for name in schema.sequence_context]
+        context_embedding = layers.SummedHashedEmbedding(
+            [buckets for buckets, _ in context_buckets], [mode for _, mode in context_buckets],
+            item_dim, names=[f"{name}_embedding" for name in schema.sequence_context],
+            name="sequence_context_embedding") if schema.sequence_context else None
         cross_embeddings = {
             name: layers.HashedEmbedding(_LOG2_BUCKETS, embedding_dim, mode="log2",
                                          name=f"{name}_embedding")
@@ -114,8 +116,9 @@ class CandidateSetRanker(TrainingDefaultsMixin, keras.Model):
 
         candidates = item_embeddings(CANDIDATE_PREFIX)  # F_can [B, m, item_dim]
         sequence = item_embeddings(SEQUENCE_PREFIX)  # F_seq [B, n, item_dim]
-        for name, embedding in context_embeddings.items():
-            sequence = sequence + embedding(inputs[name])
+        if context_embedding is not None:
+            sequence = sequence + context_embedding(
+                [inputs[name] for name in schema.sequence_context])
         module_inputs = {
             "candidates": candidates,
             "sequence": sequence,
