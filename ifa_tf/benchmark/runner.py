@@ -61,7 +61,8 @@ def jobs(config, models, export_base):
                "warmup": 2}
     largest_m, largest_n = max(config.m_values), max(config.n_values)
     yield {"kind": "attention", "m": largest_m, "n": largest_n, "depth": 48, "heads": 2,
-           "key_dim": 16, "repeats": max(config.repeats, 10), "warmup": config.warmup}
+           "key_dim": 16, "repeats": max(config.repeats, 10), "warmup": config.warmup,
+           "loop_iterations": 20}
 
 
 def run_job(job, timeout_s):

@@ -22,10 +22,14 @@ def time_callable(fn, repeats, warmup):
         start = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - start) * 1e3)
-    samples = np.asarray(samples)
+    return summarize(samples)
+
+
+def summarize(samples_ms):
+    samples = np.asarray(samples_ms)
     return {"median_ms": float(np.median(samples)), "p10_ms": float(np.percentile(samples, 10)),
             "p90_ms": float(np.percentile(samples, 90)), "min_ms": float(samples.min()),
-            "repeats": int(repeats),
+            "repeats": int(samples.size),
             # Other work on the machine skews timings; the record says how much there was.
             "load_average_1min": round(os.getloadavg()[0], 2)}
 
@@ -109,25 +113,68 @@ def train_job(job):
 
 
 def attention_job(job):
+    """IFA's FSM attention (`NormalizedLinearAttention` as `zoo.build("ifa")` configures it)
+    on one request: the time inside a graph (what the module costs within a model) and
+    the latency of one call from Python, with and without XLA."""
     import tensorflow as tf
 
     from ifa_tf.benchmark.flops import linear_attention_bytes, linear_attention_flops
     from ifa_tf.layers import NormalizedLinearAttention
 
     m, n, depth, heads, key_dim = job["m"], job["n"], job["depth"], job["heads"], job["key_dim"]
-    layer = NormalizedLinearAttention(heads, key_dim)
+    layer = NormalizedLinearAttention(heads, key_dim, use_output_projection=False)
     rng = np.random.default_rng(0)
-    query = tf.constant(rng.normal(size=(1, m, depth)), tf.float32)
-    key = tf.constant(rng.normal(size=(1, n, depth)), tf.float32)
-    mask = tf.ones((1, n), tf.bool)
-    call = tf.function(lambda q, k, mk: layer(q, k, key_mask=mk))
-    timing = time_callable(lambda: call(query, key, mask).numpy(), job["repeats"],
-                           job["warmup"])
+    inputs = (tf.constant(rng.normal(size=(1, m, depth)), tf.float32),
+              tf.constant(rng.normal(size=(1, n, depth)), tf.float32),
+              tf.ones((1, m), tf.bool), tf.ones((1, n), tf.bool))
+    call = tf.function(lambda q, k, qm, km: layer(q, k, query_mask=qm, key_mask=km))
+    latency = time_callable(lambda: call(*inputs).numpy(), job["repeats"], job["warmup"])
+    iterations = job["loop_iterations"]
+    record = {"kind": "attention", "m": m, "n": n, "depth": depth, "heads": heads,
+              "key_dim": key_dim, "loop_iterations": iterations,
+              "call_median_ms": latency["median_ms"]}
+    for suffix, jit_compile in (("", False), ("xla_", True)):
+        single, looped = (_attention_loop(layer, count, jit_compile) for count in
+                          (1, 1 + iterations))
+        for _ in range(max(job["warmup"], 1)):
+            single(*inputs).numpy(), looped(*inputs).numpy()
+        samples = []
+        for _ in range(job["repeats"]):
+            start = time.perf_counter()
+            single(*inputs).numpy()
+            middle = time.perf_counter()
+            looped(*inputs).numpy()
+            end = time.perf_counter()
+            samples.append(((end - middle) - (middle - start)) / iterations * 1e3)
+        timing = summarize(samples)
+        record.update({suffix + key: value for key, value in timing.items()})
     weights = sum(int(np.prod(w.shape)) for w in layer.weights)
-    flops = linear_attention_flops(m, n, depth, depth, depth, heads, key_dim, key_dim, depth)
-    moved = linear_attention_bytes(m, n, depth, depth, depth, weights)
-    yield {"kind": "attention", "m": m, "n": n, "depth": depth, "heads": heads,
-           "key_dim": key_dim, **timing, "flops": flops, "bytes": moved}
+    record["flops"] = linear_attention_flops(m, n, depth, depth, depth, heads, key_dim,
+                                             key_dim)
+    record["bytes"] = linear_attention_bytes(m, n, depth, depth, heads * key_dim, weights)
+    yield record
+
+
+def _attention_loop(layer, iterations, jit_compile):
+    """A function running `layer` `iterations` times in one graph (a while loop); the
+    difference between two counts, per iteration, excludes the call's fixed costs."""
+    import tensorflow as tf
+
+    @tf.function(jit_compile=jit_compile)
+    def run(query, key, query_mask, key_mask):
+        def body(i, total):
+            # Query and key mask depend on i (their values do not change), so no part of an
+            # iteration can be hoisted out of the loop (XLA would), and the whole output is
+            # summed (XLA would narrow the products to the rows a slice reads). Both cost a
+            # pass over [m, d] each, counted in the module's time.
+            out = layer(query + tf.cast(i, query.dtype) * 0.0, key, query_mask=query_mask,
+                        key_mask=tf.logical_or(key_mask, i < 0))
+            return i + 1, total + tf.reduce_sum(out)
+
+        return tf.while_loop(lambda i, _: i < iterations, body, (0, 0.0),
+                             parallel_iterations=1)[1]
+
+    return run
 
 
 JOBS = {"export": export_job, "score": score_job, "train": train_job, "attention": attention_job}
