@@ -47,7 +47,7 @@ def test_report_headline_and_tables(tmp_path):
                 records.append({"kind": "score", "model": model, "path": "keras", "m": m,
                                 "n": n, "median_ms": scale * (1 + m / 10 + n / 100),
                                 "p10_ms": 1.0, "p90_ms": 2.0, "min_ms": 1.0, "repeats": 3,
-                                "peak_memory_mb": 10 * scale})
+                                "peak_memory_mb": 10 * scale, "peak_tensor_mb": 20 * scale})
     results = {"config": vars(config), "records": records, "commit": "abc", "started": "t",
                "wall_time_s": 1.0, "machine": {"platform": "p", "cpu_count": 2,
                                                "matmul_gflops": 100.0,
@@ -55,7 +55,10 @@ def test_report_headline_and_tables(tmp_path):
     lines = report.headline(json.loads(json.dumps(results)))
     assert "IFA 12.0 ms" in lines[0]
     assert any("avg_pooling: 9.6 ms, IFA is 0.80x faster" in line for line in lines)
-    assert any("ratio 1.25" in line for line in lines)
+    assert any("peak tensor memory: IFA 20.0 MB, avg_pooling 16.0 MB, ratio 1.25" in line
+               for line in lines)
+    assert any("peak RSS growth: IFA 10.0 MB, avg_pooling 8.0 MB, ratio 1.25" in line
+               for line in lines)
     report.write(results, str(tmp_path))
     text = (tmp_path / "results.md").read_text()
     assert "| ifa | 2.1 (1.0-2.0) | 3.0 (1.0-2.0) | 11.1 (1.0-2.0) | 12.0 (1.0-2.0) |" in text

@@ -41,10 +41,11 @@ def headline(results):
                              f"{record['median_ms'] / ifa['median_ms']:.2f}x faster "
                              f"(IFA / {other} = {ifa['median_ms'] / record['median_ms']:.2f})")
         base = scores.get(("avg_pooling", m, n))
-        if base and base["peak_memory_mb"] > 0:
-            lines.append(f"  - peak memory: IFA +{ifa['peak_memory_mb']:.0f} MB, avg_pooling "
-                         f"+{base['peak_memory_mb']:.0f} MB, ratio "
-                         f"{ifa['peak_memory_mb'] / base['peak_memory_mb']:.2f}")
+        for field, what, unit in (("peak_tensor_mb", "peak tensor memory", " MB"),
+                                  ("peak_memory_mb", "peak RSS growth", " MB")):
+            if base and base.get(field, 0) > 0 and field in ifa:
+                lines.append(f"  - {what}: IFA {ifa[field]:.1f}{unit}, avg_pooling "
+                             f"{base[field]:.1f}{unit}, ratio {ifa[field] / base[field]:.2f}")
         mid_m = sorted(config["m_values"])[len(config["m_values"]) // 2]
         small_n = sorted(config["n_values"])[len(config["n_values"]) // 2]
         low, high = scores.get((HEADLINE_MODEL, mid_m, small_n)), scores.get(
@@ -95,8 +96,12 @@ def write(results, output_dir):
         "Produced by `ifa-bench --output_dir=" + output_dir + "` (see `ifa-bench --help`); "
         "every model at its zoo defaults (default schema, k = 100), one request (B = 1), "
         f"{config['warmup']} warm-up and {config['repeats']} timed calls per shape; median "
-        "(p10-p90) milliseconds. Peak memory: growth of the process's peak RSS while scoring "
-        "(fresh process per model and path).",
+        "(p10-p90) milliseconds. Peak tensor memory: the peak of TensorFlow's CPU allocator "
+        "over one shape's calls, above the bytes held before them (every tensor counted "
+        "exactly). Peak RSS growth: the process's peak resident memory while scoring the "
+        "grid, from after one 8 x 8 warm-up request (TF Serving runs an export's warm-up "
+        "requests at load); it moves in pages and allocator caches, so small differences "
+        "are noise. A fresh process per model and path.",
         "",
         f"Highest 1-minute load average seen by a measurement: {_max_load(results)} "
         f"(on {machine['cpu_count']} CPUs; above that, other work shared the machine).",
@@ -117,13 +122,18 @@ def write(results, output_dir):
                 cells.append("—" if r is None else
                              f"{r['median_ms']:.1f} ({r['p10_ms']:.1f}-{r['p90_ms']:.1f})")
             out.append(f"| {model} | " + " | ".join(cells) + " |")
-        out += ["", f"Peak memory growth (MB) through the {path.replace('_', ' ')}:", "",
-                "| model | " + " | ".join(f"m={m:,} n={n:,}" for m, n in shapes) + " |",
-                "|---" * (len(shapes) + 1) + "|"]
-        for model in sorted({k[0] for k in scores}):
-            cells = [("—" if (model, m, n) not in scores else
-                      f"{scores[(model, m, n)]['peak_memory_mb']:.0f}") for m, n in shapes]
-            out.append(f"| {model} | " + " | ".join(cells) + " |")
+        for field, title, digits in (
+                ("peak_tensor_mb", "Peak tensor memory (MB, TensorFlow's allocator)", 1),
+                ("peak_memory_mb", "Peak RSS growth (MB, page-level, noisy at this size)", 0)):
+            if not any(field in r for r in scores.values()):
+                continue
+            out += ["", f"{title} through the {path.replace('_', ' ')}:", "",
+                    "| model | " + " | ".join(f"m={m:,} n={n:,}" for m, n in shapes) + " |",
+                    "|---" * (len(shapes) + 1) + "|"]
+            for model in sorted({k[0] for k in scores}):
+                cells = [("—" if field not in scores.get((model, m, n), {}) else
+                          f"{scores[(model, m, n)][field]:.{digits}f}") for m, n in shapes]
+                out.append(f"| {model} | " + " | ".join(cells) + " |")
         _plot(scores, config, path, output_dir)
         out += ["", f"![time vs n](time_vs_n_{path}.png)",
                 f"![per-candidate cost vs m](per_candidate_vs_m_{path}.png)"]
