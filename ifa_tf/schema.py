@@ -107,10 +107,10 @@ class FeatureSchema:
         if duplicates:
             raise ValueError(f"FeatureSchema declares these names twice: {duplicates}")
         for name, size in self.embedding_buckets.items():
-            if not isinstance(size, (int, np.integer)) or size < 2:
+            if not isinstance(size, (int, np.integer)) or not 2 <= size <= 2**31:
                 raise ValueError(
-                    "FeatureSchema.embedding_buckets values must be integers >= 2 (bucket 0 is "
-                    f"padding). Received: embedding_buckets[{name!r}]={size!r}")
+                    "FeatureSchema.embedding_buckets values must be integers in [2, 2^31] "
+                    f"(bucket 0 is padding). Received: embedding_buckets[{name!r}]={size!r}")
 
     # ----------------------------------------------------------------- names and roles
     @property

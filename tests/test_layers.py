@@ -368,6 +368,22 @@ def test_hashed_embedding_buckets():
         layers.HashedEmbedding(1, 4)
 
 
+def test_stacked_hashed_embedding_is_concatenated_hashed_embeddings():
+    ids = [np.array([[0, 5, -3], [2**62, 7, 0]]), np.array([[1, 0, 9], [4, 4, 2**40]])]
+    stacked = layers.StackedHashedEmbedding([97, 13], 3)
+    got = np_(stacked(ids))
+    table = np_(stacked.embeddings)
+    single = [layers.HashedEmbedding(97, 3), layers.HashedEmbedding(13, 3)]
+    expected = np.concatenate(
+        [table[offset + np_(embedding.bucketize(value)).astype(int)]
+         for embedding, value, offset in zip(single, ids, (0, 97))], axis=-1)
+    np.testing.assert_allclose(got, expected)
+    assert got.shape == (2, 3, 6) and table.shape == (110, 3)
+    round_trip(stacked, ids)
+    with pytest.raises(ValueError, match="num_buckets=1"):
+        layers.StackedHashedEmbedding([97, 1], 3)
+
+
 def test_summed_hashed_embedding_is_the_sum_of_the_lookups():
     rng = np.random.default_rng(0)
     actions = rng.integers(-2, 12, size=(2, 9))

@@ -2,7 +2,11 @@
 
 from ifa_tf.layers.candidate_self_attention import CandidateSelfAttention
 from ifa_tf.layers.din_activation_unit import DINActivationUnit
-from ifa_tf.layers.hashed_embedding import HashedEmbedding, SummedHashedEmbedding
+from ifa_tf.layers.hashed_embedding import (
+    HashedEmbedding,
+    StackedHashedEmbedding,
+    SummedHashedEmbedding,
+)
 from ifa_tf.layers.masked_average_pooling import MaskedAveragePooling
 from ifa_tf.layers.masked_target_attention import MaskedTargetAttention
 from ifa_tf.layers.mlp_tower import MLPTower
@@ -21,6 +25,7 @@ __all__ = [
     "NormalizedLinearAttention",
     "SIMHardSearch",
     "SIMSoftSearch",
+    "StackedHashedEmbedding",
     "SummedHashedEmbedding",
     "TWINAttention",
 ]

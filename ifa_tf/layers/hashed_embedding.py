@@ -15,6 +15,20 @@ _LOW_32_BITS = 0xFFFFFFFF
 BUCKETING_MODES = ("hash", "log2", "clip")
 
 
+def hash_buckets(values, num_buckets):
+    """int64 bucket of each id: 0 -> 0, any other id -> [1, num_buckets)."""
+    values = ops.cast(values, "int64")
+    mixed = ops.bitwise_and(ops.right_shift(values * _MULTIPLIER, 32), _LOW_32_BITS)
+    bucket = ops.right_shift(mixed * (num_buckets - 1), 32) + 1
+    return ops.where(ops.equal(values, 0), 0, bucket)
+
+
+def _check_num_buckets(num_buckets):
+    if not isinstance(num_buckets, int) or not 2 <= num_buckets <= 2**31:
+        raise ValueError("`num_buckets` must be an integer in [2, 2^31] (bucket 0 is "
+                         f"padding). Received: num_buckets={num_buckets!r}")
+
+
 @keras.saving.register_keras_serializable(package="ifa_tf")
 class HashedEmbedding(keras.layers.Layer):
     """Embeds raw int64 values without a vocabulary; bucket 0 is reserved for padding.
@@ -44,10 +58,7 @@ class HashedEmbedding(keras.layers.Layer):
         super().__init__(**kwargs)
         check_choice("mode", mode, BUCKETING_MODES)
         check_positive_int("output_dim", output_dim)
-        if not isinstance(num_buckets, int) or not 2 <= num_buckets <= 2**31:
-            raise ValueError("`num_buckets` must be an integer in [2, 2^31] (bucket 0 is "
-                             "padding). "
-                             f"Received: num_buckets={num_buckets!r}")
+        _check_num_buckets(num_buckets)
         self.num_buckets = num_buckets
         self.output_dim = output_dim
         self.mode = mode
@@ -66,10 +77,7 @@ class HashedEmbedding(keras.layers.Layer):
     def bucketize(self, values):
         """The table row of each value (int tensor of the same shape)."""
         if self.mode == "hash":
-            values = ops.cast(values, "int64")
-            mixed = ops.bitwise_and(ops.right_shift(values * _MULTIPLIER, 32), _LOW_32_BITS)
-            bucket = ops.right_shift(mixed * (self.num_buckets - 1), 32) + 1
-            return ops.where(ops.equal(values, 0), 0, bucket)
+            return hash_buckets(values, self.num_buckets)
         if self.mode == "log2":
             magnitude = ops.cast(ops.maximum(values, 0), "float32")
             bucket = 1 + ops.cast(ops.floor(ops.log2(1.0 + magnitude)), "int32")
@@ -176,4 +184,71 @@ class SummedHashedEmbedding(keras.layers.Layer):
         config.update({"num_buckets": self.num_buckets, "modes": self.modes,
                        "output_dim": self.output_dim, "names": self.names,
                        "max_joint_rows": self.max_joint_rows})
+        return config
+
+
+@keras.saving.register_keras_serializable(package="ifa_tf")
+class StackedHashedEmbedding(keras.layers.Layer):
+    """Hashed embeddings of several id features from one table, concatenated.
+
+    Feature i hashes (as `HashedEmbedding`'s `"hash"` mode) into its own block of
+    `num_buckets[i]` rows of one [sum(num_buckets), output_dim] table; each block's first
+    row is that feature's padding. A position's embeddings then come from one gather,
+    already side by side: over a [B, n] sequence that saves a pass over [B, n, k * d] (the
+    concatenation) and k - 1 gathers. It is the same model as k `HashedEmbedding`s whose
+    outputs are concatenated.
+
+    Args:
+        num_buckets: rows of each feature's block, including its padding row.
+        output_dim: size of each feature's embedding.
+        embeddings_initializer, embeddings_regularizer: as for `keras.layers.Embedding`.
+
+    Call arguments:
+        values: a list with one int tensor of ids per feature, all of the same shape.
+
+    Returns:
+        `values[0].shape + (len(num_buckets) * output_dim,)`, features in order.
+    """
+
+    def __init__(self, num_buckets, output_dim, embeddings_initializer="uniform",
+                 embeddings_regularizer=None, **kwargs):
+        super().__init__(**kwargs)
+        if not num_buckets:
+            raise ValueError("`num_buckets` needs one entry per feature. "
+                             f"Received: num_buckets={num_buckets!r}")
+        for buckets in num_buckets:
+            _check_num_buckets(buckets)
+        check_positive_int("output_dim", output_dim)
+        self.num_buckets = list(num_buckets)
+        self.output_dim = output_dim
+        self.embeddings_initializer = keras.initializers.get(embeddings_initializer)
+        self.embeddings_regularizer = keras.regularizers.get(embeddings_regularizer)
+        self._offsets = [sum(self.num_buckets[:i]) for i in range(len(self.num_buckets))]
+
+    def build(self, input_shape):
+        self.embeddings = self.add_weight(
+            shape=(sum(self.num_buckets), self.output_dim),
+            initializer=self.embeddings_initializer, regularizer=self.embeddings_regularizer,
+            name="embeddings")
+        self.built = True
+
+    def call(self, values):
+        rows = ops.stack([hash_buckets(value, buckets) + offset for value, buckets, offset
+                          in zip(values, self.num_buckets, self._offsets)], axis=-1)
+        embedded = ops.take(self.embeddings, rows, axis=0)  # [..., k, d]
+        embedded = ops.reshape(embedded, (*ops.shape(rows)[:-1],
+                                          len(self.num_buckets) * self.output_dim))
+        return ops.cast(embedded, self.compute_dtype)
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[0], len(self.num_buckets) * self.output_dim)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({
+            "num_buckets": self.num_buckets,
+            "output_dim": self.output_dim,
+            "embeddings_initializer": keras.initializers.serialize(self.embeddings_initializer),
+            "embeddings_regularizer": keras.regularizers.serialize(self.embeddings_regularizer),
+        })
         return config

@@ -19,9 +19,10 @@ class CandidateSetRanker(TrainingDefaultsMixin, keras.Model):
     The skeleton every zoo model shares; models differ only in `interest`:
 
     1. Embedding: raw int64 ids are hashed into tables (bucket 0 = padding). Sequence and
-       candidates share one table per item attribute; an item's embedding is the concat of
-       its attributes'. Sequence items also add embeddings of their context (action bits,
-       log2 of the time delta). Cross features are log2-bucketed counts.
+       candidates share the item attributes' embeddings (one block of one table per
+       attribute); an item's embedding is the concat of its attributes'. Sequence items
+       also add embeddings of their context (action bits, log2 of the time delta). Cross
+       features are log2-bucketed counts.
     2. Sequence module `interest` (F_c-s): candidates read the sequence.
     3. RAM (optional, Eq. 3): `CandidateSelfAttention` among the candidates (F_c-c).
     4. Towers (Eq. 4) over `[F_can, F_c-s, F_c-c, F_u, F_cro]`, one per task, and ESMM
@@ -71,11 +72,11 @@ class CandidateSetRanker(TrainingDefaultsMixin, keras.Model):
         item_dim = embedding_dim * len(schema.item_attributes)
 
         # === Layers ===
-        attribute_embeddings = {
-            attribute: layers.HashedEmbedding(schema.num_buckets(attribute), embedding_dim,
-                                              name=f"{attribute}_embedding")
-            for attribute in schema.item_attributes
-        }
+        # One table with a block per attribute: an item's attribute embeddings come from
+        # one gather, already concatenated.
+        item_embedding = layers.StackedHashedEmbedding(
+            [schema.num_buckets(attribute) for attribute in schema.item_attributes],
+            embedding_dim, name="item_embedding")
         user_embeddings = {
             name: layers.HashedEmbedding(schema.num_buckets(name), embedding_dim,
                                          name=f"{name}_embedding")
@@ -110,9 +111,7 @@ class CandidateSetRanker(TrainingDefaultsMixin, keras.Model):
         sequence_mask = ops.not_equal(sequence_ids, 0)
 
         def item_embeddings(prefix):
-            return ops.concatenate(
-                [attribute_embeddings[a](inputs[prefix + a]) for a in schema.item_attributes],
-                axis=-1)
+            return item_embedding([inputs[prefix + a] for a in schema.item_attributes])
 
         candidates = item_embeddings(CANDIDATE_PREFIX)  # F_can [B, m, item_dim]
         sequence = item_embeddings(SEQUENCE_PREFIX)  # F_seq [B, n, item_dim]
