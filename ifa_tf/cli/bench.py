@@ -5,6 +5,7 @@ import dataclasses
 from absl import app, flags
 
 from ifa_tf.benchmark.runner import PATHS, BenchConfig, run_benchmark
+from ifa_tf.cli import run_app
 
 _DEFAULTS = BenchConfig()
 flags.DEFINE_string("output_dir", _DEFAULTS.output_dir, "Where results.json/.md and plots go.")
@@ -36,4 +37,4 @@ def main(argv):
 
 
 def run():
-    app.run(main)
+    run_app(main, __name__)

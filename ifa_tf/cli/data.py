@@ -15,6 +15,7 @@ import logging
 
 from absl import app, flags
 
+from ifa_tf.cli import run_app
 from ifa_tf.data import log_converter, simulator
 
 COMMANDS = ("synthetic", "from-log")
@@ -159,7 +160,7 @@ def main(argv):
 
 def run():
     define_flags()
-    app.run(main)
+    run_app(main, __name__)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ import sys
 
 from absl import app, flags
 
+from ifa_tf.cli import run_app
+
 
 def define_flags(flag_values=flags.FLAGS):
     """Defines ifa-export's flags (at run time, so other console scripts may reuse names)."""
@@ -94,7 +96,7 @@ def main(argv):
 
 def run():
     define_flags()
-    app.run(main)
+    run_app(main, __name__)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import threading
 
 from absl import app, flags, logging
 
+from ifa_tf.cli import run_app
 from ifa_tf.serving.server import ModelServer, ServerOptions
 
 _DEFAULTS = ServerOptions.__dataclass_fields__
@@ -99,7 +100,7 @@ def main(argv):
 
 def run():
     define_flags()
-    app.run(main)
+    run_app(main, __name__)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import json
 
 from absl import app, flags
 
+from ifa_tf.cli import run_app
 from ifa_tf.training import config as config_lib
 
 # flag name -> config key; unset flags leave the config alone.
@@ -86,7 +87,8 @@ def main(argv):
     config = config_from_flags()
     if not config.data.train_data:
         raise app.UsageError("--train_data (or data.train_data) is required.")
-    from ifa_tf.training import train_and_evaluate  # after flag parsing: TF import is slow
+    # Imported after flag parsing: importing TensorFlow is slow.
+    from ifa_tf.training import train_and_evaluate
 
     result = train_and_evaluate(config, flags.FLAGS.model_dir)
     summary = {task: {k: round(v, 4) for k, v in values.items() if k in ("auc", "gauc")}
@@ -96,7 +98,7 @@ def main(argv):
 
 def run():
     define_flags()
-    app.run(main)
+    run_app(main, __name__)
 
 
 if __name__ == "__main__":
