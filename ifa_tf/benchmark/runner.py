@@ -23,8 +23,8 @@ class BenchConfig:
     paths: tuple = PATHS
     m_values: tuple = (100, 1_000, 10_000)
     n_values: tuple = (100, 1_000, 10_000)
-    repeats: int = 5
-    warmup: int = 2
+    repeats: int = 10
+    warmup: int = 3
     train_batch_size: int = 32
     train_m: int = 200
     train_n: int = 1_000
