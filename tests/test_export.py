@@ -159,6 +159,27 @@ def test_python_loader_parity(exported, name):
         assert_matches_keras(model, features, {k: v.numpy() for k, v in outputs.items()})
 
 
+def test_xla_export_pads_to_buckets_and_matches_keras(exported, cpp_runner, tmp_path):
+    model, _ = exported["ifa"]
+    export_dir = export.export_saved_model(model, tmp_path / "xla", schema=SCHEMA,
+                                           warmup_shapes=(), jit_compile=True)
+    signature = tf.saved_model.load(export_dir).signatures[export.SIGNATURE_NAME]
+    # m, n below, at and above a bucket edge (64, 128): padding must change nothing.
+    cases = [make_features(*shape, seed=20 + index)
+             for index, shape in enumerate(SHAPES + ((2, 64, 65), (1, 129, 64)))]
+    for features in cases:
+        outputs = signature(**{k: tf.constant(v) for k, v in features.items()})
+        assert_matches_keras(model, features, {k: v.numpy() for k, v in outputs.items()})
+    # TF's C++ loader (TF Serving's path) compiles and runs the XLA function too.
+    for features, outputs in zip(cases[:2], run_cpp(cpp_runner, export_dir, cases[:2],
+                                                      tmp_path / "cpp")):
+        assert isinstance(outputs, dict), outputs
+        assert_matches_keras(model, features, outputs)
+    assert export.read_metadata(export_dir)["jit_compile"] is True
+    assert [int(export.bucket_size(x)) for x in (0, 1, 64, 65, 1000, 1024, 1025, 10_000)] == [
+        64, 64, 64, 128, 1024, 1024, 2048, 16_384]
+
+
 def test_cpp_loader_parity(exported, cpp_runner, tmp_path):
     """TF's C++ LoadSavedModel + Session::Run (TF Serving's path) gives Keras' outputs."""
     for name in PARITY_MODELS:

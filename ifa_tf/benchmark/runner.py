@@ -12,6 +12,8 @@ import tempfile
 from ifa_tf.benchmark import machine, report
 
 PATHS = ("keras", "saved_model")
+# Measured on request: the SavedModel exported with jit_compile (XLA, power-of-two buckets).
+OPTIONAL_PATHS = ("saved_model_xla",)
 
 
 @dataclasses.dataclass
@@ -32,9 +34,10 @@ class BenchConfig:
     job_timeout_s: int = 1_800
 
     def __post_init__(self):
-        unknown = sorted(set(self.paths) - set(PATHS))
+        unknown = sorted(set(self.paths) - set(PATHS + OPTIONAL_PATHS))
         if unknown:
-            raise ValueError(f"Unknown paths {unknown}. Valid paths: {list(PATHS)}")
+            raise ValueError(f"Unknown paths {unknown}. Valid paths: "
+                             f"{list(PATHS + OPTIONAL_PATHS)}")
         for field in ("m_values", "n_values"):
             values = getattr(self, field)
             if not values or any(int(v) < 1 for v in values):
@@ -50,10 +53,11 @@ def jobs(config, models, export_base):
         for path in config.paths:
             job = {"kind": "score", "model": model, "path": path, "shapes": shapes,
                    "repeats": config.repeats, "warmup": config.warmup}
-            if path == "saved_model":  # exported by a job of its own, so its memory isn't ours
-                yield {"kind": "export", "model": model,
-                       "export_base": os.path.join(export_base, model)}
-                job["export_dir"] = os.path.join(export_base, model, "1")
+            if path.startswith("saved_model"):  # exported by a job of its own: its memory
+                base = os.path.join(export_base, path, model)  # is not the scoring job's
+                yield {"kind": "export", "model": model, "export_base": base,
+                       "jit_compile": path == "saved_model_xla"}
+                job["export_dir"] = os.path.join(base, "1")
             yield job
     for model in models:
         yield {"kind": "train", "model": model, "m": config.train_m, "n": config.train_n,

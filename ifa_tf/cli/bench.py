@@ -4,13 +4,15 @@ import dataclasses
 
 from absl import app, flags
 
-from ifa_tf.benchmark.runner import PATHS, BenchConfig, run_benchmark
+from ifa_tf.benchmark.runner import OPTIONAL_PATHS, PATHS, BenchConfig, run_benchmark
 from ifa_tf.cli import run_app
 
 _DEFAULTS = BenchConfig()
 flags.DEFINE_string("output_dir", _DEFAULTS.output_dir, "Where results.json/.md and plots go.")
 flags.DEFINE_list("models", [], "Models to time (default: every registered model).")
-flags.DEFINE_list("paths", list(PATHS), "Scoring paths: keras, saved_model.")
+flags.DEFINE_list("paths", list(PATHS),
+                  f"Scoring paths, of {list(PATHS + OPTIONAL_PATHS)}; saved_model_xla is the "
+                  "export with jit_compile (XLA on power-of-two buckets).")
 flags.DEFINE_list("m_values", [str(v) for v in _DEFAULTS.m_values], "Candidate-set sizes.")
 flags.DEFINE_list("n_values", [str(v) for v in _DEFAULTS.n_values], "Sequence lengths.")
 flags.DEFINE_integer("repeats", _DEFAULTS.repeats, "Timed calls per shape.")

@@ -31,6 +31,10 @@ def define_flags(flag_values=flags.FLAGS):
     flags.DEFINE_string("model_name", None,
                         "Name recorded in the export metadata; default: basename of export_base.",
                         flag_values=f)
+    flags.DEFINE_boolean("jit_compile", False,
+                         "Run the model as one XLA computation on requests padded to "
+                         "power-of-two m and n (one compilation per bucket; TF Serving on CPU "
+                         "then needs --xla_cpu_compilation_enabled=true).", flag_values=f)
     flags.mark_flags_as_required(["model_dir", "export_base"], flag_values=f)
 
 
@@ -64,7 +68,8 @@ def load_model(path):
     return keras.saving.load_model(path, compile=False)
 
 
-def export_model(model_dir, export_base, version=None, schema=None, model_name=None):
+def export_model(model_dir, export_base, version=None, schema=None, model_name=None,
+                 jit_compile=False):
     """Loads the model of `model_dir` and exports it; returns the version directory.
 
     `schema` (a FeatureSchema, dict or JSON path) defaults to `schema.json` beside the
@@ -80,7 +85,8 @@ def export_model(model_dir, export_base, version=None, schema=None, model_name=N
     model = load_model(keras_file)
     return export.export_saved_model(
         model, export_base, version=version,
-        schema=resolve_schema(schema) if schema else None, model_name=model_name)
+        schema=resolve_schema(schema) if schema else None, model_name=model_name,
+        jit_compile=jit_compile)
 
 
 def main(argv):
@@ -88,7 +94,7 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     try:
         path = export_model(FLAGS.model_dir, FLAGS.export_base, FLAGS.version, FLAGS.schema,
-                            FLAGS.model_name)
+                            FLAGS.model_name, FLAGS.jit_compile)
     except (FileExistsError, FileNotFoundError, ValueError) as error:
         sys.exit(f"ifa-export: {error}")
     print(path)
