@@ -16,14 +16,17 @@ class NormalizedLinearAttention(keras.layers.Layer):
 
     which equals the row-normalised `(phi(Q) phi(K)^T) V` without ever forming the
     [m, n] interaction matrix: the cost is O((m + n) d^2) instead of O(m n d). Every
-    query interacts with every valid key; nothing is sampled or dropped.
+    query interacts with every valid key; nothing is sampled or dropped. V itself is never
+    formed: `phi(K_h)^T V_h = (phi(K_h)^T value) W_v,h + (phi(K_h)^T 1) b_v,h`, so the
+    O(n) side is one projection (K) and one product for all heads.
 
     Masking: keys (and their values) at padded positions are zeroed *after* phi, so
     they contribute to neither the numerator nor the normaliser: appending padding or
     changing the values stored there changes no output. Queries at padded positions get
     a zero output. When a row has no valid key at all, `D = 0` and `epsilon` keeps the
-    output finite (zero). The normaliser is accumulated in float32 even under mixed
-    precision and cast back to the compute dtype.
+    output finite (zero). Under mixed precision the projections run in the compute dtype
+    and everything after them (phi, the sums over up to 10^4 keys, the normaliser) in
+    float32; the output is cast back.
 
     Args:
         num_heads: number of attention heads.
