@@ -62,4 +62,6 @@ def test_report_headline_and_tables(tmp_path):
     report.write(results, str(tmp_path))
     text = (tmp_path / "results.md").read_text()
     assert "| ifa | 2.1 (1.0-2.0) | 3.0 (1.0-2.0) | 11.1 (1.0-2.0) | 12.0 (1.0-2.0) |" in text
+    assert (f"`ifa-bench --output_dir={tmp_path} --models=ifa,avg_pooling --paths=keras "
+            "--m_values=10,100 --n_values=10,100`") in text
     assert os.path.exists(tmp_path / "time_vs_n_keras.png")

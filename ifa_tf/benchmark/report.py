@@ -1,5 +1,6 @@
 """Turns benchmark records into `results.md` and log-log plots."""
 
+import dataclasses
 import os
 
 HEADLINE_MODEL = "ifa"
@@ -33,7 +34,9 @@ def headline(results):
         ifa = scores.get((HEADLINE_MODEL, m, n))
         if ifa is None:
             continue
-        lines.append(f"- **{path}**, m = {m:,}, n = {n:,}: IFA {ifa['median_ms']:.1f} ms.")
+        first = (f" (first call of the shape: {ifa['first_call_ms']:.0f} ms)"
+                 if "first_call_ms" in ifa else "")
+        lines.append(f"- **{path}**, m = {m:,}, n = {n:,}: IFA {ifa['median_ms']:.1f} ms{first}.")
         for other in ("din_full", "twin", "sim_soft", "avg_pooling"):
             record = scores.get((other, m, n))
             if record:
@@ -93,7 +96,7 @@ def write(results, output_dir):
         f"{machine['cpu_count']} CPUs, matmul {machine['matmul_gflops']:.0f} GFLOP/s (float32), "
         f"memory bandwidth {machine['memory_bandwidth_gbs']:.1f} GB/s.",
         "",
-        "Produced by `ifa-bench --output_dir=" + output_dir + "` (see `ifa-bench --help`); "
+        f"Produced by `{command_line(config)}` (see `ifa-bench --help`); "
         "every model at its zoo defaults (default schema, k = 100), one request (B = 1), "
         f"{config['warmup']} warm-up and {config['repeats']} timed calls per shape; median "
         "(p10-p90) milliseconds. Peak tensor memory: the peak of TensorFlow's CPU allocator "
@@ -150,6 +153,26 @@ def write(results, output_dir):
         out += ["", "## Jobs that failed", ""] + [f"- {r['job']}: {r['error']}" for r in errors]
     with open(os.path.join(output_dir, "results.md"), "w") as f:
         f.write("\n".join(out) + "\n")
+
+
+def command_line(config):
+    """The `ifa-bench` command that reproduces `config`: the flags that differ from the
+    defaults, plus --output_dir."""
+    from ifa_tf.benchmark.runner import BenchConfig
+
+    defaults = dataclasses.asdict(BenchConfig())
+    parts = ["ifa-bench"]
+    for name, value in config.items():
+        if name != "output_dir" and list(_as_tuple(value)) == list(_as_tuple(defaults[name])):
+            continue
+        if isinstance(value, (list, tuple)):
+            value = ",".join(str(v) for v in value)
+        parts.append(f"--{name}={value}")
+    return " ".join(parts)
+
+
+def _as_tuple(value):
+    return tuple(value) if isinstance(value, (list, tuple)) else (value,)
 
 
 def _max_load(results):
