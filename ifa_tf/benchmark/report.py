@@ -98,13 +98,15 @@ def write(results, output_dir):
         "",
         f"Produced by `{command_line(config)}` (see `ifa-bench --help`); "
         "every model at its zoo defaults (default schema, k = 100), one request (B = 1), "
-        f"{config['warmup']} warm-up and {config['repeats']} timed calls per shape; median "
+        f"{config['warmup']} warm-up and {config['repeats']} timed calls per shape, the timed "
+        "calls in rounds over all shapes (a slow spell hits every shape alike); median "
         "(p10-p90) milliseconds. Peak tensor memory: the peak of TensorFlow's CPU allocator "
-        "over one shape's calls, above the bytes held before them (every tensor counted "
-        "exactly). Peak RSS growth: the process's peak resident memory while scoring the "
-        "grid, from after one 8 x 8 warm-up request (TF Serving runs an export's warm-up "
-        "requests at load); it moves in pages and allocator caches, so small differences "
-        "are noise. A fresh process per model and path.",
+        "over one shape's warm-up calls, above the bytes held before them (every tensor "
+        "counted exactly). Peak RSS growth: the process's peak resident memory once the "
+        "shapes up to this one (by m x n) have been warmed up, from after one 8 x 8 request "
+        "(TF Serving runs an export's warm-up requests at load); it moves in pages and "
+        "allocator caches, so small differences are noise. A fresh process per model and "
+        "path.",
         "",
         f"Highest 1-minute load average seen by a measurement: {_max_load(results)} "
         f"(on {machine['cpu_count']} CPUs; above that, other work shared the machine).",

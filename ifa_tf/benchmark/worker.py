@@ -93,6 +93,7 @@ def score_job(job):
     # building the executor and its kernels is the model's start-up, not a request's cost.
     score({k: tf.constant(v) for k, v in random_request(schema, 8, 8).items()})
     baseline = reset_peak_rss()
+    prepared = []
     for m, n in sorted(job["shapes"], key=lambda s: s[0] * s[1]):
         features = {k: tf.constant(v) for k, v in random_request(schema, m, n).items()}
         # TensorFlow's allocator counts the bytes of every tensor: its peak over this
@@ -103,12 +104,23 @@ def score_job(job):
         start = time.perf_counter()  # the first call of a shape: kernel selection, and
         score(features)  # XLA compilation on the saved_model_xla path
         first_call_ms = (time.perf_counter() - start) * 1e3
-        timing = time_callable(lambda request=features: score(request), job["repeats"],
-                               max(job["warmup"] - 1, 0))
+        for _ in range(max(job["warmup"] - 1, 0)):
+            score(features)
         tensor_peak = tf.config.experimental.get_memory_info("CPU:0")["peak"] - held
+        prepared.append(((m, n), features, {
+            "first_call_ms": first_call_ms, "peak_tensor_mb": tensor_peak / 2**20,
+            "peak_memory_mb": peak_rss_mb() - baseline}))
+    # The timed calls go round the shapes, so a slow spell of a shared machine hits every
+    # shape alike and the ratios between shapes (time vs n, vs m) keep their meaning.
+    samples = [[] for _ in prepared]
+    for _ in range(job["repeats"]):
+        for times, (_, features, _) in zip(samples, prepared):
+            start = time.perf_counter()
+            score(features)
+            times.append((time.perf_counter() - start) * 1e3)
+    for times, ((m, n), _, measured) in zip(samples, prepared):
         yield {"kind": "score", "model": job["model"], "path": job["path"], "m": m, "n": n,
-               **timing, "first_call_ms": first_call_ms, "peak_tensor_mb": tensor_peak / 2**20,
-               "peak_memory_mb": peak_rss_mb() - baseline}
+               **summarize(times), **measured}
 
 
 def train_job(job):
