@@ -141,17 +141,14 @@ def make_serving_function(model, specs, jit_compile=False):
     def call_model(features):
         if compiled is None:
             return model(features, training=False)
-        m = tf.shape(features["cand_item_id"], out_type=tf.int64)[1]
         padded = dict(features)
-        for names, length in ((candidate_names, m),
-                              (sequence_names, tf.shape(features[sequence_names[0]],
-                                                        out_type=tf.int64)[1]
-                               if sequence_names else None)):
-            if not names:
-                continue
-            extra = bucket_size(length) - length
-            for name in names:
-                padded[name] = tf.pad(features[name], [[0, 0], [0, extra]])
+        for names in (candidate_names, sequence_names):  # one length each (checked)
+            if names:
+                length = tf.shape(features[names[0]], out_type=tf.int64)[1]
+                extra = bucket_size(length) - length
+                for name in names:
+                    padded[name] = tf.pad(features[name], [[0, 0], [0, extra]])
+        m = tf.shape(features["cand_item_id"], out_type=tf.int64)[1]
         return {name: value[:, :m] for name, value in compiled(padded).items()}
 
     def serve(features):

@@ -1,3 +1,25 @@
+import json
 import os
 
+import pytest
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+@pytest.fixture(scope="session")
+def write_tiny_dataset():
+    """`write(directory, embedding_buckets, **SimulatorConfig fields)`: simulator TFRecords
+    in two shards plus `schema.json` with small hash tables (fast builds and checkpoints);
+    returns the directory."""
+    from ifa_tf.data import simulator
+
+    def write(directory, embedding_buckets, **config):
+        simulator.write_synthetic(directory, simulator.SimulatorConfig(**config),
+                                  num_shards=2)
+        schema = simulator.simulator_schema().to_dict()
+        schema["embedding_buckets"] = dict(embedding_buckets)
+        with open(os.path.join(directory, "schema.json"), "w") as f:
+            json.dump(schema, f)
+        return directory
+
+    return write

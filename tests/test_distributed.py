@@ -12,8 +12,6 @@ import textwrap
 import numpy as np
 import pytest
 
-from ifa_tf.data import simulator
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 WORKER = textwrap.dedent("""
@@ -53,17 +51,12 @@ def free_ports(count):
 
 
 @pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    directory = str(tmp_path_factory.mktemp("mw_data"))
-    simulator.write_synthetic(directory, simulator.SimulatorConfig(
+def tiny_data(tmp_path_factory, write_tiny_dataset):
+    return write_tiny_dataset(
+        str(tmp_path_factory.mktemp("mw_data")),
+        {"user_id": 101, "item_id": 311, "category_id": 29, "author_id": 67},
         num_requests=80, seed=5, max_seq_len=20, max_candidates=10, num_items=300,
-        num_authors=60, truth_samples=4, test_fraction=0.0), num_shards=2)
-    schema = simulator.simulator_schema().to_dict()
-    schema["embedding_buckets"] = {"user_id": 101, "item_id": 311, "category_id": 29,
-                                   "author_id": 67}
-    with open(os.path.join(directory, "schema.json"), "w") as f:
-        json.dump(schema, f)
-    return directory
+        num_authors=60, truth_samples=4, test_fraction=0.0)
 
 
 def test_two_workers_end_with_identical_weights(tiny_data, tmp_path):

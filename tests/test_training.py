@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from ifa_tf import training, zoo
-from ifa_tf.data import make_dataset, simulator
+from ifa_tf.data import make_dataset
 from ifa_tf.metrics import CandidateSetEvaluator
 from ifa_tf.schema import FeatureSchema
 
@@ -24,19 +24,13 @@ TINY_MODEL = {"embedding_dim": 4, "tower_units": [8]}
 
 
 @pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
+def tiny_data(tmp_path_factory, write_tiny_dataset):
     """A small simulator dataset: 160 requests, n <= 30, m <= 12."""
-    directory = str(tmp_path_factory.mktemp("tiny_data"))
-    simulator.write_synthetic(directory, simulator.SimulatorConfig(
+    return write_tiny_dataset(
+        str(tmp_path_factory.mktemp("tiny_data")),
+        {"user_id": 101, "item_id": 509, "category_id": 29, "author_id": 103},
         num_requests=160, seed=3, max_seq_len=30, max_candidates=12, num_items=500,
-        num_authors=100, truth_samples=8, test_fraction=0.25), num_shards=2)
-    # Small hash tables keep checkpoints (and so the tests) fast.
-    schema = simulator.simulator_schema().to_dict()
-    schema["embedding_buckets"] = {"user_id": 101, "item_id": 509, "category_id": 29,
-                                   "author_id": 103}
-    with open(os.path.join(directory, "schema.json"), "w") as f:
-        json.dump(schema, f)
-    return directory
+        num_authors=100, truth_samples=8, test_fraction=0.25)
 
 
 def tiny_config(data_dir, model="ifa", **sections):
