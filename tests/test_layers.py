@@ -132,6 +132,32 @@ def test_normalized_linear_attention_ignores_padded_keys_and_their_values():
                                atol=1e-6)
 
 
+def test_normalized_linear_attention_batch_of_one_equals_its_row_of_a_batch():
+    # A batch of one takes 2-D products on TensorFlow (a branch when the batch size is only
+    # known at run time, as in a SavedModel); larger batches the batched ones.
+    rng = np.random.default_rng(5)
+    query = rng.normal(size=(3, 5, 8)).astype("float32")
+    key = rng.normal(size=(3, 9, 8)).astype("float32")
+    query_mask, key_mask = random_mask(rng, 3, 5, 1), random_mask(rng, 3, 9, 1)
+    layer = layers.NormalizedLinearAttention(2, 4, use_output_projection=False)
+    layer(query, key)
+    randomize(layer)
+    calls = [lambda *args: layer(args[0], args[1], query_mask=args[2], key_mask=args[3])]
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        calls.append(tf.function(calls[0], input_signature=[
+            tf.TensorSpec([None, None, 8]), tf.TensorSpec([None, None, 8]),
+            tf.TensorSpec([None, None], tf.bool), tf.TensorSpec([None, None], tf.bool)]))
+    batched = np_(calls[0](query, key, query_mask, key_mask))
+    for call in calls:
+        np.testing.assert_allclose(np_(call(query, key, query_mask, key_mask)), batched,
+                                   atol=1e-6)
+        for i in range(3):
+            one = [x[i:i + 1] for x in (query, key, query_mask, key_mask)]
+            np.testing.assert_allclose(np_(call(*one)), batched[i:i + 1], atol=1e-6)
+
+
 def test_normalized_linear_attention_all_padding_is_finite():
     layer = layers.NormalizedLinearAttention(2, 4, feature_map="relu")
     query = np.ones((2, 3, 8), "float32")
