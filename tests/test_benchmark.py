@@ -1,5 +1,6 @@
 """ifa-bench's own logic: configuration checks, FLOP counting, error capture, the report."""
 
+import dataclasses
 import json
 import os
 
@@ -15,6 +16,23 @@ def test_bench_config_rejects_bad_values():
         runner.BenchConfig(m_values=(0,))
     with pytest.raises(ValueError, match="repeats=0"):
         runner.BenchConfig(repeats=0)
+    with pytest.raises(ValueError, match="model_overrides='tower_dtype'"):
+        runner.BenchConfig(model_overrides=("tower_dtype",))
+
+
+def test_model_overrides_reach_zoo_build_and_the_command_line():
+    config = runner.BenchConfig(model_overrides=("tower_dtype=mixed_bfloat16",
+                                                 "tower_units=[32, 16]"))
+    assert config.build_overrides() == {"tower_dtype": "mixed_bfloat16",
+                                        "tower_units": [32, 16]}
+    jobs = list(runner.jobs(config, ["ifa"], "/tmp/unused"))
+    assert all(job["overrides"] == config.build_overrides() for job in jobs
+               if job["kind"] in ("score", "export", "train"))
+    assert report.command_line(dataclasses.asdict(config)).endswith(
+        "--model_overrides=tower_dtype=mixed_bfloat16 --model_overrides=tower_units=[32, 16]")
+    with pytest.raises(ValueError, match=r"Unknown model_overrides \['towers'\]"):
+        runner.run_benchmark(runner.BenchConfig(models=("ifa",),
+                                                model_overrides=("towers=2",)))
 
 
 def test_linear_attention_flops_counts_every_product():

@@ -164,6 +164,26 @@ def test_trained_model_reloads_compiled(tmp_path):
     restored.fit(features, labels, epochs=1, batch_size=3, verbose=0)  # training continues
 
 
+def test_bfloat16_towers_train_save_and_stay_close_to_float32(tmp_path):
+    float32, mixed = build("ifa"), build("ifa", tower_dtype="mixed_bfloat16")
+    mixed.set_weights(float32.get_weights())
+    features, labels = make_batch()
+    base, out = predict(float32, features), predict(mixed, features)
+    for task in base:  # bfloat16 hidden layers (~3 digits), float32 logits and probabilities
+        assert out[task].dtype == np.float32
+        np.testing.assert_allclose(out[task], base[task], atol=2e-2)
+    assert {w.dtype for w in mixed.weights} == {"float32"}  # variables stay float32
+    mixed.compile()
+    mixed.fit(features, labels, epochs=1, batch_size=3, verbose=0)
+    mixed.save(tmp_path / "mixed.keras")
+    restored = keras.saving.load_model(tmp_path / "mixed.keras")
+    assert restored.tower_dtype == "mixed_bfloat16"
+    for task, value in predict(mixed, features).items():
+        np.testing.assert_array_equal(predict(restored, features)[task], value)
+    with pytest.raises(ValueError, match="tower_dtype='int32'"):
+        build("ifa", tower_dtype="int32")
+
+
 def test_full_sequence_fidelity():
     """IFA and din_full read every valid item; din (k = 4) ignores all but the 4 most recent."""
     features, _ = make_batch(seq_valid=(12, 12, 12))

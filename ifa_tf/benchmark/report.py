@@ -97,7 +97,8 @@ def write(results, output_dir):
         f"memory bandwidth {machine['memory_bandwidth_gbs']:.1f} GB/s.",
         "",
         f"Produced by `{command_line(config)}` (see `ifa-bench --help`); "
-        "every model at its zoo defaults (default schema, k = 100), one request (B = 1), "
+        f"every model at its zoo defaults{_overridden(config)} (default schema, k = 100), "
+        "one request (B = 1), "
         f"{config['warmup']} warm-up and {config['repeats']} timed calls per shape, the timed "
         "calls in rounds over all shapes (a slow spell hits every shape alike); median "
         "(p10-p90) milliseconds. Peak tensor memory: the peak of TensorFlow's CPU allocator "
@@ -167,10 +168,18 @@ def command_line(config):
     for name, value in config.items():
         if name != "output_dir" and list(_as_tuple(value)) == list(_as_tuple(defaults[name])):
             continue
+        if name == "model_overrides":  # a repeated flag: its values may hold commas
+            parts.extend(f"--{name}={v}" for v in value)
+            continue
         if isinstance(value, (list, tuple)):
             value = ",".join(str(v) for v in value)
         parts.append(f"--{name}={value}")
     return " ".join(parts)
+
+
+def _overridden(config):
+    overrides = config.get("model_overrides") or ()
+    return " but " + ", ".join(f"`{text}`" for text in overrides) if overrides else ""
 
 
 def _as_tuple(value):

@@ -9,6 +9,8 @@ import subprocess
 import sys
 import tempfile
 
+import yaml
+
 from ifa_tf.benchmark import machine, report
 
 PATHS = ("keras", "saved_model")
@@ -32,6 +34,9 @@ class BenchConfig:
     train_n: int = 1_000
     train_repeats: int = 5
     job_timeout_s: int = 1_800
+    # "key=value" (value in YAML): keyword arguments of zoo.build for every model, e.g.
+    # "tower_dtype=mixed_bfloat16".
+    model_overrides: tuple = ()
 
     def __post_init__(self):
         unknown = sorted(set(self.paths) - set(PATHS + OPTIONAL_PATHS))
@@ -45,22 +50,36 @@ class BenchConfig:
         if self.repeats < 1 or self.warmup < 0:
             raise ValueError(f"`repeats` must be >= 1 and `warmup` >= 0. Received: "
                              f"repeats={self.repeats}, warmup={self.warmup}")
+        self.build_overrides()
+
+    def build_overrides(self):
+        """`model_overrides` as keyword arguments of `zoo.build`."""
+        overrides = {}
+        for text in self.model_overrides:
+            key, sep, raw = text.partition("=")
+            if not sep or not key.strip():
+                raise ValueError("A model override must look like key=value. Received: "
+                                 f"model_overrides={text!r}")
+            overrides[key.strip()] = yaml.safe_load(raw)
+        return overrides
 
 
 def jobs(config, models, export_base):
     shapes = [[m, n] for m in config.m_values for n in config.n_values]
+    overrides = config.build_overrides()
     for model in models:
         for path in config.paths:
-            job = {"kind": "score", "model": model, "path": path, "shapes": shapes,
-                   "repeats": config.repeats, "warmup": config.warmup}
+            job = {"kind": "score", "model": model, "overrides": overrides, "path": path,
+                   "shapes": shapes, "repeats": config.repeats, "warmup": config.warmup}
             if path.startswith("saved_model"):  # exported by a job of its own: its memory
                 base = os.path.join(export_base, path, model)  # is not the scoring job's
-                yield {"kind": "export", "model": model, "export_base": base,
-                       "jit_compile": path == "saved_model_xla"}
+                yield {"kind": "export", "model": model, "overrides": overrides,
+                       "export_base": base, "jit_compile": path == "saved_model_xla"}
                 job["export_dir"] = os.path.join(base, "1")
             yield job
     for model in models:
-        yield {"kind": "train", "model": model, "m": config.train_m, "n": config.train_n,
+        yield {"kind": "train", "model": model, "overrides": overrides,
+               "m": config.train_m, "n": config.train_n,
                "batch_size": config.train_batch_size, "repeats": config.train_repeats,
                "warmup": 2}
     largest_m, largest_n = max(config.m_values), max(config.n_values)
@@ -96,6 +115,12 @@ def run_benchmark(config, log=print):
     unknown = sorted(set(models) - set(ifa_tf.zoo.list_models()))
     if unknown:
         raise ValueError(f"Unknown models {unknown}. Registered: {ifa_tf.zoo.list_models()}")
+    for model in models:  # checked before hours of jobs, not in the first one
+        valid = ifa_tf.zoo.valid_overrides(model)
+        unknown = sorted(set(config.build_overrides()) - set(valid or ()))
+        if valid is not None and unknown:
+            raise ValueError(f"Unknown model_overrides {unknown} for model {model!r}. "
+                             f"Valid overrides: {sorted(valid)}")
     started = datetime.datetime.now(datetime.timezone.utc)
     log("measuring this machine's matmul throughput and memory bandwidth")
     results = {

@@ -62,7 +62,7 @@ def scoring_function(job):
     import ifa_tf
 
     if job["path"] == "keras":
-        model = ifa_tf.zoo.build(job["model"])
+        model = ifa_tf.zoo.build(job["model"], **job.get("overrides", {}))
         # One trace for every shape, as the SavedModel has: a trace specialised to the
         # first shape and a generic one for the rest would not compare like with like.
         call = tf.function(lambda features: model(features, training=False),
@@ -76,7 +76,8 @@ def export_job(job):
     import ifa_tf
     from ifa_tf.export import export_saved_model
 
-    export_dir = export_saved_model(ifa_tf.zoo.build(job["model"]), job["export_base"],
+    model = ifa_tf.zoo.build(job["model"], **job.get("overrides", {}))
+    export_dir = export_saved_model(model, job["export_base"],
                                     version=1, jit_compile=job.get("jit_compile", False))
     yield {"kind": "export", "model": job["model"], "export_dir": str(export_dir)}
 
@@ -128,7 +129,7 @@ def train_job(job):
     from ifa_tf.benchmark.requests import random_labels, random_request
 
     schema = ifa_tf.default_schema()
-    model = ifa_tf.zoo.build(job["model"], schema=schema)
+    model = ifa_tf.zoo.build(job["model"], schema=schema, **job.get("overrides", {}))
     model.compile()
     batch, m, n = job["batch_size"], job["m"], job["n"]
     features = random_request(schema, m, n, batch=batch)

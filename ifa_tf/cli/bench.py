@@ -22,6 +22,9 @@ flags.DEFINE_integer("train_m", _DEFAULTS.train_m, "Candidates per training requ
 flags.DEFINE_integer("train_n", _DEFAULTS.train_n, "Sequence length of training requests.")
 flags.DEFINE_integer("train_repeats", _DEFAULTS.train_repeats, "Timed training steps.")
 flags.DEFINE_integer("job_timeout_s", _DEFAULTS.job_timeout_s, "Limit per model and path.")
+flags.DEFINE_multi_string("model_overrides", [], "key=value (value in YAML): a zoo.build "
+                          "override for every model, e.g. tower_dtype=mixed_bfloat16; "
+                          "repeat the flag for more.")
 
 
 def main(argv):

@@ -18,8 +18,9 @@ class MLPTower(keras.layers.Layer):
         inputs: [..., d].
 
     Returns:
-        logits [...] (the trailing unit axis is squeezed). The caller applies the sigmoid,
-        so products of probabilities (ESMM) can be formed in float32.
+        logits [...] (the trailing unit axis is squeezed), in the variables' dtype (float32
+        under a mixed policy, whose compute dtype the hidden layers use). The caller applies
+        the sigmoid, so products of probabilities (ESMM) can be formed in float32.
     """
 
     def __init__(self, hidden_units, activation="relu", dropout=0.0,
@@ -48,8 +49,10 @@ class MLPTower(keras.layers.Layer):
             self._hidden.append(dense)
             self._dropouts.append(
                 keras.layers.Dropout(self.dropout, dtype=self.dtype_policy, name=f"dropout_{i}"))
+        # The logit is one cheap [..., units] x [units, 1] product: under a mixed policy it
+        # runs in the variables' dtype (float32): bfloat16 keeps ~3 significant digits.
         self._logit = keras.layers.Dense(1, kernel_regularizer=self.kernel_regularizer,
-                                         dtype=self.dtype_policy, name="logit")
+                                         dtype=self.dtype_policy.variable_dtype, name="logit")
         self._logit.build(shape)
         self.built = True
 
