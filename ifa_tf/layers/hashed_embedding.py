@@ -3,6 +3,7 @@ import math
 import keras
 from keras import ops
 
+from ifa_tf.layers.fast_ops import gather_rows
 from ifa_tf.layers.validation import check_choice, check_positive_int
 
 # Multiply-shift hashing (Fibonacci hashing): the top 32 bits of id * phi * 2^64 modulo
@@ -90,7 +91,8 @@ class HashedEmbedding(keras.layers.Layer):
         return self._embedding.embeddings
 
     def call(self, values):
-        return self._embedding(self.bucketize(values))
+        return ops.cast(gather_rows(self.embeddings, self.bucketize(values)),
+                        self.compute_dtype)
 
     def compute_output_shape(self, input_shape):
         return (*input_shape, self.output_dim)
@@ -174,7 +176,7 @@ class SummedHashedEmbedding(keras.layers.Layer):
                 joint_table = ops.reshape(joint_table[:, None, :] + table[None, :, :],
                                           (-1, self.output_dim))
                 joint_index = joint_index * embedding.num_buckets + bucket
-        return ops.cast(ops.take(joint_table, joint_index, axis=0), self.compute_dtype)
+        return ops.cast(gather_rows(joint_table, joint_index), self.compute_dtype)
 
     def compute_output_shape(self, input_shape):
         return (*input_shape[0], self.output_dim)
@@ -235,7 +237,7 @@ class StackedHashedEmbedding(keras.layers.Layer):
     def call(self, values):
         rows = ops.stack([hash_buckets(value, buckets) + offset for value, buckets, offset
                           in zip(values, self.num_buckets, self._offsets)], axis=-1)
-        embedded = ops.take(self.embeddings, rows, axis=0)  # [..., k, d]
+        embedded = gather_rows(self.embeddings, rows)  # [..., k, d]
         embedded = ops.reshape(embedded, (*ops.shape(rows)[:-1],
                                           len(self.num_buckets) * self.output_dim))
         return ops.cast(embedded, self.compute_dtype)

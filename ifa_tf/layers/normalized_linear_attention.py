@@ -2,6 +2,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from ifa_tf.layers.fast_ops import per_example_matmul
 from ifa_tf.layers.feature_maps import FEATURE_MAPS, apply_feature_map
 from ifa_tf.layers.projections import head_projection, merge_heads_projection
 from ifa_tf.layers.validation import check_choice, check_positive_int
@@ -127,7 +128,7 @@ class NormalizedLinearAttention(keras.layers.Layer):
         # The sequence summary of Eq. 7 per head, phi(K_h)^T V_h with V_h = value W_h + b_h,
         # is (phi(K_h)^T value) W_h + (phi(K_h)^T 1) b_h: V is never projected over n, and
         # one O(n) product phi(K)^T value serves every head.
-        keys_by_value = _per_example_matmul(phi_k, _float32(value), transpose_a=True)
+        keys_by_value = per_example_matmul(phi_k, _float32(value), transpose_a=True)
         key_sums = ops.sum(phi_k, axis=1)  # [B, h*k]: phi(K_h)^T 1, heads side by side
         # All heads' summaries at once: [B, h*k, h*v] against every head's value kernel,
         # of which only the diagonal blocks (head h's keys with head h's values) are kept.
@@ -141,8 +142,8 @@ class NormalizedLinearAttention(keras.layers.Layer):
                 _float32(self._value_dense.bias), (heads * value_dim,))
         # phi(Q) against the block-diagonal summaries gives every head's numerator and its
         # degree D (Eq. 7) in two matmuls, [B, m, h*v] and [B, m, h], with no slicing.
-        numerator = _per_example_matmul(phi_q, summary * _head_blocks(heads, key_dim, value_dim))
-        degree = _per_example_matmul(phi_q, key_sums[..., None] * _head_blocks(heads, key_dim, 1))
+        numerator = per_example_matmul(phi_q, summary * _head_blocks(heads, key_dim, value_dim))
+        degree = per_example_matmul(phi_q, key_sums[..., None] * _head_blocks(heads, key_dim, 1))
         scale = 1.0 / (degree + self.epsilon)  # [B, m, h]: small, the division is done here
         if query_mask is not None and self._output_dense is None:
             scale = scale * ops.cast(query_mask, "float32")[..., None]
@@ -198,30 +199,6 @@ class NormalizedLinearAttention(keras.layers.Layer):
 
 def _float32(x):
     return ops.cast(x, "float32")
-
-
-def _per_example_matmul(a, b, transpose_a=False):
-    """[B, r, k] x [B, k, c] -> [B, r, c]; with `transpose_a`, `a` is given as [B, k, r].
-
-    On TensorFlow's CPU runtime a batched matmul (oneDNN's) costs ~40-70 us a call
-    whatever its size, a 2-D one ~5-10 us. A served request is a batch of one, so on
-    TensorFlow a batch of one takes the 2-D kernel (a branch when B is only known at run
-    time): ~0.3 ms less per IFA request at m, n <= 1,000. JAX compiles the product and
-    needs no such path.
-    """
-    if keras.backend.backend() != "tensorflow":
-        return ops.matmul(ops.transpose(a, (0, 2, 1)) if transpose_a else a, b)
-    import tensorflow as tf
-
-    def single():
-        return tf.matmul(a[0], b[0], transpose_a=transpose_a)[None]
-
-    def batched():
-        return tf.matmul(a, b, transpose_a=transpose_a)
-
-    if a.shape[0] is not None:
-        return single() if a.shape[0] == 1 else batched()
-    return tf.cond(tf.equal(tf.shape(a)[0], 1), single, batched)
 
 
 def _head_blocks(heads, rows_per_head, columns_per_head):

@@ -1,0 +1,45 @@
+"""Operations with a faster path on TensorFlow's CPU runtime than their `keras.ops` form.
+
+Each takes the `keras.ops` route on other backends, where the computation is compiled (JAX)
+and the extra work below is fused away or never emitted.
+"""
+
+import keras
+from keras import ops
+
+
+def gather_rows(table, rows):
+    """`table[rows]` for rows known to lie in `[0, len(table))` (hash buckets).
+
+    `ops.take` also wraps negative indices, which on TensorFlow costs three more passes over
+    the indices (~0.2 ms of a 10,000-item sequence's ~0.8 ms lookup on a 2-core CPU); bucket
+    ids are never negative, so TensorFlow gathers directly.
+    """
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        return tf.gather(table, rows)
+    return ops.take(table, rows, axis=0)
+
+
+def per_example_matmul(a, b, transpose_a=False):
+    """[B, r, k] x [B, k, c] -> [B, r, c]; with `transpose_a`, `a` is given as [B, k, r].
+
+    On TensorFlow's CPU runtime a batched matmul (oneDNN's) costs ~40-70 us a call whatever
+    its size, a 2-D one ~5-10 us. A served request is a batch of one, so on TensorFlow a
+    batch of one takes the 2-D kernel (a branch when B is only known at run time): ~0.3 ms
+    less per IFA request at m, n <= 1,000.
+    """
+    if keras.backend.backend() != "tensorflow":
+        return ops.matmul(ops.transpose(a, (0, 2, 1)) if transpose_a else a, b)
+    import tensorflow as tf
+
+    def single():
+        return tf.matmul(a[0], b[0], transpose_a=transpose_a)[None]
+
+    def batched():
+        return tf.matmul(a, b, transpose_a=transpose_a)
+
+    if a.shape[0] is not None:
+        return single() if a.shape[0] == 1 else batched()
+    return tf.cond(tf.equal(tf.shape(a)[0], 1), single, batched)
