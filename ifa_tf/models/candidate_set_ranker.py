@@ -44,9 +44,9 @@ class CandidateSetRanker(TrainingDefaultsMixin, keras.Model):
         tower_units: hidden sizes of every task tower.
         dropout: tower dropout.
         tower_dtype: dtype policy of the task towers alone, e.g. `"mixed_bfloat16"`: their
-            hidden layers then compute in bfloat16 (where the hardware has bfloat16 matrix
-            units, such as AMX: IFA ~18% faster at m = 10,000, README "How fast") while each
-            tower's logit, the attention and the embeddings stay float32. `None`: the
+            hidden layers then compute in bfloat16 while each tower's logit, the attention
+            and the embeddings stay float32. Where the hardware has bfloat16 matrix units
+            (AMX), IFA at m = 10,000 takes ~20% less time (README "How fast"). `None`: the
             model's policy.
 
     Call arguments:
