@@ -16,6 +16,8 @@ def test_bench_config_rejects_bad_values():
         runner.BenchConfig(m_values=(0,))
     with pytest.raises(ValueError, match="repeats=0"):
         runner.BenchConfig(repeats=0)
+    with pytest.raises(ValueError, match="rounds=0"):
+        runner.BenchConfig(rounds=0)
     with pytest.raises(ValueError, match="model_overrides='tower_dtype'"):
         runner.BenchConfig(model_overrides=("tower_dtype",))
 
@@ -33,6 +35,30 @@ def test_model_overrides_reach_zoo_build_and_the_command_line():
     with pytest.raises(ValueError, match=r"Unknown model_overrides \['towers'\]"):
         runner.run_benchmark(runner.BenchConfig(models=("ifa",),
                                                 model_overrides=("towers=2",)))
+
+
+def test_rounds_alternate_the_model_order_and_pool_the_timed_calls():
+    config = runner.BenchConfig(models=("ifa", "twin"), paths=("keras", "saved_model"),
+                                rounds=3)
+    jobs = list(runner.jobs(config, ["ifa", "twin"], "/tmp/unused"))
+    scores = [(job["round"], job["model"]) for job in jobs if job["kind"] == "score"]
+    assert scores == [(0, "ifa")] * 2 + [(0, "twin")] * 2 + [(1, "twin")] * 2 + \
+        [(1, "ifa")] * 2 + [(2, "ifa")] * 2 + [(2, "twin")] * 2
+    assert [job["model"] for job in jobs if job["kind"] == "export"] == ["ifa", "twin"]
+
+    def record(round_index, samples, peak):
+        return {"kind": "score", "model": "ifa", "path": "keras", "m": 1, "n": 2,
+                "round": round_index, "samples_ms": samples, "median_ms": 0.0,
+                "peak_tensor_mb": peak, "peak_memory_mb": peak, "first_call_ms": peak,
+                "load_average_1min": peak}
+
+    train = {"kind": "train", "model": "ifa"}
+    pooled = runner.pool_rounds([record(0, [1.0, 9.0], 2.0), train,
+                                 record(1, [3.0, 5.0, 7.0], 1.0)])
+    assert pooled[1] is train and len(pooled) == 2
+    assert pooled[0]["median_ms"] == 5.0 and pooled[0]["repeats"] == 5
+    assert pooled[0]["rounds"] == 2 and pooled[0]["peak_tensor_mb"] == 2.0
+    assert pooled[0]["load_average_1min"] == 2.0 and "round" not in pooled[0]
 
 
 def test_linear_attention_flops_counts_every_product():

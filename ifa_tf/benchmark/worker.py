@@ -121,7 +121,8 @@ def score_job(job):
             times.append((time.perf_counter() - start) * 1e3)
     for times, ((m, n), _, measured) in zip(samples, prepared):
         yield {"kind": "score", "model": job["model"], "path": job["path"], "m": m, "n": n,
-               **summarize(times), **measured}
+               "round": job.get("round", 0), **summarize(times), **measured,
+               "samples_ms": times}
 
 
 def train_job(job):

@@ -17,6 +17,8 @@ flags.DEFINE_list("m_values", [str(v) for v in _DEFAULTS.m_values], "Candidate-s
 flags.DEFINE_list("n_values", [str(v) for v in _DEFAULTS.n_values], "Sequence lengths.")
 flags.DEFINE_integer("repeats", _DEFAULTS.repeats, "Timed calls per shape.")
 flags.DEFINE_integer("warmup", _DEFAULTS.warmup, "Untimed calls per shape first.")
+flags.DEFINE_integer("rounds", _DEFAULTS.rounds, "Times every model is timed, in alternating "
+                     "order; a shape's figures pool the timed calls of all rounds.")
 flags.DEFINE_integer("train_batch_size", _DEFAULTS.train_batch_size, "Training batch size.")
 flags.DEFINE_integer("train_m", _DEFAULTS.train_m, "Candidates per training request.")
 flags.DEFINE_integer("train_n", _DEFAULTS.train_n, "Sequence length of training requests.")
