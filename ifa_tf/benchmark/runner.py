@@ -123,9 +123,10 @@ def run_benchmark(config, log=print):
     unknown = sorted(set(models) - set(ifa_tf.zoo.list_models()))
     if unknown:
         raise ValueError(f"Unknown models {unknown}. Registered: {ifa_tf.zoo.list_models()}")
+    overrides = config.build_overrides()
     for model in models:  # checked before hours of jobs, not in the first one
         valid = ifa_tf.zoo.valid_overrides(model)
-        unknown = sorted(set(config.build_overrides()) - set(valid or ()))
+        unknown = sorted(set(overrides) - set(valid or ()))
         if valid is not None and unknown:
             raise ValueError(f"Unknown model_overrides {unknown} for model {model!r}. "
                              f"Valid overrides: {sorted(valid)}")

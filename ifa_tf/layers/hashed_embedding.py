@@ -67,6 +67,8 @@ class HashedEmbedding(keras.layers.Layer):
         self.embeddings_regularizer = keras.regularizers.get(embeddings_regularizer)
 
     def build(self, input_shape):
+        # The table lives in a Keras `Embedding` (its weight path, and so checkpoints, are
+        # those of earlier versions); `call` gathers from it directly (see `gather_rows`).
         self._embedding = keras.layers.Embedding(
             self.num_buckets, self.output_dim,
             embeddings_initializer=self.embeddings_initializer,

@@ -21,6 +21,18 @@ def check_choice(name, value, choices):
         raise ValueError(f"`{name}` must be one of {sorted(choices)}. Received: {name}={value!r}")
 
 
+def check_dtype_policy(name, policy):
+    """The name of a floating Keras dtype policy (e.g. `"mixed_bfloat16"`)."""
+    try:
+        resolved = keras.dtype_policies.get(policy)
+    except (ValueError, TypeError):
+        resolved = None
+    if resolved is None or not resolved.compute_dtype.startswith(("float", "bfloat")):
+        raise ValueError(f"`{name}` must be a floating Keras dtype policy such as "
+                         f"'mixed_bfloat16' or 'float32'. Received: {name}={policy!r}")
+    return resolved.name
+
+
 def clone_initializer(initializer):
     """A fresh initializer of the same config, so sublayers never share seeded state."""
     return keras.initializers.get(keras.initializers.serialize(initializer))

@@ -2,7 +2,7 @@ import keras
 from keras import ops
 
 from ifa_tf import layers
-from ifa_tf.layers.validation import check_positive_int, check_units
+from ifa_tf.layers.validation import check_dtype_policy, check_positive_int, check_units
 from ifa_tf.models.training_defaults import TrainingDefaultsMixin
 from ifa_tf.schema import CANDIDATE_PREFIX, SEQUENCE_PREFIX, resolve_schema
 
@@ -106,7 +106,7 @@ class CandidateSetRanker(TrainingDefaultsMixin, keras.Model):
             ram_heads, ram_key_dim, feature_map=feature_map, use_output_projection=False,
             name="candidate_self_attention") if use_ram else None
         if tower_dtype is not None:
-            tower_dtype = _check_dtype_policy("tower_dtype", tower_dtype)
+            tower_dtype = check_dtype_policy("tower_dtype", tower_dtype)
         towers = {task: layers.MLPTower(tower_units, dropout=dropout, dtype=tower_dtype,
                                         name=f"{task}_tower")
                   for task in schema.tasks}
@@ -195,15 +195,3 @@ class CandidateSetRanker(TrainingDefaultsMixin, keras.Model):
     @classmethod
     def from_config(cls, config):
         return cls(**config)
-
-
-def _check_dtype_policy(name, policy):
-    """The policy's name, or a ValueError naming the argument and the value."""
-    try:
-        resolved = keras.dtype_policies.get(policy)
-    except (ValueError, TypeError):
-        resolved = None
-    if resolved is None or not resolved.compute_dtype.startswith(("float", "bfloat")):
-        raise ValueError(f"`{name}` must be a floating Keras dtype policy such as "
-                         f"'mixed_bfloat16' or 'float32'. Received: {name}={policy!r}")
-    return resolved.name
