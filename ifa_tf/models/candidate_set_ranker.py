@@ -46,7 +46,7 @@ class CandidateSetRanker(TrainingDefaultsMixin, keras.Model):
         tower_dtype: dtype policy of the task towers alone, e.g. `"mixed_bfloat16"`: their
             hidden layers then compute in bfloat16 while each tower's logit, the attention
             and the embeddings stay float32. Where the hardware has bfloat16 matrix units
-            (AMX), IFA at m = 10,000 takes ~20% less time (README "How fast"). `None`: the
+            (AMX), IFA at m = 10,000 takes 20-25% less time (README "How fast"). `None`: the
             model's policy.
 
     Call arguments:
