@@ -158,6 +158,30 @@ def test_normalized_linear_attention_batch_of_one_equals_its_row_of_a_batch():
             np.testing.assert_allclose(np_(call(*one)), batched[i:i + 1], atol=1e-6)
 
 
+def test_masked_row_helpers_match_their_definition():
+    # On TensorFlow `zero_masked_rows` skips its pass when every row is valid and
+    # `masked_row_sum` is a matvec; both must equal the plain expressions, in a graph with
+    # unknown shapes too (both branches of the skip).
+    from ifa_tf.layers.fast_ops import masked_row_sum, zero_masked_rows
+
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(2, 7, 3)).astype("float32")
+    calls = [lambda x, mask: (zero_masked_rows(x, mask), masked_row_sum(x, mask),
+                              masked_row_sum(x))]
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        calls.append(tf.function(calls[0], input_signature=[
+            tf.TensorSpec([None, None, 3]), tf.TensorSpec([None, None], tf.bool)]))
+    for mask in (np.ones((2, 7), bool), random_mask(rng, 2, 7, 1), np.zeros((2, 7), bool)):
+        weights = mask[..., None].astype("float64")
+        for call in calls:
+            zeroed, total, unmasked = call(x, mask)
+            np.testing.assert_array_equal(np_(zeroed), x * weights)
+            np.testing.assert_allclose(np_(total), (x * weights).sum(1), atol=1e-6)
+            np.testing.assert_allclose(np_(unmasked), x.sum(1, dtype="float64"), atol=1e-6)
+
+
 def test_normalized_linear_attention_all_padding_is_finite():
     layer = layers.NormalizedLinearAttention(2, 4, feature_map="relu")
     query = np.ones((2, 3, 8), "float32")

@@ -43,3 +43,36 @@ def per_example_matmul(a, b, transpose_a=False):
     if a.shape[0] is not None:
         return single() if a.shape[0] == 1 else batched()
     return tf.cond(tf.equal(tf.shape(a)[0], 1), single, batched)
+
+
+def zero_masked_rows(x, mask):
+    """`x` with the rows where `mask` [B, r] is False set to zero; x is [B, r, c].
+
+    On TensorFlow's CPU runtime the broadcast multiply costs ~0.2 ms over a [1, 10,000, 32]
+    tensor. A served request is one user's sequence as it is, with no padding, so on
+    TensorFlow the pass is skipped when every row is valid (a branch on `all(mask)`, which
+    reads only the [B, r] mask); the result is the same either way.
+    """
+
+    def masked():
+        return x * ops.cast(mask, x.dtype)[..., None]
+
+    if keras.backend.backend() != "tensorflow":
+        return masked()
+    import tensorflow as tf
+
+    return tf.cond(tf.reduce_all(mask), lambda: tf.identity(x), masked)
+
+
+def masked_row_sum(x, mask=None):
+    """`sum_r mask[b, r] * x[b, r, :]`, [B, c], as one matrix-vector product per example.
+
+    A column sum of [r, c] by TensorFlow's reduction kernels costs ~3x the matvec
+    `mask^T x` (~0.09 vs ~0.03 ms at r = 10,000, c = 32 on a 2-core CPU), and the mask is
+    folded in with no pass of its own.
+    """
+    if mask is None:
+        weights = ops.ones_like(x[..., 0])
+    else:
+        weights = ops.cast(mask, x.dtype)
+    return per_example_matmul(weights[:, None, :], x)[:, 0]

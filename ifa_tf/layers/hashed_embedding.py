@@ -16,12 +16,13 @@ _LOW_32_BITS = 0xFFFFFFFF
 BUCKETING_MODES = ("hash", "log2", "clip")
 
 
-def hash_buckets(values, num_buckets):
-    """int64 bucket of each id: 0 -> 0, any other id -> [1, num_buckets)."""
+def hash_buckets(values, num_buckets, offset=0):
+    """int64 bucket of each id: 0 -> 0, any other id -> [1, num_buckets); plus `offset`
+    (added with the 1, in the same pass)."""
     values = ops.cast(values, "int64")
     mixed = ops.bitwise_and(ops.right_shift(values * _MULTIPLIER, 32), _LOW_32_BITS)
-    bucket = ops.right_shift(mixed * (num_buckets - 1), 32) + 1
-    return ops.where(ops.equal(values, 0), 0, bucket)
+    bucket = ops.right_shift(mixed * (num_buckets - 1), 32) + (offset + 1)
+    return ops.where(ops.equal(values, 0), offset, bucket)
 
 
 def _check_num_buckets(num_buckets):
@@ -237,7 +238,7 @@ class StackedHashedEmbedding(keras.layers.Layer):
         self.built = True
 
     def call(self, values):
-        rows = ops.stack([hash_buckets(value, buckets) + offset for value, buckets, offset
+        rows = ops.stack([hash_buckets(value, buckets, offset) for value, buckets, offset
                           in zip(values, self.num_buckets, self._offsets)], axis=-1)
         embedded = gather_rows(self.embeddings, rows)  # [..., k, d]
         embedded = ops.reshape(embedded, (*ops.shape(rows)[:-1],

@@ -2,7 +2,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from ifa_tf.layers.fast_ops import per_example_matmul
+from ifa_tf.layers.fast_ops import masked_row_sum, per_example_matmul, zero_masked_rows
 from ifa_tf.layers.feature_maps import FEATURE_MAPS, apply_feature_map
 from ifa_tf.layers.projections import head_projection, merge_heads_projection
 from ifa_tf.layers.validation import check_choice, check_positive_int
@@ -122,14 +122,16 @@ class NormalizedLinearAttention(keras.layers.Layer):
         # precision): its sums over up to 10^4 keys overflow float16.
         phi_q = self._project_phi(query, self._query_dense)  # [B, m, h*k]
         phi_k = self._project_phi(key, self._key_dense)  # [B, n, h*k]
+        # [B, h*k]: phi(K_h)^T 1 over the valid keys, heads side by side (a matvec with
+        # the key mask, which so needs no pass of its own here).
+        key_sums = masked_row_sum(phi_k, key_mask)
         if key_mask is not None:
-            # A zero row of phi(K) removes its key from phi(K)^T V and phi(K)^T 1 alike.
-            phi_k = phi_k * ops.cast(key_mask, "float32")[:, :, None]
+            # A zero row of phi(K) removes its key from phi(K)^T V.
+            phi_k = zero_masked_rows(phi_k, key_mask)
         # The sequence summary of Eq. 7 per head, phi(K_h)^T V_h with V_h = value W_h + b_h,
         # is (phi(K_h)^T value) W_h + (phi(K_h)^T 1) b_h: V is never projected over n, and
         # one O(n) product phi(K)^T value serves every head.
         keys_by_value = per_example_matmul(phi_k, _float32(value), transpose_a=True)
-        key_sums = ops.sum(phi_k, axis=1)  # [B, h*k]: phi(K_h)^T 1, heads side by side
         # All heads' summaries at once: [B, h*k, h*v] against every head's value kernel,
         # of which only the diagonal blocks (head h's keys with head h's values) are kept.
         # The blocks are tiny, and the kernel is used as stored: no transpose, no tiling.
