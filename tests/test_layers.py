@@ -410,6 +410,15 @@ def test_hashed_embedding_buckets():
     log2 = layers.HashedEmbedding(66, 4, mode="log2")
     np.testing.assert_array_equal(np_(log2.bucketize(np.array([0, 1, 2, 3, 7, 1000, -5]))),
                                   [1, 2, 2, 3, 4, 10, 1])
+    # Exact next to every power of two (a float log2 is one off there), up to int64's ends,
+    # and capped at the last bucket.
+    edges = [v for k in range(1, 64) for v in ((1 << k) - 2, (1 << k) - 1, 1 << k)
+             if v < 2**63] + [2**63 - 1, -2**63]
+    for buckets in (66, 20, 3, 2):
+        log2 = layers.HashedEmbedding(buckets, 4, mode="log2")
+        np.testing.assert_array_equal(
+            np_(log2.bucketize(np.array(edges, "int64"))),
+            [min(1 + (max(v, 0) + 1).bit_length() - 1, buckets - 1) for v in edges])
     clip = layers.HashedEmbedding(8, 4, mode="clip")
     np.testing.assert_array_equal(np_(clip.bucketize(np.array([0, 5, 7, 9]))), [0, 5, 7, 7])
     assert tuple(hashed(ids).shape) == (6, 4)

@@ -1,6 +1,7 @@
 import math
 
 import keras
+import numpy as np
 from keras import ops
 
 from ifa_tf.layers.fast_ops import gather_rows
@@ -64,6 +65,8 @@ class HashedEmbedding(keras.layers.Layer):
         self.num_buckets = num_buckets
         self.output_dim = output_dim
         self.mode = mode
+        self._log2_thresholds = np.array(
+            [(1 << k) - 1 for k in range(1, min(63, num_buckets - 2) + 1)], "int64")
         self.embeddings_initializer = keras.initializers.get(embeddings_initializer)
         self.embeddings_regularizer = keras.regularizers.get(embeddings_regularizer)
 
@@ -83,9 +86,15 @@ class HashedEmbedding(keras.layers.Layer):
         if self.mode == "hash":
             return hash_buckets(values, self.num_buckets)
         if self.mode == "log2":
-            magnitude = ops.cast(ops.maximum(values, 0), "float32")
-            bucket = 1 + ops.cast(ops.floor(ops.log2(1.0 + magnitude)), "int32")
-            return ops.minimum(bucket, self.num_buckets - 1)
+            # 1 + floor(log2(1 + v)) is 1 + #{k >= 1 : 2^k - 1 <= v}: a binary search over
+            # those thresholds counts it exactly in int64 (a float log2 is one off next to
+            # powers of two, and differently so on each backend), and at most
+            # num_buckets - 2 thresholds cap the bucket.
+            if self._log2_thresholds.size == 0:
+                return ops.ones_like(values, "int32")
+            flat = ops.reshape(ops.cast(values, "int64"), (-1,))  # TF searches 1-D values
+            rank = ops.searchsorted(self._log2_thresholds, flat, side="right")
+            return 1 + ops.reshape(ops.cast(rank, "int32"), ops.shape(values))
         return ops.clip(ops.cast(values, "int32"), 0, self.num_buckets - 1)
 
     @property
