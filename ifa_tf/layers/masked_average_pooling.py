@@ -1,8 +1,6 @@
 import keras
 from keras import ops
 
-from ifa_tf.layers.fast_ops import masked_row_sum
-
 
 @keras.saving.register_keras_serializable(package="ifa_tf")
 class MaskedAveragePooling(keras.layers.Layer):
@@ -24,8 +22,8 @@ class MaskedAveragePooling(keras.layers.Layer):
         if mask is None:
             pooled = ops.mean(values, axis=1)
         else:
-            count = ops.sum(ops.cast(mask, "float32"), axis=1, keepdims=True)
-            pooled = masked_row_sum(values, mask) / ops.maximum(count, 1.0)
+            weight = ops.cast(mask, "float32")[..., None]
+            pooled = ops.sum(values * weight, axis=1) / ops.maximum(ops.sum(weight, axis=1), 1.0)
         return ops.cast(pooled, self.compute_dtype)
 
     def compute_mask(self, sequence, mask=None):
