@@ -4,7 +4,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from ifa_tf.layers.fast_ops import gather_rows
+from ifa_tf.layers.fast_ops import count_at_most, gather_rows
 from ifa_tf.layers.validation import check_choice, check_positive_int
 
 # Multiply-shift hashing (Fibonacci hashing): the top 32 bits of id * phi * 2^64 modulo
@@ -93,7 +93,7 @@ class HashedEmbedding(keras.layers.Layer):
             if self._log2_thresholds.size == 0:
                 return ops.ones_like(values, "int32")
             flat = ops.reshape(ops.cast(values, "int64"), (-1,))  # TF searches 1-D values
-            rank = ops.searchsorted(self._log2_thresholds, flat, side="right")
+            rank = count_at_most(self._log2_thresholds, flat)
             return 1 + ops.reshape(ops.cast(rank, "int32"), ops.shape(values))
         return ops.clip(ops.cast(values, "int32"), 0, self.num_buckets - 1)
 
