@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The GPU figures: the zoo's forward (B = 1 at m = n = 1k and 10k, B = 32 at 1k, IFA's device
-# time broken down by op) and training throughput, with Keras 3 on JAX, written as JSON to
-# the folder given (default benchmarks/results/gpu). TensorFlow does not travel to the lent
+# The GPU figures: the zoo's forward (B = 1 at m = n = 1k and 10k, B = 32 at 1k; IFA's device
+# time broken down by op, also kernel by kernel) and training throughput, with Keras 3 on
+# JAX, written as JSON to the folder given (default benchmarks/results/gpu). TensorFlow does not travel to the lent
 # GPU machines; JAX is there, and Keras with its two missing pure dependencies travels as
 # wheels in `.whl/` (see benchmarks/results/gpu/README.md for the pip download line).
 #
@@ -36,3 +36,8 @@ jax.devices())" >>"$out/device.txt"
 "$python" benchmarks/jax_train.py --models="${TRAIN_MODELS:-ifa,twin}" --batch_size=32 \
   --candidates="${TRAIN_M:-200}" --sequence_length="${TRAIN_N:-1000}" \
   --steps="${TRAIN_STEPS:-50}" --output_json="$out/train.json"
+# XLA runs most of a forward as CUDA graphs (command buffers), which a trace shows as one
+# event each; with them off every kernel is traced on its own, naming the ops that dominate.
+XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" "$python" benchmarks/jax_forward.py \
+  --models=ifa --shapes="${PROFILE_SHAPE:-10000x10000}" --batch_size=1 --repeats="$repeats" \
+  --profile_models=ifa --profile_top=25 --output_json="$out/profile_ifa_kernels.json"
