@@ -21,6 +21,9 @@ before anything is computed. Per task:
 
 `CandidateSetEvaluator` accumulates batches and computes everything at `result()`; the
 functions `auc`, `grouped_auc`, `ndcg_at_k` and `log_loss` work on NumPy arrays directly.
+With `length_groups=g` it also splits the requests into g groups of (about) equal size by
+their sequence length n (short to long users) and gives each group's AUC and truth AUC
+(`length_group_result()`): whether a model's gain grows with n.
 """
 
 import numpy as np
@@ -119,6 +122,9 @@ class CandidateSetEvaluator:
     Args:
         tasks: task names (labels and prediction keys).
         ndcg_k: the k of NDCG@k.
+        length_groups: split the requests into this many groups by sequence length (the
+            valid `seq_item_id` of each), at the quantiles of the evaluated requests'
+            lengths, for `length_group_result()`; 0: no split.
 
     Example:
     >>> evaluator = CandidateSetEvaluator(["click"])
@@ -126,16 +132,22 @@ class CandidateSetEvaluator:
     >>> evaluator.result()["click"]["auc"]
     """
 
-    def __init__(self, tasks, ndcg_k=10):
+    def __init__(self, tasks, ndcg_k=10, length_groups=0):
         if isinstance(ndcg_k, bool) or not isinstance(ndcg_k, int) or ndcg_k < 1:
             raise ValueError(f"ndcg_k must be a positive integer. Received: ndcg_k={ndcg_k!r}")
+        if (isinstance(length_groups, bool) or not isinstance(length_groups, int)
+                or length_groups < 0):
+            raise ValueError("length_groups must be a non-negative integer. Received: "
+                             f"length_groups={length_groups!r}")
         self.tasks = tuple(tasks)
         self.ndcg_k = ndcg_k
+        self.length_groups = length_groups
         self.reset()
 
     def reset(self):
         self._num_requests = 0
         self._request_ids = []
+        self._sequence_lengths = []
         self._labels = {task: [] for task in self.tasks}
         self._predictions = {task: [] for task in self.tasks}
         self._truths = {task: [] for task in self.tasks}
@@ -152,6 +164,10 @@ class CandidateSetEvaluator:
             mask.shape)
         self._request_ids.append(request_ids[mask])
         self._num_requests += batch_size
+        if self.length_groups:
+            if "seq_item_id" not in features:
+                raise ValueError("length_groups needs the feature seq_item_id.")
+            self._sequence_lengths.append((_numpy(features["seq_item_id"]) != 0).sum(axis=1))
         for task in self.tasks:
             task_labels = _numpy(labels[task]).astype(np.float64)
             task_predictions = _numpy(predictions[task]).astype(np.float64)
@@ -194,6 +210,33 @@ class CandidateSetEvaluator:
                 task_result["auc_gap_to_truth"] = task_result["truth_auc"] - task_result["auc"]
             results[task] = task_result
         return results
+
+
+    def length_group_result(self):
+        """Per length group, shortest first: `{"min_length", "max_length", "num_requests",
+        "tasks": {task: {"auc", "num_candidates"[, "truth_auc"]}}}`; [] without groups."""
+        if not self.length_groups or not self._num_requests:
+            return []
+        lengths = _concatenate(self._sequence_lengths, np.int64)
+        edges = np.quantile(lengths, np.arange(1, self.length_groups) / self.length_groups)
+        request_group = np.searchsorted(edges, lengths, side="right")
+        candidate_group = request_group[_concatenate(self._request_ids, np.int64)]
+        groups = []
+        for group in np.unique(request_group):
+            in_group = candidate_group == group
+            tasks = {}
+            for task in self.tasks:
+                labels = _concatenate(self._labels[task], np.float64)[in_group]
+                tasks[task] = {"auc": auc(labels, _concatenate(self._predictions[task],
+                                                               np.float64)[in_group]),
+                               "num_candidates": int(labels.size)}
+                if self._truths[task]:
+                    tasks[task]["truth_auc"] = auc(
+                        labels, _concatenate(self._truths[task], np.float64)[in_group])
+            members = lengths[request_group == group]
+            groups.append({"min_length": int(members.min()), "max_length": int(members.max()),
+                           "num_requests": int(members.size), "tasks": tasks})
+        return groups
 
 
 def _numpy(value):

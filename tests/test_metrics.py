@@ -116,3 +116,41 @@ def test_evaluator_over_batches_equals_pooled_reference_and_ignores_padding():
 def test_evaluator_rejects_bad_k():
     with pytest.raises(ValueError, match="ndcg_k"):
         metrics.CandidateSetEvaluator(["click"], ndcg_k=0)
+
+
+def test_length_groups_split_requests_by_sequence_length_into_equal_groups():
+    rng = np.random.default_rng(3)
+    batch, m, n = 12, 6, 10
+    sequence_lengths = np.array([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 10, 3])
+    sequence = np.where(np.arange(n)[None] < sequence_lengths[:, None],
+                        rng.integers(1, 50, (batch, n)), 0)
+    ids = rng.integers(1, 50, (batch, m))
+    ids[0, 4:] = 0  # padded candidates never count
+    labels = (rng.random((batch, m)) < 0.4).astype(np.float32)
+    scores = rng.random((batch, m))
+    truth = rng.random((batch, m))
+    evaluator = metrics.CandidateSetEvaluator(["click"], length_groups=3)
+    for rows in (slice(0, 5), slice(5, 12)):  # two batches
+        evaluator.update({"cand_item_id": ids[rows], "seq_item_id": sequence[rows]},
+                         {"click": labels[rows]}, {"click": scores[rows]},
+                         {"truth_click": truth[rows]})
+    groups = evaluator.length_group_result()
+    # The tertiles of the 12 sorted lengths 1 2 3 3 | 4 5 6 7 | 8 9 10 10 fall between 3 and
+    # 4 and between 7 and 8: four requests a group.
+    expected_members = [sequence_lengths <= 3, (sequence_lengths >= 4) & (sequence_lengths <= 7),
+                        sequence_lengths >= 8]
+    assert [g["num_requests"] for g in groups] == [int(e.sum()) for e in expected_members]
+    for group, members in zip(groups, expected_members):
+        assert (group["min_length"], group["max_length"]) == (
+            sequence_lengths[members].min(), sequence_lengths[members].max())
+        valid = (ids != 0) & members[:, None]
+        click = group["tasks"]["click"]
+        assert click["num_candidates"] == valid.sum()
+        assert click["auc"] == pytest.approx(pairwise_auc(labels[valid], scores[valid]))
+        assert click["truth_auc"] == pytest.approx(pairwise_auc(labels[valid], truth[valid]))
+    assert metrics.CandidateSetEvaluator(["click"]).length_group_result() == []
+    with pytest.raises(ValueError, match="length_groups=-1"):
+        metrics.CandidateSetEvaluator(["click"], length_groups=-1)
+    with pytest.raises(ValueError, match="seq_item_id"):
+        metrics.CandidateSetEvaluator(["click"], length_groups=2).update(
+            {"cand_item_id": ids}, {"click": labels}, {"click": scores})

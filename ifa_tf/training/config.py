@@ -146,17 +146,24 @@ class EvalConfig:
             the current weights first, then trained on; cumulative metrics).
         ndcg_k: k of NDCG@k.
         max_batches: evaluate at most this many batches (null: all).
+        length_groups: also report AUC in this many equal-size groups of requests by
+            sequence length (short to long users; 0: not).
     """
 
     protocol: str = "split"
     ndcg_k: int = 10
     max_batches: Optional[int] = None
+    length_groups: int = 3
 
     def validate(self):
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"eval.protocol must be one of {list(PROTOCOLS)}. Received: "
                              f"eval.protocol={self.protocol!r}")
         _check_positive("eval.ndcg_k", self.ndcg_k)
+        if (isinstance(self.length_groups, bool) or not isinstance(self.length_groups, int)
+                or self.length_groups < 0):
+            raise ValueError("eval.length_groups must be a non-negative integer. Received: "
+                             f"eval.length_groups={self.length_groups!r}")
         if self.max_batches is not None:
             _check_positive("eval.max_batches", self.max_batches)
 

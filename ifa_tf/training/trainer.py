@@ -60,10 +60,11 @@ def build_model(config, schema):
     return model
 
 
-def evaluate(model, dataset, schema, ndcg_k=10, max_batches=None):
+def evaluate(model, dataset, schema, ndcg_k=10, max_batches=None, length_groups=0):
     """Runs `model` over `(features, labels[, extras])` batches; returns
-    `ifa_tf.metrics.CandidateSetEvaluator.result()` plus `num_requests`."""
-    evaluator = CandidateSetEvaluator(schema.tasks, ndcg_k=ndcg_k)
+    `ifa_tf.metrics.CandidateSetEvaluator.result()` as `tasks`, `num_requests` and, with
+    `length_groups`, the AUC per group of sequence length as `by_sequence_length`."""
+    evaluator = CandidateSetEvaluator(schema.tasks, ndcg_k=ndcg_k, length_groups=length_groups)
     predict = tf.function(lambda features: model(features, training=False),
                           reduce_retracing=True)
     for index, batch in enumerate(dataset):
@@ -72,7 +73,14 @@ def evaluate(model, dataset, schema, ndcg_k=10, max_batches=None):
         features, labels = batch[0], batch[1]
         extras = batch[2] if len(batch) > 2 else None
         evaluator.update(features, labels, predict(features), extras)
-    return {"num_requests": evaluator.num_requests, "tasks": evaluator.result()}
+    return _evaluation(evaluator)
+
+
+def _evaluation(evaluator):
+    result = {"num_requests": evaluator.num_requests, "tasks": evaluator.result()}
+    if evaluator.length_groups:
+        result["by_sequence_length"] = evaluator.length_group_result()
+    return result
 
 
 def train_and_evaluate(config, workdir, callbacks=()):
@@ -165,7 +173,7 @@ def _split(config, model, schema, strategy, workdir, write_dir, chief, extra_cal
                                     max_candidates=data.max_candidates,
                                     with_extras=with_extras)
         result["eval"] = evaluate(model, eval_dataset, schema, config.eval.ndcg_k,
-                                  config.eval.max_batches)
+                                  config.eval.max_batches, config.eval.length_groups)
         if chief:
             _write_scalars(os.path.join(write_dir, "logs", "evaluation"), result["eval"],
                            step=result["train_steps"])
@@ -180,10 +188,11 @@ def _streaming(config, model, schema, write_dir):
                            with_extras=bool(schema.extras))
     if config.train.steps is not None:
         dataset = dataset.take(config.train.steps)
-    evaluator = CandidateSetEvaluator(schema.tasks, ndcg_k=config.eval.ndcg_k)
+    evaluator = CandidateSetEvaluator(schema.tasks, ndcg_k=config.eval.ndcg_k,
+                                      length_groups=config.eval.length_groups)
     losses = streaming_train_and_evaluate(model, dataset, evaluator,
                                           epochs=config.train.epochs)
-    result = {"eval": {"num_requests": evaluator.num_requests, "tasks": evaluator.result()},
+    result = {"eval": _evaluation(evaluator),
               "history": {"loss": losses},
               "train_steps": int(model.optimizer.iterations.numpy())}
     _write_scalars(os.path.join(write_dir, "logs", "evaluation"), result["eval"],
