@@ -1,5 +1,6 @@
 """Damaged input is named, never lost silently (issue 12): TFRecord files that are truncated,
-corrupt or garbage, read with and without `skip_corrupt`."""
+corrupt or garbage, read with and without `skip_corrupt`; logs with bytes that are not UTF-8
+or fields over the `csv` size limit, read with and without `skip_bad_rows`."""
 
 import logging
 import os
@@ -10,8 +11,10 @@ import struct
 import numpy as np
 import pytest
 import tensorflow as tf
+from absl import flags
 
-from ifa_tf.data import make_dataset, records, simulator
+from ifa_tf.cli import data as cli
+from ifa_tf.data import log_converter, make_dataset, records, simulator
 
 PIPELINE_LOGGER = "ifa_tf.data.pipeline"
 GARBAGE = b"this is not a TFRecord file \x00\xff\x01" * 20
@@ -168,3 +171,87 @@ def test_garbage_gzip_file_outside_the_metadata_error_names_it(damaged):
                        match=rf"{re.escape(garbage)}: truncated or corrupt TFRecord file: "
                              r"read 0 records; unreadable from record 0 on \(BadGzipFile"):
         _user_ids(make_dataset(pattern, batch_size=8, shuffle=False))
+
+
+# --------------------------------------------------------------------------- from-log
+LOG_CONFIG = dict(columns="user,item,timestamp", num_negatives=0, test_fraction=0)
+OVERSIZED = "y" * 140_000  # over the csv module's 131,072-character field limit
+
+
+def _write_log(path, lines):
+    """`lines`: bytes, one per line, after a `user,item,timestamp` header (line 1)."""
+    with open(path, "wb") as f:
+        f.write(b"user,item,timestamp\n" + b"".join(line + b"\n" for line in lines))
+    return str(path)
+
+
+def _log_lines(bad):
+    """Good rows of user `a` on lines 2, 3, 5 and 6 around `bad` on line 4."""
+    return [b"a,x,10", b"a,y,20", bad, b"a,z,200000", b"a,w,200010"]
+
+
+@pytest.mark.parametrize("bad, reason", [
+    (b"a,\xff\xfe\x00garbage,30", r"item is not UTF-8 text: b'\\xff\\xfe\\x00garbage'"),
+    (b'a,"' + OVERSIZED.encode() + b'",30', r"unparseable CSV: field larger than field limit"),
+    (b"a,z," + OVERSIZED.encode(), r"unparseable CSV: field larger than field limit"),
+])
+def test_bad_bytes_are_a_line_numbered_error_naming_the_file(tmp_path, bad, reason):
+    log = _write_log(tmp_path / "log.csv", _log_lines(bad))
+    with pytest.raises(records.DataFormatError,
+                       match=rf"^{re.escape(log)}: 1 malformed rows: line 4: {reason}"):
+        log_converter.convert_log(log, str(tmp_path / "out"),
+                                  log_converter.LogConfig(**LOG_CONFIG))
+
+
+def test_skip_bad_rows_skips_binary_garbage_and_oversized_fields(tmp_path, caplog):
+    garbage = bytes(range(256))  # NUL, \n, \r, quotes and bytes that are not UTF-8
+    lines = [b"a,x,10", garbage, b"a,y,20", b"a," + OVERSIZED.encode() + b",30",
+             b"a,\xc3\x28,40", b"a,z,200000"]
+    log = _write_log(tmp_path / "log.csv", lines)
+    config = log_converter.LogConfig(**LOG_CONFIG, skip_bad_rows=True)
+    with caplog.at_level(logging.WARNING):
+        metadata = log_converter.convert_log(log, str(tmp_path / "out"), config)
+    assert metadata["num_events"] == 3  # a,x  a,y  a,z
+    # bytes(range(256)) spans lines 3-5 (\n is byte 10, \r byte 13, the second \n is a new
+    # line); the oversized field is on line 7, the broken UTF-8 on line 8.
+    assert metadata["bad_row_lines"] == [3, 4, 5, 7, 8]
+    assert metadata["bad_rows"] == 5
+    assert f"{log}: skipped malformed line 8: item is not UTF-8 text" in caplog.text
+
+
+def test_movielens_preset_names_the_file_and_line_of_garbage(tmp_path):
+    with open(tmp_path / "ml-100k.item", "w") as f:
+        f.write("item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n"
+                "1\tToy Story\t1995\tAnimation\n")
+    with open(tmp_path / "ml-100k.inter", "wb") as f:
+        f.write(b"user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
+                b"5\t1\t4\t100\n\xff\xd8\t1\t5\t300000\n5\t1\t" + OVERSIZED.encode() + b"\n")
+    inter = str(tmp_path / "ml-100k.inter")
+    with pytest.raises(records.DataFormatError) as error:
+        log_converter.convert_movielens_100k(str(tmp_path), str(tmp_path / "out"))
+    message = str(error.value)
+    assert message.startswith(f"{inter}: 2 malformed rows: ")
+    assert "line 3: user_id is not UTF-8 text: b'\\xff\\xd8'" in message
+    assert "line 4: unparseable CSV: field larger than field limit" in message
+
+
+def _cli_flags(*argv):
+    flag_values = flags.FlagValues()
+    cli.define_flags(flag_values)
+    flag_values(["ifa-data", *argv])
+    return flag_values
+
+
+def test_cli_reports_bad_rows_in_one_line_or_counts_the_skipped(tmp_path, capsys):
+    log = _write_log(tmp_path / "log.csv", _log_lines(b"a,\x80\x81,30"))
+    argv = [f"--input={log}", "--columns=user,item,timestamp", "--num_negatives=0",
+            "--test_fraction=0"]
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["ifa-data", "from-log"], _cli_flags(f"--output_dir={tmp_path / 'a'}", *argv))
+    assert str(exit_.value.code) == (
+        f"ifa-data: {log}: 1 malformed rows: line 4: item is not UTF-8 text: b'\\x80\\x81' "
+        "(skip them with skip_bad_rows / --skip_bad_rows)")
+    cli.main(["ifa-data", "from-log"],
+             _cli_flags(f"--output_dir={tmp_path / 'b'}", *argv, "--skip_bad_rows"))
+    assert capsys.readouterr().out == (f"wrote train=1 requests to {tmp_path / 'b'}; "
+                                       "skipped 1 malformed rows (logged above)\n")
