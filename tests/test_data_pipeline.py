@@ -2,6 +2,7 @@
 faults named by file and record."""
 
 import gzip
+import logging
 import os
 
 import numpy as np
@@ -220,16 +221,17 @@ def test_corrupt_payload_is_an_error_naming_the_file(tmp_path):
         _batches(make_dataset(files[0], batch_size=4, shuffle=False))
 
 
-def test_skip_corrupt_keeps_readable_records_and_counts_the_rest(tmp_path, capfd):
+def test_skip_corrupt_keeps_readable_records_and_counts_the_rest(tmp_path, caplog):
     schema = _schema()
     files = _write(tmp_path, [_request(i, 30, 20) for i in range(1, 9)], schema,
                    compression="none", num_shards=2)
     _truncate(files[1], keep=0.5)  # keeps 2 of its 4 records
     dataset = make_dataset(str(tmp_path / "train-*"), batch_size=8, shuffle=False,
                            skip_corrupt=True)
-    users = sorted(np.concatenate([f["user_id"] for f, _ in _batches(dataset)]).tolist())
+    with caplog.at_level(logging.WARNING, logger="ifa_tf.data.pipeline"):
+        users = sorted(np.concatenate([f["user_id"] for f, _ in _batches(dataset)]).tolist())
     assert users == [1, 2, 3, 4, 5, 7]
-    log = capfd.readouterr().err
+    log = caplog.text
     assert f"{files[1]}: truncated or corrupt TFRecord file: read 2 records, 4 expected" in log
     assert "skipped 2 records" in log
 

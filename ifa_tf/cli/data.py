@@ -12,6 +12,7 @@ flags of the same name.
 """
 
 import logging
+import sys
 
 from absl import app, flags
 
@@ -147,15 +148,20 @@ def run_command(command, flag_values=flags.FLAGS):
     return log_converter.convert_log(source, output_dir, config, **shards)
 
 
-def main(argv):
+def main(argv, flag_values=flags.FLAGS):
     if len(argv) != 2:
         raise app.UsageError(f"Usage: ifa-data {{{'|'.join(COMMANDS)}}} [flags]. "
                              f"Received: {argv[1:]}")
-    metadata = run_command(argv[1])
+    try:
+        metadata = run_command(argv[1], flag_values)
+    except (OSError, ValueError) as error:  # bad input (DataFormatError is a ValueError)
+        sys.exit(f"ifa-data: {error}")
     for split, stats in metadata["splits"].items():
         logging.info("%s: %d requests (%s)", split, stats["num_requests"], stats["pattern"])
     parts = [f"{split}={stats['num_requests']}" for split, stats in metadata["splits"].items()]
-    print(f"wrote {', '.join(parts)} requests to {flags.FLAGS.output_dir}")
+    skipped = metadata.get("bad_rows", 0)
+    print(f"wrote {', '.join(parts)} requests to {flag_values['output_dir'].value}"
+          + (f"; skipped {skipped} malformed rows (logged above)" if skipped else ""))
 
 
 def run():

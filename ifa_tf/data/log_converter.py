@@ -11,12 +11,14 @@ request at time T (its window's first event) has
 - cross features `cand_cross_<a>_count`: sequence events sharing the candidate's attribute.
 Requests at or after the `1 - test_fraction` quantile of request times go to `test`.
 
-Malformed rows (wrong number of fields, empty ids, bad timestamps or action values) are an
-error listing their line numbers; with `skip_bad_rows` they are skipped, each logged with its
-line number and counted in the metadata. Ids that are all positive integers are kept; other
-ids are mapped to 1..V and the mapping is written as `vocab_<role>.txt` (line k = id k).
+Malformed rows (wrong number of fields, empty ids, bad timestamps or action values, text
+that is not UTF-8, CSV that cannot be parsed) are an error naming the file and listing their
+line numbers; with `skip_bad_rows` they are skipped, each logged with its line number and
+counted in the metadata. Ids that are all positive integers are kept; other ids are mapped
+to 1..V and the mapping is written as `vocab_<role>.txt` (line k = id k).
 """
 
+import contextlib
 import csv
 import dataclasses
 import datetime
@@ -38,6 +40,8 @@ _COMPARISONS = {">=": operator.ge, "<=": operator.le, "==": operator.eq, ">": op
                 "<": operator.lt}
 _POSITIVE_INT = re.compile(r"^[1-9][0-9]{0,17}$")
 _MAX_LISTED_BAD_ROWS = 20
+_MAX_SHOWN_BYTES = 20
+_UNDECODED = re.compile("[\udc80-\udcff]")  # how surrogateescape keeps bytes >= 0x80
 _logger = logging.getLogger(__name__)
 
 
@@ -220,36 +224,67 @@ def read_log(path, config):
     rules = config.action_rules
     column = {role: config.columns.index(role) for role in ROLES[:-1] if role in config.columns}
     user, item, category, timestamp, bits, lines, bad = [], [], [], [], [], [], []
-    with open(path, newline="") as f:
-        reader = csv.reader(f, delimiter=config.delimiter)
-        for row in reader:
-            if reader.line_num == 1 and config.header:
+    with contextlib.closing(_csv_rows(path, config.delimiter)) as rows:
+        for line, row, error in rows:
+            if line == 1 and config.header:
                 continue
-            if not row:  # blank line
+            if not row and error is None:  # blank line
                 continue
             try:
+                if error is not None:
+                    raise ValueError(error)
                 if len(row) != len(config.columns):
                     raise ValueError(f"{len(row)} fields, expected {len(config.columns)} "
                                      f"(columns={','.join(config.columns)})")
                 values = {role: row[i].strip() for role, i in column.items()}
+                _check_text(values)
                 for role in ("user", "item", "category"):
                     if role in values and not values[role]:
                         raise ValueError(f"empty {role}")
                 time = parse_timestamp(values["timestamp"])
                 action = rules(values.get("action", ""))
-            except ValueError as error:
-                bad.append((reader.line_num, str(error)))
+            except ValueError as fault:
+                bad.append((line, str(fault)))
                 continue
             user.append(values["user"])
             item.append(values["item"])
             category.append(values.get("category"))
             timestamp.append(time)
             bits.append(action)
-            lines.append(reader.line_num)
+            lines.append(line)
     events = Events(user, item, category, np.array(timestamp, np.int64),
                     np.array(bits, np.int64), np.array(lines, np.int64), bad)
     report_bad_rows(path, events.bad_rows, config.skip_bad_rows)
     return events
+
+
+def _csv_rows(path, delimiter, quoting=csv.QUOTE_MINIMAL):
+    """Yields `(line, row, error)` for each record of a CSV/TSV file: `line` its last line
+    number, `row` its list of fields, or None and `error` saying why the record cannot be
+    parsed (e.g. a field over the `csv` size limit; reading goes on at the next line).
+    Bytes that are not UTF-8 are kept as surrogate escapes, so that one bad byte costs its
+    row, not the file; `_check_text` rejects them in the fields used."""
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+        reader = csv.reader(f, delimiter=delimiter, quoting=quoting)
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as error:
+                yield reader.line_num, None, f"unparseable CSV: {error}"
+                continue
+            yield reader.line_num, row, None
+
+
+def _check_text(values):
+    """Raises ValueError naming the first of `values` ({name: field}) that is not UTF-8."""
+    for name, value in values.items():
+        if not value.isascii() and _UNDECODED.search(value):
+            raw = value.encode("utf-8", "surrogateescape")
+            shown = repr(raw[:_MAX_SHOWN_BYTES]) + ("..." if len(raw) > _MAX_SHOWN_BYTES
+                                                     else "")
+            raise ValueError(f"{name} is not UTF-8 text: {shown}")
 
 
 def report_bad_rows(path, bad_rows, skip):
@@ -498,47 +533,59 @@ def read_movielens_100k(data_dir, config):
     action = the rating (map it with `config.actions`, default `>=4:click,==5:like`)."""
     genre = {}
     item_path = os.path.join(data_dir, "ml-100k.item")
-    with open(item_path, newline="") as f:
-        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        header = next(reader)
-        columns = [name.split(":")[0] for name in header]
+    with contextlib.closing(_csv_rows(item_path, "\t", csv.QUOTE_NONE)) as rows:
+        columns = _header(item_path, rows)
         item_column, class_column = columns.index("item_id"), columns.index("class")
-        for row in reader:
-            if len(row) != len(columns):
-                raise records.DataFormatError(
-                    f"{item_path}: line {reader.line_num}: {len(row)} fields, expected "
-                    f"{len(columns)}")
+        for line, row, error in rows:
+            try:
+                if error is not None:
+                    raise ValueError(error)
+                if len(row) != len(columns):
+                    raise ValueError(f"{len(row)} fields, expected {len(columns)}")
+                _check_text({"item_id": row[item_column], "class": row[class_column]})
+            except ValueError as fault:
+                raise records.DataFormatError(f"{item_path}: line {line}: {fault}") from None
             genres = row[class_column].split()
             genre[row[item_column]] = genres[0] if genres else "unknown"
     inter_path = os.path.join(data_dir, "ml-100k.inter")
     rules = config.action_rules
     user, item, category, timestamp, bits, lines, bad = [], [], [], [], [], [], []
-    with open(inter_path, newline="") as f:
-        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        header = [name.split(":")[0] for name in next(reader)]
+    with contextlib.closing(_csv_rows(inter_path, "\t", csv.QUOTE_NONE)) as rows:
+        header = _header(inter_path, rows)
         position = {name: header.index(name)
                     for name in ("user_id", "item_id", "rating", "timestamp")}
-        for row in reader:
+        for line, row, error in rows:
             try:
+                if error is not None:
+                    raise ValueError(error)
                 if len(row) != len(header):
                     raise ValueError(f"{len(row)} fields, expected {len(header)}")
+                _check_text({name: row[i] for name, i in position.items()})
                 movie = row[position["item_id"]]
                 if movie not in genre:
                     raise ValueError(f"item {movie!r} is not in {item_path}")
                 time = parse_timestamp(row[position["timestamp"]])
                 action = rules(row[position["rating"]])
-            except ValueError as error:
-                bad.append((reader.line_num, str(error)))
+            except ValueError as fault:
+                bad.append((line, str(fault)))
                 continue
             user.append(row[position["user_id"]])
             item.append(movie)
             category.append(genre[movie])
             timestamp.append(time)
             bits.append(action)
-            lines.append(reader.line_num)
+            lines.append(line)
     report_bad_rows(inter_path, bad, config.skip_bad_rows)
     return Events(user, item, category, np.array(timestamp, np.int64),
                   np.array(bits, np.int64), np.array(lines, np.int64), bad)
+
+
+def _header(path, rows):
+    """The column names (without RecBole's `:type`) of the first record of `_csv_rows`."""
+    line, header, error = next(rows, (1, None, "the file is empty"))
+    if error is not None:
+        raise records.DataFormatError(f"{path}: line {line}: {error}")
+    return [name.split(":")[0] for name in header]
 
 
 def convert_movielens_100k(data_dir, output_dir, config=None, num_shards=1,

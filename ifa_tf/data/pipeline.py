@@ -6,16 +6,20 @@ input pipeline, interleave the files, shuffle examples, batch, parse the whole b
 
 Faults are reported with their location. Every record carries its file name and index up to
 the parse step, so a record whose candidate features and labels disagree in length fails with
-an error naming the file and the record. Each file's record count is checked against the
-metadata written beside the data (or, for uncompressed files without metadata, against a walk
-over the record headers), so a truncated or corrupt file fails with an error naming the file;
-with `skip_corrupt=True` the unreadable rest of the file is skipped instead and a warning
-names the file and counts the records lost.
+an error naming the file and the record. When a file's reading ends, the records read are
+checked against the count in the metadata written beside the data (for a file the metadata
+does not list, against a walk over its record headers: up front for uncompressed files, at
+the end of reading for gzip files, which it decompresses a second time). A truncated or
+corrupt file fails with a `tf.errors.InvalidArgumentError` naming the file and the record
+where reading stopped; with `skip_corrupt=True` the unreadable rest of the file is skipped
+instead and a warning on this module's logger says so, naming the file and the record, and
+counting the records lost (or saying that the count is unknown, for a file no metadata
+lists).
 """
 
+import functools
 import logging
 import os
-import sys
 
 import tensorflow as tf
 
@@ -53,8 +57,9 @@ def make_dataset(file_pattern, schema=None, batch_size=32, *, shuffle=True,
         deterministic: element order fixed by `seed` (slower parallel steps keep order).
         input_context: a `tf.distribute.InputContext`; files (or, with fewer files than
             pipelines, records) are sharded by `input_pipeline_id`.
-        skip_corrupt: skip the unreadable rest of a truncated or corrupt file (a warning names
-            the file and counts the records lost) instead of failing.
+        skip_corrupt: skip the unreadable rest of a truncated or corrupt file (a logged
+            warning names the file and the record, and counts the records lost) instead of
+            failing with a `tf.errors.InvalidArgumentError` that names them.
         cycle_length: files read concurrently.
         num_parallel_calls: parallelism of interleave and parsing.
         prefetch: batches prefetched.
@@ -100,11 +105,10 @@ def make_dataset(file_pattern, schema=None, batch_size=32, *, shuffle=True,
         (tf.constant(files), tf.constant(compressions), tf.constant(expected, tf.int64)))
     if shuffle:
         dataset = dataset.shuffle(len(files), seed=seed)
-    guarded = skip_corrupt or all(count >= 0 for count in expected)
     record_shard = (num_pipelines, pipeline_id) if shard_records else None
     dataset = dataset.interleave(
         lambda path, compression, count: _read_file(path, compression, count, skip_corrupt,
-                                                    guarded, record_shard),
+                                                    record_shard),
         cycle_length=min(cycle_length, len(files)), block_length=1,
         num_parallel_calls=num_parallel_calls, deterministic=deterministic)
     if shuffle:
@@ -129,52 +133,52 @@ def _check_positive(name, value, allow_none=False):
 
 
 def _expected_count(path, metadata, skip_corrupt):
-    """Records the file should hold: from the metadata, else from its headers, else -1."""
+    """Records the file should hold: from the metadata, else from its headers, else -1
+    (unknown: the file is walked when its reading ends)."""
     if metadata is not None:
         count = metadata.get("files", {}).get(os.path.basename(path))
         if count is not None:
             return int(count)
     if records.compression_of(path):
-        return -1
+        return -1  # counting decompresses the file: left to the end of its reading
     try:
         return records.count_records(path)
-    except records.DataFormatError as error:
+    except records.DataFormatError:
         if not skip_corrupt:
             raise
-        _logger.warning("skip_corrupt: %s; records after the fault are skipped.", error)
-        return -1
+        return -1  # the end-of-file check reports the fault, with what was read before it
 
 
-def _read_file(path, compression, expected, skip_corrupt, guarded, record_shard):
-    """Yields `(path, index, serialized)`; checks the count against `expected` at the end.
+def _read_file(path, compression, expected, skip_corrupt, record_shard):
+    """Yields `(path, index, serialized)`; checks when the file ends that it was read whole.
 
-    `guarded`: the reader stops quietly at the first fault (`ignore_errors`) and the
-    end-of-file check turns the shortfall into an error (or a warning) naming the file. TF
-    alone would not name the file, and silently accepts a truncated last record of an
-    uncompressed file. Without a known count for every file (gzip files without metadata)
-    the strict pipeline is not guarded, so TF's own error comes through.
+    The reader stops quietly at the first fault (`ignore_errors`) and the end-of-file check
+    turns the shortfall against `expected` (-1: unknown, then the file is walked to count
+    its records) into an error or, with `skip_corrupt`, a logged warning, naming the file
+    and the record. TF alone would not name the file, and silently ends an uncompressed file
+    at a truncated record header.
     `record_shard=(num_pipelines, pipeline_id)` keeps the records whose index in the file
     is `pipeline_id` modulo `num_pipelines` (an order-independent split).
     """
     serialized = tf.data.TFRecordDataset(path, compression_type=compression,
-                                         buffer_size=1 << 20)
-    if guarded:
-        serialized = serialized.ignore_errors()
+                                         buffer_size=1 << 20).ignore_errors()
     indexed = serialized.enumerate()
     end = tf.data.Dataset.from_tensors((tf.constant(-1, tf.int64), tf.constant(b"")))
+    report = functools.partial(_end_of_file_report, skip_corrupt)
+
+    def check_end(seen):
+        fault = tf.py_function(report, [path, seen, expected], tf.string)
+        return tf.ensure_shape(fault, [])
 
     def count_and_check(seen, element):
         index, record = element
         at_end = index < 0
-        complete = tf.logical_or(expected < 0, tf.equal(seen, expected))
-        fault = tf.logical_and(at_end, tf.logical_not(complete))
-        message = tf.strings.join([
-            path, ": truncated or corrupt TFRecord file: read ", tf.strings.as_string(seen),
-            " records, ", tf.strings.as_string(expected), " expected"])
-        if skip_corrupt:
-            check = tf.cond(fault, lambda: _warn(message, expected - seen), tf.no_op)
-        else:
-            check = tf.debugging.Assert(tf.logical_not(fault), [message])
+        fault = tf.cond(tf.logical_and(at_end, tf.not_equal(seen, expected)),
+                        lambda: check_end(seen), lambda: tf.constant(""))
+        # An assertion (INVALID_ARGUMENT) raises the fault: an exception raised in a
+        # tf.py_function comes out as UNKNOWN whatever its class, and no TF op raises
+        # DATA_LOSS with a message of ours.
+        check = tf.debugging.Assert(tf.equal(fault, ""), [fault])
         with tf.control_dependencies([check]):
             seen_next = tf.identity(seen + tf.cast(tf.logical_not(at_end), tf.int64))
         return seen_next, (path, index, record)
@@ -188,11 +192,31 @@ def _read_file(path, compression, expected, skip_corrupt, guarded, record_shard)
     return checked.filter(lambda _, index, __: index % num_pipelines == pipeline_id)
 
 
-def _warn(message, skipped):
-    printed = tf.print("WARNING ifa_tf.data skip_corrupt:", message, "- skipped", skipped,
-                       "records", output_stream=sys.stderr)
-    with tf.control_dependencies([printed]):
-        return tf.no_op()
+def _end_of_file_report(skip_corrupt, path, seen, expected):
+    """Called when the reading of `path` ended after `seen` records where `expected` were due
+    (-1: unknown). Returns the fault as bytes, or b"" when the file is whole or the fault was
+    logged as skipped."""
+    path, seen, expected = os.fsdecode(path.numpy()), int(seen), int(expected)
+    count, fault = records.walk_records(path)
+    if expected < 0 and fault is None and count == seen:
+        return b""
+    reason = fault or (f"record {seen} is corrupt (its length header is intact)"
+                       if count > seen else f"the file holds {count} records")
+    message = (f"{path}: truncated or corrupt TFRecord file: read {seen} records"
+               + (f", {expected} expected" if expected >= 0 else "") + f"; {reason}")
+    if not skip_corrupt:
+        return message.encode()
+    # The walk counts the records behind a corrupt payload, not those behind a broken header.
+    total = expected if expected >= 0 else count if fault is None else None
+    if total is None:
+        skipped = ("skipped the rest of the file; how many records it held is unknown (no "
+                   f"{records.METADATA_FILENAME} counts them)")
+    elif total > seen:
+        skipped = f"skipped {total - seen} records"
+    else:
+        skipped = f"no record skipped, {records.METADATA_FILENAME} is out of date"
+    _logger.warning("skip_corrupt: %s; %s.", message, skipped)
+    return b""
 
 
 class _BatchParser:

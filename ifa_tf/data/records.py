@@ -13,9 +13,11 @@ presence marks a finished dataset.
 """
 
 import glob
+import gzip
 import json
 import os
 import struct
+import zlib
 
 import numpy as np
 from tensorflow.core.example import example_pb2
@@ -255,32 +257,54 @@ def expand_file_pattern(file_pattern):
 
 
 def count_records(path):
-    """Counts the records of an uncompressed TFRecord file by walking its headers.
+    """Counts the records of a TFRecord file by walking its length headers.
 
-    Cheap (seeks over the payloads); raises `DataFormatError` naming the file and the byte
-    offset when the file is truncated or a length header is corrupt. Payload checksums are
-    verified by the reader later.
+    Uncompressed files are cheap (seeks over the payloads); `*.gz` files are decompressed on
+    the way. Raises `DataFormatError` naming the file, the record and the byte offset when
+    the file is truncated, a length header is corrupt or the gzip stream is broken. Payload
+    checksums are verified by the reader later.
     """
-    count = 0
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        offset = 0
-        while offset < size:
-            header = f.read(12)
-            if len(header) < 12:
-                raise DataFormatError(f"{path}: truncated record header at byte {offset} "
-                                      f"(file size {size}).")
-            (length,) = struct.unpack("<Q", header[:8])
-            (length_crc,) = struct.unpack("<I", header[8:])
-            if _masked_crc32c(header[:8]) != length_crc:
-                raise DataFormatError(f"{path}: corrupt record header at byte {offset}.")
-            offset += 12 + length + 4
-            if offset > size:
-                raise DataFormatError(f"{path}: truncated record at byte {offset - length - 16} "
-                                      f"(needs {length} bytes, file size {size}).")
-            f.seek(offset)
-            count += 1
+    count, fault = walk_records(path)
+    if fault is not None:
+        raise DataFormatError(f"{path}: {fault}")
     return count
+
+
+def walk_records(path):
+    """`(count, fault)`: the records whose length headers are intact, and None when the file
+    ends cleanly after them, else what is wrong with record `count` (without the path)."""
+    gzipped = bool(compression_of(path))
+    count = offset = 0
+    try:
+        # The size of a gzip file says nothing about where its records end; a seek past the
+        # end of its stream stops there instead.
+        size = None if gzipped else os.path.getsize(path)
+        with gzip.open(path, "rb") if gzipped else open(path, "rb") as f:
+            while True:
+                header = f.read(12)
+                if not header:
+                    return count, None
+                if len(header) < 12:
+                    return count, (f"truncated record header at {_position(offset, size)} "
+                                   f"(record {count})")
+                (length,) = struct.unpack("<Q", header[:8])
+                (length_crc,) = struct.unpack("<I", header[8:])
+                if _masked_crc32c(header[:8]) != length_crc:
+                    return count, (f"corrupt record header at {_position(offset, size)} "
+                                   f"(record {count})")
+                end = offset + 12 + length + 4
+                if f.seek(end) < end or (size is not None and end > size):
+                    return count, (f"truncated record at {_position(offset, size)} (record "
+                                   f"{count} needs {length} bytes)")
+                offset = end
+                count += 1
+    except (OSError, EOFError, zlib.error) as error:  # gzip.BadGzipFile is an OSError
+        return count, (f"unreadable from record {count} on ({type(error).__name__}: "
+                       f"{error})")
+
+
+def _position(offset, size):
+    return f"uncompressed byte {offset}" if size is None else f"byte {offset} of {size}"
 
 
 def _masked_crc32c(data):
