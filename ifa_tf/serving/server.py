@@ -34,6 +34,7 @@ class ServerOptions:
     max_candidates: int = 100_000
     max_sequence_length: int = 100_000
     max_num_load_retries: int = 5
+    load_retry_interval_micros: int = 60_000_000  # the longest wait between retries
     shutdown_grace_seconds: float = 30.0
     monitoring_config_file: str = ""
 
@@ -51,9 +52,10 @@ class ServerOptions:
                 raise ValueError(f"--{field} must be positive. "
                                  f"Received: {field}={getattr(self, field)}")
         for field in ("max_batch_size", "max_candidates", "max_sequence_length",
-                      "file_system_poll_wait_seconds"):
+                      "file_system_poll_wait_seconds", "max_num_load_retries",
+                      "load_retry_interval_micros"):
             if getattr(self, field) < 0:
-                raise ValueError(f"--{field} must be >= 0 (0: no limit / poll once). "
+                raise ValueError(f"--{field} must be >= 0. "
                                  f"Received: {field}={getattr(self, field)}")
 
     def model_configs(self):
@@ -77,7 +79,8 @@ class ModelServer:
         self.options = options
         self.manager = ModelManager(options.model_configs(),
                                     options.file_system_poll_wait_seconds,
-                                    options.max_num_load_retries, options.limits())
+                                    options.max_num_load_retries, options.limits(),
+                                    options.load_retry_interval_micros / 1e6)
         self.grpc_port = None
         self.rest_port = None
         self._grpc_server = None
