@@ -1,9 +1,15 @@
-"""ifa-serve's version loading under hostile conditions: failed loads retried by directory
-content with back-off, version names beyond int64."""
+"""ifa-serve's version loading and REST transport under hostile conditions: failed loads
+retried by directory content with back-off, version names beyond int64, and raw-socket
+requests on loopback (malformed framing, chunked bodies, stalled and idle clients, a burst of
+connections, shutdown with a stalled client)."""
 
+import http.client
+import json
 import logging
 import os
 import shutil
+import socket
+import threading
 import time
 
 import pytest
@@ -11,7 +17,12 @@ import pytest
 from ifa_tf import export
 from ifa_tf.serving import rest
 from ifa_tf.serving.model_manager import ModelConfig, ModelManager, State
+from ifa_tf.serving.server import ModelServer, ServerOptions
+from test_serving import free_port
 from test_serving_config import SCHEMA, tiny_model  # noqa: F401 (a fixture used by name)
+
+MAX_REQUEST_BYTES = 1_000_000
+READ_TIMEOUT_SECONDS = 1.0
 
 
 @pytest.fixture(scope="module")
@@ -141,3 +152,130 @@ def test_version_names_follow_tf_serving_rules(good_version, tmp_path, caplog):
     assert export.next_version(base) == 3
     with pytest.raises(ValueError, match="fits int64"):
         export.export_saved_model(None, base, version=int(huge))
+
+
+# ---------------------------------------------------------------------------- REST transport
+@pytest.fixture(scope="module")
+def rest_server(good_version, tmp_path_factory):
+    base = tmp_path_factory.mktemp("rest") / "m"
+    shutil.copytree(good_version, base / "1")
+    manager = manager_for(base)
+    manager.poll()
+    server, _ = rest.make_rest_server(manager, "127.0.0.1", 0, MAX_REQUEST_BYTES,
+                                      read_timeout_seconds=READ_TIMEOUT_SECONDS)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def predict_body(tiny_model):  # noqa: F811 (the imported fixture)
+    features = export.random_features(export.serving_specs(tiny_model), 1, 5, 7)
+    return json.dumps({"inputs": {k: v.tolist() for k, v in features.items()}}).encode()
+
+
+def connect(port, timeout=5.0):
+    return socket.create_connection(("127.0.0.1", port), timeout=timeout)
+
+
+def exchange(port, head, body=b"", timeout=5.0):
+    """Sends a raw request; returns (status, parsed JSON body) of the answer."""
+    with connect(port, timeout) as sock:
+        sock.sendall(head.replace(b"\n", b"\r\n") + b"\r\n" + body)
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        return response.status, json.loads(response.read())
+
+
+def post_head(port, **headers):
+    lines = [b"POST /v1/models/m:predict HTTP/1.1", f"Host: 127.0.0.1:{port}".encode()]
+    lines += [f"{name.replace('_', '-')}: {value}".encode() for name, value in headers.items()]
+    return b"\n".join(lines) + b"\n"
+
+
+def chunked(body, sizes):
+    pieces, start = [], 0
+    for size in sizes:
+        pieces.append(b"%x;ext=1\r\n%s\r\n" % (size, body[start:start + size]))
+        start += size
+    return b"".join(pieces) + b"0\r\nX-Trailer: 1\r\n\r\n"
+
+
+@pytest.mark.parametrize("headers, body, status, message", [
+    ({"Content-Length": "abc"}, b"{}", 400, "Invalid Content-Length header: 'abc'"),
+    ({"Content-Length": "-1"}, b"{}", 400, "Invalid Content-Length header: '-1'"),
+    ({"Content-Length": "2", "Transfer-Encoding": "chunked"}, b"{}", 400,
+     "both Transfer-Encoding and Content-Length"),
+    ({"Transfer-Encoding": "gzip"}, b"", 501, "Transfer-Encoding 'gzip' is not supported"),
+    ({"Transfer-Encoding": "chunked"}, b"zz\r\n", 400, "invalid chunk size b'zz'"),
+])
+def test_rest_malformed_framing_is_a_clear_client_error(rest_server, headers, body, status,
+                                                        message):
+    answer = exchange(rest_server, post_head(rest_server, **headers), body)
+    assert answer[0] == status and message in answer[1]["error"], answer
+
+
+@pytest.mark.parametrize("payload, message", [
+    (b'{"signature_name": [1], "instances": [1]}', "signature_name must be a string"),
+    (b'{"instances": ' + b"[" * 200_000 + b"]" * 200_000 + b"}", "nested too deeply"),
+])
+def test_rest_malformed_json_is_400(rest_server, payload, message):
+    answer = exchange(rest_server, post_head(rest_server, Content_Length=len(payload)), payload)
+    assert answer[0] == 400 and message in answer[1]["error"], answer
+
+
+def test_rest_chunked_body_is_decoded_and_bounded(rest_server, predict_body):
+    plain = exchange(rest_server, post_head(rest_server, Content_Length=len(predict_body)),
+                     predict_body)
+    assert plain[0] == 200
+    third = len(predict_body) // 3
+    body = chunked(predict_body, (third, third, len(predict_body) - 2 * third))
+    assert exchange(rest_server, post_head(rest_server, Transfer_Encoding="chunked"),
+                    body) == plain
+    oversized = chunked(b"x" * (MAX_REQUEST_BYTES // 2 + 1), [MAX_REQUEST_BYTES // 2 + 1] * 2)
+    status, answer = exchange(rest_server, post_head(rest_server, Transfer_Encoding="chunked"),
+                              oversized)
+    assert status == 413 and "--max_request_bytes" in answer["error"]
+
+
+def test_rest_idle_and_stalled_connections_are_closed(rest_server):
+    with connect(rest_server) as idle:
+        began = time.monotonic()
+        assert idle.recv(1) == b""  # closed by the server, not by this 5 s timeout
+        assert time.monotonic() - began < READ_TIMEOUT_SECONDS + 3
+    status, answer = exchange(rest_server, post_head(rest_server, Content_Length=100),
+                              b'{"instances"')
+    assert status == 408 and "nothing arrived for 1s" in answer["error"]
+
+
+def test_rest_listen_backlog_holds_a_burst_of_connections():
+    server, _ = rest.make_rest_server(None, "127.0.0.1", 0)  # not accepting yet
+    sockets = []
+    try:
+        for _ in range(32):  # a backlog of 5 drops the 7th SYN: its connect times out
+            sockets.append(socket.create_connection(server.server_address, timeout=0.5))
+    finally:
+        for sock in sockets:
+            sock.close()
+        server.server_close()
+    assert len(sockets) == 32
+
+
+def test_stop_does_not_wait_for_a_client_stalled_mid_body(good_version, tmp_path,
+                                                          predict_body):
+    """What SIGTERM runs: a client that sent half a body is not in-flight work."""
+    shutil.copytree(good_version, tmp_path / "m" / "1")
+    port = free_port()
+    server = ModelServer(ServerOptions(model_name="m", model_base_path=str(tmp_path / "m"),
+                                       port=0, rest_api_port=port,
+                                       file_system_poll_wait_seconds=0,
+                                       shutdown_grace_seconds=8)).start()
+    with connect(port) as stalled:
+        stalled.sendall(post_head(port, Content_Length=len(predict_body)).replace(
+            b"\n", b"\r\n") + b"\r\n" + predict_body[:10])
+        time.sleep(0.3)  # the handler thread is now blocked reading the body
+        began = time.monotonic()
+        server.stop()
+        assert time.monotonic() - began < 4

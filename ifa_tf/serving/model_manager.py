@@ -16,6 +16,7 @@ still for one poll.
 """
 
 import dataclasses
+import json
 import logging
 import os
 import threading
@@ -221,6 +222,9 @@ class Servable:
         self.metadata = export_lib.read_metadata(path)
 
     def signature(self, name):
+        if name is not None and not isinstance(name, str):
+            raise errors.invalid_argument(
+                f"signature_name must be a string. Received: {json.dumps(name)[:100]}")
         name = name or export_lib.SIGNATURE_NAME
         if name not in self.signatures:
             raise errors.signature_not_found(name)
