@@ -250,6 +250,20 @@ def test_rest_idle_and_stalled_connections_are_closed(rest_server):
     assert status == 408 and "nothing arrived for 1s" in answer["error"]
 
 
+def test_rest_keep_alive_answers_do_not_wait_for_delayed_acks(rest_server):
+    """Headers and body are two writes: under Nagle's algorithm the body waited for the
+    client's delayed ACK, about 40 ms per request on a kept-alive connection."""
+    connection = http.client.HTTPConnection("127.0.0.1", rest_server, timeout=5)
+    began = time.monotonic()
+    for _ in range(20):
+        connection.request("GET", "/v1/models/m")
+        response = connection.getresponse()
+        response.read()
+        assert response.status == 200
+    connection.close()
+    assert time.monotonic() - began < 0.4  # 20 x 40 ms is 0.8 s
+
+
 def test_rest_listen_backlog_holds_a_burst_of_connections():
     server, _ = rest.make_rest_server(None, "127.0.0.1", 0)  # not accepting yet
     sockets = []
