@@ -54,14 +54,43 @@ DEFAULT_WARMUP_SHAPES = ((1, 8, 32), (1, 200, 2000))
 MIN_BUCKET = 64
 
 _TEMP_PREFIX = ".tmp-export-"
+# TF Serving's version numbers are int64.
+MAX_VERSION = 2**63 - 1
+
+
+def version_directories(base_dir):
+    """The versions under `base_dir`, by TF Serving's rule, and the names that look like one
+    but are not.
+
+    A version is a subdirectory named by ASCII digits whose value fits int64 (TF Serving
+    parses the name with `safe_strto64`). Other names (`.tmp-export-*`, `latest`) are not
+    versions and are skipped quietly.
+
+    Returns:
+        `(versions, ignored)`: `{version: directory name}`, and `{directory name: why}` for
+        all-digit names beyond int64 and for a second name of the same version (`007` beside
+        `7`: the later name in sorted order wins, as in TF Serving).
+    """
+    if not os.path.isdir(base_dir):
+        return {}, {}
+    versions, ignored = {}, {}
+    for name in sorted(os.listdir(base_dir)):
+        if not (name.isascii() and name.isdigit()
+                and os.path.isdir(os.path.join(base_dir, name))):
+            continue
+        version = int(name)
+        if version > MAX_VERSION:
+            ignored[name] = f"the version number does not fit int64 (at most {MAX_VERSION})"
+            continue
+        if version in versions:
+            ignored[versions[version]] = f"directory {name} is the same version {version}"
+        versions[version] = name
+    return versions, ignored
 
 
 def list_versions(base_dir):
-    """Sorted integer versions present in `base_dir` (TF Serving's rule: all-digit names)."""
-    if not os.path.isdir(base_dir):
-        return []
-    return sorted(int(name) for name in os.listdir(base_dir)
-                  if name.isdigit() and os.path.isdir(os.path.join(base_dir, name)))
+    """Sorted integer versions present in `base_dir` (see `version_directories`)."""
+    return sorted(version_directories(base_dir)[0])
 
 
 def next_version(base_dir):
@@ -202,8 +231,10 @@ def export_saved_model(model, base_dir, version=None, schema=None, model_name=No
     base_dir = os.path.abspath(os.fspath(base_dir))
     if version is None:
         version = next_version(base_dir)
-    if isinstance(version, bool) or not isinstance(version, (int, np.integer)) or version < 1:
-        raise ValueError(f"`version` must be a positive integer. Received: version={version!r}")
+    if (isinstance(version, bool) or not isinstance(version, (int, np.integer))
+            or not 1 <= version <= MAX_VERSION):
+        raise ValueError("`version` must be a positive integer that fits int64 (TF Serving's "
+                         f"version type). Received: version={version!r}")
     version = int(version)
     final_dir = os.path.join(base_dir, str(version))
     if os.path.exists(final_dir):

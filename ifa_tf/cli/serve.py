@@ -49,8 +49,15 @@ def define_flags(flag_values=flags.FLAGS):
                          flag_values=f)
     flags.DEFINE_integer("max_sequence_length", 100_000,
                          "Longest behaviour sequence n per request; 0: no limit.", flag_values=f)
-    flags.DEFINE_integer("max_num_load_retries", 5, "Retries of a version that fails to load.",
-                         flag_values=f)
+    flags.DEFINE_integer("max_num_load_retries", 5,
+                         "Retries of a version that fails to load; then it waits until its "
+                         "directory changes.", flag_values=f)
+    flags.DEFINE_integer("load_retry_interval_micros", 60_000_000,
+                         "Longest wait between retries of a failed load; the first retry "
+                         "waits one poll, and the wait doubles from there.", flag_values=f)
+    flags.DEFINE_float("rest_read_timeout_seconds", 60.0,
+                       "A REST connection that sends nothing for this long, idle between "
+                       "requests or stalled inside one, is closed.", flag_values=f)
     flags.DEFINE_string("monitoring_config_file", "",
                         "TF Serving monitoring config; with prometheus_config enabled, the REST "
                         "port serves Prometheus metrics at its path.", flag_values=f)

@@ -1,14 +1,22 @@
 """Loads, polls and hot-swaps SavedModel versions, following TF Serving's rules.
 
-Each model has a base path whose all-digit subdirectories are versions. A version policy
+Each model has a base path whose all-digit subdirectories are versions (names beyond int64
+are ignored with a warning, as TF Serving does). A version policy
 (`latest` N, default 1; `all`; `specific` versions, as in TF Serving's `models.config`) picks
 the versions to serve. Every `poll_wait_seconds` the base paths are listed again: a new
 version is loaded (and warmed up with its `assets.extra/tf_serving_warmup_requests`) while the
 old one keeps serving, then swapped in; the old one is dropped from the table, and requests
 already holding it finish on it. A request without a version gets the highest available one.
+
+A version that fails to load is retried `max_load_retries` times with back-off (one poll
+interval, doubling, at most `load_retry_interval_seconds`), then left until its directory
+changes. The failure is tied to the directory's content, not its number: a directory renamed
+into its place, or files that were still arriving, get a fresh load once the directory holds
+still for one poll.
 """
 
 import dataclasses
+import json
 import logging
 import os
 import threading
@@ -214,6 +222,9 @@ class Servable:
         self.metadata = export_lib.read_metadata(path)
 
     def signature(self, name):
+        if name is not None and not isinstance(name, str):
+            raise errors.invalid_argument(
+                f"signature_name must be a string. Received: {json.dumps(name)[:100]}")
         name = name or export_lib.SIGNATURE_NAME
         if name not in self.signatures:
             raise errors.signature_not_found(name)
@@ -229,18 +240,55 @@ class Servable:
         return len(requests)
 
 
+@dataclasses.dataclass(frozen=True)
+class _LoadFailure:
+    """Why a version is not loaded: the directory content that failed, and when to retry.
+
+    `failed_loads` is 0 when the content changed after the last failure and was not tried yet.
+    """
+
+    fingerprint: tuple
+    failed_loads: int
+    retry_at: float
+
+
+def _fingerprint(path):
+    """The identity of a version directory's content: the directory's inode and each file's
+    path, inode, size and modification time. A directory renamed into place, or a file still
+    being copied, changes it."""
+    try:
+        root = os.stat(path)
+    except OSError:
+        return None
+    files = []
+    for directory, subdirectories, names in os.walk(path):
+        subdirectories.sort()
+        for name in sorted(names):
+            file_path = os.path.join(directory, name)
+            try:
+                stat = os.stat(file_path)
+            except OSError:  # removed while listed: the next poll sees what replaced it
+                continue
+            files.append((os.path.relpath(file_path, path), stat.st_ino, stat.st_size,
+                          stat.st_mtime_ns))
+    return root.st_dev, root.st_ino, tuple(files)
+
+
 class ModelManager:
     """Serves the configured models' versions; polls base paths for new and removed ones."""
 
-    def __init__(self, configs, poll_wait_seconds=1.0, max_load_retries=5, limits=Limits()):
+    def __init__(self, configs, poll_wait_seconds=1.0, max_load_retries=5, limits=Limits(),
+                 load_retry_interval_seconds=60.0):
         self.configs = {c.name: c for c in configs}
         self.poll_wait_seconds = poll_wait_seconds
         self.max_load_retries = max_load_retries
+        self.load_retry_interval_seconds = load_retry_interval_seconds
         self.limits = limits
         self._lock = threading.Lock()
         self._servables = {name: {} for name in self.configs}  # name -> {version: Servable}
         self._states = {name: {} for name in self.configs}  # name -> {version: (state, msg)}
-        self._failures = {}  # (name, version) -> failed load attempts
+        self._failures = {}  # (name, version) -> _LoadFailure; touched by the poll only
+        self._ignored = {name: {} for name in self.configs}  # name -> {dir name: why}
         self._stop = threading.Event()
         self._thread = None
 
@@ -266,16 +314,20 @@ class ModelManager:
                 _LOG.exception("File system poll failed")
 
     def poll(self):
-        """One pass: load aspired versions not loaded yet, then unload the rest."""
+        """One pass: load aspired versions not loaded yet (or due a retry), unload the rest."""
         for name, config in self.configs.items():
-            on_disk = export_lib.list_versions(config.base_path)
+            on_disk = self._versions_on_disk(config)
             if not on_disk:
                 _LOG.warning("No versions of servable %s found under base path %s",
                              name, config.base_path)
             aspired = config.select(on_disk)
+            for key in [key for key in self._failures if key[0] == name
+                        and key[1] not in aspired]:
+                del self._failures[key]  # gone or no longer wanted: a later return is new
             for version in aspired:
-                if version not in self._servables[name]:
-                    self._load(config, version)
+                if (version not in self._servables[name]
+                        and self._load_due(name, version, on_disk[version])):
+                    self._load(config, version, on_disk[version])
             with self._lock:
                 loaded_aspired = [v for v in aspired if v in self._servables[name]]
                 # Keep serving the old versions while none of the aspired ones loaded.
@@ -287,24 +339,65 @@ class ModelManager:
                             _LOG.info("Unloaded servable version {name: %s version: %d}",
                                       name, version)
 
-    def _load(self, config, version):
-        key = (config.name, version)
-        if self._failures.get(key, 0) > self.max_load_retries:
-            return
-        path = os.path.join(config.base_path, str(version))
+    def _versions_on_disk(self, config):
+        """`{version: path}` under the base path; warns once about each ignored name."""
+        versions, ignored = export_lib.version_directories(config.base_path)
+        for directory in sorted(ignored.keys() - self._ignored[config.name].keys()):
+            _LOG.warning("Ignoring directory %s under base path %s of servable %s: %s",
+                         directory, config.base_path, config.name, ignored[directory])
+        self._ignored[config.name] = ignored
+        return {version: os.path.join(config.base_path, directory)
+                for version, directory in versions.items()}
+
+    def _load_due(self, name, version, path):
+        """Whether to load a version now: never tried, or its failed content is due a retry,
+        or its directory changed since the failure and then held still for one poll."""
+        failure = self._failures.get((name, version))
+        if failure is None:
+            return True
+        fingerprint = _fingerprint(path)
+        if fingerprint != failure.fingerprint:
+            if failure.failed_loads:
+                _LOG.info("Version %d of servable %s changed on disk since its failed load; "
+                          "loading it again once it holds still", version, name)
+            self._failures[(name, version)] = _LoadFailure(fingerprint, 0, 0.0)
+            return False
+        return (failure.failed_loads <= self.max_load_retries
+                and time.monotonic() >= failure.retry_at)
+
+    def _record_failure(self, name, version, fingerprint):
+        key = (name, version)
+        previous = self._failures.get(key)
+        failed_loads = 1
+        if previous is not None and previous.fingerprint == fingerprint:
+            failed_loads = previous.failed_loads + 1
+        # Retry k waits a poll interval * 2**(k - 1), at most load_retry_interval (TF Serving's
+        # fixed wait): a passing failure is retried soon, a lasting one ever more rarely. The
+        # exponent's clamp only keeps the product a finite float.
+        wait = min(self.poll_wait_seconds * 2.0 ** min(failed_loads - 1, 64),
+                   self.load_retry_interval_seconds)
+        self._failures[key] = _LoadFailure(fingerprint, failed_loads, time.monotonic() + wait)
+        if failed_loads <= self.max_load_retries:
+            return f"retry {failed_loads} of {self.max_load_retries} in {wait:g}s"
+        return "no retries left; it is tried again when its directory changes"
+
+    def _load(self, config, version, path):
         with self._lock:
             self._states[config.name][version] = (State.LOADING, "")
+        # Taken before the load, so a file that changes during it makes the next poll retry.
+        fingerprint = _fingerprint(path)
         start = time.monotonic()
         try:
             servable = Servable(config.name, version, path)
             warmed = servable.warm_up()
         except Exception as error:  # any load failure is reported in the version's status
-            self._failures[key] = self._failures.get(key, 0) + 1
             message = f"Failed to load servable version {version} of {config.name}: {error}"
-            _LOG.error(message)
+            _LOG.error("%s (%s)", message,
+                       self._record_failure(config.name, version, fingerprint))
             with self._lock:
                 self._states[config.name][version] = (State.END, message)
             return
+        self._failures.pop((config.name, version), None)
         with self._lock:
             self._servables[config.name][version] = servable
             self._states[config.name][version] = (State.AVAILABLE, "")

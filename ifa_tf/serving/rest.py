@@ -1,4 +1,4 @@
-"""TF Serving's REST API over a `ModelManager` (stdlib HTTP server, one thread per request).
+"""TF Serving's REST API over a `ModelManager` (stdlib HTTP server, a thread per connection).
 
     GET  /v1/models/<name>[/versions/<v> | /labels/<l>]            model status
     GET  /v1/models/<name>[/versions/<v> | /labels/<l>]/metadata   signature defs
@@ -7,12 +7,18 @@
                                                                    or {"inputs": {...}} (columnar)
 
 Errors are `{"error": message}` with the HTTP status TF Serving uses for the status code.
+
+Transport: bodies come with `Content-Length` or `Transfer-Encoding: chunked`, both bounded by
+`max_request_bytes`; a connection that sends nothing for `read_timeout_seconds` (idle between
+requests, or stalled inside one) is closed; a request counts as in flight, the work that
+shutdown waits for, only once its body has been read.
 """
 
 import http.server
 import json
 import logging
 import re
+import socket
 import threading
 import time
 
@@ -172,6 +178,12 @@ class InFlight:
                                        max(0.0, deadline - time.monotonic()))
 
 
+# A chunk-size line is hex digits and optional extensions; nothing legitimate is this long.
+_MAX_CHUNK_LINE = 4096
+_MAX_TRAILER_LINES = 100
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
+
+
 class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as TF Serving's REST server
     server_version = "ifa-serve"
@@ -180,6 +192,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     in_flight = None
     metrics = None
     metrics_path = None
+    timeout = None  # socket timeout (StreamRequestHandler applies it to every read and write)
+    # The headers and the body go out in two writes; with Nagle's algorithm the second waits
+    # for the client's delayed ACK of the first (40 ms on Linux) on a keep-alive connection.
+    disable_nagle_algorithm = True
 
     def do_GET(self):
         self._dispatch("GET")
@@ -188,12 +204,26 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._dispatch("POST")
 
     def _dispatch(self, method):
-        with self.in_flight:
-            self._answer(method)
-
-    def _answer(self, method):
         try:
             body = self._read_body()
+        except errors.ServingError as error:
+            self.close_connection = True  # the rest of the body is unread: out of step
+            self._reply_error(error)
+            return
+        except TimeoutError:
+            self.close_connection = True
+            self._reply(408, {"error": f"Request body not received: nothing arrived for "
+                                       f"{self.timeout:g}s"})
+            return
+        except ConnectionError:  # the client left mid-body: nobody to answer
+            self.close_connection = True
+            return
+        # Counted only now: a client stalled mid-body is not work that shutdown must await.
+        with self.in_flight:
+            self._answer(method, body)
+
+    def _answer(self, method, body):
+        try:
             path = self.path.split("?", 1)[0]
             if method == "GET" and self.metrics_path and path == self.metrics_path:
                 self._reply_text(200, self.metrics.render())
@@ -215,8 +245,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 raise errors.invalid_argument(f"Malformed request: {method} {self.path}")
             self._reply(200, result)
         except errors.ServingError as error:
-            self._reply(413 if error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-                        else errors.http_status(error.code), {"error": error.message})
+            self._reply_error(error)
         except Exception as error:  # answer something rather than drop the connection
             _LOG.exception("Unexpected error answering %s %s", method, self.path)
             self._reply(500, {"error": f"{type(error).__name__}: {error}"})
@@ -226,6 +255,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         status = grpc.StatusCode.OK
         try:
             return handle_predict(self.manager, name, version, label, body)
+        except RecursionError as error:  # json.loads of a body nested deeper than the stack
+            status = grpc.StatusCode.INVALID_ARGUMENT
+            raise errors.invalid_argument(
+                "JSON Parse error: the request body is nested too deeply") from error
         except errors.ServingError as error:
             status = error.code
             raise
@@ -237,15 +270,90 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self.metrics.record(name, "Predict", "REST", status.name,
                                     time.perf_counter() - began)
 
+    # ------------------------------------------------------------------------- request body
     def _read_body(self):
-        length = int(self.headers.get("Content-Length") or 0)
+        """The request body, from `Content-Length` or chunked transfer coding.
+
+        Raises `ServingError` for a malformed or oversized framing (the connection cannot be
+        reused after it), `TimeoutError` for a stalled client, `ConnectionError` for one that
+        left.
+        """
+        encodings = self.headers.get_all("Transfer-Encoding")
+        lengths = self.headers.get_all("Content-Length")
+        if encodings:
+            if lengths:  # RFC 9112 6.1: a request smuggling vector; refuse rather than guess
+                raise errors.invalid_argument(
+                    "A request must not carry both Transfer-Encoding and Content-Length")
+            coding = ",".join(encodings).strip().lower()
+            if coding != "chunked":
+                raise errors.ServingError(
+                    grpc.StatusCode.UNIMPLEMENTED,
+                    f"Transfer-Encoding {coding!r} is not supported; send the body with "
+                    "Content-Length or Transfer-Encoding: chunked")
+            return self._read_chunked()
+        if not lengths:
+            return b""
+        if len(set(lengths)) > 1:
+            raise errors.invalid_argument(f"Conflicting Content-Length headers: {lengths}")
+        value = lengths[0].strip()
+        if not (value.isascii() and value.isdigit()):
+            raise errors.invalid_argument(
+                f"Invalid Content-Length header: {value[:40]!r}; expected a byte count")
+        length = int(value)
+        self._check_body_size(length)
+        return self._read_exactly(length)
+
+    def _read_chunked(self):
+        body = bytearray()
+        while True:
+            size = self._chunk_size(self._read_line("chunk size line"))
+            if size == 0:
+                break
+            self._check_body_size(len(body) + size)
+            body += self._read_exactly(size)
+            if self._read_line("chunk end").strip():
+                raise errors.invalid_argument("Malformed chunked body: a chunk is longer "
+                                              "than its declared size")
+        for _ in range(_MAX_TRAILER_LINES):
+            if not self._read_line("trailer line").strip():
+                return bytes(body)
+        raise errors.invalid_argument(
+            f"Malformed chunked body: more than {_MAX_TRAILER_LINES} trailer lines")
+
+    def _chunk_size(self, line):
+        field = line.split(b";", 1)[0].strip()
+        if not _CHUNK_SIZE.fullmatch(field):
+            raise errors.invalid_argument(
+                f"Malformed chunked body: invalid chunk size {field[:40]!r}")
+        return int(field, 16)
+
+    def _read_line(self, what):
+        line = self.rfile.readline(_MAX_CHUNK_LINE + 1)
+        if not line.endswith(b"\n"):
+            if len(line) > _MAX_CHUNK_LINE:
+                raise errors.invalid_argument(
+                    f"Malformed chunked body: {what} longer than {_MAX_CHUNK_LINE} bytes")
+            raise ConnectionAbortedError(f"connection closed inside the {what}")
+        return line
+
+    def _read_exactly(self, length):
+        data = self.rfile.read(length) if length else b""
+        if len(data) < length:
+            raise ConnectionAbortedError(f"connection closed after {len(data)} of {length} "
+                                         "body bytes")
+        return data
+
+    def _check_body_size(self, length):
         if self.max_request_bytes and length > self.max_request_bytes:
-            self.close_connection = True  # the unread body would corrupt the next request
             raise errors.ServingError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"Request body of {length} bytes exceeds this server's limit "
                 f"--max_request_bytes={self.max_request_bytes}")
-        return self.rfile.read(length) if length else b""
+
+    # ----------------------------------------------------------------------------- response
+    def _reply_error(self, error):
+        self._reply(413 if error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+                    else errors.http_status(error.code), {"error": error.message})
 
     def _reply(self, status, payload):
         self._send(status, json.dumps(payload).encode(), "application/json")
@@ -254,27 +362,37 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._send(status, text.encode(), "text/plain; version=0.0.4")
 
     def _send(self, status, body, content_type):
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        except OSError as error:  # the client left, or stopped reading past the timeout
+            self.close_connection = True
+            _LOG.debug("Could not send the answer to %s: %s", self.address_string(), error)
 
     def log_message(self, format, *args):  # noqa: A002 (BaseHTTPRequestHandler's name)
         _LOG.debug("%s - %s", self.address_string(), format % args)
 
 
-def make_rest_server(manager, host, port, max_request_bytes=0, metrics=None,
-                     metrics_path=None):
-    """A `ThreadingHTTPServer` (run `serve_forever()` in a thread) and its `InFlight` count.
+class _RestServer(http.server.ThreadingHTTPServer):
+    # Handler threads are daemons because idle keep-alive connections hold theirs until the
+    # read timeout; shutdown waits on the in-flight count instead of on the threads.
+    daemon_threads = True
+    # The stdlib's backlog of 5 drops (and the client retries after 1 s) a burst of new
+    # connections that arrives faster than the accept loop; the kernel caps this at somaxconn.
+    request_queue_size = socket.SOMAXCONN
 
-    Handler threads are daemons because idle keep-alive connections hold theirs; shutdown
-    waits on the in-flight count instead of on the threads.
+
+def make_rest_server(manager, host, port, max_request_bytes=0, metrics=None,
+                     metrics_path=None, read_timeout_seconds=60.0):
+    """A threading HTTP server (run `serve_forever()` in a thread) and its `InFlight` count.
+
+    `read_timeout_seconds` closes a connection that sends nothing for that long (None: never).
     """
     in_flight = InFlight()
     handler = type("RestHandler", (_Handler,), {
         "manager": manager, "in_flight": in_flight, "max_request_bytes": max_request_bytes,
-        "metrics": metrics, "metrics_path": metrics_path})
-    server = http.server.ThreadingHTTPServer((host, port), handler)
-    server.daemon_threads = True
-    return server, in_flight
+        "metrics": metrics, "metrics_path": metrics_path, "timeout": read_timeout_seconds})
+    return _RestServer((host, port), handler), in_flight

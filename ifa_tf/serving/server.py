@@ -34,6 +34,8 @@ class ServerOptions:
     max_candidates: int = 100_000
     max_sequence_length: int = 100_000
     max_num_load_retries: int = 5
+    load_retry_interval_micros: int = 60_000_000  # the longest wait between retries
+    rest_read_timeout_seconds: float = 60.0
     shutdown_grace_seconds: float = 30.0
     monitoring_config_file: str = ""
 
@@ -51,10 +53,14 @@ class ServerOptions:
                 raise ValueError(f"--{field} must be positive. "
                                  f"Received: {field}={getattr(self, field)}")
         for field in ("max_batch_size", "max_candidates", "max_sequence_length",
-                      "file_system_poll_wait_seconds"):
+                      "file_system_poll_wait_seconds", "max_num_load_retries",
+                      "load_retry_interval_micros"):
             if getattr(self, field) < 0:
-                raise ValueError(f"--{field} must be >= 0 (0: no limit / poll once). "
+                raise ValueError(f"--{field} must be >= 0. "
                                  f"Received: {field}={getattr(self, field)}")
+        if not self.rest_read_timeout_seconds > 0:
+            raise ValueError("--rest_read_timeout_seconds must be > 0. Received: "
+                             f"rest_read_timeout_seconds={self.rest_read_timeout_seconds}")
 
     def model_configs(self):
         if self.model_config_file:
@@ -77,7 +83,8 @@ class ModelServer:
         self.options = options
         self.manager = ModelManager(options.model_configs(),
                                     options.file_system_poll_wait_seconds,
-                                    options.max_num_load_retries, options.limits())
+                                    options.max_num_load_retries, options.limits(),
+                                    options.load_retry_interval_micros / 1e6)
         self.grpc_port = None
         self.rest_port = None
         self._grpc_server = None
@@ -109,7 +116,7 @@ class ModelServer:
         if options.rest_api_port:
             self._rest_server, self._rest_in_flight = rest.make_rest_server(
                 self.manager, options.host, options.rest_api_port, options.max_request_bytes,
-                self.metrics, self.metrics_path)
+                self.metrics, self.metrics_path, options.rest_read_timeout_seconds)
             self.rest_port = self._rest_server.server_address[1]
             self._rest_thread = threading.Thread(target=self._rest_server.serve_forever,
                                                  name="ifa-serve-rest", daemon=True)

@@ -1,0 +1,295 @@
+"""ifa-serve's version loading and REST transport under hostile conditions: failed loads
+retried by directory content with back-off, version names beyond int64, and raw-socket
+requests on loopback (malformed framing, chunked bodies, stalled and idle clients, a burst of
+connections, shutdown with a stalled client)."""
+
+import http.client
+import json
+import logging
+import os
+import shutil
+import socket
+import threading
+import time
+
+import pytest
+
+from ifa_tf import export
+from ifa_tf.serving import rest
+from ifa_tf.serving.model_manager import ModelConfig, ModelManager, State
+from ifa_tf.serving.server import ModelServer, ServerOptions
+from test_serving import free_port
+from test_serving_config import SCHEMA, tiny_model  # noqa: F401 (a fixture used by name)
+
+MAX_REQUEST_BYTES = 1_000_000
+READ_TIMEOUT_SECONDS = 1.0
+
+
+@pytest.fixture(scope="module")
+def good_version(tiny_model, tmp_path_factory):  # noqa: F811 (the imported fixture)
+    """A complete exported version directory, copied into each test's base path."""
+    base = tmp_path_factory.mktemp("export")
+    return export.export_saved_model(tiny_model, base, schema=SCHEMA, warmup_shapes=())
+
+
+def manager_for(base, poll_wait_seconds=0.01, **kwargs):
+    """A manager the test polls by hand (`poll()`, never `start()`, so no polling thread)."""
+    return ModelManager([ModelConfig("m", str(base))], poll_wait_seconds, **kwargs)
+
+
+def states(manager):
+    return {version: (state, message) for version, state, message in manager.status("m")}
+
+
+def poll_until(manager, condition, polls=5, pause=0.05):
+    for _ in range(polls):
+        manager.poll()
+        if condition():
+            return True
+        time.sleep(pause)
+    return False
+
+
+def served_version(manager):
+    return manager.resolve("m").version
+
+
+# ------------------------------------------------------------------------- version loading
+def test_a_failed_version_replaced_in_place_is_loaded(good_version, tmp_path):
+    """Defect 2: a truncated version 3, then a good version 3 renamed into its place."""
+    base = tmp_path / "m"
+    shutil.copytree(good_version, base / "1")
+    manager = manager_for(base, max_load_retries=0)
+    manager.poll()
+    shutil.copytree(good_version, base / "3")
+    pb = base / "3" / "saved_model.pb"
+    pb.write_bytes(pb.read_bytes()[:100])
+    manager.poll()
+    assert served_version(manager) == 1
+    assert states(manager)[3][0] == State.END
+    assert "Failed to load servable version 3" in states(manager)[3][1]
+    shutil.rmtree(base / "3")
+    shutil.copytree(good_version, tmp_path / "staging")
+    os.rename(tmp_path / "staging", base / "3")
+    assert poll_until(manager, lambda: states(manager)[3][0] == State.AVAILABLE)
+    assert served_version(manager) == 3
+    assert states(manager)[3] == (State.AVAILABLE, "")
+    assert states(manager)[1] == (State.END, "")
+
+
+def test_a_version_whose_files_arrive_late_loads_once_they_are_complete(good_version,
+                                                                        tmp_path):
+    """Defect 2: a slow non-atomic copy; the load fails until saved_model.pb arrives, long
+    after the retries ran out."""
+    base = tmp_path / "m"
+    shutil.copytree(good_version, base / "1")
+    manager = manager_for(base, max_load_retries=1)
+    manager.poll()
+    (base / "2").mkdir()
+    shutil.copytree(os.path.join(good_version, "variables"), base / "2" / "variables")
+    for _ in range(4):  # the first load and its one retry fail; then it is left alone
+        time.sleep(0.05)
+        manager.poll()
+    assert served_version(manager) == 1
+    assert states(manager)[2][0] == State.END
+    for name in sorted(os.listdir(good_version)):
+        source = os.path.join(good_version, name)
+        if os.path.isfile(source):
+            shutil.copy2(source, base / "2" / name)
+        elif name != "variables":
+            shutil.copytree(source, base / "2" / name)
+    assert poll_until(manager, lambda: served_version(manager) == 2)
+    assert states(manager)[2] == (State.AVAILABLE, "")
+
+
+def test_a_broken_version_is_retried_with_back_off_then_left_alone(good_version, tmp_path,
+                                                                   caplog):
+    base = tmp_path / "m"
+    shutil.copytree(good_version, base / "1")
+    manager = manager_for(base, poll_wait_seconds=0.1, max_load_retries=4,
+                          load_retry_interval_seconds=0.4)
+    manager.poll()
+    (base / "2").mkdir()
+    (base / "2" / "saved_model.pb").write_bytes(b"not a SavedModel")
+    with caplog.at_level(logging.ERROR, logger="ifa_serve"):
+        deadline = time.monotonic() + 2.5  # the four retries are due by 0.1 + 0.2 + 0.4 + 0.4 s
+        while time.monotonic() < deadline:
+            manager.poll()
+            time.sleep(0.02)
+    failures = [record for record in caplog.records
+                if "Failed to load servable version 2 of m" in record.getMessage()]
+    assert len(failures) == 5  # the load and max_load_retries retries
+    waits = ("retry 1 of 4 in 0.1s", "retry 2 of 4 in 0.2s", "retry 3 of 4 in 0.4s",
+             "retry 4 of 4 in 0.4s", "no retries left")
+    for record, wait in zip(failures, waits):
+        assert wait in record.getMessage()
+    gaps = [later.created - earlier.created for earlier, later in zip(failures, failures[1:])]
+    for gap, wait in zip(gaps, (0.1, 0.2, 0.4, 0.4)):
+        assert gap >= wait - 0.01, gaps
+    assert served_version(manager) == 1
+    assert states(manager)[2][0] == State.END
+
+
+def test_version_names_follow_tf_serving_rules(good_version, tmp_path, caplog):
+    """Defect 3: a loadable SavedModel named 99999999999999999999 must not become latest;
+    a zero-padded name is its number, loaded from that directory."""
+    base = tmp_path / "m"
+    shutil.copytree(good_version, base / "0002")
+    huge = "99999999999999999999"
+    shutil.copytree(good_version, base / huge)
+    manager = manager_for(base)
+    with caplog.at_level(logging.WARNING, logger="ifa_serve"):
+        manager.poll()
+        manager.poll()
+        manager.poll()
+    assert served_version(manager) == 2
+    assert manager.resolve("m").path == str(base / "0002")
+    assert [version for version, *_ in manager.status("m")] == [2]
+    warnings = [r.getMessage() for r in caplog.records if huge in r.getMessage()]
+    assert len(warnings) == 1 and "does not fit int64" in warnings[0]
+    status = rest.status_json(manager, "m", None, None)  # REST status answered 500
+    assert [v["version"] for v in status["model_version_status"]] == ["2"]
+    assert export.next_version(base) == 3
+    with pytest.raises(ValueError, match="fits int64"):
+        export.export_saved_model(None, base, version=int(huge))
+
+
+# ---------------------------------------------------------------------------- REST transport
+@pytest.fixture(scope="module")
+def rest_server(good_version, tmp_path_factory):
+    base = tmp_path_factory.mktemp("rest") / "m"
+    shutil.copytree(good_version, base / "1")
+    manager = manager_for(base)
+    manager.poll()
+    server, _ = rest.make_rest_server(manager, "127.0.0.1", 0, MAX_REQUEST_BYTES,
+                                      read_timeout_seconds=READ_TIMEOUT_SECONDS)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def predict_body(tiny_model):  # noqa: F811 (the imported fixture)
+    features = export.random_features(export.serving_specs(tiny_model), 1, 5, 7)
+    return json.dumps({"inputs": {k: v.tolist() for k, v in features.items()}}).encode()
+
+
+def connect(port, timeout=5.0):
+    return socket.create_connection(("127.0.0.1", port), timeout=timeout)
+
+
+def exchange(port, head, body=b"", timeout=5.0):
+    """Sends a raw request; returns (status, parsed JSON body) of the answer."""
+    with connect(port, timeout) as sock:
+        sock.sendall(head.replace(b"\n", b"\r\n") + b"\r\n" + body)
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        return response.status, json.loads(response.read())
+
+
+def post_head(port, **headers):
+    lines = [b"POST /v1/models/m:predict HTTP/1.1", f"Host: 127.0.0.1:{port}".encode()]
+    lines += [f"{name.replace('_', '-')}: {value}".encode() for name, value in headers.items()]
+    return b"\n".join(lines) + b"\n"
+
+
+def chunked(body, sizes):
+    pieces, start = [], 0
+    for size in sizes:
+        pieces.append(b"%x;ext=1\r\n%s\r\n" % (size, body[start:start + size]))
+        start += size
+    return b"".join(pieces) + b"0\r\nX-Trailer: 1\r\n\r\n"
+
+
+@pytest.mark.parametrize("headers, body, status, message", [
+    ({"Content-Length": "abc"}, b"{}", 400, "Invalid Content-Length header: 'abc'"),
+    ({"Content-Length": "-1"}, b"{}", 400, "Invalid Content-Length header: '-1'"),
+    ({"Content-Length": "2", "Transfer-Encoding": "chunked"}, b"{}", 400,
+     "both Transfer-Encoding and Content-Length"),
+    ({"Transfer-Encoding": "gzip"}, b"", 501, "Transfer-Encoding 'gzip' is not supported"),
+    ({"Transfer-Encoding": "chunked"}, b"zz\r\n", 400, "invalid chunk size b'zz'"),
+])
+def test_rest_malformed_framing_is_a_clear_client_error(rest_server, headers, body, status,
+                                                        message):
+    answer = exchange(rest_server, post_head(rest_server, **headers), body)
+    assert answer[0] == status and message in answer[1]["error"], answer
+
+
+@pytest.mark.parametrize("payload, message", [
+    (b'{"signature_name": [1], "instances": [1]}', "signature_name must be a string"),
+    (b'{"instances": ' + b"[" * 200_000 + b"]" * 200_000 + b"}", "nested too deeply"),
+])
+def test_rest_malformed_json_is_400(rest_server, payload, message):
+    answer = exchange(rest_server, post_head(rest_server, Content_Length=len(payload)), payload)
+    assert answer[0] == 400 and message in answer[1]["error"], answer
+
+
+def test_rest_chunked_body_is_decoded_and_bounded(rest_server, predict_body):
+    plain = exchange(rest_server, post_head(rest_server, Content_Length=len(predict_body)),
+                     predict_body)
+    assert plain[0] == 200
+    third = len(predict_body) // 3
+    body = chunked(predict_body, (third, third, len(predict_body) - 2 * third))
+    assert exchange(rest_server, post_head(rest_server, Transfer_Encoding="chunked"),
+                    body) == plain
+    oversized = chunked(b"x" * (MAX_REQUEST_BYTES // 2 + 1), [MAX_REQUEST_BYTES // 2 + 1] * 2)
+    status, answer = exchange(rest_server, post_head(rest_server, Transfer_Encoding="chunked"),
+                              oversized)
+    assert status == 413 and "--max_request_bytes" in answer["error"]
+
+
+def test_rest_idle_and_stalled_connections_are_closed(rest_server):
+    with connect(rest_server) as idle:
+        began = time.monotonic()
+        assert idle.recv(1) == b""  # closed by the server, not by this 5 s timeout
+        assert time.monotonic() - began < READ_TIMEOUT_SECONDS + 3
+    status, answer = exchange(rest_server, post_head(rest_server, Content_Length=100),
+                              b'{"instances"')
+    assert status == 408 and "nothing arrived for 1s" in answer["error"]
+
+
+def test_rest_keep_alive_answers_do_not_wait_for_delayed_acks(rest_server):
+    """Headers and body are two writes: under Nagle's algorithm the body waited for the
+    client's delayed ACK, about 40 ms per request on a kept-alive connection."""
+    connection = http.client.HTTPConnection("127.0.0.1", rest_server, timeout=5)
+    began = time.monotonic()
+    for _ in range(20):
+        connection.request("GET", "/v1/models/m")
+        response = connection.getresponse()
+        response.read()
+        assert response.status == 200
+    connection.close()
+    assert time.monotonic() - began < 0.4  # 20 x 40 ms is 0.8 s
+
+
+def test_rest_listen_backlog_holds_a_burst_of_connections():
+    server, _ = rest.make_rest_server(None, "127.0.0.1", 0)  # not accepting yet
+    sockets = []
+    try:
+        for _ in range(32):  # a backlog of 5 drops the 7th SYN: its connect times out
+            sockets.append(socket.create_connection(server.server_address, timeout=0.5))
+    finally:
+        for sock in sockets:
+            sock.close()
+        server.server_close()
+    assert len(sockets) == 32
+
+
+def test_stop_does_not_wait_for_a_client_stalled_mid_body(good_version, tmp_path,
+                                                          predict_body):
+    """What SIGTERM runs: a client that sent half a body is not in-flight work."""
+    shutil.copytree(good_version, tmp_path / "m" / "1")
+    port = free_port()
+    server = ModelServer(ServerOptions(model_name="m", model_base_path=str(tmp_path / "m"),
+                                       port=0, rest_api_port=port,
+                                       file_system_poll_wait_seconds=0,
+                                       shutdown_grace_seconds=8)).start()
+    with connect(port) as stalled:
+        stalled.sendall(post_head(port, Content_Length=len(predict_body)).replace(
+            b"\n", b"\r\n") + b"\r\n" + predict_body[:10])
+        time.sleep(0.3)  # the handler thread is now blocked reading the body
+        began = time.monotonic()
+        server.stop()
+        assert time.monotonic() - began < 4
