@@ -12,6 +12,10 @@ What lands in `workdir` (written by the chief only):
     model.keras                 the trained model
     metrics.json                evaluation metrics per task (see `ifa_tf.metrics`), the
                                 training history, steps and wall time
+
+Every file but the backup, the append-only `progress.jsonl` and TensorBoard's is written
+atomically (`checkpointing.atomic_write`): a crash leaves the old file or the new one, never
+a part.
 """
 
 import json
@@ -29,6 +33,7 @@ from ifa_tf.data import make_dataset, records
 from ifa_tf.metrics import CandidateSetEvaluator
 from ifa_tf.schema import resolve_schema
 from ifa_tf.training import strategies
+from ifa_tf.training.checkpointing import EpochCheckpoint, atomic_write, write_text
 from ifa_tf.training.streaming import streaming_train_and_evaluate
 
 CONFIG_FILENAME = "config.yaml"
@@ -95,8 +100,7 @@ def train_and_evaluate(config, workdir, callbacks=()):
     keras.utils.set_random_seed(config.train.seed)
     schema = load_schema(config)
     if chief:
-        with open(os.path.join(workdir, CONFIG_FILENAME), "w") as f:
-            f.write(config.to_yaml())
+        write_text(os.path.join(workdir, CONFIG_FILENAME), config.to_yaml())
     with strategy.scope():
         model = build_model(config, schema)
     if config.train.strategy != "default":
@@ -112,9 +116,10 @@ def train_and_evaluate(config, workdir, callbacks=()):
                        "seed": config.train.seed, "num_parameters": model.count_params(),
                        "wall_time_s": round(time.time() - started, 2)})
         if chief:
-            model.save(os.path.join(workdir, MODEL_FILENAME))
-            with open(os.path.join(workdir, METRICS_FILENAME), "w") as f:
-                json.dump(result, f, indent=2, sort_keys=True, default=_json_default)
+            with atomic_write(os.path.join(workdir, MODEL_FILENAME)) as temporary:
+                model.save(temporary)
+            write_text(os.path.join(workdir, METRICS_FILENAME),
+                       json.dumps(result, indent=2, sort_keys=True, default=_json_default))
         return result
     finally:
         if not chief:
@@ -235,22 +240,6 @@ class ChiefBackupAndRestore(keras.callbacks.BackupAndRestore):
     def on_train_end(self, logs=None):
         if self.chief:
             super().on_train_end(logs)
-
-
-class EpochCheckpoint(keras.callbacks.Callback):
-    """Writes `epoch-XXXX.weights.h5` (1-based epoch) every `every` epochs."""
-
-    def __init__(self, directory, every=1):
-        super().__init__()
-        self.directory = directory
-        self.every = every
-
-    def on_epoch_end(self, epoch, logs=None):
-        if (epoch + 1) % self.every == 0:
-            os.makedirs(self.directory, exist_ok=True)
-            path = os.path.join(self.directory, f"epoch-{epoch + 1:04d}.weights.h5")
-            self.model.save_weights(path + ".tmp.weights.h5", overwrite=True)
-            os.replace(path + ".tmp.weights.h5", path)
 
 
 class ProgressLog(keras.callbacks.Callback):
