@@ -3,9 +3,10 @@
 What lands in `workdir` (written by the chief only):
 
     config.yaml                 the resolved config
-    backup/                     crash backup (Keras `BackupAndRestore`, every epoch): a
-                                restarted run resumes from the last finished epoch; removed
-                                when training completes
+    backup/                     crash backup (every epoch, see `ChiefBackupAndRestore`): a
+                                restarted run resumes from the last finished epoch, or from
+                                the newest readable checkpoint if the backup is damaged;
+                                removed when training completes
     checkpoints/epoch-XXXX.weights.h5
     logs/                       TensorBoard (train/, validation/ and evaluation/ scalars)
     progress.jsonl              one line per epoch started: {"epoch", "initial_epoch", "pid"}
@@ -13,13 +14,11 @@ What lands in `workdir` (written by the chief only):
     metrics.json                evaluation metrics per task (see `ifa_tf.metrics`), the
                                 training history, steps and wall time
 
-Every file but the backup, the append-only `progress.jsonl` and TensorBoard's is written
-atomically (`checkpointing.atomic_write`): a crash leaves the old file or the new one, never
-a part.
+Every file but the append-only `progress.jsonl` and TensorBoard's is written atomically
+(`checkpointing.atomic_write`): a crash leaves the old file or the new one, never a part.
 """
 
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -33,14 +32,14 @@ from ifa_tf.data import make_dataset, records
 from ifa_tf.metrics import CandidateSetEvaluator
 from ifa_tf.schema import resolve_schema
 from ifa_tf.training import strategies
-from ifa_tf.training.checkpointing import EpochCheckpoint, atomic_write, write_text
+from ifa_tf.training.checkpointing import (ChiefBackupAndRestore, EpochCheckpoint,
+                                           atomic_write, write_text)
 from ifa_tf.training.streaming import streaming_train_and_evaluate
 
 CONFIG_FILENAME = "config.yaml"
 METRICS_FILENAME = "metrics.json"
 MODEL_FILENAME = "model.keras"
 PROGRESS_FILENAME = "progress.jsonl"
-_logger = logging.getLogger(__name__)
 
 
 def load_schema(config):
@@ -147,8 +146,12 @@ def _split(config, model, schema, strategy, workdir, write_dir, chief, extra_cal
                                   batch_size=data.eval_batch_size or data.batch_size,
                                   shuffle=False, max_seq_len=data.max_seq_len,
                                   max_candidates=data.max_candidates)
+    # Every worker falls back to the chief's checkpoints, the ones this run writes.
+    checkpoint_dir = (os.path.join(workdir, "checkpoints") if train.checkpoint_every_epochs
+                      else None)
     callbacks = [
-        ChiefBackupAndRestore(os.path.join(workdir, "backup"), chief=chief),
+        ChiefBackupAndRestore(os.path.join(workdir, "backup"), chief=chief,
+                              checkpoint_dir=checkpoint_dir),
         keras.callbacks.TerminateOnNaN(),
         ProgressLog(os.path.join(write_dir, PROGRESS_FILENAME)),
         keras.callbacks.TensorBoard(os.path.join(write_dir, "logs")),
@@ -216,30 +219,6 @@ def _build_from_local_replica(model):
             model._symbolic_build(data_batch=data_batch)
 
     model._maybe_symbolic_build = maybe_symbolic_build
-
-
-class ChiefBackupAndRestore(keras.callbacks.BackupAndRestore):
-    """`BackupAndRestore` for clusters: every worker restores from `backup_dir`, only the
-    chief writes (and finally deletes) it. Model weights are read locally, so skipping the
-    save on other workers needs no collective step."""
-
-    def __init__(self, backup_dir, chief=True, **kwargs):
-        super().__init__(backup_dir, **kwargs)
-        self.chief = chief
-
-    def on_train_begin(self, logs=None):
-        super().on_train_begin(logs)
-        if self.model._initial_epoch:
-            _logger.info("Resumed from the backup in %s at epoch %d", self.backup_dir,
-                         self.model._initial_epoch)
-
-    def _save_model(self):
-        if self.chief:
-            super()._save_model()
-
-    def on_train_end(self, logs=None):
-        if self.chief:
-            super().on_train_end(logs)
 
 
 class ProgressLog(keras.callbacks.Callback):
