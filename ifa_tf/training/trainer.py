@@ -3,19 +3,22 @@
 What lands in `workdir` (written by the chief only):
 
     config.yaml                 the resolved config
-    backup/                     crash backup (Keras `BackupAndRestore`, every epoch): a
-                                restarted run resumes from the last finished epoch; removed
-                                when training completes
+    backup/                     crash backup (every epoch, see `ChiefBackupAndRestore`): a
+                                restarted run resumes from the last finished epoch, or from
+                                the newest readable checkpoint if the backup is damaged;
+                                removed when training completes
     checkpoints/epoch-XXXX.weights.h5
     logs/                       TensorBoard (train/, validation/ and evaluation/ scalars)
     progress.jsonl              one line per epoch started: {"epoch", "initial_epoch", "pid"}
     model.keras                 the trained model
     metrics.json                evaluation metrics per task (see `ifa_tf.metrics`), the
                                 training history, steps and wall time
+
+Every file but the append-only `progress.jsonl` and TensorBoard's is written atomically
+(`checkpointing.atomic_write`): a crash leaves the old file or the new one, never a part.
 """
 
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -29,13 +32,14 @@ from ifa_tf.data import make_dataset, records
 from ifa_tf.metrics import CandidateSetEvaluator
 from ifa_tf.schema import resolve_schema
 from ifa_tf.training import strategies
+from ifa_tf.training.checkpointing import (ChiefBackupAndRestore, EpochCheckpoint,
+                                           atomic_write, write_text)
 from ifa_tf.training.streaming import streaming_train_and_evaluate
 
 CONFIG_FILENAME = "config.yaml"
 METRICS_FILENAME = "metrics.json"
 MODEL_FILENAME = "model.keras"
 PROGRESS_FILENAME = "progress.jsonl"
-_logger = logging.getLogger(__name__)
 
 
 def load_schema(config):
@@ -103,8 +107,7 @@ def train_and_evaluate(config, workdir, callbacks=()):
     keras.utils.set_random_seed(config.train.seed)
     schema = load_schema(config)
     if chief:
-        with open(os.path.join(workdir, CONFIG_FILENAME), "w") as f:
-            f.write(config.to_yaml())
+        write_text(os.path.join(workdir, CONFIG_FILENAME), config.to_yaml())
     with strategy.scope():
         model = build_model(config, schema)
     if config.train.strategy != "default":
@@ -120,9 +123,10 @@ def train_and_evaluate(config, workdir, callbacks=()):
                        "seed": config.train.seed, "num_parameters": model.count_params(),
                        "wall_time_s": round(time.time() - started, 2)})
         if chief:
-            model.save(os.path.join(workdir, MODEL_FILENAME))
-            with open(os.path.join(workdir, METRICS_FILENAME), "w") as f:
-                json.dump(result, f, indent=2, sort_keys=True, default=_json_default)
+            with atomic_write(os.path.join(workdir, MODEL_FILENAME)) as temporary:
+                model.save(temporary)
+            write_text(os.path.join(workdir, METRICS_FILENAME),
+                       json.dumps(result, indent=2, sort_keys=True, default=_json_default))
         return result
     finally:
         if not chief:
@@ -150,8 +154,12 @@ def _split(config, model, schema, strategy, workdir, write_dir, chief, extra_cal
                                   batch_size=data.eval_batch_size or data.batch_size,
                                   shuffle=False, max_seq_len=data.max_seq_len,
                                   max_candidates=data.max_candidates)
+    # Every worker falls back to the chief's checkpoints, the ones this run writes.
+    checkpoint_dir = (os.path.join(workdir, "checkpoints") if train.checkpoint_every_epochs
+                      else None)
     callbacks = [
-        ChiefBackupAndRestore(os.path.join(workdir, "backup"), chief=chief),
+        ChiefBackupAndRestore(os.path.join(workdir, "backup"), chief=chief,
+                              checkpoint_dir=checkpoint_dir),
         keras.callbacks.TerminateOnNaN(),
         ProgressLog(os.path.join(write_dir, PROGRESS_FILENAME)),
         keras.callbacks.TensorBoard(os.path.join(write_dir, "logs")),
@@ -220,46 +228,6 @@ def _build_from_local_replica(model):
             model._symbolic_build(data_batch=data_batch)
 
     model._maybe_symbolic_build = maybe_symbolic_build
-
-
-class ChiefBackupAndRestore(keras.callbacks.BackupAndRestore):
-    """`BackupAndRestore` for clusters: every worker restores from `backup_dir`, only the
-    chief writes (and finally deletes) it. Model weights are read locally, so skipping the
-    save on other workers needs no collective step."""
-
-    def __init__(self, backup_dir, chief=True, **kwargs):
-        super().__init__(backup_dir, **kwargs)
-        self.chief = chief
-
-    def on_train_begin(self, logs=None):
-        super().on_train_begin(logs)
-        if self.model._initial_epoch:
-            _logger.info("Resumed from the backup in %s at epoch %d", self.backup_dir,
-                         self.model._initial_epoch)
-
-    def _save_model(self):
-        if self.chief:
-            super()._save_model()
-
-    def on_train_end(self, logs=None):
-        if self.chief:
-            super().on_train_end(logs)
-
-
-class EpochCheckpoint(keras.callbacks.Callback):
-    """Writes `epoch-XXXX.weights.h5` (1-based epoch) every `every` epochs."""
-
-    def __init__(self, directory, every=1):
-        super().__init__()
-        self.directory = directory
-        self.every = every
-
-    def on_epoch_end(self, epoch, logs=None):
-        if (epoch + 1) % self.every == 0:
-            os.makedirs(self.directory, exist_ok=True)
-            path = os.path.join(self.directory, f"epoch-{epoch + 1:04d}.weights.h5")
-            self.model.save_weights(path + ".tmp.weights.h5", overwrite=True)
-            os.replace(path + ".tmp.weights.h5", path)
 
 
 class ProgressLog(keras.callbacks.Callback):
