@@ -1,6 +1,6 @@
-"""The sharper feature maps of `NormalizedLinearAttention` ("focused", "hedgehog"), against
-float64 NumPy references. Tests marked `jax` are backend-independent: CI runs them again
-with KERAS_BACKEND=jax."""
+"""The sharper feature maps of `NormalizedLinearAttention` ("focused", "hedgehog") and their
+zoo options, against float64 NumPy references. Tests marked `jax` are backend-independent:
+CI runs them again with KERAS_BACKEND=jax."""
 
 import math
 
@@ -337,3 +337,72 @@ def test_bad_feature_map_arguments_name_the_argument_and_value():
         layers.NormalizedLinearAttention(2, 4, feature_map="relu", focusing_factor=2)
     with pytest.raises(ValueError, match="focusing_factor=0"):
         layers.CandidateSelfAttention(2, 4, feature_map="focused", focusing_factor=0)
+
+
+# ------------------------------------------------------------------------- the zoo options
+def zoo_model(name, **overrides):
+    from ifa_tf import zoo
+    from ifa_tf.schema import FeatureSchema
+
+    keras.utils.set_random_seed(1)
+    schema = FeatureSchema(embedding_buckets={"user_id": 40, "item_id": 64, "category_id": 8,
+                                              "author_id": 16})
+    return zoo.build(name, schema=schema, embedding_dim=4, tower_units=[8], **overrides)
+
+
+def zoo_batch(seed=0, batch=2, n=9, m=4):
+    rng = np.random.default_rng(seed)
+    features = {"user_id": rng.integers(1, 1000, batch)}
+    for attribute, high in (("item_id", 500), ("category_id", 4), ("author_id", 9)):
+        features["seq_" + attribute] = rng.integers(1, high, (batch, n))
+        features["cand_" + attribute] = rng.integers(1, high, (batch, m))
+    features["seq_action"] = rng.integers(0, 8, (batch, n))
+    features["seq_time_delta"] = rng.integers(0, 10**7, (batch, n))
+    for name in ("cand_cross_author_count", "cand_cross_category_count"):
+        features[name] = rng.integers(0, 20, (batch, m))
+    features["seq_item_id"][1, 5:] = 0
+    features["cand_item_id"][1, 3:] = 0
+    return features
+
+
+def test_zoo_passes_the_new_maps_and_focusing_factor_to_fsm_and_ram(tmp_path):
+    from ifa_tf import zoo
+
+    assert "focusing_factor" in zoo.valid_overrides("ifa")
+    assert "focusing_factor" in zoo.valid_overrides("ifa_no_ram")
+    # The default stays elu+1 until a comparison says otherwise (issue 15).
+    assert zoo_model("ifa").get_layer("interest").feature_map == "elu_plus_one"
+    features = zoo_batch()
+    for name, overrides in (("ifa", {"feature_map": "focused", "focusing_factor": 2}),
+                            ("ifa", {"feature_map": "hedgehog"}),
+                            ("ifa_no_ram", {"feature_map": "focused"})):
+        model = zoo_model(name, **overrides)
+        attentions = [model.get_layer("interest")._attention]
+        if name == "ifa":
+            attentions.append(model.get_layer("candidate_self_attention"))
+        for attention in attentions:
+            assert attention.feature_map == overrides["feature_map"]
+            assert attention.focusing_factor == overrides.get("focusing_factor")
+        assert model.get_config()["focusing_factor"] == overrides.get("focusing_factor")
+        for attention in attentions:  # saved weights, not the identity start
+            for variable in attention.weights:
+                if "feature" in variable.path:
+                    variable.assign(np.random.default_rng(0).normal(
+                        scale=0.3, size=variable.shape).astype("float32"))
+        base = {k: np_(v) for k, v in model(features).items()}
+        assert np.isfinite(base["score"]).all()
+        model.save(tmp_path / f"{name}.keras")
+        restored = keras.saving.load_model(tmp_path / f"{name}.keras")
+        assert (restored.get_layer("interest").get_config()["focusing_factor"]
+                == overrides.get("focusing_factor"))
+        for task, probabilities in restored(features).items():
+            np.testing.assert_allclose(np_(probabilities), base[task], atol=1e-7)
+
+
+def test_zoo_rejects_bad_feature_map_options_by_name():
+    with pytest.raises(ValueError, match="focusing_factor=0.5"):
+        zoo_model("ifa", feature_map="focused", focusing_factor=0.5)
+    with pytest.raises(ValueError, match="no effect on feature_map='relu'"):
+        zoo_model("ifa_no_ram", feature_map="relu", focusing_factor=2)
+    with pytest.raises(ValueError, match="feature_map='tanh'"):
+        zoo_model("ifa_no_ram", feature_map="tanh")
