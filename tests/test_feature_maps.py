@@ -1,6 +1,6 @@
-"""The sharper feature maps of `NormalizedLinearAttention` ("focused", "hedgehog") and their
-zoo options, against float64 NumPy references. Tests marked `jax` are backend-independent:
-CI runs them again with KERAS_BACKEND=jax."""
+"""The sharper feature maps of `NormalizedLinearAttention` ("focused", "hedgehog"), their
+zoo options, and the attention-concentration diagnostic, against float64 NumPy references.
+Tests marked `jax` are backend-independent: CI runs them again with KERAS_BACKEND=jax."""
 
 import math
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from keras import ops
 
-from ifa_tf import layers
+from ifa_tf import diagnostics, layers
 from ifa_tf.layers import feature_maps
 
 NEW_MAPS = [("focused", None), ("focused", 1.5), ("hedgehog", None)]
@@ -406,3 +406,103 @@ def test_zoo_rejects_bad_feature_map_options_by_name():
         zoo_model("ifa_no_ram", feature_map="relu", focusing_factor=2)
     with pytest.raises(ValueError, match="feature_map='tanh'"):
         zoo_model("ifa_no_ram", feature_map="tanh")
+
+
+# ------------------------------------------------------------------------- the diagnostic
+@pytest.mark.jax
+@pytest.mark.parametrize("feature_map, focusing_factor",
+                         [("elu_plus_one", None), ("relu", None), *NEW_MAPS])
+def test_attention_weights_are_the_weights_the_layer_applies(feature_map, focusing_factor):
+    rng = np.random.default_rng(8)
+    query = rng.normal(size=(2, 5, 8)).astype("float32")
+    key = rng.normal(size=(2, 9, 8)).astype("float32")
+    query_mask, key_mask = random_mask(rng, 2, 5, 1), random_mask(rng, 2, 9, 1)
+    layer = layers.NormalizedLinearAttention(2, 4, value_dim=3, feature_map=feature_map,
+                                             focusing_factor=focusing_factor,
+                                             use_output_projection=False)
+    with pytest.raises(ValueError, match="call the layer once"):
+        layer.attention_weights(query, key)
+    layer(query, key)
+    randomize(layer, seed=8)
+    weights = np_(layer.attention_weights(query, key, query_mask=query_mask,
+                                          key_mask=key_mask))
+    assert weights.shape == (2, 2, 5, 9)
+    if feature_map in ("focused", "hedgehog"):
+        ref = np_attention_weights(layer, query, key, query_mask, key_mask)
+        np.testing.assert_allclose(weights, ref, rtol=1e-5, atol=1e-7)
+    assert (weights[~np.broadcast_to(key_mask[:, None, None, :], weights.shape)] == 0).all()
+    assert (weights[~np.broadcast_to(query_mask[:, None, :, None], weights.shape)] == 0).all()
+    w = named_weights(layer)
+    values = np.tensordot(key, w["value/kernel"], axes=([-1], [0])) + w["value/bias"]
+    applied = np.einsum("bhmn,bnhv->bmhv", weights, values).reshape(2, 5, 6)
+    out = np_(layer(query, key, query_mask=query_mask, key_mask=key_mask))
+    np.testing.assert_allclose(applied, out, rtol=1e-5, atol=1e-6)
+
+
+def np_concentration(weights, key_mask, top_fraction):
+    """Entropy and top share of every row, one row at a time, by the definitions."""
+    entropy, top_share = np.full(weights.shape[:-1], np.nan), np.full(weights.shape[:-1],
+                                                                      np.nan)
+    for index in np.ndindex(*weights.shape[:-1]):
+        row = weights[index][key_mask[index]]
+        if row.size == 0 or row.sum() == 0:
+            continue
+        p = row / row.sum()
+        entropy[index] = -sum(x * math.log(x) for x in p if x > 0)
+        top = max(1, math.ceil(round(top_fraction * row.size, 9)))
+        top_share[index] = sum(sorted(p, reverse=True)[:top])
+    return entropy, top_share
+
+
+@pytest.mark.jax
+def test_attention_concentration_by_hand_and_against_its_definition():
+    weights = np.array([[[0.25, 0.25, 0.25, 0.25, 9.0, 9.0],  # uniform over 4 valid
+                         [0.0, 0.0, 0.7, 0.0, 0.0, 0.0],  # one event
+                         [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]]])  # a padded query
+    key_mask = np.array([[1, 1, 1, 1, 0, 0]], bool)
+    got = diagnostics.attention_concentration(weights, key_mask, top_fraction=0.5)
+    np.testing.assert_allclose(got["entropy"][0, :2], [math.log(4), 0.0])
+    np.testing.assert_allclose(got["top_share"][0, :2], [0.5, 1.0])
+    assert np.isnan(got["entropy"][0, 2]) and np.isnan(got["top_share"][0, 2])
+    np.testing.assert_array_equal(got["num_events"], [[4, 4, 4]])
+
+    rng = np.random.default_rng(0)
+    weights = rng.random((3, 2, 4, 300)) ** 8  # [B, heads, m, n], a few large weights
+    key_mask = random_mask(rng, 3, 300, 0)
+    key_mask[0] = True
+    key_mask[1, 250:] = False
+    for top_fraction in (0.01, 0.1, 1.0):
+        got = diagnostics.attention_concentration(weights, key_mask, top_fraction)
+        entropy, top_share = np_concentration(
+            weights, np.broadcast_to(key_mask[:, None, None, :], weights.shape), top_fraction)
+        np.testing.assert_allclose(got["entropy"], entropy, rtol=1e-12)
+        np.testing.assert_allclose(got["top_share"], top_share, rtol=1e-12)
+    # 1% of 300 events is 3, not 4 (0.01 * 300 is 3.0000000000000004 in floating point).
+    top3 = np.sort(weights[0, 0, 0])[-3:].sum() / weights[0, 0, 0].sum()
+    np.testing.assert_allclose(
+        diagnostics.attention_concentration(weights, key_mask)["top_share"][0, 0, 0], top3)
+    with pytest.raises(ValueError, match="top_fraction=0"):
+        diagnostics.attention_concentration(weights, key_mask, top_fraction=0)
+    with pytest.raises(ValueError, match="non-negative"):
+        diagnostics.attention_concentration(-weights, key_mask)
+
+
+@pytest.mark.jax
+def test_focused_weights_grow_more_concentrated_with_p():
+    # The point of the map (FLatten's "focus"): on the same projections, a larger p
+    # gives lower entropy and more weight on the top events than relu (p = 1).
+    rng = np.random.default_rng(10)
+    query = rng.normal(size=(1, 8, 16)).astype("float32")
+    key = rng.normal(size=(1, 400, 16)).astype("float32")
+    results = {}
+    for p in (1, 3, 6):
+        layer = layers.NormalizedLinearAttention(2, 8, feature_map="focused",
+                                                 focusing_factor=p)
+        layer(query, key)
+        randomize(layer, seed=10, scale=0.5)
+        concentration = diagnostics.attention_concentration(
+            np_(layer.attention_weights(query, key)))
+        results[p] = (np.nanmean(concentration["entropy"]),
+                      np.nanmean(concentration["top_share"]))
+    assert results[1][0] > results[3][0] > results[6][0]
+    assert results[1][1] < results[3][1] < results[6][1]

@@ -37,6 +37,9 @@ class NormalizedLinearAttention(keras.layers.Layer):
     unscaled formula's, up to float32 rounding. Per-key factors would reweight the keys and
     clipping would change the kernel; neither is done.
 
+    `attention_weights` returns the [m, n] weights the layer applies implicitly, for
+    diagnostics on small requests.
+
     Args:
         num_heads: number of attention heads.
         key_dim: size of each head for query and key.
@@ -191,6 +194,35 @@ class NormalizedLinearAttention(keras.layers.Layer):
         if query_mask is not None:
             output = output * ops.cast(query_mask, output.dtype)[..., None]
         return output
+
+    def attention_weights(self, query, key, query_mask=None, key_mask=None):
+        """The weights the layer applies without forming them, [B, heads, m, n].
+
+        Row i of head h is `phi(q_i) phi(k_j)^T / (D_i + epsilon)` over the valid keys j
+        (0 at padded keys; a padded query's row is 0), so head h's attended values, before
+        the output projection, are `weights[:, h] @ V_h`. This forms the [m, n] matrix that
+        `call` never does, O(m n) in time and memory: a diagnostic for small requests
+        (e.g. how concentrated the weights are, `ifa_tf.diagnostics.attention_concentration`),
+        not for serving. The layer must have been called once (it is then built).
+        """
+        if not self.built:
+            raise ValueError(f"{self.name} has no weights yet: call the layer once before "
+                             "asking for its attention weights.")
+        if key_mask is None:
+            key_mask = getattr(key, "_keras_mask", None)
+        phi_q, phi_k, epsilon = self._features(query, key, key_mask)
+        feature_dim = feature_maps.feature_dim(self.feature_map, self.key_dim)
+        phi_q = ops.reshape(phi_q, (*ops.shape(phi_q)[:-1], self.num_heads, feature_dim))
+        phi_k = ops.reshape(phi_k, (*ops.shape(phi_k)[:-1], self.num_heads, feature_dim))
+        if key_mask is not None:
+            phi_k = phi_k * ops.cast(key_mask, "float32")[..., None, None]
+        scores = ops.einsum("bmhf,bnhf->bhmn", phi_q, phi_k)
+        degree = ops.transpose(ops.sum(scores, axis=-1), (0, 2, 1))  # [B, m, h], as in call
+        denominator = ops.transpose(self._denominator(degree, epsilon), (0, 2, 1))
+        weights = scores / denominator[..., None]
+        if query_mask is not None:
+            weights = weights * ops.cast(query_mask, "float32")[:, None, :, None]
+        return weights
 
     def _features(self, query, key, key_mask):
         """phi(Q) [B, m, h*f] and phi(K) [B, n, h*f] in float32 (padded keys are zeroed by
