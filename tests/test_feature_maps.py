@@ -283,6 +283,24 @@ def test_no_m_by_n_tensor_in_the_graph(feature_map):
                               for shape in shapes)
 
 
+@pytest.mark.parametrize("feature_map, focusing_factor", NEW_MAPS)
+def test_xla_compiled_call_matches(feature_map, focusing_factor):
+    # TensorFlow only: `ifa-export --jit_compile` serves the model through XLA.
+    import tensorflow as tf
+
+    rng = np.random.default_rng(12)
+    query = rng.normal(size=(2, 5, 8)).astype("float32")
+    key = rng.normal(size=(2, 9, 8)).astype("float32")
+    key_mask = random_mask(rng, 2, 9, 0)
+    layer = layers.NormalizedLinearAttention(2, 4, feature_map=feature_map,
+                                             focusing_factor=focusing_factor)
+    layer(query, key)
+    randomize(layer, seed=12)
+    compiled = tf.function(lambda q, k, mask: layer(q, k, key_mask=mask), jit_compile=True)
+    np.testing.assert_allclose(np_(compiled(query, key, key_mask)),
+                               np_(layer(query, key, key_mask=key_mask)), atol=1e-5)
+
+
 def test_mixed_precision_keeps_a_float32_normaliser():
     rng = np.random.default_rng(9)
     query = (rng.normal(size=(1, 4, 8)) * 3).astype("float32")
