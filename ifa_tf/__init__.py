@@ -16,7 +16,8 @@ from ifa_tf.schema import FeatureSchema, default_schema
 
 __version__ = "0.1.0"
 
-_ON_DEMAND = ("data", "export", "serving", "training", "evaluation", "metrics", "benchmark")
+_ON_DEMAND = ("data", "export", "serving", "training", "evaluation", "metrics", "diagnostics",
+              "benchmark")
 
 __all__ = ["FeatureSchema", "default_schema", "layers", "models", "zoo", *_ON_DEMAND]
 

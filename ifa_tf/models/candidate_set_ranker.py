@@ -2,6 +2,7 @@ import keras
 from keras import ops
 
 from ifa_tf import layers
+from ifa_tf.layers.feature_maps import check_feature_map
 from ifa_tf.layers.validation import check_dtype_policy, check_positive_int, check_units
 from ifa_tf.models.training_defaults import TrainingDefaultsMixin
 from ifa_tf.schema import CANDIDATE_PREFIX, SEQUENCE_PREFIX, resolve_schema
@@ -40,7 +41,8 @@ class CandidateSetRanker(TrainingDefaultsMixin, keras.Model):
             embedding.
         use_ram: add the candidate self-attention (RAM).
         ram_heads, ram_key_dim: RAM's heads and head size.
-        feature_map: RAM's phi.
+        feature_map: RAM's phi (see `NormalizedLinearAttention`).
+        focusing_factor: RAM's power p when `feature_map="focused"`; `None` means 3.
         tower_units: hidden sizes of every task tower.
         dropout: tower dropout.
         tower_dtype: dtype policy of the task towers alone, e.g. `"mixed_bfloat16"`: their
@@ -64,10 +66,11 @@ class CandidateSetRanker(TrainingDefaultsMixin, keras.Model):
     """
 
     def __init__(self, interest, schema=None, embedding_dim=16, use_ram=True, ram_heads=2,
-                 ram_key_dim=16, feature_map="elu_plus_one", tower_units=(128, 64),
-                 dropout=0.0, tower_dtype=None, **kwargs):
+                 ram_key_dim=16, feature_map="elu_plus_one", focusing_factor=None,
+                 tower_units=(128, 64), dropout=0.0, tower_dtype=None, **kwargs):
         schema = resolve_schema(schema)
         check_positive_int("embedding_dim", embedding_dim)
+        check_feature_map(feature_map, focusing_factor)
         tower_units = check_units("tower_units", tower_units)
         if isinstance(interest, dict):
             interest = keras.saving.deserialize_keras_object(interest)
@@ -103,8 +106,8 @@ class CandidateSetRanker(TrainingDefaultsMixin, keras.Model):
         # Like FSM, RAM outputs its heads (Eq. 3, 6): a projection before the linear first
         # tower layer would only add cost.
         ram = layers.CandidateSelfAttention(
-            ram_heads, ram_key_dim, feature_map=feature_map, use_output_projection=False,
-            name="candidate_self_attention") if use_ram else None
+            ram_heads, ram_key_dim, feature_map=feature_map, focusing_factor=focusing_factor,
+            use_output_projection=False, name="candidate_self_attention") if use_ram else None
         if tower_dtype is not None:
             tower_dtype = check_dtype_policy("tower_dtype", tower_dtype)
         towers = {task: layers.MLPTower(tower_units, dropout=dropout, dtype=tower_dtype,
@@ -167,6 +170,7 @@ class CandidateSetRanker(TrainingDefaultsMixin, keras.Model):
         self.ram_heads = ram_heads
         self.ram_key_dim = ram_key_dim
         self.feature_map = feature_map
+        self.focusing_factor = focusing_factor
         self.tower_units = tower_units
         self.dropout = dropout
         self.tower_dtype = tower_dtype
@@ -187,6 +191,7 @@ class CandidateSetRanker(TrainingDefaultsMixin, keras.Model):
             "ram_heads": self.ram_heads,
             "ram_key_dim": self.ram_key_dim,
             "feature_map": self.feature_map,
+            "focusing_factor": self.focusing_factor,
             "tower_units": self.tower_units,
             "dropout": self.dropout,
             "tower_dtype": self.tower_dtype,

@@ -16,6 +16,7 @@ import keras
 from keras import ops
 
 from ifa_tf import layers
+from ifa_tf.layers.feature_maps import check_feature_map
 from ifa_tf.layers.top_k import gather_positions, most_recent_positions
 from ifa_tf.layers.validation import check_positive_int
 
@@ -199,16 +200,22 @@ class LinearAttentionInterest(FullTargetAttentionInterest):
     """`ifa`, `ifa_no_ram`: Full Sequence Modelling (FSM, IFA Eq. 2) by normalised linear
     attention over every valid sequence item, O(m + n). As in Eq. 6 the heads are the
     output (num_heads * key_dim wide), with no output projection: the towers' first layer
-    is linear, so one would add cost and no expressivity."""
+    is linear, so one would add cost and no expressivity. `feature_map` and
+    `focusing_factor` are those of `NormalizedLinearAttention`."""
 
-    def __init__(self, num_heads=2, key_dim=16, feature_map="elu_plus_one", **kwargs):
+    def __init__(self, num_heads=2, key_dim=16, feature_map="elu_plus_one",
+                 focusing_factor=None, **kwargs):
         super().__init__(num_heads=num_heads, key_dim=key_dim, **kwargs)
+        # Checked here: the attention layer is only made in `build`.
+        check_feature_map(feature_map, focusing_factor)
         self.feature_map = feature_map
+        self.focusing_factor = focusing_factor
 
     def build(self, input_shape):
         self._attention = layers.NormalizedLinearAttention(
             self.num_heads, self.key_dim, feature_map=self.feature_map,
-            use_output_projection=False, dtype=self.dtype_policy, name="attention")
+            focusing_factor=self.focusing_factor, use_output_projection=False,
+            dtype=self.dtype_policy, name="attention")
         self._attention.build(input_shape["candidates"], input_shape["sequence"])
         self.built = True
 
@@ -216,4 +223,5 @@ class LinearAttentionInterest(FullTargetAttentionInterest):
         return (*input_shape["candidates"][:-1], self.num_heads * self.key_dim)
 
     def get_config(self):
-        return {**super().get_config(), "feature_map": self.feature_map}
+        return {**super().get_config(), "feature_map": self.feature_map,
+                "focusing_factor": self.focusing_factor}

@@ -1,0 +1,74 @@
+"""Diagnostics of what a trained model does, beside its metrics.
+
+`attention_concentration` measures how concentrated attention weights are, per query: top-k
+retrieval (SIM, TWIN) puts all weight on k events, while linear attention with a smooth
+feature map may spread it over hundreds. Feed it the weights of
+`NormalizedLinearAttention.attention_weights` (or any [..., n] attention weights, e.g. a
+softmax's) on a small request. NumPy only.
+"""
+
+import math
+import numbers
+
+import numpy as np
+
+
+def attention_concentration(weights, key_mask=None, top_fraction=0.01):
+    """Entropy and top-share of each query's attention weights over its valid events.
+
+    Each row is first normalised to sum to 1 over its valid events (the layer's epsilon
+    leaves its rows summing to slightly less).
+
+    Args:
+        weights: [..., n] non-negative weights of each query over n events, e.g.
+            [B, heads, m, n] from `NormalizedLinearAttention.attention_weights`.
+        key_mask: bool, True at valid events: [B, n] (as the layers take it; axes are
+            inserted after the batch axis to match `weights`) or any shape that
+            broadcasts against `weights`. `None`: every event is valid.
+        top_fraction: the share of a row's valid events that count as its top: the
+            ceil(top_fraction * n_valid) largest weights, at least one event.
+
+    Returns:
+        A dict of float64 arrays of shape `weights.shape[:-1]`:
+        - `"entropy"`: -sum p log p in nats; 0 when one event takes all the weight,
+          log(n_valid) when the weight is uniform.
+        - `"top_share"`: the share of the weight on the row's top events.
+        - `"num_events"`: n_valid.
+        Entropy and top share are NaN in a row with no valid event or no weight (a padded
+        query).
+    """
+    if not (isinstance(top_fraction, numbers.Real) and 0 < top_fraction <= 1):
+        raise ValueError("`top_fraction` must be in (0, 1]. Received: "
+                         f"top_fraction={top_fraction!r}")
+    weights = np.asarray(weights, dtype=np.float64)
+    if (weights < 0).any():
+        raise ValueError("`weights` must be non-negative. Received: a weight of "
+                         f"{weights.min()}")
+    if key_mask is None:
+        key_mask = np.ones(weights.shape[-1:], bool)
+    key_mask = np.asarray(key_mask, bool)
+    if 1 < key_mask.ndim < weights.ndim:
+        key_mask = key_mask.reshape(key_mask.shape[:1] + (1,) * (weights.ndim - key_mask.ndim)
+                                    + key_mask.shape[1:])
+    key_mask = np.broadcast_to(key_mask, weights.shape)
+    weights = np.where(key_mask, weights, 0.0)
+    total = weights.sum(axis=-1, keepdims=True)
+    num_events = key_mask.sum(axis=-1)
+    defined = (total[..., 0] > 0) & (num_events > 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        shares = weights / total
+        entropy = -np.where(shares > 0, shares * np.log(shares), 0.0).sum(axis=-1)
+    # Padded events sort last (their -1 is below every valid share) and are never summed:
+    # at most n_valid events are. The leading 0 is the sum of none (a row with no event).
+    descending = -np.sort(-np.where(key_mask, shares, -1.0), axis=-1)
+    cumulative = np.cumsum(np.concatenate([np.zeros_like(descending[..., :1]), descending],
+                                          axis=-1), axis=-1)
+    # Rounded first: 0.01 * 300 is 3.0000000000000004 in floating point, not 3.
+    num_top = np.minimum(np.maximum(np.ceil(np.round(top_fraction * num_events, 9)), 1),
+                         num_events)
+    top_share = np.take_along_axis(cumulative, num_top.astype(int)[..., None], axis=-1)[..., 0]
+    return {
+        "entropy": np.where(defined, entropy, math.nan),
+        "top_share": np.where(defined, top_share, math.nan),
+        "num_events": num_events.astype(np.float64),
+    }

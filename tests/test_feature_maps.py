@@ -1,0 +1,526 @@
+"""The sharper feature maps of `NormalizedLinearAttention` ("focused", "hedgehog"), their
+zoo options, and the attention-concentration diagnostic, against float64 NumPy references.
+Tests marked `jax` are backend-independent: CI runs them again with KERAS_BACKEND=jax."""
+
+import math
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+from ifa_tf import diagnostics, layers
+from ifa_tf.layers import feature_maps
+
+NEW_MAPS = [("focused", None), ("focused", 1.5), ("hedgehog", None)]
+
+
+def np_(x):
+    return np.asarray(ops.convert_to_numpy(x), dtype=np.float64)
+
+
+def named_weights(layer):
+    """{"query/kernel": ..., "query_feature_kernel": ...}: paths below the layer's name."""
+    return {w.path.split("/", 1)[1]: np_(w) for w in layer.weights}
+
+
+def randomize(layer, seed=0, scale=0.3):
+    rng = np.random.default_rng(seed)
+    layer.set_weights([rng.normal(scale=scale, size=w.shape).astype("float32")
+                       for w in layer.get_weights()])
+
+
+def random_mask(rng, batch, length, min_valid=0):
+    lengths = rng.integers(min_valid, length + 1, size=batch)
+    return np.arange(length)[None, :] < lengths[:, None]
+
+
+def np_focused(x, p):
+    """||relu(x)|| relu(x)^p / ||relu(x)^p|| over the last axis, float64 (0 where relu = 0)."""
+    r = np.maximum(x, 0.0)
+    powered = r ** p
+    powered_norm = np.linalg.norm(powered, axis=-1, keepdims=True)
+    return np.where(powered_norm > 0, np.linalg.norm(r, axis=-1, keepdims=True) * powered
+                    / np.where(powered_norm > 0, powered_norm, 1.0), 0.0)
+
+
+def np_phi(layer, side, inputs):
+    """One side's features [B, r, h, f] in float64, straight from the definitions: no
+    shift, no folding of Hedgehog's W into the projection."""
+    w = named_weights(layer)
+    projected = np.tensordot(inputs, w[f"{side}/kernel"], axes=([-1], [0]))
+    if layer.use_bias:
+        projected = projected + w[f"{side}/bias"]  # [B, r, h, k]
+    if layer.feature_map == "focused":
+        return np_focused(projected, layer.focusing_factor or 3)
+    if layer.feature_map == "hedgehog":
+        u = np.einsum("brhk,hkj->brhj", projected, w[f"{side}_feature_kernel"])
+        if layer.use_bias:
+            u = u + w[f"{side}_feature_bias"]
+        return np.concatenate([np.exp(u), np.exp(-u)], axis=-1)
+    raise AssertionError(layer.feature_map)
+
+
+def np_attention_weights(layer, query, key, query_mask, key_mask):
+    """[B, h, m, n]: phi(Q) phi(K)^T over the valid keys, divided by D + epsilon."""
+    scores = np.einsum("bmhf,bnhf->bhmn", np_phi(layer, "query", query),
+                       np_phi(layer, "key", key)) * key_mask[:, None, None, :]
+    degree = scores.sum(-1, keepdims=True) + layer.epsilon
+    return scores / degree * query_mask[:, None, :, None]
+
+
+def np_linear_attention(layer, query, key, value, query_mask, key_mask):
+    """E = D^-1 phi(Q) (phi(K)^T V) with the [m, n] matrix formed explicitly, float64."""
+    w = named_weights(layer)
+    v = np.tensordot(value, w["value/kernel"], axes=([-1], [0])) + w.get("value/bias", 0.0)
+    attended = np.einsum("bhmn,bnhv->bmhv",
+                         np_attention_weights(layer, query, key, query_mask, key_mask), v)
+    if not layer.use_output_projection:
+        return attended.reshape(*attended.shape[:2], -1)
+    out = (np.tensordot(attended, w["attention_output/kernel"], axes=([-2, -1], [0, 1]))
+           + w.get("attention_output/bias", 0.0))
+    return out * query_mask[..., None]
+
+
+def relative_error(out, ref):
+    return np.abs(out - ref).max() / np.abs(ref).max()
+
+
+# ------------------------------------------------------------------------- the maps alone
+@pytest.mark.jax
+def test_focused_map_is_flattens_definition():
+    # One head by hand: r = [3, 0, 1, 0], p = 2: sqrt(10) [9, 0, 1, 0] / sqrt(82).
+    got = np_(feature_maps.focused(np.array([[3.0, -1.0, 1.0, 0.0]], "float32"), 1, 2))
+    np.testing.assert_allclose(got, [[9 * math.sqrt(10 / 82), 0, math.sqrt(10 / 82), 0]],
+                               rtol=1e-6)
+    rng = np.random.default_rng(0)
+    x = rng.normal(scale=3.0, size=(4, 3 * 5)).astype("float32")
+    x[0, 5:10] = -np.abs(x[0, 5:10])  # a head with relu(x) = 0 gets zero features
+    x[1, :5] *= 1e4  # r^p = 1e32 / r^(2p) = 1e64 would overflow float32 if formed as such
+    for p in (1, 2, 3, 2.5, 8):
+        got = np_(feature_maps.focused(x, 3, p))
+        ref = np_focused(x.astype(np.float64).reshape(4, 3, 5), p).reshape(4, 15)
+        np.testing.assert_allclose(got, ref, rtol=2e-5, atol=1e-30)
+        assert (got[0, 5:10] == 0).all()
+    # p = 1 is relu itself.
+    np.testing.assert_allclose(np_(feature_maps.focused(x, 3, 1)), np.maximum(x, 0), rtol=1e-6)
+
+
+@pytest.mark.jax
+def test_hedgehog_map_scales_cancel_and_nothing_overflows():
+    rng = np.random.default_rng(1)
+    query = rng.normal(scale=3.0, size=(2, 4, 2 * 3)).astype("float32")  # [B, m, h*k]
+    key = rng.normal(scale=3.0, size=(2, 5, 2 * 3)).astype("float32")
+    key[0, :, :3] -= 20.0  # head 0 of example 0: every key far on one side
+    key_mask = np.array([[1, 1, 1, 1, 0], [1, 1, 0, 0, 0]], bool)
+    key[~key_mask] = 1e4  # padded keys hold values whose exp overflows float64 too
+    phi_q, phi_k, query_shift = (np_(x) for x in feature_maps.hedgehog(query, key, 2,
+                                                                         key_mask))
+    assert phi_q.shape == (2, 4, 12) and phi_k.shape == (2, 5, 12)
+    assert (phi_q <= 1).all() and (phi_k <= 1).all()
+    np.testing.assert_array_equal(phi_k[~key_mask], 0.0)
+
+    def by_head(x):
+        return x.reshape(*x.shape[:2], 2, -1)
+
+    def signed(x):
+        return np.concatenate([by_head(x), -by_head(x)], axis=-1).astype(np.float64)
+
+    # Per head, the scaled terms are the exact ones, exp(+-(u_q + u_k)), over exp(shift):
+    valid = key_mask[:, None, :, None, None]
+    exact = np.exp(np.where(valid, signed(query)[:, :, None] + signed(key)[:, None],
+                            -np.inf))  # [B, m, n, h, 2k], 0 at padded keys
+    scaled = by_head(phi_q)[:, :, None] * by_head(phi_k)[:, None]
+    np.testing.assert_allclose(scaled * np.exp(query_shift)[:, :, None, :, None], exact,
+                               rtol=1e-5)
+    # and each query's largest term over the valid keys is 1: D >= 1, nothing underflows.
+    np.testing.assert_allclose(scaled.max(axis=(2, 4)), 1.0, rtol=1e-6)
+    # With no valid key: zero key features, finite query features.
+    phi_q, phi_k, query_shift = (np_(x) for x in feature_maps.hedgehog(
+        query, key, 2, np.zeros((2, 5), bool)))
+    assert (phi_k == 0).all() and np.isfinite(phi_q).all() and np.isfinite(query_shift).all()
+    assert feature_maps.feature_dim("hedgehog", 4) == 8
+    assert feature_maps.feature_dim("focused", 4) == 4
+
+
+# ------------------------------------------------------------------------- the full layer
+@pytest.mark.jax
+@pytest.mark.parametrize("feature_map, focusing_factor", NEW_MAPS)
+@pytest.mark.parametrize("num_heads, use_output_projection", [(1, True), (2, False),
+                                                              (3, True)])
+def test_layer_matches_float64_reference(feature_map, focusing_factor, num_heads,
+                                         use_output_projection):
+    rng = np.random.default_rng(num_heads)
+    batch, m, n, d = 3, 7, 11, 12
+    query = rng.normal(size=(batch, m, d)).astype("float32")
+    key = rng.normal(size=(batch, n, d)).astype("float32")
+    value = rng.normal(size=(batch, n, 10)).astype("float32")
+    query_mask, key_mask = random_mask(rng, batch, m, 1), random_mask(rng, batch, n, 1)
+    layer = layers.NormalizedLinearAttention(
+        num_heads, key_dim=5, value_dim=4, output_dim=6 if use_output_projection else None,
+        use_output_projection=use_output_projection, feature_map=feature_map,
+        focusing_factor=focusing_factor)
+    layer(query, key, value)
+    randomize(layer, seed=num_heads)  # Hedgehog's W, b too: not the identity any more
+    out = np_(layer(query, key, value, query_mask=query_mask, key_mask=key_mask))
+    ref = np_linear_attention(layer, query, key, value, query_mask, key_mask)
+    assert out.shape == ref.shape
+    assert relative_error(out, ref) <= 1e-5
+
+
+@pytest.mark.jax
+def test_hedgehog_starts_as_the_exp_map_and_folds_its_weights():
+    layer = layers.NormalizedLinearAttention(2, 3, feature_map="hedgehog")
+    query = np.random.default_rng(0).normal(size=(1, 4, 6)).astype("float32")
+    layer(query, query)
+    w = named_weights(layer)
+    for side in ("query", "key"):
+        np.testing.assert_array_equal(w[f"{side}_feature_kernel"], np.stack([np.eye(3)] * 2))
+        np.testing.assert_array_equal(w[f"{side}_feature_bias"], np.zeros((2, 3)))
+    no_bias = layers.NormalizedLinearAttention(2, 3, feature_map="hedgehog", use_bias=False)
+    no_bias(query, query)
+    randomize(no_bias)
+    assert sorted(k for k in named_weights(no_bias) if "feature" in k) == [
+        "key_feature_kernel", "query_feature_kernel"]
+    mask = np.ones((1, 4), bool)
+    assert relative_error(np_(no_bias(query, query)), np_linear_attention(
+        no_bias, query, query, query, mask, mask)) <= 1e-5
+
+
+@pytest.mark.jax
+def test_hedgehog_is_exact_where_an_unshifted_exp_overflows_float32():
+    # Hedgehog's u of up to ~200 in size: exp overflows float32 beyond 88 (not float64).
+    # The scales keep every feature <= 1 and cancel, so the output equals the formula.
+    rng = np.random.default_rng(4)
+    query = rng.normal(size=(2, 5, 8)).astype("float32")
+    key = rng.normal(size=(2, 9, 8)).astype("float32")
+    query_mask, key_mask = random_mask(rng, 2, 5, 1), random_mask(rng, 2, 9, 2)
+    layer = layers.NormalizedLinearAttention(2, 4, feature_map="hedgehog",
+                                             use_output_projection=False)
+    layer(query, key)
+    randomize(layer, seed=4, scale=3.0)
+    assert np.abs(np_phi(layer, "key", key)).max() > 1e38  # float32 max is 3.4e38
+    out = np_(layer(query, key, query_mask=query_mask, key_mask=key_mask))
+    ref = np_linear_attention(layer, query, key, key, query_mask, key_mask)
+    assert np.isfinite(out).all()
+    assert relative_error(out, ref) <= 1e-4
+
+
+@pytest.mark.jax
+@pytest.mark.parametrize("feature_map, focusing_factor", NEW_MAPS)
+def test_padded_keys_and_their_values_change_nothing(feature_map, focusing_factor):
+    rng = np.random.default_rng(1)
+    query = rng.normal(size=(2, 5, 8)).astype("float32")
+    key = rng.normal(size=(2, 6, 8)).astype("float32")
+    mask = np.array([[1] * 6, [1] * 4 + [0] * 2], bool)
+    layer = layers.NormalizedLinearAttention(2, 4, feature_map=feature_map,
+                                             focusing_factor=focusing_factor)
+    layer(query, key)
+    randomize(layer, seed=2, scale=0.5)
+    base = np_(layer(query, key, key_mask=mask))
+    # Append padded keys and store huge values at every padded position: exp(1e4) would
+    # overflow, and a padded key must neither set Hedgehog's shift nor reach a sum.
+    longer = np.concatenate([key, rng.normal(size=(2, 3, 8)).astype("float32")], axis=1)
+    longer[1, 4:] = rng.normal(size=(5, 8)) * 1e4
+    longer_mask = np.concatenate([mask, np.zeros((2, 3), bool)], axis=1)
+    np.testing.assert_allclose(np_(layer(query, longer, key_mask=longer_mask)), base,
+                               atol=1e-6)
+
+
+@pytest.mark.jax
+@pytest.mark.parametrize("feature_map, focusing_factor", NEW_MAPS)
+def test_rows_without_a_valid_key_are_finite_zeros(feature_map, focusing_factor):
+    layer = layers.NormalizedLinearAttention(2, 4, feature_map=feature_map,
+                                             focusing_factor=focusing_factor,
+                                             use_output_projection=False)
+    query = np.random.default_rng(3).normal(size=(2, 3, 8)).astype("float32")
+    layer(query, query)
+    randomize(layer, seed=3, scale=40.0)  # Hedgehog: its scaled epsilon underflows to 0
+    for key in (query * 100, np.ones((2, 0, 8), "float32")):
+        out = np_(layer(query, key, key_mask=np.zeros(key.shape[:2], bool)))
+        np.testing.assert_array_equal(out, np.zeros((2, 3, 8)))
+
+
+@pytest.mark.parametrize("feature_map, focusing_factor", NEW_MAPS)
+def test_gradients_are_finite_with_padding_and_zero_features(feature_map, focusing_factor):
+    # TensorFlow only (tf.GradientTape). relu(x) = 0 for a whole head puts the focused
+    # map's norms at 0, where a plain sqrt has an infinite gradient.
+    import tensorflow as tf
+
+    rng = np.random.default_rng(6)
+    query = rng.normal(size=(2, 4, 8)).astype("float32")
+    query[0] = 0.0  # zero projections (no bias below): relu(x) = 0 in every head
+    key = rng.normal(size=(2, 5, 8)).astype("float32") * 30
+    key_mask = np.array([[1, 1, 0, 0, 0], [0] * 5], bool)
+    layer = layers.NormalizedLinearAttention(2, 4, feature_map=feature_map,
+                                             focusing_factor=focusing_factor, use_bias=False)
+    layer(query, key)
+    query, key = tf.constant(query), tf.constant(key)
+    with tf.GradientTape() as tape:
+        tape.watch([query, key])
+        loss = tf.reduce_sum(layer(query, key, key_mask=key_mask) ** 2)
+    gradients = tape.gradient(loss, [query, key, *layer.trainable_variables])
+    for gradient in gradients:
+        assert np.isfinite(np_(gradient)).all()
+
+
+@pytest.mark.parametrize("feature_map", [*feature_maps.FEATURE_MAPS])
+def test_no_m_by_n_tensor_in_the_graph(feature_map):
+    # TensorFlow only: every op of the traced call, with m = 13 and n = 17 known, has no
+    # output holding both: the cost stays O(m + n), whatever the map.
+    import tensorflow as tf
+
+    m, n = 13, 17
+    layer = layers.NormalizedLinearAttention(2, 4, feature_map=feature_map)
+    query, key = np.ones((2, m, 8), "float32"), np.ones((2, n, 8), "float32")
+    layer(query, key)
+    graph = tf.function(lambda q, k, mask: layer(q, k, key_mask=mask)).get_concrete_function(
+        tf.TensorSpec((2, m, 8)), tf.TensorSpec((2, n, 8)), tf.TensorSpec((2, n), tf.bool)
+    ).graph
+    shapes = [output.shape for op in graph.get_operations() for output in op.outputs
+              if output.shape.rank is not None]
+    assert shapes and not any(m in shape.as_list() and n in shape.as_list()
+                              for shape in shapes)
+
+
+@pytest.mark.parametrize("feature_map, focusing_factor", NEW_MAPS)
+def test_xla_compiled_call_matches(feature_map, focusing_factor):
+    # TensorFlow only: `ifa-export --jit_compile` serves the model through XLA.
+    import tensorflow as tf
+
+    rng = np.random.default_rng(12)
+    query = rng.normal(size=(2, 5, 8)).astype("float32")
+    key = rng.normal(size=(2, 9, 8)).astype("float32")
+    key_mask = random_mask(rng, 2, 9, 0)
+    layer = layers.NormalizedLinearAttention(2, 4, feature_map=feature_map,
+                                             focusing_factor=focusing_factor)
+    layer(query, key)
+    randomize(layer, seed=12)
+    compiled = tf.function(lambda q, k, mask: layer(q, k, key_mask=mask), jit_compile=True)
+    np.testing.assert_allclose(np_(compiled(query, key, key_mask)),
+                               np_(layer(query, key, key_mask=key_mask)), atol=1e-5)
+
+
+def test_mixed_precision_keeps_a_float32_normaliser():
+    rng = np.random.default_rng(9)
+    query = (rng.normal(size=(1, 4, 8)) * 3).astype("float32")
+    key = (rng.normal(size=(1, 5000, 8)) * 3).astype("float32")  # sums overflow float16
+    for feature_map in ("focused", "hedgehog"):
+        exact = layers.NormalizedLinearAttention(2, 4, feature_map=feature_map)
+        exact(query, key)
+        randomize(exact, scale=0.5)
+        mixed = layers.NormalizedLinearAttention(2, 4, feature_map=feature_map,
+                                                 dtype="mixed_float16")
+        mixed(query, key)
+        mixed.set_weights(exact.get_weights())
+        out = mixed(query, key)
+        assert keras.backend.standardize_dtype(out.dtype) == "float16"
+        assert np.isfinite(np_(out)).all()
+        # float16 projections carry ~1e-3 relative error, which the sharper maps amplify
+        # (relu^3, exp): compared at the output's scale.
+        assert relative_error(np_(out), np_(exact(query, key))) <= 2e-2
+
+
+@pytest.mark.jax
+@pytest.mark.parametrize("feature_map, focusing_factor", NEW_MAPS)
+def test_config_and_keras_file_round_trip(feature_map, focusing_factor, tmp_path):
+    rng = np.random.default_rng(7)
+    query = rng.normal(size=(2, 3, 8)).astype("float32")
+    key = rng.normal(size=(2, 5, 8)).astype("float32")
+    layer = layers.NormalizedLinearAttention(2, 4, feature_map=feature_map,
+                                             focusing_factor=focusing_factor, epsilon=1e-4)
+    config = layer.get_config()
+    assert (config["feature_map"], config["focusing_factor"]) == (feature_map, focusing_factor)
+    inputs = [keras.Input((None, 8)), keras.Input((None, 8))]
+    model = keras.Model(inputs, layer(*inputs))
+    randomize(layer, seed=7)
+    expected = np_(model([query, key]))
+    restored = layers.NormalizedLinearAttention.from_config(config)
+    restored(query, key)
+    restored.set_weights(layer.get_weights())
+    np.testing.assert_allclose(np_(restored(query, key)), expected, atol=1e-6)
+    model.save(tmp_path / "attention.keras")
+    loaded = keras.saving.load_model(tmp_path / "attention.keras")
+    np.testing.assert_allclose(np_(loaded([query, key])), expected, atol=1e-6)
+
+
+@pytest.mark.jax
+def test_bad_feature_map_arguments_name_the_argument_and_value():
+    with pytest.raises(ValueError, match="feature_map='exp'"):
+        layers.NormalizedLinearAttention(2, 4, feature_map="exp")
+    for bad in (0.5, 0, -3, "3", True, math.nan, math.inf):
+        with pytest.raises(ValueError, match=f"focusing_factor={bad!r}"):
+            layers.NormalizedLinearAttention(2, 4, feature_map="focused", focusing_factor=bad)
+    with pytest.raises(ValueError, match="no effect on feature_map='relu'.*focusing_factor=2"):
+        layers.NormalizedLinearAttention(2, 4, feature_map="relu", focusing_factor=2)
+    with pytest.raises(ValueError, match="focusing_factor=0"):
+        layers.CandidateSelfAttention(2, 4, feature_map="focused", focusing_factor=0)
+
+
+# ------------------------------------------------------------------------- the zoo options
+def zoo_model(name, **overrides):
+    from ifa_tf import zoo
+    from ifa_tf.schema import FeatureSchema
+
+    keras.utils.set_random_seed(1)
+    schema = FeatureSchema(embedding_buckets={"user_id": 40, "item_id": 64, "category_id": 8,
+                                              "author_id": 16})
+    return zoo.build(name, schema=schema, embedding_dim=4, tower_units=[8], **overrides)
+
+
+def zoo_batch(seed=0, batch=2, n=9, m=4):
+    rng = np.random.default_rng(seed)
+    features = {"user_id": rng.integers(1, 1000, batch)}
+    for attribute, high in (("item_id", 500), ("category_id", 4), ("author_id", 9)):
+        features["seq_" + attribute] = rng.integers(1, high, (batch, n))
+        features["cand_" + attribute] = rng.integers(1, high, (batch, m))
+    features["seq_action"] = rng.integers(0, 8, (batch, n))
+    features["seq_time_delta"] = rng.integers(0, 10**7, (batch, n))
+    for name in ("cand_cross_author_count", "cand_cross_category_count"):
+        features[name] = rng.integers(0, 20, (batch, m))
+    features["seq_item_id"][1, 5:] = 0
+    features["cand_item_id"][1, 3:] = 0
+    return features
+
+
+def test_zoo_passes_the_new_maps_and_focusing_factor_to_fsm_and_ram(tmp_path):
+    from ifa_tf import zoo
+
+    assert "focusing_factor" in zoo.valid_overrides("ifa")
+    assert "focusing_factor" in zoo.valid_overrides("ifa_no_ram")
+    # The default stays elu+1 until a comparison says otherwise (issue 15).
+    assert zoo_model("ifa").get_layer("interest").feature_map == "elu_plus_one"
+    features = zoo_batch()
+    for name, overrides in (("ifa", {"feature_map": "focused", "focusing_factor": 2}),
+                            ("ifa", {"feature_map": "hedgehog"}),
+                            ("ifa_no_ram", {"feature_map": "focused"})):
+        model = zoo_model(name, **overrides)
+        attentions = [model.get_layer("interest")._attention]
+        if name == "ifa":
+            attentions.append(model.get_layer("candidate_self_attention"))
+        for attention in attentions:
+            assert attention.feature_map == overrides["feature_map"]
+            assert attention.focusing_factor == overrides.get("focusing_factor")
+        assert model.get_config()["focusing_factor"] == overrides.get("focusing_factor")
+        for attention in attentions:  # saved weights, not the identity start
+            for variable in attention.weights:
+                if "feature" in variable.path:
+                    variable.assign(np.random.default_rng(0).normal(
+                        scale=0.3, size=variable.shape).astype("float32"))
+        base = {k: np_(v) for k, v in model(features).items()}
+        assert np.isfinite(base["score"]).all()
+        model.save(tmp_path / f"{name}.keras")
+        restored = keras.saving.load_model(tmp_path / f"{name}.keras")
+        assert (restored.get_layer("interest").get_config()["focusing_factor"]
+                == overrides.get("focusing_factor"))
+        for task, probabilities in restored(features).items():
+            np.testing.assert_allclose(np_(probabilities), base[task], atol=1e-7)
+
+
+def test_zoo_rejects_bad_feature_map_options_by_name():
+    with pytest.raises(ValueError, match="focusing_factor=0.5"):
+        zoo_model("ifa", feature_map="focused", focusing_factor=0.5)
+    with pytest.raises(ValueError, match="no effect on feature_map='relu'"):
+        zoo_model("ifa_no_ram", feature_map="relu", focusing_factor=2)
+    with pytest.raises(ValueError, match="feature_map='tanh'"):
+        zoo_model("ifa_no_ram", feature_map="tanh")
+
+
+# ------------------------------------------------------------------------- the diagnostic
+@pytest.mark.jax
+@pytest.mark.parametrize("feature_map, focusing_factor",
+                         [("elu_plus_one", None), ("relu", None), *NEW_MAPS])
+def test_attention_weights_are_the_weights_the_layer_applies(feature_map, focusing_factor):
+    rng = np.random.default_rng(8)
+    query = rng.normal(size=(2, 5, 8)).astype("float32")
+    key = rng.normal(size=(2, 9, 8)).astype("float32")
+    query_mask, key_mask = random_mask(rng, 2, 5, 1), random_mask(rng, 2, 9, 1)
+    layer = layers.NormalizedLinearAttention(2, 4, value_dim=3, feature_map=feature_map,
+                                             focusing_factor=focusing_factor,
+                                             use_output_projection=False)
+    with pytest.raises(ValueError, match="call the layer once"):
+        layer.attention_weights(query, key)
+    layer(query, key)
+    randomize(layer, seed=8)
+    weights = np_(layer.attention_weights(query, key, query_mask=query_mask,
+                                          key_mask=key_mask))
+    assert weights.shape == (2, 2, 5, 9)
+    if feature_map in ("focused", "hedgehog"):
+        ref = np_attention_weights(layer, query, key, query_mask, key_mask)
+        np.testing.assert_allclose(weights, ref, rtol=1e-5, atol=1e-7)
+    assert (weights[~np.broadcast_to(key_mask[:, None, None, :], weights.shape)] == 0).all()
+    assert (weights[~np.broadcast_to(query_mask[:, None, :, None], weights.shape)] == 0).all()
+    w = named_weights(layer)
+    values = np.tensordot(key, w["value/kernel"], axes=([-1], [0])) + w["value/bias"]
+    applied = np.einsum("bhmn,bnhv->bmhv", weights, values).reshape(2, 5, 6)
+    out = np_(layer(query, key, query_mask=query_mask, key_mask=key_mask))
+    np.testing.assert_allclose(applied, out, rtol=1e-5, atol=1e-6)
+
+
+def np_concentration(weights, key_mask, top_fraction):
+    """Entropy and top share of every row, one row at a time, by the definitions."""
+    entropy, top_share = np.full(weights.shape[:-1], np.nan), np.full(weights.shape[:-1],
+                                                                      np.nan)
+    for index in np.ndindex(*weights.shape[:-1]):
+        row = weights[index][key_mask[index]]
+        if row.size == 0 or row.sum() == 0:
+            continue
+        p = row / row.sum()
+        entropy[index] = -sum(x * math.log(x) for x in p if x > 0)
+        top = max(1, math.ceil(round(top_fraction * row.size, 9)))
+        top_share[index] = sum(sorted(p, reverse=True)[:top])
+    return entropy, top_share
+
+
+@pytest.mark.jax
+def test_attention_concentration_by_hand_and_against_its_definition():
+    weights = np.array([[[0.25, 0.25, 0.25, 0.25, 9.0, 9.0],  # uniform over 4 valid
+                         [0.0, 0.0, 0.7, 0.0, 0.0, 0.0],  # one event
+                         [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]]])  # a padded query
+    key_mask = np.array([[1, 1, 1, 1, 0, 0]], bool)
+    got = diagnostics.attention_concentration(weights, key_mask, top_fraction=0.5)
+    np.testing.assert_allclose(got["entropy"][0, :2], [math.log(4), 0.0])
+    np.testing.assert_allclose(got["top_share"][0, :2], [0.5, 1.0])
+    assert np.isnan(got["entropy"][0, 2]) and np.isnan(got["top_share"][0, 2])
+    np.testing.assert_array_equal(got["num_events"], [[4, 4, 4]])
+
+    rng = np.random.default_rng(0)
+    weights = rng.random((3, 2, 4, 300)) ** 8  # [B, heads, m, n], a few large weights
+    key_mask = random_mask(rng, 3, 300, 0)
+    key_mask[0] = True
+    key_mask[1, 250:] = False
+    for top_fraction in (0.01, 0.1, 1.0):
+        got = diagnostics.attention_concentration(weights, key_mask, top_fraction)
+        entropy, top_share = np_concentration(
+            weights, np.broadcast_to(key_mask[:, None, None, :], weights.shape), top_fraction)
+        np.testing.assert_allclose(got["entropy"], entropy, rtol=1e-12)
+        np.testing.assert_allclose(got["top_share"], top_share, rtol=1e-12)
+    # 1% of 300 events is 3, not 4 (0.01 * 300 is 3.0000000000000004 in floating point).
+    top3 = np.sort(weights[0, 0, 0])[-3:].sum() / weights[0, 0, 0].sum()
+    np.testing.assert_allclose(
+        diagnostics.attention_concentration(weights, key_mask)["top_share"][0, 0, 0], top3)
+    with pytest.raises(ValueError, match="top_fraction=0"):
+        diagnostics.attention_concentration(weights, key_mask, top_fraction=0)
+    with pytest.raises(ValueError, match="non-negative"):
+        diagnostics.attention_concentration(-weights, key_mask)
+
+
+@pytest.mark.jax
+def test_focused_weights_grow_more_concentrated_with_p():
+    # The point of the map (FLatten's "focus"): on the same projections, a larger p
+    # gives lower entropy and more weight on the top events than relu (p = 1).
+    rng = np.random.default_rng(10)
+    query = rng.normal(size=(1, 8, 16)).astype("float32")
+    key = rng.normal(size=(1, 400, 16)).astype("float32")
+    results = {}
+    for p in (1, 3, 6):
+        layer = layers.NormalizedLinearAttention(2, 8, feature_map="focused",
+                                                 focusing_factor=p)
+        layer(query, key)
+        randomize(layer, seed=10, scale=0.5)
+        concentration = diagnostics.attention_concentration(
+            np_(layer.attention_weights(query, key)))
+        results[p] = (np.nanmean(concentration["entropy"]),
+                      np.nanmean(concentration["top_share"]))
+    assert results[1][0] > results[3][0] > results[6][0]
+    assert results[1][1] < results[3][1] < results[6][1]
