@@ -10,7 +10,7 @@ from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb
                                      prediction_service_pb2_grpc)
 
 from ifa_tf.serving import errors
-from ifa_tf.serving.model_manager import to_ndarray
+from ifa_tf.serving.model_manager import tensor_proto_spec, to_ndarray
 
 _LOG = logging.getLogger("ifa_serve")
 SIGNATURE_DEF_FIELD = "signature_def"
@@ -27,10 +27,13 @@ def model_spec_request(model_spec):
 
 
 def predict(manager, request):
-    """Answers a `PredictRequest` (raises `ServingError`)."""
+    """Answers a `PredictRequest` (raises `ServingError`). The inputs' declared shapes pass
+    the limits before any of them is materialised."""
     name, version, label = model_spec_request(request.model_spec)
     servable = manager.resolve(name, version, label)
     signature = servable.signature(request.model_spec.signature_name)
+    declared = {key: tensor_proto_spec(proto, key) for key, proto in request.inputs.items()}
+    signature.check_inputs(declared, manager.limits)
     inputs = {key: to_ndarray(proto, key) for key, proto in request.inputs.items()}
     outputs = signature.run(inputs, request.output_filter, manager.limits)
     response = predict_pb2.PredictResponse()

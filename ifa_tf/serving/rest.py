@@ -45,9 +45,11 @@ def handle_predict(manager, name, version, label, body):
     signature = servable.signature(payload.get("signature_name"))
     row_format = "instances" in payload
     if row_format:
-        inputs = _columns_from_instances(payload["instances"], signature)
+        columns = _columns_from_instances(payload["instances"], signature)
     else:
-        inputs = _columns_from_inputs(payload["inputs"], signature)
+        columns = _columns_from_inputs(payload["inputs"], signature)
+    signature.check_inputs(_declared(columns, signature), manager.limits)
+    inputs = {key: _to_array(value, key, signature) for key, value in columns.items()}
     outputs = signature.run(inputs, (), manager.limits)
     if row_format:
         batch = next(iter(outputs.values())).shape[0] if outputs else 0
@@ -92,11 +94,42 @@ def _fill_model_spec(model_spec, name, version, label):
         model_spec.version_label = label
 
 
+def _declared(columns, signature):
+    """`{name: (dtype, shape)}` of JSON columns for `Signature.check_inputs`: the signature's
+    dtype (JSON numbers carry none; `_to_array` checks the values) and the shape of the nested
+    lists, read without building an array."""
+    return {key: (np.dtype(signature.inputs[key][0].as_numpy_dtype), _json_shape(value, key))
+            for key, value in columns.items()}
+
+
+def _json_shape(value, key):
+    """The shape of nested JSON lists, refused when ragged; visits every list but no leaf."""
+    shape = []
+    probe = value
+    while isinstance(probe, list):
+        shape.append(len(probe))
+        if not probe:
+            break
+        probe = probe[0]
+    level = [value]
+    for depth, size in enumerate(shape):
+        for item in level:
+            if not isinstance(item, list) or len(item) != size:
+                raise errors.invalid_argument(
+                    f"Input {key}: nested lists of unequal lengths (expected {size} "
+                    f"elements at depth {depth}, the length of the first list there)")
+        if depth + 1 < len(shape):
+            level = [child for item in level for child in item]
+    return tuple(shape)
+
+
 def _to_array(value, key, signature):
+    """A JSON column as an array of its input's dtype (call it once `_declared` passed the
+    limits)."""
     dtype, _ = signature.inputs[key]
     try:
         array = np.asarray(value)
-    except ValueError as error:  # NumPy 2 refuses ragged nested lists outright
+    except ValueError as error:  # a list where a number belongs (NumPy 2 refuses it)
         raise errors.invalid_argument(f"Input {key}: nested lists of unequal lengths "
                                       f"({error})") from error
     if array.dtype == object:
@@ -122,7 +155,7 @@ def _columns_from_inputs(inputs, signature):
         raise errors.invalid_argument(
             f"input size does not match signature: {len(inputs)}!={len(signature.inputs)} "
             f"Sent extra: {{{','.join(unknown)}}}.")
-    return {key: _to_array(value, key, signature) for key, value in inputs.items()}
+    return inputs
 
 
 def _columns_from_instances(instances, signature):
@@ -145,8 +178,7 @@ def _columns_from_instances(instances, signature):
         raise errors.invalid_argument(
             f"input size does not match signature: {len(keys)}!={len(signature.inputs)} "
             f"Sent extra: {{{','.join(unknown)}}}.")
-    return {key: _to_array([instance[key] for instance in instances], key, signature)
-            for key in keys}
+    return {key: [instance[key] for instance in instances] for key in keys}
 
 
 class InFlight:

@@ -33,6 +33,10 @@ class ServerOptions:
     max_batch_size: int = 0
     max_candidates: int = 100_000
     max_sequence_length: int = 100_000
+    # B·m and B·n: IFA's activations take about 2 KB per candidate and 0.35 KB per sequence
+    # event on CPU, so a request at both bounds stays under about 1 GB (serving/README.md).
+    max_total_candidates: int = 200_000
+    max_total_sequence_length: int = 1_000_000
     max_num_load_retries: int = 5
     shutdown_grace_seconds: float = 30.0
     monitoring_config_file: str = ""
@@ -51,6 +55,7 @@ class ServerOptions:
                 raise ValueError(f"--{field} must be positive. "
                                  f"Received: {field}={getattr(self, field)}")
         for field in ("max_batch_size", "max_candidates", "max_sequence_length",
+                      "max_total_candidates", "max_total_sequence_length",
                       "file_system_poll_wait_seconds"):
             if getattr(self, field) < 0:
                 raise ValueError(f"--{field} must be >= 0 (0: no limit / poll once). "
@@ -62,7 +67,8 @@ class ServerOptions:
         return [ModelConfig(self.model_name, self.model_base_path)]
 
     def limits(self):
-        return Limits(self.max_batch_size, self.max_candidates, self.max_sequence_length)
+        return Limits(self.max_batch_size, self.max_candidates, self.max_sequence_length,
+                      self.max_total_candidates, self.max_total_sequence_length)
 
 
 class ModelServer:
