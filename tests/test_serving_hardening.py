@@ -1,11 +1,15 @@
 """`ifa-serve` against hostile requests (issue 12): every declared shape is checked before
 anything is materialised, B·m and B·n are bounded by default and the server's peak memory
-stays within the bound `serving/README.md` documents. Servers listen on loopback only."""
+stays within the bound `serving/README.md` documents, and REST ids beyond int64 are refused.
+Servers listen on loopback only."""
 
+import json
 import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 
 import grpc
 import numpy as np
@@ -200,6 +204,36 @@ def test_grpc_values_must_fill_the_declared_shape(server, values):
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert (f"Input cand_item_id: malformed TensorProto: tensor_shape [1, 4] holds 4 values "
             f"but {len(values)} were sent in int64_val") in raised.value.details()
+
+
+@pytest.mark.parametrize("key, ids, value", [
+    ("cand_item_id", [2**64 - 1, 7, 7, 7], "18446744073709551615"),
+    ("cand_item_id", [3, 2**64 - 1, 7, 7], "18446744073709551615"),
+    ("cand_item_id", [2**63, 7, 7, 7], "9223372036854775808"),
+    ("cand_item_id", [-2**63 - 1, 7, 7, 7], "-9223372036854775809"),
+    ("user_id", [2**64 - 1], "18446744073709551615"),
+], ids=["2^64-1", "mixed with small ids", "2^63", "below -2^63", "user id 2^64-1"])
+def test_rest_ids_beyond_int64_are_refused(server, key, ids, value):
+    body = {name: array.tolist() for name, array in make_features(1, 4, 6, seed=0).items()}
+    body[key] = ids if SCHEMA.rank(key) == 1 else [ids]
+    status, answer = rest(server, "/v1/models/ifa:predict", {"inputs": body})
+    assert status == 400, answer
+    assert answer["error"] == (
+        f"Input {key} expects int64 values; received {value}, outside the range "
+        f"[-9223372036854775808, 9223372036854775807]")
+
+
+def test_rest_id_of_5000_digits_is_refused(server):
+    """Python's JSON parser refuses integers of over 4300 digits with a plain ValueError."""
+    body = {name: array.tolist() for name, array in make_features(1, 4, 6, seed=0).items()}
+    del body["user_id"]
+    data = json.dumps({"inputs": body})[:-2] + ', "user_id": [' + "9" * 5000 + "]}}"
+    request = urllib.request.Request(f"http://{server.rest_target}/v1/models/ifa:predict",
+                                     data=data.encode())
+    with pytest.raises(urllib.error.HTTPError) as raised:
+        urllib.request.urlopen(request, timeout=30)
+    assert raised.value.code == 400
+    assert json.loads(raised.value.read())["error"].startswith("JSON Parse error: Exceeds the")
 
 
 # ---------------------------------------------------------------------- the shared check

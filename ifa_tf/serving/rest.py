@@ -33,7 +33,7 @@ def handle_predict(manager, name, version, label, body):
     """Answers a REST predict body (bytes); returns the JSON-ready response dict."""
     try:
         payload = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except ValueError as error:  # JSONDecodeError, bad UTF-8, an integer of over 4300 digits
         raise errors.invalid_argument(f"JSON Parse error: {error}") from error
     if not isinstance(payload, dict):
         raise errors.invalid_argument("JSON Value: the request body must be a JSON object")
@@ -125,22 +125,37 @@ def _json_shape(value, key):
 
 def _to_array(value, key, signature):
     """A JSON column as an array of its input's dtype (call it once `_declared` passed the
-    limits)."""
+    limits). An integer outside the dtype's range is refused, not wrapped."""
     dtype, _ = signature.inputs[key]
     try:
         array = np.asarray(value)
     except ValueError as error:  # a list where a number belongs (NumPy 2 refuses it)
         raise errors.invalid_argument(f"Input {key}: nested lists of unequal lengths "
                                       f"({error})") from error
-    if array.dtype == object:
-        raise errors.invalid_argument(f"Input {key}: nested lists of unequal lengths")
-    if array.size and dtype.is_integer and array.dtype.kind not in "iu":
-        raise errors.invalid_argument(
-            f"Input {key} expects {dtype.name} values; received JSON values of NumPy kind "
-            f"{array.dtype.name}")
+    if array.size and dtype.is_integer:
+        bounds = np.iinfo(dtype.as_numpy_dtype)
+        # NumPy infers uint64, float64 or object for integers beyond int64: look for the value.
+        if array.dtype.kind not in "iu" or array.min() < bounds.min or array.max() > bounds.max:
+            raise errors.invalid_argument(
+                f"Input {key} expects {dtype.name} values; received "
+                f"{_first_outside(value, bounds)}")
     if array.size and dtype.is_floating and array.dtype.kind not in "iuf":
         raise errors.invalid_argument(f"Input {key} expects {dtype.name} values")
     return array.astype(dtype.as_numpy_dtype)
+
+
+def _first_outside(value, bounds):
+    """Describes the first leaf of nested lists that is not an integer within `bounds`."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, list):
+            pending.extend(reversed(item))
+        elif isinstance(item, bool) or not isinstance(item, int):
+            text = json.dumps(item)
+            return f"{text if len(text) <= 32 else text[:29] + '...'}, not an integer"
+        elif not bounds.min <= item <= bounds.max:
+            return f"{item}, outside the range [{bounds.min}, {bounds.max}]"
 
 
 def _columns_from_inputs(inputs, signature):
