@@ -1,12 +1,13 @@
 """`ifa-serve` against hostile requests (issue 12): every declared shape is checked before
 anything is materialised, B·m and B·n are bounded by default and the server's peak memory
-stays within the bound `serving/README.md` documents, and REST ids beyond int64 are refused.
-Servers listen on loopback only."""
+stays within the bound `serving/README.md` documents, REST ids beyond int64 are refused, and
+a call whose client is gone runs no model. Servers listen on loopback only."""
 
 import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -20,9 +21,10 @@ from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
 from ifa_tf import export
-from ifa_tf.serving import errors
-from ifa_tf.serving.model_manager import Limits, Signature, tensor_proto_spec, to_ndarray
-from ifa_tf.serving.server import ServerOptions
+from ifa_tf.serving import errors, grpc_service
+from ifa_tf.serving.model_manager import (Limits, ModelManager, Signature,
+                                          tensor_proto_spec, to_ndarray)
+from ifa_tf.serving.server import ModelServer, ServerOptions
 from test_serving import (REPO, SCHEMA, build_model, free_port, make_features,
                           predict_request, rest)
 
@@ -300,3 +302,67 @@ def test_server_bounds_the_totals_by_default():
         200_000, 1_000_000)
     with pytest.raises(ValueError, match="--max_total_candidates must be >= 0"):
         ServerOptions(model_base_path="/m", max_total_candidates=-1)
+
+
+# ------------------------------------------------------------------ deadlines and cancels
+@pytest.mark.parametrize("ending, code", [("deadline", grpc.StatusCode.DEADLINE_EXCEEDED),
+                                          ("cancel", grpc.StatusCode.CANCELLED)])
+def test_no_model_runs_for_a_call_that_ended_before_it(model_base, monkeypatch, ending, code):
+    """The call ends (deadline or client cancel) while the server resolves its model: the
+    server must not start the model for it, and records the call's status. (gRPC itself
+    never hands the servicer a call that ended while it waited for a worker thread.)"""
+    server = ModelServer(ServerOptions(model_name="ifa", model_base_path=str(model_base),
+                                       port=0, file_system_poll_wait_seconds=0))
+    contexts, runs = [], []
+    resolving, release = threading.Event(), threading.Event()
+    original_predict = grpc_service.PredictionServicer.Predict
+    original_resolve = ModelManager.resolve
+    original_run = Signature.run
+
+    def predict_keeping_the_call(self, request, context):
+        contexts.append(context)
+        return original_predict(self, request, context)
+
+    def ended(context):
+        # The client's own timer may cancel the stream a little before the server's deadline.
+        return not context.is_active() and (ending == "cancel" or not context.time_remaining())
+
+    def resolve_once_the_call_ended(self, *args, **kwargs):
+        resolving.set()
+        release.wait(30)
+        gone_by = time.monotonic() + 10
+        while not ended(contexts[-1]) and time.monotonic() < gone_by:
+            time.sleep(0.01)
+        return original_resolve(self, *args, **kwargs)
+
+    def counted_run(self, *args, **kwargs):
+        runs.append(self.name)
+        return original_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(grpc_service.PredictionServicer, "Predict", predict_keeping_the_call)
+    server.start()
+    monkeypatch.setattr(ModelManager, "resolve", resolve_once_the_call_ended)
+    monkeypatch.setattr(Signature, "run", counted_run)
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}")
+    try:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        if ending == "deadline":
+            with pytest.raises(grpc.RpcError) as raised:
+                stub.Predict(small_request(), timeout=2)
+            assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert resolving.is_set()
+        else:
+            call = stub.Predict.future(small_request(), timeout=60)
+            assert resolving.wait(30)
+            call.cancel()
+        release.set()
+        series = f':tensorflow:serving:request_count{{model_name="ifa",status="{code.name}"}} 1'
+        recorded_by = time.monotonic() + 30
+        while series not in server.metrics.render() and time.monotonic() < recorded_by:
+            time.sleep(0.05)
+        assert runs == []
+        assert series in server.metrics.render()
+    finally:
+        release.set()
+        channel.close()
+        server.stop()
