@@ -40,7 +40,7 @@ def define_flags(flag_values=flags.FLAGS):
                        flag_values=f)
     flags.DEFINE_integer("grpc_max_threads", 16, "Threads answering gRPC calls concurrently.",
                          flag_values=f)
-    flags.DEFINE_integer("max_request_bytes", 256 * 1024 * 1024,
+    flags.DEFINE_integer("max_request_bytes", 64 * 1024 * 1024,
                          "Largest gRPC message / REST body accepted (RESOURCE_EXHAUSTED beyond).",
                          flag_values=f)
     flags.DEFINE_integer("max_batch_size", 0, "Most users per request; 0: no limit.",
@@ -49,6 +49,12 @@ def define_flags(flag_values=flags.FLAGS):
                          flag_values=f)
     flags.DEFINE_integer("max_sequence_length", 100_000,
                          "Longest behaviour sequence n per request; 0: no limit.", flag_values=f)
+    flags.DEFINE_integer("max_total_candidates", 200_000,
+                         "Most candidates B·m over all users of a request (a user without "
+                         "candidates counts as one); 0: no limit.", flag_values=f)
+    flags.DEFINE_integer("max_total_sequence_length", 1_000_000,
+                         "Most sequence events B·n over all users of a request (a user without "
+                         "events counts as one); 0: no limit.", flag_values=f)
     flags.DEFINE_integer("max_num_load_retries", 5,
                          "Retries of a version that fails to load; then it waits until its "
                          "directory changes.", flag_values=f)

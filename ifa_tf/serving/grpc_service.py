@@ -10,7 +10,7 @@ from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb
                                      prediction_service_pb2_grpc)
 
 from ifa_tf.serving import errors
-from ifa_tf.serving.model_manager import to_ndarray
+from ifa_tf.serving.model_manager import tensor_proto_spec, to_ndarray
 
 _LOG = logging.getLogger("ifa_serve")
 SIGNATURE_DEF_FIELD = "signature_def"
@@ -26,12 +26,23 @@ def model_spec_request(model_spec):
     return model_spec.name, version, label
 
 
-def predict(manager, request):
-    """Answers a `PredictRequest` (raises `ServingError`)."""
+def predict(manager, request, context=None):
+    """Answers a `PredictRequest` (raises `ServingError`).
+
+    The inputs' declared shapes pass the limits before any of them is materialised. With
+    `context`, the gRPC call, a call that has ended (deadline passed, or cancelled) by the time
+    the model would start is answered DEADLINE_EXCEEDED or CANCELLED without running it: the
+    model is one TensorFlow call that cannot be stopped once started. (gRPC itself drops a
+    call that ends while it waits for a worker thread.)
+    """
     name, version, label = model_spec_request(request.model_spec)
     servable = manager.resolve(name, version, label)
     signature = servable.signature(request.model_spec.signature_name)
+    declared = {key: tensor_proto_spec(proto, key) for key, proto in request.inputs.items()}
+    signature.check_inputs(declared, manager.limits)
     inputs = {key: to_ndarray(proto, key) for key, proto in request.inputs.items()}
+    if context is not None:
+        _check_call_active(context)
     outputs = signature.run(inputs, request.output_filter, manager.limits)
     response = predict_pb2.PredictResponse()
     response.model_spec.name = name
@@ -75,14 +86,25 @@ def get_model_status(manager, request):
     return response
 
 
-def _unary(method, api=None):
+def _check_call_active(context):
+    """Raises DEADLINE_EXCEEDED or CANCELLED once the gRPC call has ended."""
+    if context.time_remaining() <= 0:
+        raise errors.ServingError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+    if not context.is_active():
+        raise errors.ServingError(grpc.StatusCode.CANCELLED, "Cancelled")
+
+
+def _unary(method, api=None, with_context=False):
     """Turns `ServingError` into the call's status, anything else into INTERNAL; counts and
-    times the calls of `api` in the servicer's metrics."""
+    times the calls of `api` in the servicer's metrics. `with_context`: `method` also takes
+    the call's context."""
 
     def handler(self, request, context):
         began = time.perf_counter()
         status = grpc.StatusCode.OK
         try:
+            if with_context:
+                return method(self.manager, request, context)
             return method(self.manager, request)
         except errors.ServingError as error:
             status = error.code
@@ -108,7 +130,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         self.manager = manager
         self.metrics = metrics
 
-    Predict = _unary(predict, api="Predict")
+    Predict = _unary(predict, api="Predict", with_context=True)
     GetModelMetadata = _unary(get_model_metadata)
 
 

@@ -18,6 +18,7 @@ still for one poll.
 import dataclasses
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -99,11 +100,21 @@ def read_model_config_file(path):
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
-    """Request limits; 0 means unlimited."""
+    """Request limits; 0 means unlimited.
+
+    `max_batch_size`, `max_candidates` and `max_sequence_length` bound B, m and n one by one.
+    `max_total_candidates` bounds B·m and `max_total_sequence_length` B·n, what one request
+    holds over all its users, so that no request shape can take the machine's memory; a user
+    with m = 0 (n = 0) counts as one, so they bound B too. An input that is none of `user_*`
+    [B], `cand_*` [B, m], `seq_*` [B, n] (an ifa_tf export has none) may hold at most the
+    larger of the two totals.
+    """
 
     max_batch_size: int = 0
     max_candidates: int = 0
     max_sequence_length: int = 0
+    max_total_candidates: int = 0
+    max_total_sequence_length: int = 0
 
 
 class Signature:
@@ -121,7 +132,7 @@ class Signature:
 
     def run(self, inputs, output_filter=(), limits=Limits()):
         """Checks `inputs` (name -> np.ndarray) and runs; returns name -> np.ndarray."""
-        self._check_inputs(inputs, limits)
+        self.check_inputs({k: (v.dtype, v.shape) for k, v in inputs.items()}, limits)
         wanted = list(output_filter) or self.outputs
         for alias in wanted:
             if alias not in self.outputs:
@@ -138,8 +149,11 @@ class Signature:
                                       _op_error_message(error)) from error
         return {alias: outputs[alias].numpy() for alias in wanted}
 
-    def _check_inputs(self, inputs, limits):
-        sent, required = set(inputs), set(self.inputs)
+    def check_inputs(self, declared, limits):
+        """Checks a request's inputs as it declares them, `{name: (NumPy dtype, shape)}`, so
+        that both protocols can refuse one before materialising anything: names, dtypes,
+        ranks, and the B / m / n limits (INVALID_ARGUMENT)."""
+        sent, required = set(declared), set(self.inputs)
         if sent != required:
             raise errors.invalid_argument(
                 f"input size does not match signature: {len(sent)}!={len(required)} "
@@ -148,40 +162,74 @@ class Signature:
                 f"Missing but required: {{{','.join(sorted(required - sent))}}}.")
         for index, key in enumerate(sorted(self.inputs)):
             dtype, rank = self.inputs[key]
-            value = inputs[key]
-            if value.dtype != dtype.as_numpy_dtype:
+            sent_dtype, shape = declared[key]
+            if sent_dtype != dtype.as_numpy_dtype:
                 raise errors.invalid_argument(
                     f"Expects arg[{index}] ({key}) to be {_type_name(dtype)} but "
-                    f"{_type_name(value.dtype)} is provided")
-            if rank is not None and value.ndim != rank:
+                    f"{_type_name(sent_dtype)} is provided")
+            if rank is not None and len(shape) != rank:
                 raise errors.invalid_argument(
-                    f"Input {key} must have rank {rank}; received shape {list(value.shape)}")
-        _check_dimensions(inputs, limits)
+                    f"Input {key} must have rank {rank}; received shape {list(shape)}")
+        _check_dimensions({key: shape for key, (_, shape) in declared.items()}, limits)
 
 
-def _check_dimensions(inputs, limits):
-    """One batch size, one m, one n, each within the limits (clear INVALID_ARGUMENT)."""
-    axes = {"batch size": {}, "candidate count m": {}, "sequence length n": {}}
-    for key, value in inputs.items():
-        if value.ndim >= 1:
-            axes["batch size"][key] = value.shape[0]
-        if value.ndim == 2 and key.startswith(schema_lib.CANDIDATE_PREFIX):
-            axes["candidate count m"][key] = value.shape[1]
-        if value.ndim == 2 and key.startswith(schema_lib.SEQUENCE_PREFIX):
-            axes["sequence length n"][key] = value.shape[1]
+def _check_dimensions(shapes, limits):
+    """One batch size B, one m, one n, each within its limit, and B·m, B·n within theirs
+    (INVALID_ARGUMENT naming the input or the limit). `shapes`: name -> dims, all >= 0."""
     caps = {"batch size": ("max_batch_size", limits.max_batch_size),
             "candidate count m": ("max_candidates", limits.max_candidates),
             "sequence length n": ("max_sequence_length", limits.max_sequence_length)}
+    axes = {axis: {} for axis in caps}
+    for key, shape in sorted(shapes.items()):
+        named = _named_axes(key, shape)
+        for axis, size in named.items():
+            flag, cap = caps[axis]
+            if cap and size > cap:
+                raise errors.invalid_argument(
+                    f"Input {key}: {axis} {size} exceeds this server's limit --{flag}={cap}.")
+            axes[axis][key] = size
+        if len(shape) > len(named):
+            _check_unnamed_input(key, shape, limits)
     for axis, sizes in axes.items():
         if len(set(sizes.values())) > 1:
             listed = ", ".join(f"{k}={v}" for k, v in sorted(sizes.items()))
             raise errors.invalid_argument(
                 f"Inconsistent {axis} across inputs: {listed}; all must agree.")
-        flag, cap = caps[axis]
-        size = next(iter(sizes.values()), 0)
-        if cap and size > cap:
+    batch = next(iter(axes["batch size"].values()), 0)
+    for axis, letter, noun, flag, cap in (
+            ("candidate count m", "m", "candidates", "max_total_candidates",
+             limits.max_total_candidates),
+            ("sequence length n", "n", "sequence events", "max_total_sequence_length",
+             limits.max_total_sequence_length)):
+        size = next(iter(axes[axis].values()), 0)
+        total = batch * max(size, 1)
+        if cap and total > cap:
             raise errors.invalid_argument(
-                f"Request {axis} {size} exceeds this server's limit --{flag}={cap}.")
+                f"Request of batch size {batch} and {axis} {size} holds B·max({letter}, 1) = "
+                f"{total} {noun}, over this server's limit --{flag}={cap}.")
+
+
+def _named_axes(key, shape):
+    """`{axis: size}` of an input's B, m and n axes: dim 0 is B, dim 1 of a rank-2 `cand_*`
+    input m and of a `seq_*` input n."""
+    named = {"batch size": shape[0]} if shape else {}
+    if len(shape) == 2 and key.startswith(schema_lib.CANDIDATE_PREFIX):
+        named["candidate count m"] = shape[1]
+    if len(shape) == 2 and key.startswith(schema_lib.SEQUENCE_PREFIX):
+        named["sequence length n"] = shape[1]
+    return named
+
+
+def _check_unnamed_input(key, shape, limits):
+    """Bounds an input with axes besides B, m and n by its size alone, so that the totals
+    bound every signature's memory, not only an ifa_tf export's."""
+    cap = max(limits.max_total_candidates, limits.max_total_sequence_length)
+    size = math.prod(shape)
+    if cap and size > cap:
+        raise errors.invalid_argument(
+            f"Input {key} of shape {list(shape)} holds {size} values, over this server's limit "
+            f"of {cap} per input (the larger of --max_total_candidates and "
+            f"--max_total_sequence_length).")
 
 
 def _type_name(dtype):
@@ -446,8 +494,64 @@ class ModelManager:
         return labels[label]
 
 
+# The TensorProto field that carries each dtype's values, and how many make one element
+# (tensor.proto).
+_VALUE_FIELDS = {
+    types_pb2.DT_FLOAT: ("float_val", 1), types_pb2.DT_DOUBLE: ("double_val", 1),
+    types_pb2.DT_HALF: ("half_val", 1), types_pb2.DT_BFLOAT16: ("half_val", 1),
+    types_pb2.DT_INT8: ("int_val", 1), types_pb2.DT_INT16: ("int_val", 1),
+    types_pb2.DT_INT32: ("int_val", 1), types_pb2.DT_UINT8: ("int_val", 1),
+    types_pb2.DT_UINT16: ("int_val", 1), types_pb2.DT_INT64: ("int64_val", 1),
+    types_pb2.DT_UINT32: ("uint32_val", 1), types_pb2.DT_UINT64: ("uint64_val", 1),
+    types_pb2.DT_BOOL: ("bool_val", 1), types_pb2.DT_STRING: ("string_val", 1),
+    types_pb2.DT_COMPLEX64: ("scomplex_val", 2), types_pb2.DT_COMPLEX128: ("dcomplex_val", 2),
+}
+
+
+def tensor_proto_spec(tensor_proto, key):
+    """`(NumPy dtype, shape)` a request `TensorProto` declares, checked against the values it
+    carries without reading them (INVALID_ARGUMENT naming the input otherwise): a known dtype
+    and rank, dims >= 0, and as many values as elements, in `tensor_content` or the dtype's
+    `*_val` field, or one value that fills the tensor (TF Serving's broadcast). The shape
+    still needs `Signature.check_inputs` before `to_ndarray` may materialise it."""
+    shape = tuple(dim.size for dim in tensor_proto.tensor_shape.dim)
+    field = _VALUE_FIELDS.get(tensor_proto.dtype)
+    if field is None:
+        known = tensor_proto.dtype in types_pb2.DataType.values()
+        raise errors.invalid_argument(
+            f"Input {key}: malformed TensorProto: dtype "
+            f"{types_pb2.DataType.Name(tensor_proto.dtype) if known else tensor_proto.dtype} "
+            f"cannot be sent in a request")
+    if tensor_proto.tensor_shape.unknown_rank:
+        raise errors.invalid_argument(f"Input {key}: malformed TensorProto: unknown rank")
+    negative = [index for index, size in enumerate(shape) if size < 0]
+    if negative:
+        raise errors.invalid_argument(
+            f"Input {key}: malformed TensorProto: dimension {negative[0]} of tensor_shape "
+            f"{list(shape)} is negative")
+    dtype = tf.dtypes.as_dtype(tensor_proto.dtype)
+    elements = math.prod(shape)
+    if tensor_proto.tensor_content:
+        expected = elements * dtype.size
+        if len(tensor_proto.tensor_content) != expected:
+            raise errors.invalid_argument(
+                f"Input {key}: malformed TensorProto: tensor_shape {list(shape)} of "
+                f"{_type_name(dtype)} needs {expected} bytes of tensor_content; received "
+                f"{len(tensor_proto.tensor_content)}")
+        return np.dtype(dtype.as_numpy_dtype), shape
+    name, per_element = field
+    values = len(getattr(tensor_proto, name)) // per_element
+    if values != elements and not (values == 1 and elements > 0):
+        raise errors.invalid_argument(
+            f"Input {key}: malformed TensorProto: tensor_shape {list(shape)} holds {elements} "
+            f"values but {values} were sent in {name} (send all of them, or one to fill the "
+            f"tensor)")
+    return np.dtype(dtype.as_numpy_dtype), shape
+
+
 def to_ndarray(tensor_proto, key):
-    """A request `TensorProto` as NumPy, INVALID_ARGUMENT when it is malformed."""
+    """A request `TensorProto` as NumPy, INVALID_ARGUMENT when it is malformed. It
+    materialises every declared element: check `tensor_proto_spec`'s shape first."""
     try:
         return np.asarray(tf.make_ndarray(tensor_proto))
     except Exception as error:  # make_ndarray raises several types for malformed protos

@@ -39,7 +39,7 @@ def handle_predict(manager, name, version, label, body):
     """Answers a REST predict body (bytes); returns the JSON-ready response dict."""
     try:
         payload = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except ValueError as error:  # JSONDecodeError, bad UTF-8, an integer of over 4300 digits
         raise errors.invalid_argument(f"JSON Parse error: {error}") from error
     if not isinstance(payload, dict):
         raise errors.invalid_argument("JSON Value: the request body must be a JSON object")
@@ -51,9 +51,11 @@ def handle_predict(manager, name, version, label, body):
     signature = servable.signature(payload.get("signature_name"))
     row_format = "instances" in payload
     if row_format:
-        inputs = _columns_from_instances(payload["instances"], signature)
+        columns = _columns_from_instances(payload["instances"], signature)
     else:
-        inputs = _columns_from_inputs(payload["inputs"], signature)
+        columns = _columns_from_inputs(payload["inputs"], signature)
+    signature.check_inputs(_declared(columns, signature), manager.limits)
+    inputs = {key: _to_array(value, key, signature) for key, value in columns.items()}
     outputs = signature.run(inputs, (), manager.limits)
     if row_format:
         batch = next(iter(outputs.values())).shape[0] if outputs else 0
@@ -98,22 +100,68 @@ def _fill_model_spec(model_spec, name, version, label):
         model_spec.version_label = label
 
 
+def _declared(columns, signature):
+    """`{name: (dtype, shape)}` of JSON columns for `Signature.check_inputs`: the signature's
+    dtype (JSON numbers carry none; `_to_array` checks the values) and the shape of the nested
+    lists, read without building an array."""
+    return {key: (np.dtype(signature.inputs[key][0].as_numpy_dtype), _json_shape(value, key))
+            for key, value in columns.items()}
+
+
+def _json_shape(value, key):
+    """The shape of nested JSON lists, refused when ragged; visits every list but no leaf."""
+    shape = []
+    probe = value
+    while isinstance(probe, list):
+        shape.append(len(probe))
+        if not probe:
+            break
+        probe = probe[0]
+    level = [value]
+    for depth, size in enumerate(shape):
+        for item in level:
+            if not isinstance(item, list) or len(item) != size:
+                raise errors.invalid_argument(
+                    f"Input {key}: nested lists of unequal lengths (expected {size} "
+                    f"elements at depth {depth}, the length of the first list there)")
+        if depth + 1 < len(shape):
+            level = [child for item in level for child in item]
+    return tuple(shape)
+
+
 def _to_array(value, key, signature):
+    """A JSON column as an array of its input's dtype (call it once `_declared` passed the
+    limits). An integer outside the dtype's range is refused, not wrapped."""
     dtype, _ = signature.inputs[key]
     try:
         array = np.asarray(value)
-    except ValueError as error:  # NumPy 2 refuses ragged nested lists outright
+    except ValueError as error:  # a list where a number belongs (NumPy 2 refuses it)
         raise errors.invalid_argument(f"Input {key}: nested lists of unequal lengths "
                                       f"({error})") from error
-    if array.dtype == object:
-        raise errors.invalid_argument(f"Input {key}: nested lists of unequal lengths")
-    if array.size and dtype.is_integer and array.dtype.kind not in "iu":
-        raise errors.invalid_argument(
-            f"Input {key} expects {dtype.name} values; received JSON values of NumPy kind "
-            f"{array.dtype.name}")
+    if array.size and dtype.is_integer:
+        bounds = np.iinfo(dtype.as_numpy_dtype)
+        # NumPy infers uint64, float64 or object for integers beyond int64: look for the value.
+        if array.dtype.kind not in "iu" or array.min() < bounds.min or array.max() > bounds.max:
+            raise errors.invalid_argument(
+                f"Input {key} expects {dtype.name} values; received "
+                f"{_first_outside(value, bounds)}")
     if array.size and dtype.is_floating and array.dtype.kind not in "iuf":
         raise errors.invalid_argument(f"Input {key} expects {dtype.name} values")
     return array.astype(dtype.as_numpy_dtype)
+
+
+def _first_outside(value, bounds):
+    """Describes the first leaf of nested lists that is not an integer within `bounds`."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, list):
+            pending.extend(reversed(item))
+        elif isinstance(item, bool) or not isinstance(item, int):
+            text = json.dumps(item)
+            return f"{text if len(text) <= 32 else text[:29] + '...'}, not an integer"
+        elif not bounds.min <= item <= bounds.max:
+            return f"{item}, outside the range [{bounds.min}, {bounds.max}]"
 
 
 def _columns_from_inputs(inputs, signature):
@@ -128,7 +176,7 @@ def _columns_from_inputs(inputs, signature):
         raise errors.invalid_argument(
             f"input size does not match signature: {len(inputs)}!={len(signature.inputs)} "
             f"Sent extra: {{{','.join(unknown)}}}.")
-    return {key: _to_array(value, key, signature) for key, value in inputs.items()}
+    return inputs
 
 
 def _columns_from_instances(instances, signature):
@@ -151,8 +199,7 @@ def _columns_from_instances(instances, signature):
         raise errors.invalid_argument(
             f"input size does not match signature: {len(keys)}!={len(signature.inputs)} "
             f"Sent extra: {{{','.join(unknown)}}}.")
-    return {key: _to_array([instance[key] for instance in instances], key, signature)
-            for key in keys}
+    return {key: [instance[key] for instance in instances] for key in keys}
 
 
 class InFlight:

@@ -29,10 +29,14 @@ class ServerOptions:
     model_config_file: str = ""
     file_system_poll_wait_seconds: float = 1.0
     grpc_max_threads: int = 16
-    max_request_bytes: int = 256 * 1024 * 1024
+    max_request_bytes: int = 64 * 1024 * 1024  # parsing costs up to ~25x: ~1.6 GB
     max_batch_size: int = 0
     max_candidates: int = 100_000
     max_sequence_length: int = 100_000
+    # B·m and B·n: IFA's activations take about 2 KB per candidate and 0.35 KB per sequence
+    # event on CPU, so a request at both bounds stays under about 1 GB (serving/README.md).
+    max_total_candidates: int = 200_000
+    max_total_sequence_length: int = 1_000_000
     max_num_load_retries: int = 5
     load_retry_interval_micros: int = 60_000_000  # the longest wait between retries
     rest_read_timeout_seconds: float = 60.0
@@ -53,6 +57,7 @@ class ServerOptions:
                 raise ValueError(f"--{field} must be positive. "
                                  f"Received: {field}={getattr(self, field)}")
         for field in ("max_batch_size", "max_candidates", "max_sequence_length",
+                      "max_total_candidates", "max_total_sequence_length",
                       "file_system_poll_wait_seconds", "max_num_load_retries",
                       "load_retry_interval_micros"):
             if getattr(self, field) < 0:
@@ -68,7 +73,8 @@ class ServerOptions:
         return [ModelConfig(self.model_name, self.model_base_path)]
 
     def limits(self):
-        return Limits(self.max_batch_size, self.max_candidates, self.max_sequence_length)
+        return Limits(self.max_batch_size, self.max_candidates, self.max_sequence_length,
+                      self.max_total_candidates, self.max_total_sequence_length)
 
 
 class ModelServer:
