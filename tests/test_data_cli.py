@@ -8,7 +8,7 @@ import pytest
 from absl import app, flags
 
 from ifa_tf.cli import data as cli
-from ifa_tf.data import records
+from ifa_tf.data import records, simulator
 
 
 def _flags(*argv):
@@ -29,6 +29,31 @@ def test_synthetic_flags_reach_the_simulator(tmp_path):
             generator["max_candidates"], generator["num_items"]) == (9, 6, 40, 12, 300)
     assert metadata["splits"]["train"]["max_seq_len"] <= 40
     assert os.path.exists(tmp_path / "train-00001-of-00002.tfrecord")
+
+
+def test_synthetic_preset_and_the_flags_given_over_it(tmp_path):
+    flag_values = _flags(f"--output_dir={tmp_path}", "--preset=lifelong", "--num_requests=3",
+                         "--max_seq_len=300", "--truth_samples=4", "--num_shards=1",
+                         "--compression=none")
+    assert cli.synthetic_config(flag_values) == simulator.lifelong_config(
+        num_requests=3, max_seq_len=300, truth_samples=4)
+    metadata = cli.run_command("synthetic", flag_values)
+    generator = metadata["generator"]
+    # The preset's values, not the flags' defaults (max_candidates=200, max_seq_len=1000).
+    assert (generator["truth"], generator["max_candidates"], generator["max_seq_len"],
+            generator["num_requests"]) == ("counts", 40, 300, 3)
+    assert metadata["splits"]["train"]["ceiling_ladder"]["k"] == 100
+
+
+def test_presets_belong_to_their_command(tmp_path):
+    with pytest.raises(app.UsageError, match="--preset=lifelong does not apply to "
+                                             "`ifa-data from-log`"):
+        cli.run_command("from-log", _flags(f"--output_dir={tmp_path}", "--preset=lifelong",
+                                           "--input=x"))
+    with pytest.raises(app.UsageError, match="--preset=movielens_100k does not apply to "
+                                             "`ifa-data synthetic`"):
+        cli.run_command("synthetic", _flags(f"--output_dir={tmp_path}",
+                                            "--preset=movielens_100k"))
 
 
 def test_from_log_flags_reach_the_converter(tmp_path):

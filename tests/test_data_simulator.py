@@ -2,6 +2,7 @@
 (set-level impressions, long-range and cross-category ground truth) measured."""
 
 import os
+import time
 
 import numpy as np
 import pytest
@@ -195,6 +196,7 @@ def test_auc_matches_pairwise_definition():
     ("retrieval_mix", (0.5, 0.5, 0.5), "retrieval_mix="),
     ("num_categories", 3, "num_categories=3"),
     ("test_fraction", 1.0, "test_fraction=1.0"),
+    ("truth", "share", "truth=.share."),
 ])
 def test_config_rejects_bad_values(field, value, message):
     with pytest.raises(ValueError, match=message):
@@ -204,3 +206,108 @@ def test_config_rejects_bad_values(field, value, message):
 def test_config_from_dict_rejects_unknown_keys():
     with pytest.raises(ValueError, match="num_request"):
         simulator.SimulatorConfig.from_dict({"num_request": 3})
+
+
+# A lifelong world shrunk to test size: n in the hundreds, k = 20.
+TINY_LIFELONG = simulator.lifelong_config(
+    num_requests=60, seed=3, median_seq_len=200, min_seq_len=50, max_seq_len=400,
+    max_candidates=30, min_candidates=20, num_items=1500, num_authors=150, num_topics=16,
+    num_categories=12, truth_samples=16, test_fraction=0.5, ladder_k=20)
+
+
+def test_ceiling_ladder_is_in_the_metadata_in_a_sensible_order(tmp_path):
+    metadata = simulator.write_synthetic(str(tmp_path), TINY_LIFELONG, num_shards=1)
+    for split in ("train", "test"):
+        ladder = simulator.read_ceiling_ladder(str(tmp_path), split)
+        assert ladder == metadata["splits"][split]["ceiling_ladder"]
+        assert ladder["k"] == 20
+        assert [rung["name"] for rung in ladder["rungs"]] == list(simulator.LADDER_RUNGS)
+        assert ladder["rungs"][1]["history"] == "last 20 events (din)"
+        aucs = {rung["name"]: rung["truth_auc"] for rung in ladder["rungs"]}
+        for task in ("click", "long_view", "like"):
+            # The full rung is the ground truth itself.
+            assert aucs["full"][task] == pytest.approx(
+                metadata["splits"][split]["truth_auc"][task], abs=1e-4)
+        for rung in ("last_k", "category_last_k", "topic_top_k"):
+            assert aucs["full"]["click"] > aucs[rung]["click"] > aucs["none"]["click"], rung
+            assert (np.mean([aucs["full"][t] for t in ("click", "long_view", "like")])
+                    > np.mean([aucs[rung][t] for t in ("click", "long_view", "like")]))
+    table = simulator.format_ceiling_ladder(ladder, tasks=["click"]).splitlines()
+    assert table[0] == "| ceiling ladder: truth recomputed from | click |"
+    assert table[2] == f"| whole history (the ground truth) | {aucs['full']['click']:.4f} |"
+    assert table[-1] == f"| no history | {aucs['none']['click']:.4f} |"
+
+
+def test_read_ceiling_ladder_of_unknown_split_or_converted_log():
+    with pytest.raises(ValueError, match="split='valid'"):
+        simulator.read_ceiling_ladder({"splits": {"train": {}}}, "valid")
+    assert simulator.read_ceiling_ladder({"splits": {"test": {"num_requests": 3}}}) is None
+
+
+def _hand_built_request(sim, items, candidates):
+    n = len(items)
+    return {"seq_item_id": np.asarray(items, np.int64),
+            "seq_action": np.arange(n, dtype=np.int64) % 8,
+            "seq_time_delta": (60 + 86_400 * np.arange(n)[::-1]).astype(np.int64),
+            "cand_item_id": np.asarray(candidates, np.int64),
+            "truth_impression": np.linspace(0.2, 0.9, len(candidates)).astype(np.float32)}
+
+
+@pytest.mark.parametrize("truth", simulator.TRUTHS)
+def test_a_rung_that_holds_every_event_is_the_full_truth(truth):
+    """Fewer than k events, all in the first candidate's category and topic: every
+    restricted rung of that candidate is exactly its full truth; the second candidate, of
+    another category and topic, sees nothing through those rungs: the no-history truth."""
+    sim = simulator.Simulator(simulator.SimulatorConfig(**{**TINY_LIFELONG.to_dict(),
+                                                           "truth": truth}))
+    first = int(np.flatnonzero(~sim.is_signal[1:])[0]) + 1
+    alike = np.flatnonzero((sim.item_category == sim.item_category[first])
+                           & (sim.item_topic == sim.item_topic[first]))
+    other = int(np.flatnonzero((sim.item_category != sim.item_category[first])
+                               & (sim.item_topic != sim.item_topic[first]))[0])
+    items = alike[np.arange(15) % len(alike)]
+    ladder = sim.ceiling_ladder(_hand_built_request(sim, items, [first, other]))
+    for task in ("click", "long_view", "like"):
+        for rung in ("last_k", "category_last_k", "topic_top_k"):
+            assert ladder[rung][task][0] == ladder["full"][task][0], (rung, task)
+        for rung in ("category_last_k", "topic_top_k"):
+            assert ladder[rung][task][1] == ladder["none"][task][1], (rung, task)
+        assert ladder["none"][task][0] != ladder["full"][task][0]
+
+
+def test_counts_truth_needs_only_the_events_that_match_the_candidate():
+    """The counts truth sums over matching events: with more than k events, of which fewer
+    than k (and old ones) share the candidate's topic and none is a signal event, the topic
+    rung is exact while the last k events miss the old ones."""
+    sim = simulator.Simulator(TINY_LIFELONG)
+    candidate = int(np.flatnonzero(~sim.is_signal[1:])[0]) + 1
+    topic = sim.item_topic == sim.item_topic[candidate]
+    same_topic = np.flatnonzero(topic & ~sim.is_signal)[:10]
+    elsewhere = np.flatnonzero(~topic & ~sim.is_signal & (sim.item_topic > 0))
+    items = np.concatenate([same_topic, elsewhere[np.arange(60) % 40]])
+    assert len(items) > 3 * TINY_LIFELONG.ladder_k
+    ladder = sim.ceiling_ladder(_hand_built_request(sim, items, [candidate]))
+    for task in ("click", "long_view", "like"):
+        assert ladder["topic_top_k"][task][0] == pytest.approx(ladder["full"][task][0],
+                                                               rel=1e-12)
+        assert ladder["last_k"][task][0] < ladder["full"][task][0] - 1e-3
+
+
+def test_lifelong_preset_is_what_it_documents():
+    config = simulator.preset_config("lifelong")
+    assert config == simulator.lifelong_config()
+    assert (config.max_seq_len, config.truth, config.ladder_k) == (10_000, "counts", 100)
+    assert simulator.preset_config("lifelong", num_requests=7).num_requests == 7
+    sim = simulator.Simulator(config)
+    started = time.perf_counter()
+    requests = [sim.request(i) for i in range(24)]
+    ladders = [sim.ceiling_ladder(request) for request in requests]
+    elapsed = time.perf_counter() - started
+    lengths = [len(request["seq_item_id"]) for request in requests]
+    assert np.median(lengths) >= 1_000 and max(lengths) <= 10_000
+    assert max(lengths) > 2_000  # the heavy tail shows even in a small sample
+    # ~50 ms a request with its ladder: 5,000 requests in minutes; generous on a busy CPU.
+    assert elapsed < 30.0
+    assert all(set(ladder) == set(simulator.LADDER_RUNGS) for ladder in ladders)
+    with pytest.raises(ValueError, match="Unknown simulator preset 'lifelon'"):
+        simulator.preset_config("lifelon")

@@ -2,6 +2,7 @@
 
     ifa-data synthetic --output_dir=data/sim --num_requests=10000 --seed=0 \\
         --max_seq_len=1000 --max_candidates=200
+    ifa-data synthetic --preset=lifelong --output_dir=data/lifelong
     ifa-data from-log --input=log.csv --output_dir=data/log \\
         --columns=user,item,category,timestamp,action --actions=pv:click,fav:like
     ifa-data from-log --preset=movielens_100k --input=/tmp/ml-100k --output_dir=data/ml
@@ -21,6 +22,7 @@ from ifa_tf.data import log_converter, simulator
 
 COMMANDS = ("synthetic", "from-log")
 PRESETS = ("movielens_100k",)
+SYNTHETIC_PRESETS = tuple(simulator.PRESETS)
 
 _COMMON = ("output_dir", "seed", "max_seq_len", "max_candidates", "min_seq_len",
            "test_fraction", "num_shards", "compression")
@@ -30,7 +32,7 @@ _SYNTHETIC = {"num_requests": "num_requests", "median_seq_len": "median_seq_len"
               "num_categories": "num_categories", "num_topics": "num_topics",
               "num_authors": "num_authors", "impression_slots": "impression_slots",
               "category_cap": "category_cap", "truth_samples": "truth_samples"}
-_FROM_LOG = {"input": None, "preset": None, "columns": "columns", "delimiter": "delimiter",
+_FROM_LOG = {"input": None, "columns": "columns", "delimiter": "delimiter",
              "header": "header", "actions": "actions", "window_seconds": "window_seconds",
              "num_negatives": "num_negatives", "skip_bad_rows": "skip_bad_rows"}
 
@@ -70,8 +72,10 @@ def define_flags(flag_values=flags.FLAGS):
     # from-log
     flags.DEFINE_string("input", None, "from-log: the log file (with --preset: the "
                         "directory of its files).", flag_values=f)
-    flags.DEFINE_enum("preset", None, list(PRESETS), "from-log: a known log layout.",
-                      flag_values=f)
+    flags.DEFINE_enum("preset", None, [*PRESETS, *SYNTHETIC_PRESETS],
+                      f"from-log: a known log layout ({', '.join(PRESETS)}); synthetic: a "
+                      f"named SimulatorConfig ({', '.join(SYNTHETIC_PRESETS)}) that the "
+                      "flags given override.", flag_values=f)
     flags.DEFINE_list("columns", None, "from-log: role of each column: user, item, category, "
                       "timestamp, action, or _ to ignore.", flag_values=f)
     flags.DEFINE_string("delimiter", ",", "from-log: field separator; 'tab' or '\\t' for "
@@ -89,13 +93,17 @@ def define_flags(flag_values=flags.FLAGS):
 
 
 def synthetic_config(flag_values):
-    """The `SimulatorConfig` the flags describe (unset flags keep the config defaults)."""
-    overrides = {field: flag_values[name].value for name, field in _SYNTHETIC.items()
-                 if flag_values[name].value is not None}
-    for name in ("seed", "max_seq_len", "max_candidates", "min_seq_len", "test_fraction"):
-        if flag_values[name].value is not None:
-            overrides[name] = flag_values[name].value
-    return simulator.SimulatorConfig(**overrides)
+    """The `SimulatorConfig` the flags describe (unset flags keep the config defaults, or
+    with --preset the preset's values: then only the flags given override)."""
+    preset = flag_values["preset"].value
+    names = {**_SYNTHETIC, **{name: name for name in ("seed", "max_seq_len", "max_candidates",
+                                                      "min_seq_len", "test_fraction")}}
+    overrides = {field: flag_values[name].value for name, field in names.items()
+                 if flag_values[name].value is not None
+                 and (preset is None or flag_values[name].present)}
+    if preset is None:
+        return simulator.SimulatorConfig(**overrides)
+    return simulator.preset_config(preset, **overrides)
 
 
 def log_config(flag_values):
@@ -123,6 +131,10 @@ def run_command(command, flag_values=flags.FLAGS):
     if misplaced:
         raise app.UsageError(f"Flags {['--' + n for n in misplaced]} do not apply to "
                              f"`ifa-data {command}`.")
+    presets = SYNTHETIC_PRESETS if command == "synthetic" else PRESETS
+    if flag_values["preset"].value not in (None, *presets):
+        raise app.UsageError(f"--preset={flag_values['preset'].value} does not apply to "
+                             f"`ifa-data {command}`; its presets: {list(presets)}.")
     output_dir = flag_values["output_dir"].value
     if not output_dir:
         raise app.UsageError("--output_dir is required.")
