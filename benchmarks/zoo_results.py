@@ -1,14 +1,20 @@
 """Trains every registered zoo model on the same data with the same budget and writes
 `zoo/RESULTS.md` (+ PNG plots): paper-style Table 2 (all models x tasks) and Table 3
-(ablations), mean +- std over seeds, the gap to the simulator's ground truth.
+(ablations), mean +- std over seeds, the simulator's ceiling ladder beside them, and AUC by
+sequence length (short to long users).
 
-    python benchmarks/zoo_results.py --work_dir=/tmp/zoo --movielens_dir=/tmp/ml-100k
+    python benchmarks/zoo_results.py --work_dir=/tmp/zoo --movielens_1m_dir=/tmp/ml-1m
 
-Datasets: the simulator (`ifa-data synthetic`, generated into `work_dir/sim`) and, when
-`--movielens_dir` is given, MovieLens-100K (`ifa-data from-log --preset=movielens_100k`).
-Every run is `ifa_tf.training.train_and_evaluate` with the config `zoo/<model>.yaml` plus the
-shared budget overrides below; its `metrics.json` is kept under `work_dir/runs`, so an
-interrupted benchmark resumes where it stopped. Whatever ordering comes out is reported.
+Datasets (`--datasets`): `lifelong` (`ifa-data synthetic --preset=lifelong`: sequences in
+the thousands, a truth that rewards reading all of them), `movielens_1m` (`ifa-data from-log
+--preset=movielens_1m`, the real log with the longest users), and the older `simulator`
+(the default simulator world) and `movielens_100k`. Every run is
+`ifa_tf.training.train_and_evaluate` with the config `zoo/<model>.yaml` plus the shared
+budget overrides below; its `metrics.json` is kept under `work_dir/runs`, so an interrupted
+benchmark resumes where it stopped. `--extra_run=label=model:key=value` adds a row that
+changes one setting of a model, e.g. `din_all=din:k=10000` (DIN's unit over every event,
+to separate the range a model reads from its attention unit). Whatever ordering comes out
+is reported.
 """
 
 import json
@@ -24,25 +30,57 @@ ABLATIONS = ("ifa", "twin_ram", "ifa_no_ram", "twin")  # paper Table 3, IFA firs
 ABLATION_NAMES = {"ifa": "IFA", "twin_ram": "IFA - FSM (twin_ram)",
                   "ifa_no_ram": "IFA - RAM (ifa_no_ram)", "twin": "IFA - FSM - RAM (twin)"}
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIMULATED = ("lifelong", "simulator")
+DATASETS = (*SIMULATED, "movielens_1m", "movielens_100k")
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("work_dir", "/tmp/ifa_zoo", "Data and per-run outputs.")
+flags.DEFINE_list("datasets", ["lifelong", "movielens_1m"],
+                  f"Datasets, from {list(DATASETS)}.")
+flags.DEFINE_string("movielens_1m_dir", None, "Directory of the MovieLens-1M files "
+                    "(fetch_movielens_1m.sh); needed for movielens_1m.")
 flags.DEFINE_string("movielens_dir", None, "Directory of the MovieLens-100K files "
-                    "(fetch_movielens_100k.sh); unset: simulator only.")
+                    "(fetch_movielens_100k.sh); needed for movielens_100k.")
 flags.DEFINE_string("output_dir", os.path.join(REPO, "zoo"), "Where RESULTS.md and plots go.")
 flags.DEFINE_list("models", None, "Models (default: every registered model).")
+flags.DEFINE_multi_string("extra_run", [], "An extra row label=model[:key=value[,key=value]] "
+                          "of model overrides, e.g. din_all=din:k=10000.")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds.")
-flags.DEFINE_integer("sim_requests", 12000, "Simulator requests (10% are the test split).")
-flags.DEFINE_integer("sim_max_seq_len", 400, "Simulator max n.")
-flags.DEFINE_integer("sim_max_candidates", 40, "Simulator max m.")
+flags.DEFINE_integer("lifelong_requests", None, "Requests of the lifelong preset (default: "
+                     "the preset's).")
+flags.DEFINE_integer("sim_requests", 12000, "Default-simulator requests (10% are the test "
+                     "split).")
+flags.DEFINE_integer("sim_max_seq_len", 400, "Default-simulator max n.")
+flags.DEFINE_integer("sim_max_candidates", 40, "Default-simulator max m.")
 flags.DEFINE_integer("sim_seed", 0, "Simulator world seed.")
-flags.DEFINE_integer("ml_max_seq_len", 400, "MovieLens max n.")
-flags.DEFINE_integer("ml_max_candidates", 60, "MovieLens max m.")
-flags.DEFINE_integer("epochs", 1, "Simulator training epochs (same for every model).")
-flags.DEFINE_integer("ml_epochs", 3, "MovieLens training epochs (same for every model).")
+flags.DEFINE_integer("ml_max_seq_len", 400, "MovieLens-100K max n.")
+flags.DEFINE_integer("ml_max_candidates", 60, "MovieLens-100K max m.")
+flags.DEFINE_integer("epochs", 1, "Training epochs on simulated data (same for every model).")
+flags.DEFINE_integer("ml_epochs", 3, "Training epochs on MovieLens (same for every model).")
 flags.DEFINE_integer("batch_size", 64, "Batch size (same for every model).")
-flags.DEFINE_integer("k", 20, "Sub-sequence length k of the sampling baselines.")
+flags.DEFINE_integer("k", 100, "Sub-sequence length k of the sampling baselines.")
+flags.DEFINE_string("length_reference", "twin", "The model whose AUC each model's is "
+                    "compared with per sequence-length group.")
 flags.DEFINE_multi_string("set", [], "Extra config overrides for every run.")
+
+
+def parse_extra_run(spec):
+    """`label=model[:key=value,...]` -> (label, model, [(model.key, value)])."""
+    import yaml
+
+    label, _, rest = spec.partition("=")
+    model, _, settings = rest.partition(":")
+    if not label or not model:
+        raise app.UsageError(f"--extra_run must be label=model[:key=value,...]. "
+                             f"Received: --extra_run={spec!r}")
+    overrides = []
+    for setting in filter(None, settings.split(",")):
+        key, equals, value = setting.partition("=")
+        if not equals:
+            raise app.UsageError(f"--extra_run settings are key=value. Received: {setting!r} "
+                                 f"in --extra_run={spec!r}")
+        overrides.append((f"model.{key}", yaml.safe_load(value)))
+    return label, model, overrides
 
 
 def budget_overrides(model_name, epochs):
@@ -57,29 +95,43 @@ def budget_overrides(model_name, epochs):
 
 
 def prepare_data():
-    """`{dataset: directory}` with the simulator (and MovieLens) TFRecords."""
+    """`{dataset: directory}` of the TFRecords of `--datasets` (written once)."""
     from ifa_tf.data import log_converter, simulator
 
-    datasets = {}
-    sim_dir = os.path.join(FLAGS.work_dir, "data", "simulator")
-    if not os.path.exists(os.path.join(sim_dir, "metadata.json")):
-        simulator.write_synthetic(sim_dir, simulator.SimulatorConfig(
+    unknown = sorted(set(FLAGS.datasets) - set(DATASETS))
+    if unknown:
+        raise app.UsageError(f"--datasets: unknown {unknown}; known: {list(DATASETS)}.")
+    writers = {
+        "lifelong": lambda path: simulator.write_synthetic(path, simulator.lifelong_config(
+            seed=FLAGS.sim_seed, **({"num_requests": FLAGS.lifelong_requests}
+                                    if FLAGS.lifelong_requests else {})), num_shards=4),
+        "simulator": lambda path: simulator.write_synthetic(path, simulator.SimulatorConfig(
             num_requests=FLAGS.sim_requests, seed=FLAGS.sim_seed,
             max_seq_len=FLAGS.sim_max_seq_len, max_candidates=FLAGS.sim_max_candidates),
-            num_shards=4)
-    datasets["simulator"] = sim_dir
-    if FLAGS.movielens_dir:
-        ml_dir = os.path.join(FLAGS.work_dir, "data", "movielens_100k")
-        if not os.path.exists(os.path.join(ml_dir, "metadata.json")):
-            log_converter.convert_movielens_100k(
-                FLAGS.movielens_dir, ml_dir, log_converter.LogConfig(
-                    max_seq_len=FLAGS.ml_max_seq_len, max_candidates=FLAGS.ml_max_candidates),
-                num_shards=4)
-        datasets["movielens_100k"] = ml_dir
+            num_shards=4),
+        "movielens_1m": lambda path: log_converter.convert_movielens_1m(
+            _required_dir("movielens_1m_dir"), path, num_shards=4),
+        "movielens_100k": lambda path: log_converter.convert_movielens_100k(
+            _required_dir("movielens_dir"), path, log_converter.LogConfig(
+                max_seq_len=FLAGS.ml_max_seq_len, max_candidates=FLAGS.ml_max_candidates),
+            num_shards=4),
+    }
+    datasets = {}
+    for dataset in FLAGS.datasets:
+        path = os.path.join(FLAGS.work_dir, "data", dataset)
+        if not os.path.exists(os.path.join(path, "metadata.json")):
+            writers[dataset](path)
+        datasets[dataset] = path
     return datasets
 
 
-def run_one(model_name, seed, data_dir, run_dir, epochs):
+def _required_dir(flag):
+    if not FLAGS[flag].value:
+        raise app.UsageError(f"--{flag} is needed for the datasets {list(FLAGS.datasets)}.")
+    return FLAGS[flag].value
+
+
+def run_one(model_name, seed, data_dir, run_dir, epochs, model_overrides=()):
     """Trains and evaluates one model/seed (or reads the finished run); returns metrics."""
     import keras
 
@@ -92,7 +144,7 @@ def run_one(model_name, seed, data_dir, run_dir, epochs):
     config = training.load_config(model_name, overrides=[
         ("data.train_data", os.path.join(data_dir, "train-*")),
         ("data.eval_data", os.path.join(data_dir, "test-*")),
-        ("train.seed", seed), *budget_overrides(model_name, epochs)])
+        ("train.seed", seed), *budget_overrides(model_name, epochs), *model_overrides])
     keras.backend.clear_session()
     return training.train_and_evaluate(config, run_dir)
 
@@ -182,28 +234,85 @@ def main(argv):
     from ifa_tf import zoo
     from ifa_tf.data import records
 
-    models = FLAGS.models or zoo.list_models()
+    runs = [(model, model, []) for model in FLAGS.models or zoo.list_models()]
+    runs += [parse_extra_run(spec) for spec in FLAGS.extra_run]
+    labels = [label for label, _, _ in runs]
     seeds = [int(s) for s in FLAGS.seeds]
     datasets = prepare_data()
     results, metadata = {}, {}
     for dataset, data_dir in datasets.items():
         metadata[dataset] = records.read_metadata(data_dir)
         results[dataset] = {}
-        for model in models:
-            results[dataset][model] = []
+        epochs = FLAGS.epochs if dataset in SIMULATED else FLAGS.ml_epochs
+        for label, model, overrides in runs:
+            results[dataset][label] = []
             for seed in seeds:
-                run_dir = os.path.join(FLAGS.work_dir, "runs", dataset, model, f"seed{seed}")
-                epochs = FLAGS.ml_epochs if dataset == "movielens_100k" else FLAGS.epochs
-                metrics = run_one(model, seed, data_dir, run_dir, epochs)
-                results[dataset][model].append(metrics)
-                print(f"{dataset} {model} seed={seed}: "
+                run_dir = os.path.join(FLAGS.work_dir, "runs", dataset, label, f"seed{seed}")
+                metrics = run_one(model, seed, data_dir, run_dir, epochs, overrides)
+                results[dataset][label].append(metrics)
+                print(f"{dataset} {label} seed={seed}: "
                       + " ".join(f"{t}={v['auc']:.4f}"
                                  for t, v in metrics["eval"]["tasks"].items())
                       + f" ({metrics['wall_time_s']:.0f}s)", flush=True)
-    write_report(results, metadata, models, seeds, time.time() - started)
+    write_report(results, metadata, labels, seeds, time.time() - started)
+
+
+def length_group_table(by_model, models, task, reference):
+    """Markdown: the task's AUC per sequence-length group (mean +- std over seeds), the
+    truth's, and each model's gain over `reference` per group."""
+    groups = by_model[models[0]][0]["eval"].get("by_sequence_length") or []
+    if not groups:
+        return [], None
+    heads = [f"n {g['min_length']:,}-{g['max_length']:,} ({g['num_requests']} requests)"
+             for g in groups]
+    per_model = {m: np.array([[g["tasks"][task]["auc"] for g in r["eval"]["by_sequence_length"]]
+                              for r in by_model[m]]) for m in models}
+    lines = [f"| Model ({task} AUC) | " + " | ".join(heads) + " |",
+             "|---" * (len(groups) + 1) + "|"]
+    for model in models:
+        values = per_model[model]
+        lines.append(f"| {model} | " + " | ".join(
+            f"{mean:.4f} ± {std:.4f}" for mean, std in zip(values.mean(0), values.std(0)))
+            + " |")
+    if "truth_auc" in groups[0]["tasks"][task]:
+        lines.append("| *ground truth* | " + " | ".join(
+            f"{g['tasks'][task]['truth_auc']:.4f}" for g in groups) + " |")
+    if reference in per_model:
+        base = per_model[reference].mean(0)
+        lines += ["", f"Gain over `{reference}` ({task} AUC points, mean over seeds):", "",
+                  "| Model | " + " | ".join(heads) + " |", "|---" * (len(groups) + 1) + "|"]
+        lines += [f"| {m} | " + " | ".join(f"{100 * (v - b):+.2f}" for v, b in
+                                          zip(per_model[m].mean(0), base)) + " |"
+                  for m in models if m != reference]
+    return lines, {"heads": heads, "auc": {m: per_model[m].mean(0) for m in models}}
+
+
+def plot_by_length(by_dataset, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(by_dataset), figsize=(7 * len(by_dataset), 4.5),
+                             squeeze=False)
+    for ax, (dataset, (task, groups)) in zip(axes[0], by_dataset.items()):
+        x = np.arange(len(groups["heads"]))
+        for model, values in groups["auc"].items():
+            ax.plot(x, values, marker="o", label=model)
+        ax.set_xticks(x)
+        ax.set_xticklabels([h.split(" (")[0] for h in groups["heads"]], fontsize=8)
+        ax.set_xlabel("test users by sequence length (equal-size groups)")
+        ax.set_ylabel(f"{task} AUC (mean over seeds)")
+        ax.set_title(dataset)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def write_report(results, metadata, models, seeds, wall_time):
+    from ifa_tf.data import format_ceiling_ladder, read_ceiling_ladder
+
     os.makedirs(FLAGS.output_dir, exist_ok=True)
     run_time = sum(r["wall_time_s"] for by_model in results.values()
                    for runs in by_model.values() for r in runs)
@@ -220,16 +329,19 @@ def write_report(results, metadata, models, seeds, wall_time):
         f"- Wall time: {wall_time / 60:.1f} min for this invocation (runs finished earlier "
         f"are read back from `work_dir`); the runs themselves took {run_time / 60:.1f} min "
         f"(CPU, {os.cpu_count()} cores)",
-        f"- Seeds: {seeds}; every model: {FLAGS.epochs} epoch(s) on the simulator, "
-        f"{FLAGS.ml_epochs} on MovieLens-100K, batch {FLAGS.batch_size}, "
+        f"- Seeds: {seeds}; every model: {FLAGS.epochs} epoch(s) on simulated data, "
+        f"{FLAGS.ml_epochs} on MovieLens, batch {FLAGS.batch_size}, "
         f"k = {FLAGS.k} for the sampling baselines, other settings from `zoo/<model>.yaml`"
         + (f", overrides {list(FLAGS.set)}" if FLAGS.set else "") + ".",
         "- Protocol `split`: train on the earlier requests (`train`), evaluate on the later "
         "ones (`test`). AUC over all valid candidates of the test requests (paper 5.1), "
         "mean ± std over seeds; bold = best mean per column.",
+        "- Ceiling ladder (simulated data): the truth AUC when the simulator's own truth is "
+        "recomputed from only the history each family of models reads; a yardstick, not a "
+        "strict bound (`ifa_tf.data.read_ceiling_ladder`).",
         "",
     ]
-    plots, wall = {}, {}
+    plots, wall, by_length = {}, {}, {}
     for dataset, by_model in results.items():
         meta = metadata[dataset]
         tasks = list(meta["schema"]["tasks"])
@@ -245,9 +357,21 @@ def write_report(results, metadata, models, seeds, wall_time):
                   f"Train {split['train']['num_requests']} requests, test "
                   f"{split['test']['num_requests']} requests; mean n "
                   f"{split['test'].get('mean_seq_len', float('nan')):.0f}, mean m "
-                  f"{split['test'].get('mean_candidates', float('nan')):.0f} (test split).", "",
-                  "### Table 2: AUC of all models", "",
+                  f"{split['test'].get('mean_candidates', float('nan')):.0f} (test split).", ""]
+        ladder = read_ceiling_ladder(meta)
+        if ladder:
+            lines += ["### Ceiling ladder (test split)", "",
+                      format_ceiling_ladder(ladder, [t for t in tasks if t != "impression"]),
+                      ""]
+        lines += ["### Table 2: AUC of all models", "",
                   markdown_table(table, tasks, models, truth=truth), ""]
+        task = "click" if "click" in tasks else tasks[0]
+        length_lines, groups = length_group_table(by_model, models, task,
+                                                  FLAGS.length_reference)
+        if groups:
+            by_length[dataset] = (task, groups)
+            lines += ["### AUC by sequence length (short to long users)", ""] + length_lines
+            lines.append("")
         ablations = [m for m in ABLATIONS if m in models]
         if len(ablations) > 1:
             lines += ["### Table 3: ablations", "",
@@ -275,6 +399,10 @@ def write_report(results, metadata, models, seeds, wall_time):
                       f"`{m}`" for m in sorted(models, key=lambda m: -np.mean(
                           [table[m][t][0] for t in tasks]))) + ".", ""]
     plot(plots, models, os.path.join(FLAGS.output_dir, "results_auc.png"))
+    if by_length:
+        plot_by_length(by_length, os.path.join(FLAGS.output_dir, "results_auc_by_length.png"))
+        lines += ["## AUC by sequence length", "",
+                  "![AUC by sequence length](results_auc_by_length.png)", ""]
     plot_time(wall, models, os.path.join(FLAGS.output_dir, "results_wall_time.png"))
     lines += ["## Plots", "", "![AUC per model](results_auc.png)", "",
               "![Wall time per model](results_wall_time.png)", "",
