@@ -276,6 +276,24 @@ def test_masked_target_attention_matches_reference(per_candidate):
     round_trip(layer, query, key, key_mask=key_mask)
 
 
+def test_masked_target_attention_key_indices_equal_the_gathered_keys():
+    rng = np.random.default_rng(12)
+    batch, m, n, d, k = 2, 4, 9, 8, 3
+    query = rng.normal(size=(batch, m, d)).astype("float32")
+    key = rng.normal(size=(batch, n, d)).astype("float32")
+    indices = rng.integers(0, n, size=(batch, m, k)).astype("int32")
+    key_mask = rng.random((batch, m, k)) < 0.7
+    query_mask = random_mask(rng, batch, m, 1)
+    layer = layers.MaskedTargetAttention(2, 4)
+    layer(query, key)
+    randomize(layer)
+    gathered = np.take_along_axis(key[:, None], indices[..., None], axis=2)  # [B, m, k, d]
+    np.testing.assert_allclose(
+        np_(layer(query, key, query_mask=query_mask, key_mask=key_mask, key_indices=indices)),
+        reference_softmax_attention(layer, query, gathered, key_mask, query_mask),
+        rtol=1e-4, atol=1e-5)
+
+
 def test_din_activation_unit_equals_mlp_on_concatenation():
     rng = np.random.default_rng(5)
     query = rng.normal(size=(2, 4, 6)).astype("float32")

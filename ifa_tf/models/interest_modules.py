@@ -199,17 +199,17 @@ class ETAInterest(SIMHardInterest):
         self._search.build(shape, input_shape["sequence_items"])
         self._attention = layers.MaskedTargetAttention(
             self.num_heads, self.key_dim, dtype=self.dtype_policy, name="attention")
-        self._attention.build(shape, (*shape[:2], self.k, input_shape["sequence"][-1]))
+        self._attention.build(shape, input_shape["sequence"])
         self.built = True
 
     def call(self, inputs):
         # Items are compared without their action and time context (a candidate has none);
-        # the ESU then reads the selected events with it.
+        # the ESU then reads the selected events with it, each projected once.
         indices, selected_mask = self._search(inputs["candidates"], inputs["sequence_items"],
                                               inputs["sequence_mask"])
-        selected = gather_positions(inputs["sequence"], indices)  # [B, m, k, d]
-        return self._attention(inputs["candidates"], selected,
-                               query_mask=inputs["candidate_mask"], key_mask=selected_mask)
+        return self._attention(inputs["candidates"], inputs["sequence"],
+                               query_mask=inputs["candidate_mask"], key_mask=selected_mask,
+                               key_indices=indices)
 
     def get_config(self):
         return {**super().get_config(), "hash_bits": self.hash_bits,
