@@ -22,7 +22,7 @@ class ETASearch(keras.layers.Layer):
     higher position): a lifelong sequence repeats items, and repeats hash alike.
 
     Args:
-        k: items kept per candidate (paper: 50; the zoo's two-stage models use 100).
+        k: items kept per candidate (as for the zoo's other two-stage models).
         hash_bits: signature length.
         hash_seed: seed of the hyperplanes; `None` draws them from Keras' global seed
             (`keras.utils.set_random_seed`). They are saved with the weights either way.
