@@ -1,10 +1,11 @@
-"""The model zoo: every model of the IFA paper, built by name.
+"""The model zoo: every model of the IFA paper, plus ETA and SDIM, built by name.
 
 >>> import ifa_tf
 >>> model = ifa_tf.zoo.build("ifa")               # default schema
 >>> model = ifa_tf.zoo.build("twin", k=50)        # overrides are checked
 >>> ifa_tf.zoo.list_models()
-['avg_pooling', 'din', 'din_full', 'ifa', 'ifa_no_ram', 'sim_hard', 'sim_soft', 'twin', 'twin_ram']
+['avg_pooling', 'din', 'din_full', 'eta', 'ifa', 'ifa_no_ram', 'sdim', 'sim_hard', 'sim_soft',
+ 'twin', 'twin_ram']
 
 Register your own with `@ifa_tf.zoo.register("name")` on a function
 `builder(schema=None, **overrides) -> keras.Model`; its keyword parameters are the valid
@@ -13,9 +14,10 @@ overrides (a builder taking `**kwargs` validates them itself).
 
 import inspect
 
-from ifa_tf.models import (AveragePoolingInterest, CandidateSetRanker,
+from ifa_tf.models import (AveragePoolingInterest, CandidateSetRanker, ETAInterest,
                            FullTargetAttentionInterest, LinearAttentionInterest,
-                           RecentDINInterest, SIMHardInterest, SIMSoftInterest, TWINInterest)
+                           RecentDINInterest, SDIMInterest, SIMHardInterest, SIMSoftInterest,
+                           TWINInterest)
 
 _REGISTRY = {}
 
@@ -102,6 +104,8 @@ _register_ranker("din_full", FullTargetAttentionInterest, use_ram=False)
 _register_ranker("sim_hard", SIMHardInterest, use_ram=False)
 _register_ranker("sim_soft", SIMSoftInterest, use_ram=False)
 _register_ranker("twin", TWINInterest, use_ram=False)
+_register_ranker("eta", ETAInterest, use_ram=False)
+_register_ranker("sdim", SDIMInterest, use_ram=False)
 _register_ranker("twin_ram", TWINInterest, use_ram=True)  # IFA - FSM (paper Table 3)
 _register_ranker("ifa_no_ram", LinearAttentionInterest, use_ram=False)  # IFA - RAM
 _register_ranker("ifa", LinearAttentionInterest, use_ram=True)

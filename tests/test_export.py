@@ -21,7 +21,7 @@ from ifa_tf.schema import FeatureSchema
 
 SCHEMA = FeatureSchema(embedding_buckets={"user_id": 31, "item_id": 101, "category_id": 13,
                                           "author_id": 17})
-PARITY_MODELS = ("ifa", "twin", "sim_hard")
+PARITY_MODELS = ("ifa", "twin", "sim_hard", "eta", "sdim")
 # (batch, m, n): two batch sizes and two (m, n) shapes; n > k = 100 exercises the top-k
 # search of the two-stage baselines.
 SHAPES = ((1, 7, 13), (4, 30, 150))

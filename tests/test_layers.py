@@ -276,6 +276,24 @@ def test_masked_target_attention_matches_reference(per_candidate):
     round_trip(layer, query, key, key_mask=key_mask)
 
 
+def test_masked_target_attention_key_indices_equal_the_gathered_keys():
+    rng = np.random.default_rng(12)
+    batch, m, n, d, k = 2, 4, 9, 8, 3
+    query = rng.normal(size=(batch, m, d)).astype("float32")
+    key = rng.normal(size=(batch, n, d)).astype("float32")
+    indices = rng.integers(0, n, size=(batch, m, k)).astype("int32")
+    key_mask = rng.random((batch, m, k)) < 0.7
+    query_mask = random_mask(rng, batch, m, 1)
+    layer = layers.MaskedTargetAttention(2, 4)
+    layer(query, key)
+    randomize(layer)
+    gathered = np.take_along_axis(key[:, None], indices[..., None], axis=2)  # [B, m, k, d]
+    np.testing.assert_allclose(
+        np_(layer(query, key, query_mask=query_mask, key_mask=key_mask, key_indices=indices)),
+        reference_softmax_attention(layer, query, gathered, key_mask, query_mask),
+        rtol=1e-4, atol=1e-5)
+
+
 def test_din_activation_unit_equals_mlp_on_concatenation():
     rng = np.random.default_rng(5)
     query = rng.normal(size=(2, 4, 6)).astype("float32")
@@ -365,6 +383,133 @@ def test_search_units_handle_sequences_shorter_than_k_and_empty():
         _, selected = layers.SIMHardSearch(k=5)(np.ones((2, 3), "int32"),
                                                 np.ones((2, n), "int32"), mask)
         assert np_(selected).sum() == 2 * 3 * n
+
+
+# ------------------------------------------------------------------------- ETA and SDIM
+def simhash_bits_reference(embeddings, hyperplanes):
+    """float64 signs; the data keeps every product clear of 0, so float32 agrees."""
+    products = np.asarray(embeddings, np.float64) @ hyperplanes
+    assert np.abs(products).min() > 1e-5, "a product too close to 0 to fix the bit"
+    return products > 0
+
+
+def test_eta_search_is_hamming_top_k_with_recent_ties_first():
+    rng = np.random.default_rng(10)
+    batch, m, n, d, k = 2, 5, 14, 6, 4
+    # Few distinct items, each repeated: exact ties (equal signatures) at every distance.
+    pool = rng.normal(size=(6, d)).astype("float32")
+    sequence = pool[rng.integers(0, 6, size=(batch, n))]
+    candidates = pool[rng.integers(0, 6, size=(batch, m))]
+    sequence_mask = np.arange(n)[None, :] < np.array([[n], [3]])  # row 1: 3 valid < k
+    sequence[0, -1] = candidates[0, 0]  # row 0 has no padding; row 1's padding ...
+    sequence[1, 5:] = candidates[1, 0]  # ... hashes like a candidate: never retrieved
+    layer = layers.ETASearch(k=k, hash_bits=8, hash_seed=3)
+    indices, selected = layer(candidates, sequence, sequence_mask)
+    hyperplanes = np_(layer.hyperplanes)
+    candidate_bits = simhash_bits_reference(candidates, hyperplanes)
+    sequence_bits = simhash_bits_reference(sequence, hyperplanes)
+    for b in range(batch):
+        valid = np.flatnonzero(sequence_mask[b])
+        for i in range(m):
+            hamming = (candidate_bits[b, i] != sequence_bits[b, valid]).sum(-1)
+            # Documented order: nearest first, then the more recent (higher position).
+            order = valid[np.lexsort((-valid, hamming))][:k]
+            expected = np.zeros(k, int)
+            expected[:len(order)] = order
+            np.testing.assert_array_equal(np_(indices)[b, i], expected)
+            np.testing.assert_array_equal(np_(selected)[b, i], np.arange(k) < len(order))
+    assert layer.trainable_weights == [] and len(layer.non_trainable_weights) == 1
+    round_trip(layer, candidates, sequence, sequence_mask)
+
+
+def sdim_reference(query, key, value, query_mask, key_mask, hyperplanes, num_hashes, bits):
+    """SDIM Eq. 12 by brute force: for every candidate, hash function and sequence item,
+    O(m n) comparisons of signatures."""
+    query_bits = simhash_bits_reference(query, hyperplanes).reshape(
+        *query.shape[:2], num_hashes, bits)
+    key_bits = simhash_bits_reference(key, hyperplanes).reshape(*key.shape[:2], num_hashes, bits)
+    out = np.zeros((*query.shape[:2], value.shape[-1]))
+    for b in range(query.shape[0]):
+        for i in range(query.shape[1]):
+            if not query_mask[b, i]:
+                continue
+            for h in range(num_hashes):
+                total = np.zeros(value.shape[-1])
+                for j in range(key.shape[1]):
+                    if key_mask[b, j] and (key_bits[b, j, h] == query_bits[b, i, h]).all():
+                        total += value[b, j]
+                norm = np.linalg.norm(total)
+                out[b, i] += (total / norm if norm > 0 else total) / num_hashes
+    return out
+
+
+@pytest.mark.parametrize("num_hashes, hash_bits", [(4, 2), (3, 5)])
+def test_sdim_attention_equals_the_brute_force_bucket_sum(num_hashes, hash_bits):
+    rng = np.random.default_rng(11)
+    batch, m, n, d, d_v = 3, 6, 17, 5, 7
+    query = rng.normal(size=(batch, m, d)).astype("float32")
+    key = rng.normal(size=(batch, n, d)).astype("float32")
+    key[:, :4] = query[:, :1]  # a few items in the first candidate's buckets for sure
+    value = rng.normal(size=(batch, n, d_v)).astype("float32")
+    key_mask = random_mask(rng, batch, n)
+    key_mask[0] = True
+    key_mask[1, :] = False  # a request without any valid event reads zeros
+    key[2, ~key_mask[2]] = query[2, 1]  # padding that hashes like a candidate
+    query_mask = random_mask(rng, batch, m, 1)
+    layer = layers.SDIMAttention(num_hashes, hash_bits, hash_seed=1)
+    out = np_(layer(query, key, value, query_mask=query_mask, key_mask=key_mask))
+    ref = sdim_reference(query, key, value, query_mask, key_mask, np_(layer.hyperplanes),
+                         num_hashes, hash_bits)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+    assert np.abs(ref[0, 0]).sum() > 0 and (out[1] == 0).all()
+    assert layer.trainable_weights == []
+    round_trip(layer, query, key, value, query_mask=query_mask, key_mask=key_mask)
+
+
+def test_simhash_hyperplanes_are_seeded_and_arguments_checked():
+    x = np.ones((1, 2, 4), "float32")
+    mask = np.ones((1, 2), bool)
+
+    def hyperplanes(layer):
+        layer(x, x, mask) if isinstance(layer, layers.ETASearch) else layer(x, x)
+        return np_(layer.hyperplanes)
+
+    for make in (lambda seed: layers.ETASearch(k=2, hash_bits=6, hash_seed=seed),
+                 lambda seed: layers.SDIMAttention(2, 3, hash_seed=seed)):
+        np.testing.assert_array_equal(hyperplanes(make(5)), hyperplanes(make(5)))
+        assert not np.array_equal(hyperplanes(make(5)), hyperplanes(make(6)))
+    for bad, message in ((lambda: layers.ETASearch(hash_bits=0), "hash_bits=0"),
+                         (lambda: layers.ETASearch(hash_seed=-1), "hash_seed=-1"),
+                         (lambda: layers.SDIMAttention(hash_bits=11), "hash_bits=11"),
+                         (lambda: layers.SDIMAttention(num_hashes=0), "num_hashes=0")):
+        with pytest.raises(ValueError, match=message):
+            bad()
+    with pytest.raises(ValueError, match="one space"):
+        layers.SDIMAttention()(np.ones((1, 2, 4)), np.ones((1, 3, 5)))
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="reads a TF graph")
+def test_sdim_is_linear_and_eta_never_forms_an_m_n_d_tensor():
+    """Every tensor of the traced graphs at m = 301, n = 293 (primes, so no other size
+    equals them): SDIM has none with both m and n; ETA's largest is [B, m, n]."""
+    import tensorflow as tf
+
+    m, n, d = 301, 293, 8
+    specs = (tf.TensorSpec([2, m, d]), tf.TensorSpec([2, n, d]), tf.TensorSpec([2, n], tf.bool))
+    sdim, eta = layers.SDIMAttention(), layers.ETASearch(k=5)
+    sdim.build(specs[0].shape, specs[1].shape)
+    eta.build(specs[0].shape, specs[1].shape)
+
+    def shapes(function):
+        graph = tf.function(function).get_concrete_function(*specs).graph
+        return [tuple(t.shape.as_list()) for op in graph.get_operations() for t in op.outputs
+                if t.shape.rank is not None]
+
+    assert not [s for s in shapes(lambda q, k, mask: sdim(q, k, key_mask=mask))
+                if m in s and n in s]
+    eta_shapes = shapes(lambda q, k, mask: eta(q, k, mask))
+    assert (2, m, n) in eta_shapes
+    assert not [s for s in eta_shapes if m in s and n in s and len(s) > 3]
 
 
 # ------------------------------------------------------------------ pooling, towers, ids

@@ -16,7 +16,7 @@ SCHEMA = FeatureSchema(embedding_buckets={"user_id": 40, "item_id": 64, "categor
                                           "author_id": 16})
 # Small sub-sequences so that n = 12 is "long" for the sampling baselines.
 OVERRIDES = {"din": {"k": 4}, "sim_hard": {"k": 4}, "sim_soft": {"k": 4, "search_buckets": 64},
-             "twin": {"k": 4}, "twin_ram": {"k": 4}}
+             "twin": {"k": 4}, "twin_ram": {"k": 4}, "eta": {"k": 4}}
 SMALL = {"embedding_dim": 4, "tower_units": [16, 8]}
 MODELS = zoo.list_models()
 
@@ -53,7 +53,7 @@ def models():
 
 def test_zoo_lists_every_model_of_the_paper():
     assert set(MODELS) >= {"avg_pooling", "din", "din_full", "sim_hard", "sim_soft", "twin",
-                           "twin_ram", "ifa_no_ram", "ifa"}
+                           "twin_ram", "ifa_no_ram", "ifa", "eta", "sdim"}
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -185,13 +185,14 @@ def test_bfloat16_towers_train_save_and_stay_close_to_float32(tmp_path):
 
 
 def test_full_sequence_fidelity():
-    """IFA and din_full read every valid item; din (k = 4) ignores all but the 4 most recent."""
+    """IFA, SDIM and din_full read every valid item; din (k = 4) ignores all but the 4 most
+    recent."""
     features, _ = make_batch(seq_valid=(12, 12, 12))
     changed = {k: v.copy() for k, v in features.items()}
     changed["seq_item_id"][:, 0] += 1000  # the oldest event: outside din's 4 most recent
     changed["seq_category_id"][:, 0] = (changed["seq_category_id"][:, 0] % 3) + 1
     for name, reacts in (("ifa", True), ("ifa_no_ram", True), ("din_full", True),
-                         ("din", False)):
+                         ("sdim", True), ("din", False)):
         model = build(name)
         delta = np.abs(predict(model, changed)["score"] - predict(model, features)["score"])
         assert (delta.max() > 1e-6) == reacts, name

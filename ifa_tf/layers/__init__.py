@@ -2,6 +2,7 @@
 
 from ifa_tf.layers.candidate_self_attention import CandidateSelfAttention
 from ifa_tf.layers.din_activation_unit import DINActivationUnit
+from ifa_tf.layers.eta_search import ETASearch
 from ifa_tf.layers.hashed_embedding import (
     HashedEmbedding,
     StackedHashedEmbedding,
@@ -11,6 +12,7 @@ from ifa_tf.layers.masked_average_pooling import MaskedAveragePooling
 from ifa_tf.layers.masked_target_attention import MaskedTargetAttention
 from ifa_tf.layers.mlp_tower import MLPTower
 from ifa_tf.layers.normalized_linear_attention import NormalizedLinearAttention
+from ifa_tf.layers.sdim_attention import SDIMAttention
 from ifa_tf.layers.sim_hard_search import SIMHardSearch
 from ifa_tf.layers.sim_soft_search import SIMSoftSearch
 from ifa_tf.layers.twin_attention import TWINAttention
@@ -18,11 +20,13 @@ from ifa_tf.layers.twin_attention import TWINAttention
 __all__ = [
     "CandidateSelfAttention",
     "DINActivationUnit",
+    "ETASearch",
     "HashedEmbedding",
     "MaskedAveragePooling",
     "MaskedTargetAttention",
     "MLPTower",
     "NormalizedLinearAttention",
+    "SDIMAttention",
     "SIMHardSearch",
     "SIMSoftSearch",
     "StackedHashedEmbedding",

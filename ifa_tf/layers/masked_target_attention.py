@@ -2,6 +2,7 @@ import keras
 from keras import ops
 
 from ifa_tf.layers.projections import head_projection, merge_heads_projection
+from ifa_tf.layers.top_k import gather_positions
 from ifa_tf.layers.validation import check_positive_int
 
 
@@ -31,6 +32,10 @@ class MaskedTargetAttention(keras.layers.Layer):
         key_mask: optional bool [B, n] or [B, m, k].
         attention_bias: optional float [B, m, n] or [B, m, k] added to every head's logits
             (e.g. the search scores of SIM soft search, which lets them learn).
+        key_indices: optional int [B, m, k]: each candidate attends to these positions of
+            the shared keys [B, n, d] (a search unit's choice; `key_mask` is then
+            [B, m, k]). The same as passing the gathered [B, m, k, d] keys, but every key
+            and value is projected once, not once per candidate that selected it.
 
     Returns:
         [B, m, output_dim].
@@ -62,10 +67,14 @@ class MaskedTargetAttention(keras.layers.Layer):
             self.output_dim or query_shape[-1], self, self.use_bias)
         self.built = True
 
-    def call(self, query, key, value=None, query_mask=None, key_mask=None, attention_bias=None):
+    def call(self, query, key, value=None, query_mask=None, key_mask=None, attention_bias=None,
+             key_indices=None):
         value = key if value is None else value
-        return self.attend(self._query_dense(query), self._key_dense(key),
-                           self._value_dense(value), query_mask, key_mask, attention_bias)
+        k, v = self._key_dense(key), self._value_dense(value)
+        if key_indices is not None:
+            k, v = (_gather_heads(x, key_indices) for x in (k, v))
+        return self.attend(self._query_dense(query), k, v, query_mask, key_mask,
+                           attention_bias)
 
     def attend(self, q, k, v, query_mask=None, key_mask=None, attention_bias=None):
         """Softmax attention of projected queries [B, m, h, c] over projected keys and
@@ -103,6 +112,13 @@ class MaskedTargetAttention(keras.layers.Layer):
             "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
         })
         return config
+
+
+def _gather_heads(projected, indices):
+    """[B, n, h, c] at int [B, m, k] -> [B, m, k, h, c]."""
+    batch, length, heads, size = (ops.shape(projected)[i] for i in range(4))
+    gathered = gather_positions(ops.reshape(projected, (batch, length, heads * size)), indices)
+    return ops.reshape(gathered, (*ops.shape(indices), heads, size))
 
 
 def masked_softmax(logits, mask, axis=-1):

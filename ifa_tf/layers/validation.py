@@ -8,6 +8,18 @@ def check_positive_int(name, value):
         raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
 
 
+def check_int_in_range(name, value, low, high):
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise ValueError(f"`{name}` must be an integer in [{low}, {high}]. "
+                         f"Received: {name}={value!r}")
+
+
+def check_seed(name, seed):
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
+        raise ValueError(f"`{name}` must be None or a non-negative integer. "
+                         f"Received: {name}={seed!r}")
+
+
 def check_units(name, units):
     if isinstance(units, int) or not all(
             isinstance(u, int) and not isinstance(u, bool) and u > 0 for u in units):

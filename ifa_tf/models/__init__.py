@@ -1,16 +1,20 @@
 """The shared ranking skeleton and the sequence modules that tell the zoo models apart."""
 
 from ifa_tf.models.candidate_set_ranker import CandidateSetRanker
-from ifa_tf.models.interest_modules import (AveragePoolingInterest, FullTargetAttentionInterest,
+from ifa_tf.models.interest_modules import (AveragePoolingInterest, ETAInterest,
+                                            FullTargetAttentionInterest,
                                             LinearAttentionInterest, RecentDINInterest,
-                                            SIMHardInterest, SIMSoftInterest, TWINInterest)
+                                            SDIMInterest, SIMHardInterest, SIMSoftInterest,
+                                            TWINInterest)
 
 __all__ = [
     "AveragePoolingInterest",
     "CandidateSetRanker",
+    "ETAInterest",
     "FullTargetAttentionInterest",
     "LinearAttentionInterest",
     "RecentDINInterest",
+    "SDIMInterest",
     "SIMHardInterest",
     "SIMSoftInterest",
     "TWINInterest",

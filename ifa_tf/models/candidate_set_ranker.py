@@ -125,13 +125,15 @@ class CandidateSetRanker(TrainingDefaultsMixin, keras.Model):
             return item_embedding([inputs[prefix + a] for a in schema.item_attributes])
 
         candidates = item_embeddings(CANDIDATE_PREFIX)  # F_can [B, m, item_dim]
-        sequence = item_embeddings(SEQUENCE_PREFIX)  # F_seq [B, n, item_dim]
+        sequence_items = item_embeddings(SEQUENCE_PREFIX)
+        sequence = sequence_items  # F_seq [B, n, item_dim]
         if context_embedding is not None:
             sequence = sequence + context_embedding(
                 [inputs[name] for name in schema.sequence_context])
         module_inputs = {
             "candidates": candidates,
             "sequence": sequence,
+            "sequence_items": sequence_items,
             "candidate_mask": candidate_mask,
             "sequence_mask": sequence_mask,
             "candidate_item_ids": candidate_ids,

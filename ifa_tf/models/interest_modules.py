@@ -4,6 +4,8 @@ Every model of the zoo shares embeddings, RAM, towers and loss (paper 5.1), and 
 only in this module, so comparisons isolate it. A module is a layer called with one dict:
 
     candidates [B, m, d], sequence [B, n, d], candidate_mask [B, m], sequence_mask [B, n],
+    sequence_items [B, n, d] (the sequence's item embeddings alone, without the action and
+    time context that `sequence` adds: the same space as `candidates`),
     candidate_item_ids / sequence_item_ids, and, when the schema has them,
     candidate_category_ids / sequence_category_ids
 
@@ -18,7 +20,7 @@ from keras import ops
 from ifa_tf import layers
 from ifa_tf.layers.feature_maps import check_feature_map
 from ifa_tf.layers.top_k import gather_positions, most_recent_positions
-from ifa_tf.layers.validation import check_positive_int
+from ifa_tf.layers.validation import check_int_in_range, check_positive_int, check_seed
 
 
 class InterestModule(keras.layers.Layer):
@@ -174,6 +176,84 @@ class SIMSoftInterest(SIMHardInterest):
     def get_config(self):
         return {**super().get_config(), "search_dim": self.search_dim,
                 "search_buckets": self.search_buckets}
+
+
+@keras.saving.register_keras_serializable(package="ifa_tf")
+class ETAInterest(SIMHardInterest):
+    """`eta`: GSU = top k by Hamming distance of SimHash signatures of the item embeddings
+    (ETA); ESU = target attention over them."""
+
+    required_inputs = (*InterestModule.required_inputs, "sequence_items")
+
+    def __init__(self, k=100, num_heads=2, key_dim=16, hash_bits=64, hash_seed=None,
+                 **kwargs):
+        super().__init__(k=k, num_heads=num_heads, key_dim=key_dim, **kwargs)
+        check_positive_int("hash_bits", hash_bits)
+        check_seed("hash_seed", hash_seed)
+        self.hash_bits = hash_bits
+        self.hash_seed = hash_seed
+
+    def build(self, input_shape):
+        shape = input_shape["candidates"]
+        self._search = layers.ETASearch(self.k, self.hash_bits, self.hash_seed,
+                                        dtype=self.dtype_policy, name="search")
+        self._search.build(shape, input_shape["sequence_items"])
+        self._attention = layers.MaskedTargetAttention(
+            self.num_heads, self.key_dim, dtype=self.dtype_policy, name="attention")
+        self._attention.build(shape, input_shape["sequence"])
+        self.built = True
+
+    def call(self, inputs):
+        # Items are compared without their action and time context (a candidate has none);
+        # the ESU then reads the selected events with it, each projected once.
+        indices, selected_mask = self._search(inputs["candidates"], inputs["sequence_items"],
+                                              inputs["sequence_mask"])
+        return self._attention(inputs["candidates"], inputs["sequence"],
+                               query_mask=inputs["candidate_mask"], key_mask=selected_mask,
+                               key_indices=indices)
+
+    def get_config(self):
+        return {**super().get_config(), "hash_bits": self.hash_bits,
+                "hash_seed": self.hash_seed}
+
+
+@keras.saving.register_keras_serializable(package="ifa_tf")
+class SDIMInterest(InterestModule):
+    """`sdim`: SDIM's hash sampling, per SimHash function the l2-normalised sum of the
+    sequence events in the candidate's bucket, averaged over functions; O(m + n)."""
+
+    required_inputs = (*InterestModule.required_inputs, "sequence_items")
+
+    def __init__(self, num_hashes=16, hash_bits=3, hash_seed=None, **kwargs):
+        super().__init__(**kwargs)
+        check_positive_int("num_hashes", num_hashes)
+        check_int_in_range("hash_bits", hash_bits, 1, 10)
+        check_seed("hash_seed", hash_seed)
+        self.num_hashes = num_hashes
+        self.hash_bits = hash_bits
+        self.hash_seed = hash_seed
+
+    def build(self, input_shape):
+        self._attention = layers.SDIMAttention(self.num_hashes, self.hash_bits,
+                                               self.hash_seed, dtype=self.dtype_policy,
+                                               name="attention")
+        self._attention.build(input_shape["candidates"], input_shape["sequence_items"],
+                              input_shape["sequence"])
+        self.built = True
+
+    def call(self, inputs):
+        # Buckets by the items alone (a candidate has no action or time context); the sums
+        # are of the events, context included.
+        return self._attention(inputs["candidates"], inputs["sequence_items"],
+                               inputs["sequence"], query_mask=inputs["candidate_mask"],
+                               key_mask=inputs["sequence_mask"])
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape["candidates"][:-1], input_shape["sequence"][-1])
+
+    def get_config(self):
+        return {**super().get_config(), "num_hashes": self.num_hashes,
+                "hash_bits": self.hash_bits, "hash_seed": self.hash_seed}
 
 
 @keras.saving.register_keras_serializable(package="ifa_tf")
