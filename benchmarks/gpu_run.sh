@@ -21,7 +21,7 @@ if ! "$python" -c "import keras" 2>/dev/null; then
   export PYTHONPATH=/tmp/ifa_tf_site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-} KERAS_BACKEND=jax JAX_ENABLE_X64=1 PYTHONUNBUFFERED=1
-models=${MODELS:-ifa,ifa_no_ram,avg_pooling,din_full,twin,sim_hard}
+models=${MODELS:-ifa,ifa_no_ram,avg_pooling,din_full,twin,sim_hard,sdim,eta}
 repeats=${REPEATS:-50}
 
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv \
