@@ -1,5 +1,7 @@
 """`ifa-data`: the flags reach the library functions; misuse is a usage error."""
 
+import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -69,3 +71,51 @@ def test_console_script_runs(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "wrote train=4 requests" in result.stdout
     assert os.path.exists(tmp_path / "metadata.json")
+
+
+
+# Runs each `ifa-data` command of argv[1] (a JSON list of argument lists) in this process, as
+# the console script would.
+_RUN_COMMANDS = """
+import json, sys
+from absl import flags
+from ifa_tf.cli import data as cli
+for command, *argv in json.loads(sys.argv[1]):
+    flag_values = flags.FlagValues()
+    cli.define_flags(flag_values)
+    flag_values(["ifa-data", *argv])
+    cli.run_command(command, flag_values)
+"""
+
+
+def _sha256_of_files(directory):
+    return {name: hashlib.sha256((directory / name).read_bytes()).hexdigest()
+            for name in sorted(os.listdir(directory))}
+
+
+def test_two_runs_write_byte_identical_files(tmp_path):
+    """Issue 16: users hash dataset files to cache and verify them. Each run is its own
+    process, as a user's are (protobuf picks a map order per process); one process runs both
+    commands, to pay for one TensorFlow import a run."""
+    log = tmp_path / "log.csv"
+    log.write_text("user,item,category,ts,type\n" + "".join(
+        f"u{i % 5},item {i % 7},c{i % 3},{1_000 + 20_000 * i},pv\n" for i in range(40)))
+    runs = []
+    for run in ("a", "b"):
+        commands = [
+            ["synthetic", f"--output_dir={tmp_path / run / 'synthetic'}", "--num_shards=2",
+             "--num_requests=30", "--max_seq_len=30", "--max_candidates=10",
+             "--num_items=200", "--num_topics=8", "--num_authors=20", "--num_categories=5",
+             "--truth_samples=4"],
+            ["from-log", f"--output_dir={tmp_path / run / 'log'}", "--num_shards=2",
+             f"--input={log}", "--columns=user,item,category,timestamp,action",
+             "--actions=pv:click", "--num_negatives=3"]]
+        result = subprocess.run([sys.executable, "-c", _RUN_COMMANDS, json.dumps(commands)],
+                                capture_output=True, text=True, timeout=180,
+                                env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+        assert result.returncode == 0, result.stderr[-2000:]
+        runs.append({output: _sha256_of_files(tmp_path / run / output)
+                     for output in ("synthetic", "log")})
+    for output in ("synthetic", "log"):
+        assert sum(name.endswith(".tfrecord.gz") for name in runs[0][output]) >= 3, output
+        assert runs[0][output] == runs[1][output], output
