@@ -10,7 +10,7 @@ import pytest
 from absl import app, flags
 
 from ifa_tf.cli import data as cli
-from ifa_tf.data import records
+from ifa_tf.data import log_converter, records
 
 
 def _flags(*argv):
@@ -45,6 +45,35 @@ def test_from_log_flags_reach_the_converter(tmp_path):
     assert metadata["converter"]["delimiter"] == "\t"
     assert metadata["tasks"] == ["impression", "click", "like"]
     assert metadata["splits"]["train"]["num_requests"] == 1
+
+
+def test_id_collisions_are_counted_and_reported(tmp_path, monkeypatch, capsys, caplog):
+    """A hash space of 2 forces collisions; the expected count comes from the documented
+    formula, computed here independently."""
+    monkeypatch.setattr(log_converter, "_STRING_ID_SPACE", 2)
+    users, items = ["ann", "bob", "cy"], ["p", "q", "r", "s"]
+
+    def expected_collisions(values):
+        ids = {1 + int.from_bytes(hashlib.blake2b(v.encode(), digest_size=8,
+                                                  key=b"ifa_tf.string_id.v1").digest(),
+                                  "little") % 2 for v in values}
+        return len(values) - len(ids)
+
+    log = tmp_path / "log.csv"
+    log.write_text("user,item,ts\n" + "".join(f"{u},{i},{10 * k}\n" for k, (u, i) in
+                                              enumerate(zip(users * 4, items * 3))))
+    cli.main(["ifa-data", "from-log"], _flags(
+        f"--output_dir={tmp_path / 'out'}", f"--input={log}", "--columns=user,item,timestamp",
+        "--test_fraction=0", "--num_negatives=0", "--window_seconds=5"))
+    collisions = records.read_metadata(str(tmp_path / "out"))["id_collisions"]
+    assert collisions == {"user": expected_collisions(users),
+                          "item": expected_collisions(items)}
+    assert collisions["item"] >= 2  # 4 items in 2 ids
+    assert capsys.readouterr().out.endswith(
+        f"; id collisions: user {collisions['user']}, item {collisions['item']} (distinct "
+        "ids hashed to one int64; logged above, counted in metadata.json)\n")
+    assert f"{collisions['item']} item id collisions: distinct item ids share one int64" in (
+        caplog.text)
 
 
 def test_misplaced_and_missing_flags_are_usage_errors(tmp_path):

@@ -1,7 +1,9 @@
 """The log converter: no leakage, candidates and labels from the window, split by time,
-malformed rows reported with line numbers, the MovieLens-100K preset."""
+malformed rows reported with line numbers, string ids by a stable hash, the
+MovieLens-100K preset."""
 
 import glob
+import hashlib
 import logging
 import os
 
@@ -47,8 +49,9 @@ def _read_all(output_dir, split):
 
 
 def _vocab(output_dir, role):
-    with open(os.path.join(output_dir, f"vocab_{role}.txt")) as f:
-        return [line.rstrip("\n") for line in f]
+    vocabulary = log_converter.read_vocabulary(output_dir, role)
+    assert len(set(vocabulary.values())) == len(vocabulary)  # no collision
+    return vocabulary
 
 
 CONFIG = log_converter.LogConfig(columns="user,item,category,timestamp,action",
@@ -79,7 +82,7 @@ def _request_time(request, user_rows):
 
 
 def _user_rows(rows, users, request):
-    user = users[request["user_id"] - 1]
+    user = users[request["user_id"]]
     return sorted((t, i, kind) for u, i, _, t, kind in rows if u == user)
 
 
@@ -93,14 +96,14 @@ def test_sequence_holds_exactly_the_events_strictly_before_the_request(converted
         user_rows = _user_rows(rows, users, request)
         time = _request_time(request, user_rows)
         earlier = sorted({(t, i) for t, i, _ in user_rows if t < time})
-        assert sorted(items[i - 1] for i in request["seq_item_id"]) == sorted(
+        assert sorted(items[i] for i in request["seq_item_id"]) == sorted(
             i for _, i in earlier)
         np.testing.assert_array_equal(np.sort(request["seq_time_delta"]),
                                       np.sort([time - t for t, _ in earlier]))
         deltas = request["seq_time_delta"]
         assert (np.diff(deltas) <= 0).all()  # oldest first
         window = {i for t, i, _ in user_rows if time <= t < time + DAY}
-        positives = {items[i - 1] for i, shown in zip(request["cand_item_id"],
+        positives = {items[i] for i, shown in zip(request["cand_item_id"],
                                                       request["impression"]) if shown}
         assert positives == window
 
@@ -119,7 +122,7 @@ def test_labels_follow_the_action_mapping(converted):
                 window_kinds.setdefault(item, set()).add(kind)
         assert len(np.unique(request["cand_item_id"])) == len(request["cand_item_id"])
         for j, item_id in enumerate(request["cand_item_id"]):
-            kinds = window_kinds.get(items[item_id - 1])
+            kinds = window_kinds.get(items[item_id])
             assert request["impression"][j] == (kinds is not None)
             if kinds is None:
                 negatives += 1
@@ -138,14 +141,14 @@ def test_sequence_actions_are_bit_sets(tmp_path):
     (request,) = _read_all(str(tmp_path / "out"), "train") + _read_all(
         str(tmp_path / "out"), "test")
     items = _vocab(str(tmp_path / "out"), "item")
-    assert [items[i - 1] for i in request["seq_item_id"]] == ["x", "y", "z", "x"]
+    assert [items[i] for i in request["seq_item_id"]] == ["x", "y", "z", "x"]
     np.testing.assert_array_equal(request["seq_action"], [1, 5, 0, 1])  # fav = click+like
     np.testing.assert_array_equal(request["seq_time_delta"],
                                   [199_990, 199_980, 199_970, 199_970])
-    assert [items[i - 1] for i, s in zip(request["cand_item_id"], request["impression"])
+    assert [items[i] for i, s in zip(request["cand_item_id"], request["impression"])
             if s] == ["w"]
     cross = dict(zip(request["cand_item_id"], request["cand_cross_category_count"]))
-    assert cross[items.index("w") + 1] == 4
+    assert cross[log_converter.string_id("w")] == 4
 
 
 def test_split_is_by_time(converted):
@@ -154,8 +157,8 @@ def test_split_is_by_time(converted):
     users, items = _vocab(output_dir, "user"), _vocab(output_dir, "item")
     for split, later in (("train", False), ("test", True)):
         for request in _read_all(output_dir, split):
-            user = users[request["user_id"] - 1]
-            last = items[request["seq_item_id"][-1] - 1]
+            user = users[request["user_id"]]
+            last = items[request["seq_item_id"][-1]]
             times = [t + request["seq_time_delta"][-1] for u, i, _, t, _ in rows
                      if u == user and i == last]
             # some occurrence of the last sequence item gives the request time
@@ -269,11 +272,11 @@ def test_movielens_preset_reads_the_fetched_layout(tmp_path):
     assert metadata["preset"] == "movielens_100k"
     assert metadata["tasks"] == ["impression", "click", "like"]
     genres = _vocab(str(tmp_path / "out"), "category")
-    assert genres == ["Action", "Animation", "Thriller"]
+    assert sorted(genres.values()) == ["Action", "Animation", "Thriller"]
     requests = {int(r["user_id"]): r for r in _read_all(str(tmp_path / "out"), "train")}
     assert sorted(requests) == [5, 6]
     np.testing.assert_array_equal(requests[5]["seq_item_id"], [1, 2])
-    np.testing.assert_array_equal(requests[5]["seq_category_id"], [2, 1])  # first genre
+    assert [genres[c] for c in requests[5]["seq_category_id"]] == ["Animation", "Action"]
     np.testing.assert_array_equal(requests[5]["seq_action"], [0, 5])  # 3: none, 5: click+like
     shown = requests[5]["cand_item_id"][requests[5]["impression"] == 1]
     np.testing.assert_array_equal(shown, [3])
@@ -288,3 +291,57 @@ def test_movielens_100k_real_files(tmp_path):
     assert metadata["id_ranges"]["item_id"] == [1, 1682]
     assert metadata["splits"]["train"]["num_requests"] > metadata["splits"]["test"][
         "num_requests"] > 0
+
+
+# ------------------------------------------------------------------------------ string ids
+def test_string_ids_are_a_keyed_blake2b_pinned_here():
+    """The documented formula, and values pinned: changing either changes every dataset."""
+    for value in ("Toy Story (1995)", "1m_1", "0", "", "\u00e9t\u00e9"):
+        digest = hashlib.blake2b(value.encode("utf-8"), digest_size=8,
+                                 key=b"ifa_tf.string_id.v1").digest()
+        assert log_converter.string_id(value) == 1 + int.from_bytes(digest, "little") % (
+            2**63 - 1)
+    assert log_converter.string_id("Toy Story (1995)") == 5607944321659586521
+    assert log_converter.string_id("1m_1") == 2787727302107777799
+    assert log_converter.string_id("007") == 8852246996423323378
+    ids, table = log_converter.encode_ids(["42", "abc", "007", "0", "42"])
+    np.testing.assert_array_equal(ids, [42, log_converter.string_id("abc"),
+                                        8852246996423323378, 7641949619183895545, 42])
+    assert table == {"42": 42, "abc": log_converter.string_id("abc"),
+                     "007": 8852246996423323378, "0": 7641949619183895545}
+
+
+CONFIG_NO_CATEGORY = log_converter.LogConfig(columns="user,item,timestamp,action",
+                                             actions="pv:click", num_negatives=0,
+                                             test_fraction=0)
+
+
+def test_an_id_maps_to_one_int64_whatever_else_the_log_holds(tmp_path):
+    """Two logs (the second in another order, with other users and items) give the shared
+    ids the same int64; 1..V by sorted value did not. The vocabulary maps every id back,
+    tabs and backslashes included."""
+    rows = [("alice", "tab\there", 10, "pv"), ("alice", "back\\slash", 20, "pv"),
+            ("alice", "x", 200_000, "pv")]
+    more = [("aaron", "a first item", 5, "pv"), ("aaron", "x", 300_000, "pv")]
+    ids = {}
+    for name, log in (("one", rows), ("two", more + rows[::-1])):
+        with open(tmp_path / f"{name}.csv", "w") as f:
+            f.write("user,item,ts,type\n")
+            f.writelines(",".join(f'"{v}"' if "\t" in str(v) else str(v) for v in row) + "\n"
+                         for row in log)
+        output_dir = str(tmp_path / name)
+        log_converter.convert_log(str(tmp_path / f"{name}.csv"), output_dir, CONFIG_NO_CATEGORY)
+        users = log_converter.read_vocabulary(output_dir, "user")
+        items = log_converter.read_vocabulary(output_dir, "item")
+        assert set(items.values()) == {row[1] for row in log}
+        (request,) = [r for r in _read_all(output_dir, "test") + _read_all(output_dir, "train")
+                      if users[r["user_id"]] == "alice"]
+        ids[name] = request
+        assert [items[i] for i in request["seq_item_id"]] == ["tab\there", "back\\slash"]
+    assert ids["one"]["user_id"] == ids["two"]["user_id"] == log_converter.string_id("alice")
+    np.testing.assert_array_equal(ids["one"]["seq_item_id"], ids["two"]["seq_item_id"])
+    np.testing.assert_array_equal(ids["one"]["seq_item_id"],
+                                  [log_converter.string_id("tab\there"),
+                                   log_converter.string_id("back\\slash")])
+
+

@@ -160,8 +160,12 @@ def main(argv, flag_values=flags.FLAGS):
         logging.info("%s: %d requests (%s)", split, stats["num_requests"], stats["pattern"])
     parts = [f"{split}={stats['num_requests']}" for split, stats in metadata["splits"].items()]
     skipped = metadata.get("bad_rows", 0)
+    collisions = {role: n for role, n in metadata.get("id_collisions", {}).items() if n}
     print(f"wrote {', '.join(parts)} requests to {flag_values['output_dir'].value}"
-          + (f"; skipped {skipped} malformed rows (logged above)" if skipped else ""))
+          + (f"; skipped {skipped} malformed rows (logged above)" if skipped else "")
+          + (f"; id collisions: {', '.join(f'{role} {n}' for role, n in collisions.items())}"
+             " (distinct ids hashed to one int64; logged above, counted in metadata.json)"
+             if collisions else ""))
 
 
 def run():

@@ -14,14 +14,25 @@ Requests at or after the `1 - test_fraction` quantile of request times go to `te
 Malformed rows (wrong number of fields, empty ids, bad timestamps or action values, text
 that is not UTF-8, CSV that cannot be parsed) are an error naming the file and listing their
 line numbers; with `skip_bad_rows` they are skipped, each logged with its line number and
-counted in the metadata. Ids that are all positive integers are kept; other ids are mapped
-to 1..V and the mapping is written as `vocab_<role>.txt` (line k = id k).
+counted in the metadata.
+
+Ids: each raw id maps to an int64 >= 1 by its own value alone, so the same id gets the same
+int64 on any machine, in any run, whatever else the log holds and in whatever order:
+- a positive integer (1 to 18 digits, no leading zero) is kept as it is;
+- any other value (a string, `0`, `007`, a longer number) becomes `string_id(value)`, a
+  keyed 64-bit BLAKE2b hash of its UTF-8 bytes folded into 1..2^63-1.
+Distinct values that end on one int64 are collisions: counted per role in the metadata
+(`id_collisions`), logged and reported by `ifa-data`; with 64-bit hashes they are
+vanishingly rare (about V^2 / 2^64 for V ids). For each role holding a hashed value,
+`vocab_<role>.tsv` lists `<id><TAB><value>` for every distinct value, ordered by id, to
+map ids back (`read_vocabulary`).
 """
 
 import contextlib
 import csv
 import dataclasses
 import datetime
+import hashlib
 import logging
 import math
 import operator
@@ -42,6 +53,13 @@ _POSITIVE_INT = re.compile(r"^[1-9][0-9]{0,17}$")
 _MAX_LISTED_BAD_ROWS = 20
 _MAX_SHOWN_BYTES = 20
 _UNDECODED = re.compile("[\udc80-\udcff]")  # how surrogateescape keeps bytes >= 0x80
+# `string_id`'s key: a public constant, not a secret. It separates our ids from other uses of
+# BLAKE2b; changing it changes every hashed id (a new dataset version).
+_STRING_ID_KEY = b"ifa_tf.string_id.v1"
+_STRING_ID_SPACE = 2**63 - 1  # every positive int64; tests shrink it to force collisions
+_MAX_SHOWN_COLLISIONS = 5
+_VOCAB_ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
+_VOCAB_UNESCAPES = {"\\\\": "\\", "\\t": "\t", "\\n": "\n", "\\r": "\r"}
 _logger = logging.getLogger(__name__)
 
 
@@ -340,12 +358,13 @@ def convert_events(events, output_dir, config, num_shards=1, compression="gzip",
         cross_features=("cand_cross_category_count",) if has_category else (),
         tasks=config.tasks, score_task=config.tasks[1])
     os.makedirs(output_dir, exist_ok=True)
-    ids, id_ranges, vocab_files = {}, {}, {}
+    ids, id_ranges, vocab_files, collisions = {}, {}, {}, {}
     for role in ("user", "item", "category") if has_category else ("user", "item"):
-        ids[role], vocabulary = encode_ids(getattr(events, role))
+        ids[role], table = encode_ids(getattr(events, role))
         id_ranges[f"{role}_id"] = [int(ids[role].min()), int(ids[role].max())]
-        if vocabulary is not None:
-            vocab_files[role] = _write_vocabulary(output_dir, role, vocabulary)
+        collisions[role] = _count_collisions(role, table)
+        if any(not _POSITIVE_INT.match(value) for value in table):
+            vocab_files[role] = _write_vocabulary(output_dir, role, table)
     item_category = {}
     if has_category:  # an item's category is the first one the log gives it
         for item, category in zip(ids["item"][::-1], ids["category"][::-1]):
@@ -360,14 +379,15 @@ def convert_events(events, output_dir, config, num_shards=1, compression="gzip",
     split_time = (int(np.quantile(times, 1.0 - config.test_fraction, method="lower"))
                   if config.test_fraction > 0 else int(times.max()) + 1)
     train_items = timeline.item[timeline.time < split_time]
-    popularity = np.bincount(train_items if len(train_items) else timeline.item)
-    sampler = _NegativeSampler(popularity)
+    sampler = _NegativeSampler(*np.unique(train_items if len(train_items) else timeline.item,
+                                          return_counts=True))
 
     rules = config.action_rules
     metadata = {
         "source": "log", **(source or {}),
         "schema": schema.to_dict(), "tasks": list(schema.tasks), "id_ranges": id_ranges,
-        "vocabularies": vocab_files, "converter": config.to_dict(),
+        "vocabularies": vocab_files, "id_collisions": collisions,
+        "converter": config.to_dict(),
         "action_bits": rules.bits, "num_events": int(len(timeline.time)),
         "bad_rows": len(events.bad_rows),
         "bad_row_lines": [line for line, _ in events.bad_rows[:100]],
@@ -395,23 +415,66 @@ def convert_events(events, output_dir, config, num_shards=1, compression="gzip",
     return metadata
 
 
+def string_id(value):
+    """The int64 id of a raw id that is not kept as an integer: 1 + (BLAKE2b-64 of the UTF-8
+    bytes, keyed with `b"ifa_tf.string_id.v1"`, read little-endian) mod (2^63 - 1). Never 0
+    (padding), never negative; the same on every machine and in every run."""
+    digest = hashlib.blake2b(value.encode("utf-8"), digest_size=8,
+                             key=_STRING_ID_KEY).digest()
+    return 1 + int.from_bytes(digest, "little") % _STRING_ID_SPACE
+
+
 def encode_ids(values):
-    """Raw ids -> int64 ids >= 1: kept when all are positive integers, else 1..V by sorted
-    value. Returns `(ids, vocabulary or None)`."""
-    if all(_POSITIVE_INT.match(v) for v in values):
-        return np.array([int(v) for v in values], np.int64), None
-    vocabulary, inverse = np.unique(np.array(values, dtype=object).astype(str),
-                                    return_inverse=True)
-    return (inverse + 1).astype(np.int64), vocabulary.tolist()
+    """Raw ids -> int64 ids >= 1, each by its own value: a positive integer is kept, any
+    other value is `string_id(value)`. Returns `(ids, table)`, `table` mapping each distinct
+    value to its id."""
+    table = {value: int(value) if _POSITIVE_INT.match(value) else string_id(value)
+             for value in set(values)}
+    return np.fromiter((table[value] for value in values), np.int64, len(values)), table
 
 
-def _write_vocabulary(output_dir, role, vocabulary):
-    name = f"vocab_{role}.txt"
+def _count_collisions(role, table):
+    """Distinct values of `role` that share an id with another one; logged with examples."""
+    by_id = {}
+    for value, id_ in table.items():
+        by_id.setdefault(id_, []).append(value)
+    shared = sorted(sorted(values) for values in by_id.values() if len(values) > 1)
+    count = sum(len(values) - 1 for values in shared)
+    if count:
+        shown = "; ".join(" = ".join(repr(v) for v in values)
+                          for values in shared[:_MAX_SHOWN_COLLISIONS])
+        _logger.warning("%d %s id collisions: distinct %s ids share one int64 (%s%s)", count,
+                        role, role, shown, "; ..." if len(shared) > _MAX_SHOWN_COLLISIONS
+                        else "")
+    return count
+
+
+def _write_vocabulary(output_dir, role, table):
+    """`vocab_<role>.tsv`: `<id>\\t<value>` per distinct value, by id then value; the
+    value's backslashes, tabs and line breaks escaped as `\\\\`, `\\t`, `\\n`, `\\r`."""
+    name = f"vocab_{role}.tsv"
+    escapes = str.maketrans(_VOCAB_ESCAPES)
     tmp_path = os.path.join(output_dir, ".tmp-" + name)
-    with open(tmp_path, "w") as f:
-        f.writelines(f"{value}\n" for value in vocabulary)
+    with open(tmp_path, "w", encoding="utf-8", newline="\n") as f:
+        f.writelines(f"{id_}\t{value.translate(escapes)}\n"
+                     for value, id_ in sorted(table.items(), key=lambda entry: entry[::-1]))
     os.replace(tmp_path, os.path.join(output_dir, name))
     return name
+
+
+def read_vocabulary(output_dir, role):
+    """`{id: raw value}` of a converted log's `vocab_<role>.tsv` (roles whose ids were all
+    kept integers have none: their ids are their values). Where ids collided, the first
+    value in the file's order is kept."""
+    vocabulary = {}
+    with open(os.path.join(output_dir, f"vocab_{role}.tsv"), encoding="utf-8",
+              newline="\n") as f:
+        for line in f:
+            id_, value = line.rstrip("\n").split("\t", 1)
+            vocabulary.setdefault(int(id_), re.sub(r"\\[\\tnr]",
+                                                   lambda m: _VOCAB_UNESCAPES[m.group()],
+                                                   value))
+    return vocabulary
 
 
 @dataclasses.dataclass
@@ -467,9 +530,9 @@ def _request_points(timeline, config):
 
 
 class _NegativeSampler:
-    def __init__(self, popularity):
-        self.items = np.flatnonzero(popularity)
-        cdf = np.cumsum(popularity[self.items].astype(np.float64))
+    def __init__(self, items, counts):
+        self.items = items  # sorted, so the draws do not depend on the log's order
+        cdf = np.cumsum(counts.astype(np.float64))
         self.cdf = cdf / cdf[-1]
 
     def sample(self, rng, count, exclude):
