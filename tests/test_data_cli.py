@@ -47,6 +47,20 @@ def test_from_log_flags_reach_the_converter(tmp_path):
     assert metadata["splits"]["train"]["num_requests"] == 1
 
 
+def test_item_table_flags_reach_the_converter(tmp_path):
+    (tmp_path / "items.tsv").write_text("sku\tcats\nx\tshoes>running\ny\tbooks\n")
+    log = tmp_path / "log.tsv"
+    log.write_text("a\tx\t10\na\ty\t200000\n")
+    metadata = cli.run_command("from-log", _flags(
+        f"--output_dir={tmp_path / 'out'}", f"--input={log}", "--columns=user,item,timestamp",
+        "--delimiter=tab", "--noheader", f"--item_table={tmp_path / 'items.tsv'}",
+        "--item_table_key=sku", "--item_table_category=cats", "--item_table_separator=>",
+        "--test_fraction=0", "--num_negatives=0"))
+    assert metadata["schema"]["item_attributes"] == ["item_id", "category_id"]
+    assert sorted(log_converter.read_vocabulary(str(tmp_path / "out"), "category").values()) == [
+        "books", "shoes"]
+
+
 def test_id_collisions_are_counted_and_reported(tmp_path, monkeypatch, capsys, caplog):
     """A hash space of 2 forces collisions; the expected count comes from the documented
     formula, computed here independently."""

@@ -1,7 +1,8 @@
 """The log converter: no leakage, candidates and labels from the window, split by time,
-malformed rows reported with line numbers, string ids by a stable hash, the
+malformed rows reported with line numbers, string ids by a stable hash, the item table, the
 MovieLens-100K preset."""
 
+import dataclasses
 import glob
 import hashlib
 import logging
@@ -344,4 +345,58 @@ def test_an_id_maps_to_one_int64_whatever_else_the_log_holds(tmp_path):
                                   [log_converter.string_id("tab\there"),
                                    log_converter.string_id("back\\slash")])
 
+
+
+# ------------------------------------------------------------------------------ item table
+def _write_item_table(path, lines):
+    path.write_text("item_id:token,genres:token_seq,year\n" + "".join(f"{line}\n"
+                                                                       for line in lines))
+    return str(path)
+
+
+def _table_config(table, **kwargs):
+    return log_converter.LogConfig(
+        columns="user,item,timestamp,action", actions="pv:click", num_negatives=0,
+        test_fraction=0, item_table=table, item_table_category="genres",
+        item_table_separator="|", **kwargs)
+
+
+def test_item_table_gives_each_event_its_items_first_category(tmp_path):
+    table = _write_item_table(tmp_path / "items.csv", ["x,Drama|Comedy,1990", "y,Comedy,1991",
+                                                       "w,War,1992"])
+    _write_log(tmp_path / "log.csv", [("a", "x", 10, "pv"), ("a", "y", 20, "pv"),
+                                      ("a", "w", 200_000, "pv")], header="user,item,ts,type")
+    metadata = log_converter.convert_log(str(tmp_path / "log.csv"), str(tmp_path / "out"),
+                                         _table_config(table))
+    assert metadata["schema"]["item_attributes"] == ["item_id", "category_id"]
+    (request,) = _read_all(str(tmp_path / "out"), "train")
+    genres = log_converter.read_vocabulary(str(tmp_path / "out"), "category")
+    assert [genres[c] for c in request["seq_category_id"]] == ["Drama", "Comedy"]
+    assert [genres[c] for c in request["cand_category_id"]] == ["War"]
+    np.testing.assert_array_equal(request["cand_cross_category_count"], [0])
+
+
+def test_item_table_faults_are_named(tmp_path):
+    table = _write_item_table(tmp_path / "items.csv", ["x,Drama,1990", "y,,1991", "x,War,1992",
+                                                       "z,Comedy"])
+    _write_log(tmp_path / "log.csv", [("a", "x", 10, "pv"), ("a", "v", 200_000, "pv")],
+               header="user,item,ts,type")
+    with pytest.raises(records.DataFormatError) as error:
+        log_converter.convert_log(str(tmp_path / "log.csv"), str(tmp_path / "out"),
+                                  _table_config(table))
+    assert str(error.value).startswith(
+        f"{table}: 3 malformed rows: line 3: empty category; line 4: item 'x' is already on "
+        "line 2; line 5: 2 fields, expected 3")
+    table = _write_item_table(tmp_path / "items.csv", ["x,Drama,1990", "w,War,1992"])
+    with pytest.raises(records.DataFormatError,
+                       match=f"line 3: item 'v' is not in {table}"):
+        log_converter.convert_log(str(tmp_path / "log.csv"), str(tmp_path / "out"),
+                                  _table_config(table))
+    with pytest.raises(records.DataFormatError, match="no column 'genre' "
+                                                      "\\(item_table_category\\)"):
+        log_converter.convert_log(str(tmp_path / "log.csv"), str(tmp_path / "out"),
+                                  dataclasses.replace(_table_config(table),
+                                                      item_table_category="genre"))
+    with pytest.raises(ValueError, match="a category column and an item_table"):
+        log_converter.LogConfig(columns="user,item,category,timestamp", item_table=table)
 

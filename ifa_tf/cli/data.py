@@ -32,7 +32,10 @@ _SYNTHETIC = {"num_requests": "num_requests", "median_seq_len": "median_seq_len"
               "category_cap": "category_cap", "truth_samples": "truth_samples"}
 _FROM_LOG = {"input": None, "preset": None, "columns": "columns", "delimiter": "delimiter",
              "header": "header", "actions": "actions", "window_seconds": "window_seconds",
-             "num_negatives": "num_negatives", "skip_bad_rows": "skip_bad_rows"}
+             "num_negatives": "num_negatives", "skip_bad_rows": "skip_bad_rows",
+             "item_table": "item_table", "item_table_key": "item_table_key",
+             "item_table_category": "item_table_category",
+             "item_table_separator": "item_table_separator"}
 
 
 def define_flags(flag_values=flags.FLAGS):
@@ -86,6 +89,16 @@ def define_flags(flag_values=flags.FLAGS):
                          "request.", flag_values=f)
     flags.DEFINE_boolean("skip_bad_rows", False, "from-log: skip malformed rows (each is "
                          "logged with its line number) instead of failing.", flag_values=f)
+    flags.DEFINE_string("item_table", None, "from-log: a table of item attributes (header "
+                        "line, --delimiter) that gives each event its item's category, for "
+                        "logs without a category column.", flag_values=f)
+    flags.DEFINE_string("item_table_key", "item_id", "from-log: the item table's item id "
+                        "column.", flag_values=f)
+    flags.DEFINE_string("item_table_category", "category", "from-log: the item table's "
+                        "category column.", flag_values=f)
+    flags.DEFINE_string("item_table_separator", "", "from-log: splits a multi-valued "
+                        "category field, whose first value is the category (e.g. ' ' for "
+                        "genre lists); empty: the whole field.", flag_values=f)
 
 
 def synthetic_config(flag_values):

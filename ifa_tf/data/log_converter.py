@@ -26,6 +26,8 @@ Distinct values that end on one int64 are collisions: counted per role in the me
 vanishingly rare (about V^2 / 2^64 for V ids). For each role holding a hashed value,
 `vocab_<role>.tsv` lists `<id><TAB><value>` for every distinct value, ordered by id, to
 map ids back (`read_vocabulary`).
+
+Categories come from a log column or from a side table of items (`LogConfig.item_table`).
 """
 
 import contextlib
@@ -84,6 +86,16 @@ class LogConfig:
         seed: fixes negative sampling and candidate order.
         skip_bad_rows: skip malformed rows (logged with line numbers, counted) instead of
             failing.
+        item_table: path of a side table of item attributes, for logs whose events carry
+            no category: one row per item, a header line naming the columns (RecBole's
+            `name:type` is read as `name`), fields split by `delimiter`. Each event's
+            category is its item's; an event whose item is not in the table is a
+            malformed row, and so is a table row with a missing or repeated item or an
+            empty category.
+        item_table_key: the table's item id column.
+        item_table_category: the table's category column.
+        item_table_separator: splits a multi-valued category field (e.g. `" "` for
+            MovieLens genres); the first value is the category. Empty: the whole field.
     """
 
     columns: tuple = ("user", "item", "timestamp")
@@ -98,6 +110,10 @@ class LogConfig:
     test_fraction: float = 0.2
     seed: int = 0
     skip_bad_rows: bool = False
+    item_table: str = ""
+    item_table_key: str = "item_id"
+    item_table_category: str = "category"
+    item_table_separator: str = ""
 
     def __post_init__(self):
         columns = self.columns
@@ -137,6 +153,19 @@ class LogConfig:
                              "its values to tasks (e.g. 'pv:click,fav:like' or "
                              "'>=4:click,>=5:like').")
         ActionRules.parse(self.actions)  # a bad spec fails here, not mid-conversion
+        if self.item_table and "category" in self.columns:
+            raise ValueError("LogConfig: the log has a category column and an item_table; "
+                             "give categories by one of them. Received: "
+                             f"columns={self.columns!r}, item_table={self.item_table!r}")
+        for name in ("item_table_key", "item_table_category"):
+            if not getattr(self, name):
+                raise ValueError(f"LogConfig.{name} must name a column. Received: "
+                                 f"{name}={getattr(self, name)!r}")
+
+    @property
+    def has_category(self):
+        """Events carry a category (a log column or the item table)."""
+        return "category" in self.columns or bool(self.item_table)
 
     @property
     def action_rules(self):
@@ -241,6 +270,7 @@ def read_log(path, config):
     """Parses a CSV/TSV log into `Events`; malformed rows raise (or are skipped and logged)."""
     rules = config.action_rules
     column = {role: config.columns.index(role) for role in ROLES[:-1] if role in config.columns}
+    item_category = read_item_table(config) if config.item_table else None
     user, item, category, timestamp, bits, lines, bad = [], [], [], [], [], [], []
     with contextlib.closing(_csv_rows(path, config.delimiter)) as rows:
         for line, row, error in rows:
@@ -259,6 +289,11 @@ def read_log(path, config):
                 for role in ("user", "item", "category"):
                     if role in values and not values[role]:
                         raise ValueError(f"empty {role}")
+                if item_category is not None:
+                    if values["item"] not in item_category:
+                        raise ValueError(f"item {values['item']!r} is not in "
+                                         f"{config.item_table}")
+                    values["category"] = item_category[values["item"]]
                 time = parse_timestamp(values["timestamp"])
                 action = rules(values.get("action", ""))
             except ValueError as fault:
@@ -274,6 +309,48 @@ def read_log(path, config):
                     np.array(bits, np.int64), np.array(lines, np.int64), bad)
     report_bad_rows(path, events.bad_rows, config.skip_bad_rows)
     return events
+
+
+def read_item_table(config):
+    """`{raw item id: raw category}` from `config.item_table`; malformed rows raise (or are
+    skipped and logged with `skip_bad_rows`)."""
+    path = config.item_table
+    item_category, first_line, bad = {}, {}, []
+    with contextlib.closing(_csv_rows(path, config.delimiter)) as rows:
+        columns = _header(path, rows)
+        position = {}
+        for name in ("item_table_key", "item_table_category"):
+            wanted = getattr(config, name)
+            if wanted not in columns:
+                raise records.DataFormatError(
+                    f"{path}: no column {wanted!r} ({name}); its columns: {columns}")
+            position[name] = columns.index(wanted)
+        for line, row, error in rows:
+            if not row and error is None:  # blank line
+                continue
+            try:
+                if error is not None:
+                    raise ValueError(error)
+                if len(row) != len(columns):
+                    raise ValueError(f"{len(row)} fields, expected {len(columns)}")
+                item = row[position["item_table_key"]].strip()
+                field = row[position["item_table_category"]].strip()
+                _check_text({"item": item, "category": field})
+                if not item:
+                    raise ValueError("empty item")
+                if item in first_line:
+                    raise ValueError(f"item {item!r} is already on line {first_line[item]}")
+                values = field.split(config.item_table_separator) if (
+                    config.item_table_separator) else [field]
+                if not values[0].strip():
+                    raise ValueError("empty category")
+            except ValueError as fault:
+                bad.append((line, str(fault)))
+                continue
+            item_category[item] = values[0].strip()
+            first_line[item] = line
+    report_bad_rows(path, bad, config.skip_bad_rows)
+    return item_category
 
 
 def _csv_rows(path, delimiter, quoting=csv.QUOTE_MINIMAL):
@@ -352,7 +429,7 @@ def convert_events(events, output_dir, config, num_shards=1, compression="gzip",
     """Cuts parsed events into requests and writes them; returns the metadata."""
     if len(events.timestamp) == 0:
         raise records.DataFormatError("The log holds no valid rows.")
-    has_category = "category" in config.columns
+    has_category = config.has_category
     schema = schema_lib.FeatureSchema(
         item_attributes=("item_id", "category_id") if has_category else ("item_id",),
         cross_features=("cand_cross_category_count",) if has_category else (),
