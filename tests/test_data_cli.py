@@ -11,6 +11,7 @@ from absl import app, flags
 
 from ifa_tf.cli import data as cli
 from ifa_tf.data import log_converter, records
+from test_data_converter import fake_movielens_1m
 
 
 def _flags(*argv):
@@ -45,6 +46,22 @@ def test_from_log_flags_reach_the_converter(tmp_path):
     assert metadata["converter"]["delimiter"] == "\t"
     assert metadata["tasks"] == ["impression", "click", "like"]
     assert metadata["splits"]["train"]["num_requests"] == 1
+
+
+def test_preset_keeps_its_config_where_no_flag_is_given(tmp_path):
+    fake_movielens_1m(tmp_path)
+    metadata = cli.run_command("from-log", _flags(
+        f"--output_dir={tmp_path / 'out'}", f"--input={tmp_path}", "--preset=movielens_1m",
+        "--num_negatives=2", "--seed=3"))
+    converter = metadata["converter"]
+    assert (converter["num_negatives"], converter["seed"]) == (2, 3)  # given
+    assert (converter["max_seq_len"], converter["max_candidates"],
+            converter["window_seconds"]) == (2500, 50, 7 * 86_400)  # the preset's
+    assert converter["item_table"] == str(tmp_path / "ml-1m.item")
+    with pytest.raises(SystemExit, match="Preset 'movielens_1m' sets \\['columns'\\]"):
+        cli.main(["ifa-data", "from-log"], _flags(
+            f"--output_dir={tmp_path / 'x'}", f"--input={tmp_path}", "--preset=movielens_1m",
+            "--columns=user,item,timestamp"))
 
 
 def test_item_table_flags_reach_the_converter(tmp_path):

@@ -1,6 +1,6 @@
 """The log converter: no leakage, candidates and labels from the window, split by time,
 malformed rows reported with line numbers, string ids by a stable hash, the item table, the
-MovieLens-100K preset."""
+MovieLens presets."""
 
 import dataclasses
 import glob
@@ -400,3 +400,89 @@ def test_item_table_faults_are_named(tmp_path):
     with pytest.raises(ValueError, match="a category column and an item_table"):
         log_converter.LogConfig(columns="user,item,category,timestamp", item_table=table)
 
+
+# ---------------------------------------------------------------------------- MovieLens-1M
+DAY_AND_A_WEEK = 8 * DAY
+
+
+def fake_movielens_1m(directory):
+    """The layout of `shared/data/fetch_movielens_1m.sh`: RecBole atomic files, CRLF, string
+    user ids, titles as item ids, space-separated genres. User 1m_1 rates Zorro and Alien in
+    the same second: the log's order (Zorro first) must survive, although both the titles
+    and their hashes sort the other way."""
+    (directory / "ml-1m.item").write_bytes((
+        "item_id:token\tmovie_title:token\trelease_year:float\tgenre:token\r\n"
+        "Zorro (1998)\tZorro\t1998\tAction Adventure\r\n"
+        "Alien (1979)\tAlien\t1979\tHorror Sci-Fi\r\n"
+        "Babe (1995)\tBabe\t1995\tChildren's Comedy Drama\r\n"
+        "Heat (1995)\tHeat\t1995\tAction Crime Thriller\r\n").encode())
+    (directory / "ml-1m.inter").write_bytes((
+        "user_id:token\titem_id:token\trating:float\ttimestamp:float\r\n"
+        "1m_1\tZorro (1998)\t5\t100\r\n"
+        "1m_1\tAlien (1979)\t3\t100\r\n"
+        "1m_1\tBabe (1995)\t4\t200\r\n"
+        f"1m_1\tHeat (1995)\t4\t{100 + DAY_AND_A_WEEK}\r\n"
+        "1m_2\tBabe (1995)\t2\t50\r\n"
+        f"1m_2\tZorro (1998)\t5\t{50 + DAY_AND_A_WEEK}\r\n").encode())
+
+
+def test_movielens_1m_preset_reads_the_fetched_layout(tmp_path):
+    fake_movielens_1m(tmp_path)
+    metadata = log_converter.convert_preset("movielens_1m", str(tmp_path), str(tmp_path / "out"))
+    assert metadata["preset"] == "movielens_1m"
+    assert metadata["tasks"] == ["impression", "click", "like"]
+    config = metadata["converter"]
+    assert (config["max_seq_len"], config["window_seconds"], config["max_candidates"],
+            config["num_negatives"], config["actions"]) == (2500, 7 * DAY, 50, 30,
+                                                            ">=4:click,==5:like")
+    items = _vocab(str(tmp_path / "out"), "item")
+    genres = _vocab(str(tmp_path / "out"), "category")
+    assert sorted(items.values()) == ["Alien (1979)", "Babe (1995)", "Heat (1995)",
+                                      "Zorro (1998)"]
+    assert sorted(genres.values()) == ["Action", "Children's", "Horror"]
+    string_id = log_converter.string_id
+    requests = {r["user_id"]: r for r in _read_all(str(tmp_path / "out"), "train")
+                + _read_all(str(tmp_path / "out"), "test")}
+    assert sorted(requests) == sorted([string_id("1m_1"), string_id("1m_2")])
+    request = requests[string_id("1m_1")]
+    assert [items[i] for i in request["seq_item_id"]] == ["Zorro (1998)", "Alien (1979)",
+                                                         "Babe (1995)"]
+    assert [genres[c] for c in request["seq_category_id"]] == ["Action", "Horror",
+                                                              "Children's"]
+    np.testing.assert_array_equal(request["seq_action"], [5, 0, 1])  # 5: click+like, 3: none
+    np.testing.assert_array_equal(request["seq_time_delta"],
+                                  [DAY_AND_A_WEEK, DAY_AND_A_WEEK, DAY_AND_A_WEEK - 100])
+    shown = request["impression"] == 1
+    assert [items[i] for i in request["cand_item_id"][shown]] == ["Heat (1995)"]
+    assert request["click"][shown].tolist() == [1] and request["like"][shown].tolist() == [0]
+    assert len(request["cand_item_id"]) == 4  # Heat and the 3 other movies as negatives
+
+
+def test_movielens_1m_preset_overrides_and_layout(tmp_path):
+    fake_movielens_1m(tmp_path)
+    metadata = log_converter.convert_preset("movielens_1m", str(tmp_path), str(tmp_path / "out"),
+                                            num_negatives=1, test_fraction=0)
+    assert (metadata["converter"]["num_negatives"], metadata["converter"]["max_seq_len"]) == (
+        1, 2500)
+    with pytest.raises(ValueError, match="Preset 'movielens_1m' sets \\['columns'\\]"):
+        log_converter.convert_preset("movielens_1m", str(tmp_path), str(tmp_path / "x"),
+                                     columns="user,item,timestamp")
+    with pytest.raises(ValueError, match="Unknown preset 'movielens_2m'"):
+        log_converter.preset_config("movielens_2m", str(tmp_path))
+    inter = tmp_path / "ml-1m.inter"
+    inter.write_bytes(inter.read_bytes().replace(b"rating:float", b"stars:float"))
+    with pytest.raises(records.DataFormatError, match="columns \\['user_id', 'item_id', "
+                                                      "'stars', 'timestamp'\\], expected"):
+        log_converter.convert_preset("movielens_1m", str(tmp_path), str(tmp_path / "y"))
+
+
+@pytest.mark.skipif(not os.path.exists("/tmp/ml-1m/ml-1m.inter"),
+                    reason="MovieLens-1M not fetched (shared/data/fetch_movielens_1m.sh)")
+@pytest.mark.slow
+def test_movielens_1m_real_files(tmp_path):
+    metadata = log_converter.convert_preset("movielens_1m", "/tmp/ml-1m", str(tmp_path))
+    assert metadata["num_events"] == 1_000_209 and metadata["bad_rows"] == 0
+    assert metadata["id_collisions"] == {"user": 0, "item": 0, "category": 0}
+    assert metadata["splits"]["train"]["num_requests"] == 8147
+    assert metadata["splits"]["test"]["num_requests"] == 2038
+    assert metadata["splits"]["test"]["max_seq_len"] == 2306

@@ -28,6 +28,8 @@ vanishingly rare (about V^2 / 2^64 for V ids). For each role holding a hashed va
 map ids back (`read_vocabulary`).
 
 Categories come from a log column or from a side table of items (`LogConfig.item_table`).
+`PRESETS` (`convert_preset`) read MovieLens-100K and -1M as the
+`shared/data/fetch_movielens_*.sh` scripts write them.
 """
 
 import contextlib
@@ -483,11 +485,16 @@ def convert_events(events, output_dir, config, num_shards=1, compression="gzip",
                 lengths.append((len(request["seq_item_id"]), len(request["cand_item_id"])))
                 writer.write(records.encode_example(request, schema))
         metadata["files"].update(writer.row_counts)
+        seq_lens, cand_lens = np.array(lengths).T
         metadata["splits"][split] = {
             "pattern": os.path.basename(records.split_pattern(output_dir, split, compression)),
             "num_requests": len(chosen),
-            "mean_seq_len": float(np.mean([n for n, _ in lengths])),
-            "mean_candidates": float(np.mean([m for _, m in lengths]))}
+            "mean_seq_len": float(np.mean(seq_lens)),
+            "median_seq_len": float(np.median(seq_lens)),
+            "p90_seq_len": float(np.percentile(seq_lens, 90)),
+            "max_seq_len": int(np.max(seq_lens)),
+            "mean_candidates": float(np.mean(cand_lens)),
+            "max_candidates": int(np.max(cand_lens))}
     records.write_metadata(output_dir, metadata)
     return metadata
 
@@ -663,61 +670,102 @@ def _build_request(point, timeline, item_category, sampler, schema, rules, confi
     return request
 
 
-# ------------------------------------------------------------------------------ MovieLens
+# -------------------------------------------------------------------------------- presets
 MOVIELENS_ACTIONS = ">=4:click,==5:like"
+_RECBOLE_COLUMNS = ("user_id", "item_id", "rating", "timestamp")  # checked in the file
 
 
-def read_movielens_100k(data_dir, config):
-    """Events of the RecBole-layout MovieLens-100K files (`ml-100k.inter`, `ml-100k.item`)
-    that `shared/data/fetch_movielens_100k.sh` writes: category = an item's first genre,
-    action = the rating (map it with `config.actions`, default `>=4:click,==5:like`)."""
-    genre = {}
-    item_path = os.path.join(data_dir, "ml-100k.item")
-    with contextlib.closing(_csv_rows(item_path, "\t", csv.QUOTE_NONE)) as rows:
-        columns = _header(item_path, rows)
-        item_column, class_column = columns.index("item_id"), columns.index("class")
-        for line, row, error in rows:
-            try:
-                if error is not None:
-                    raise ValueError(error)
-                if len(row) != len(columns):
-                    raise ValueError(f"{len(row)} fields, expected {len(columns)}")
-                _check_text({"item_id": row[item_column], "class": row[class_column]})
-            except ValueError as fault:
-                raise records.DataFormatError(f"{item_path}: line {line}: {fault}") from None
-            genres = row[class_column].split()
-            genre[row[item_column]] = genres[0] if genres else "unknown"
-    inter_path = os.path.join(data_dir, "ml-100k.inter")
-    rules = config.action_rules
-    user, item, category, timestamp, bits, lines, bad = [], [], [], [], [], [], []
-    with contextlib.closing(_csv_rows(inter_path, "\t", csv.QUOTE_NONE)) as rows:
-        header = _header(inter_path, rows)
-        position = {name: header.index(name)
-                    for name in ("user_id", "item_id", "rating", "timestamp")}
-        for line, row, error in rows:
-            try:
-                if error is not None:
-                    raise ValueError(error)
-                if len(row) != len(header):
-                    raise ValueError(f"{len(row)} fields, expected {len(header)}")
-                _check_text({name: row[i] for name, i in position.items()})
-                movie = row[position["item_id"]]
-                if movie not in genre:
-                    raise ValueError(f"item {movie!r} is not in {item_path}")
-                time = parse_timestamp(row[position["timestamp"]])
-                action = rules(row[position["rating"]])
-            except ValueError as fault:
-                bad.append((line, str(fault)))
-                continue
-            user.append(row[position["user_id"]])
-            item.append(movie)
-            category.append(genre[movie])
-            timestamp.append(time)
-            bits.append(action)
-            lines.append(line)
-    report_bad_rows(inter_path, bad, config.skip_bad_rows)
-    return Events(user, item, category, np.array(timestamp, np.int64),
-                  np.array(bits, np.int64), np.array(lines, np.int64), bad)
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """A known log: its files in one directory (RecBole atomic files, as the
+    `shared/data/fetch_movielens_*.sh` scripts write them: tab-separated, a typed header
+    line, ids as tokens) and the `LogConfig` fields that suit it.
+
+    Args:
+        log_file: the interactions (`user_id`, `item_id`, `rating`, `timestamp`).
+        item_file: the item table; an event's category is the first of its item's genres.
+        category_column: the item table's genre column.
+        defaults: `LogConfig` fields the preset sets (the caller may override them).
+    """
+
+    log_file: str
+    item_file: str
+    category_column: str
+    defaults: dict = dataclasses.field(default_factory=dict)
+
+
+PRESETS = {
+    # 943 users, 1,682 movies, 100,000 ratings: the `LogConfig` defaults (day windows, the
+    # last 1,000 events, 50 negatives, at most 200 candidates).
+    "movielens_100k": Preset("ml-100k.inter", "ml-100k.item", "class"),
+    # 6,040 users, 3,706 movies, 1,000,209 ratings in 2000-2003; a user has 96 ratings at the
+    # median, 400 at the 90th percentile, 399 users have 500 or more, the longest 2,314.
+    # A benchmark for lifelong sequences, sized for the zoo on a 2-core CPU:
+    "movielens_1m": Preset("ml-1m.inter", "ml-1m.item", "genre", {
+        # above the longest history (2,306 earlier ratings): no sequence is ever cut.
+        "max_seq_len": 2500,
+        # A week's ratings make one request: a third fewer requests than day windows
+        # (10,185 against 15,199) with the same sequences, so the O(mn) models fit.
+        "window_seconds": 7 * 86_400,
+        # A week holds 3 ratings at the median, 42 at the 90th percentile. Batches are
+        # padded to their largest m, so this cap sets the cost of the O(mn) models: 50
+        # halves it against 100 and keeps the whole week of 91 % of requests.
+        "max_candidates": 50,
+        # unrated movies by popularity: about 37 candidates a request on average.
+        "num_negatives": 30,
+    }),
+}
+
+
+def preset_config(name, data_dir, **overrides):
+    """The `LogConfig` of preset `name` over the files in `data_dir`: the preset's layout
+    (columns, delimiter, header, item table), its defaults, then `overrides`. Ratings map to
+    tasks by `MOVIELENS_ACTIONS` (>= 4: click, 5: like) unless `actions` is overridden."""
+    if name not in PRESETS:
+        raise ValueError(f"Unknown preset {name!r}; valid presets: {sorted(PRESETS)}")
+    preset = PRESETS[name]
+    layout = _preset_layout(preset, data_dir)
+    fixed = sorted(set(overrides) & set(layout))
+    if fixed:
+        raise ValueError(f"Preset {name!r} sets {fixed} itself (the layout of its files); "
+                         f"do not pass them. Received: {fixed}")
+    return LogConfig(**{"actions": MOVIELENS_ACTIONS, **preset.defaults, **overrides,
+                        **layout})
+
+
+def _preset_layout(preset, data_dir):
+    """The `LogConfig` fields that describe the preset's files."""
+    return {"columns": ("user", "item", "action", "timestamp"), "delimiter": "\t",
+            "header": True, "item_table": os.path.join(data_dir, preset.item_file),
+            "item_table_key": "item_id", "item_table_category": preset.category_column,
+            "item_table_separator": " "}
+
+
+def convert_preset(name, data_dir, output_dir, num_shards=1, compression="gzip",
+                   **overrides):
+    """Converts the files of preset `name` in `data_dir` (`preset_config(name, data_dir,
+    **overrides)`) into `output_dir`; returns the metadata."""
+    config = preset_config(name, data_dir, **overrides)
+    log = os.path.join(data_dir, PRESETS[name].log_file)
+    with contextlib.closing(_csv_rows(log, "\t")) as rows:
+        columns = _header(log, rows)
+    if tuple(columns) != _RECBOLE_COLUMNS:
+        raise records.DataFormatError(f"{log}: columns {columns}, expected "
+                                      f"{list(_RECBOLE_COLUMNS)} (preset {name!r})")
+    return convert_log(log, output_dir, config, num_shards, compression,
+                       source={"preset": name, "log": os.path.abspath(data_dir)})
+
+
+def convert_movielens_100k(data_dir, output_dir, config=None, num_shards=1,
+                           compression="gzip"):
+    """`convert_preset("movielens_100k", ...)` with the request cutting and `actions` of
+    `config` (its other fields are the preset's)."""
+    layout = _preset_layout(PRESETS["movielens_100k"], data_dir)
+    overrides = {} if config is None else {
+        field: value for field, value in config.to_dict().items()
+        if field not in layout and (field != "actions" or value)}
+    return convert_preset("movielens_100k", data_dir, output_dir, num_shards, compression,
+                          **overrides)
 
 
 def _header(path, rows):
@@ -726,18 +774,3 @@ def _header(path, rows):
     if error is not None:
         raise records.DataFormatError(f"{path}: line {line}: {error}")
     return [name.split(":")[0] for name in header]
-
-
-def convert_movielens_100k(data_dir, output_dir, config=None, num_shards=1,
-                           compression="gzip"):
-    """The MovieLens-100K preset: `data_dir` holds the fetched files. `config` supplies the
-    request cutting and `actions` (its `columns`, `delimiter`, `header` are not used)."""
-    config = config or LogConfig(columns=("user", "item", "category", "timestamp",
-                                          "action"), actions=MOVIELENS_ACTIONS)
-    config = dataclasses.replace(config, columns=("user", "item", "category", "timestamp",
-                                                  "action"),
-                                 actions=config.actions or MOVIELENS_ACTIONS)
-    events = read_movielens_100k(data_dir, config)
-    return convert_events(events, output_dir, config, num_shards, compression,
-                          source={"preset": "movielens_100k",
-                                  "log": os.path.abspath(data_dir)})
