@@ -109,8 +109,8 @@ def prepare_data():
             num_requests=FLAGS.sim_requests, seed=FLAGS.sim_seed,
             max_seq_len=FLAGS.sim_max_seq_len, max_candidates=FLAGS.sim_max_candidates),
             num_shards=4),
-        "movielens_1m": lambda path: log_converter.convert_movielens_1m(
-            _required_dir("movielens_1m_dir"), path, num_shards=4),
+        "movielens_1m": lambda path: log_converter.convert_preset(
+            "movielens_1m", _required_dir("movielens_1m_dir"), path, num_shards=4),
         "movielens_100k": lambda path: log_converter.convert_movielens_100k(
             _required_dir("movielens_dir"), path, log_converter.LogConfig(
                 max_seq_len=FLAGS.ml_max_seq_len, max_candidates=FLAGS.ml_max_candidates),

@@ -1,5 +1,7 @@
 """`ifa-data`: the flags reach the library functions; misuse is a usage error."""
 
+import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -8,7 +10,8 @@ import pytest
 from absl import app, flags
 
 from ifa_tf.cli import data as cli
-from ifa_tf.data import records, simulator
+from ifa_tf.data import log_converter, records, simulator
+from test_data_converter import fake_movielens_1m
 
 
 def _flags(*argv):
@@ -70,6 +73,65 @@ def test_from_log_flags_reach_the_converter(tmp_path):
     assert metadata["splits"]["train"]["num_requests"] == 1
 
 
+def test_preset_keeps_its_config_where_no_flag_is_given(tmp_path):
+    fake_movielens_1m(tmp_path)
+    metadata = cli.run_command("from-log", _flags(
+        f"--output_dir={tmp_path / 'out'}", f"--input={tmp_path}", "--preset=movielens_1m",
+        "--num_negatives=2", "--seed=3"))
+    converter = metadata["converter"]
+    assert (converter["num_negatives"], converter["seed"]) == (2, 3)  # given
+    assert (converter["max_seq_len"], converter["max_candidates"],
+            converter["window_seconds"]) == (2500, 50, 7 * 86_400)  # the preset's
+    assert converter["item_table"] == str(tmp_path / "ml-1m.item")
+    with pytest.raises(SystemExit, match="Preset 'movielens_1m' sets \\['columns'\\]"):
+        cli.main(["ifa-data", "from-log"], _flags(
+            f"--output_dir={tmp_path / 'x'}", f"--input={tmp_path}", "--preset=movielens_1m",
+            "--columns=user,item,timestamp"))
+
+
+def test_item_table_flags_reach_the_converter(tmp_path):
+    (tmp_path / "items.tsv").write_text("sku\tcats\nx\tshoes>running\ny\tbooks\n")
+    log = tmp_path / "log.tsv"
+    log.write_text("a\tx\t10\na\ty\t200000\n")
+    metadata = cli.run_command("from-log", _flags(
+        f"--output_dir={tmp_path / 'out'}", f"--input={log}", "--columns=user,item,timestamp",
+        "--delimiter=tab", "--noheader", f"--item_table={tmp_path / 'items.tsv'}",
+        "--item_table_key=sku", "--item_table_category=cats", "--item_table_separator=>",
+        "--test_fraction=0", "--num_negatives=0"))
+    assert metadata["schema"]["item_attributes"] == ["item_id", "category_id"]
+    assert sorted(log_converter.read_vocabulary(str(tmp_path / "out"), "category").values()) == [
+        "books", "shoes"]
+
+
+def test_id_collisions_are_counted_and_reported(tmp_path, monkeypatch, capsys, caplog):
+    """A hash space of 2 forces collisions; the expected count comes from the documented
+    formula, computed here independently."""
+    monkeypatch.setattr(log_converter, "_STRING_ID_SPACE", 2)
+    users, items = ["ann", "bob", "cy"], ["p", "q", "r", "s"]
+
+    def expected_collisions(values):
+        ids = {1 + int.from_bytes(hashlib.blake2b(v.encode(), digest_size=8,
+                                                  key=b"ifa_tf.string_id.v1").digest(),
+                                  "little") % 2 for v in values}
+        return len(values) - len(ids)
+
+    log = tmp_path / "log.csv"
+    log.write_text("user,item,ts\n" + "".join(f"{u},{i},{10 * k}\n" for k, (u, i) in
+                                              enumerate(zip(users * 4, items * 3))))
+    cli.main(["ifa-data", "from-log"], _flags(
+        f"--output_dir={tmp_path / 'out'}", f"--input={log}", "--columns=user,item,timestamp",
+        "--test_fraction=0", "--num_negatives=0", "--window_seconds=5"))
+    collisions = records.read_metadata(str(tmp_path / "out"))["id_collisions"]
+    assert collisions == {"user": expected_collisions(users),
+                          "item": expected_collisions(items)}
+    assert collisions["item"] >= 2  # 4 items in 2 ids
+    assert capsys.readouterr().out.endswith(
+        f"; id collisions: user {collisions['user']}, item {collisions['item']} (distinct "
+        "ids hashed to one int64; logged above, counted in metadata.json)\n")
+    assert f"{collisions['item']} item id collisions: distinct item ids share one int64" in (
+        caplog.text)
+
+
 def test_misplaced_and_missing_flags_are_usage_errors(tmp_path):
     with pytest.raises(app.UsageError, match="--num_requests"):
         cli.run_command("from-log", _flags(f"--output_dir={tmp_path}", "--num_requests=3",
@@ -94,3 +156,51 @@ def test_console_script_runs(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "wrote train=4 requests" in result.stdout
     assert os.path.exists(tmp_path / "metadata.json")
+
+
+
+# Runs each `ifa-data` command of argv[1] (a JSON list of argument lists) in this process, as
+# the console script would.
+_RUN_COMMANDS = """
+import json, sys
+from absl import flags
+from ifa_tf.cli import data as cli
+for command, *argv in json.loads(sys.argv[1]):
+    flag_values = flags.FlagValues()
+    cli.define_flags(flag_values)
+    flag_values(["ifa-data", *argv])
+    cli.run_command(command, flag_values)
+"""
+
+
+def _sha256_of_files(directory):
+    return {name: hashlib.sha256((directory / name).read_bytes()).hexdigest()
+            for name in sorted(os.listdir(directory))}
+
+
+def test_two_runs_write_byte_identical_files(tmp_path):
+    """Issue 16: users hash dataset files to cache and verify them. Each run is its own
+    process, as a user's are (protobuf picks a map order per process); one process runs both
+    commands, to pay for one TensorFlow import a run."""
+    log = tmp_path / "log.csv"
+    log.write_text("user,item,category,ts,type\n" + "".join(
+        f"u{i % 5},item {i % 7},c{i % 3},{1_000 + 20_000 * i},pv\n" for i in range(40)))
+    runs = []
+    for run in ("a", "b"):
+        commands = [
+            ["synthetic", f"--output_dir={tmp_path / run / 'synthetic'}", "--num_shards=2",
+             "--num_requests=30", "--max_seq_len=30", "--max_candidates=10",
+             "--num_items=200", "--num_topics=8", "--num_authors=20", "--num_categories=5",
+             "--truth_samples=4"],
+            ["from-log", f"--output_dir={tmp_path / run / 'log'}", "--num_shards=2",
+             f"--input={log}", "--columns=user,item,category,timestamp,action",
+             "--actions=pv:click", "--num_negatives=3"]]
+        result = subprocess.run([sys.executable, "-c", _RUN_COMMANDS, json.dumps(commands)],
+                                capture_output=True, text=True, timeout=180,
+                                env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+        assert result.returncode == 0, result.stderr[-2000:]
+        runs.append({output: _sha256_of_files(tmp_path / run / output)
+                     for output in ("synthetic", "log")})
+    for output in ("synthetic", "log"):
+        assert sum(name.endswith(".tfrecord.gz") for name in runs[0][output]) >= 3, output
+        assert runs[0][output] == runs[1][output], output

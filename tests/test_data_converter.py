@@ -1,7 +1,10 @@
 """The log converter: no leakage, candidates and labels from the window, split by time,
-malformed rows reported with line numbers, the MovieLens-100K preset."""
+malformed rows reported with line numbers, string ids by a stable hash, the item table, the
+MovieLens presets."""
 
+import dataclasses
 import glob
+import hashlib
 import logging
 import os
 
@@ -47,8 +50,9 @@ def _read_all(output_dir, split):
 
 
 def _vocab(output_dir, role):
-    with open(os.path.join(output_dir, f"vocab_{role}.txt")) as f:
-        return [line.rstrip("\n") for line in f]
+    vocabulary = log_converter.read_vocabulary(output_dir, role)
+    assert len(set(vocabulary.values())) == len(vocabulary)  # no collision
+    return vocabulary
 
 
 CONFIG = log_converter.LogConfig(columns="user,item,category,timestamp,action",
@@ -79,7 +83,7 @@ def _request_time(request, user_rows):
 
 
 def _user_rows(rows, users, request):
-    user = users[request["user_id"] - 1]
+    user = users[request["user_id"]]
     return sorted((t, i, kind) for u, i, _, t, kind in rows if u == user)
 
 
@@ -93,14 +97,14 @@ def test_sequence_holds_exactly_the_events_strictly_before_the_request(converted
         user_rows = _user_rows(rows, users, request)
         time = _request_time(request, user_rows)
         earlier = sorted({(t, i) for t, i, _ in user_rows if t < time})
-        assert sorted(items[i - 1] for i in request["seq_item_id"]) == sorted(
+        assert sorted(items[i] for i in request["seq_item_id"]) == sorted(
             i for _, i in earlier)
         np.testing.assert_array_equal(np.sort(request["seq_time_delta"]),
                                       np.sort([time - t for t, _ in earlier]))
         deltas = request["seq_time_delta"]
         assert (np.diff(deltas) <= 0).all()  # oldest first
         window = {i for t, i, _ in user_rows if time <= t < time + DAY}
-        positives = {items[i - 1] for i, shown in zip(request["cand_item_id"],
+        positives = {items[i] for i, shown in zip(request["cand_item_id"],
                                                       request["impression"]) if shown}
         assert positives == window
 
@@ -119,7 +123,7 @@ def test_labels_follow_the_action_mapping(converted):
                 window_kinds.setdefault(item, set()).add(kind)
         assert len(np.unique(request["cand_item_id"])) == len(request["cand_item_id"])
         for j, item_id in enumerate(request["cand_item_id"]):
-            kinds = window_kinds.get(items[item_id - 1])
+            kinds = window_kinds.get(items[item_id])
             assert request["impression"][j] == (kinds is not None)
             if kinds is None:
                 negatives += 1
@@ -138,14 +142,14 @@ def test_sequence_actions_are_bit_sets(tmp_path):
     (request,) = _read_all(str(tmp_path / "out"), "train") + _read_all(
         str(tmp_path / "out"), "test")
     items = _vocab(str(tmp_path / "out"), "item")
-    assert [items[i - 1] for i in request["seq_item_id"]] == ["x", "y", "z", "x"]
+    assert [items[i] for i in request["seq_item_id"]] == ["x", "y", "z", "x"]
     np.testing.assert_array_equal(request["seq_action"], [1, 5, 0, 1])  # fav = click+like
     np.testing.assert_array_equal(request["seq_time_delta"],
                                   [199_990, 199_980, 199_970, 199_970])
-    assert [items[i - 1] for i, s in zip(request["cand_item_id"], request["impression"])
+    assert [items[i] for i, s in zip(request["cand_item_id"], request["impression"])
             if s] == ["w"]
     cross = dict(zip(request["cand_item_id"], request["cand_cross_category_count"]))
-    assert cross[items.index("w") + 1] == 4
+    assert cross[log_converter.string_id("w")] == 4
 
 
 def test_split_is_by_time(converted):
@@ -154,8 +158,8 @@ def test_split_is_by_time(converted):
     users, items = _vocab(output_dir, "user"), _vocab(output_dir, "item")
     for split, later in (("train", False), ("test", True)):
         for request in _read_all(output_dir, split):
-            user = users[request["user_id"] - 1]
-            last = items[request["seq_item_id"][-1] - 1]
+            user = users[request["user_id"]]
+            last = items[request["seq_item_id"][-1]]
             times = [t + request["seq_time_delta"][-1] for u, i, _, t, _ in rows
                      if u == user and i == last]
             # some occurrence of the last sequence item gives the request time
@@ -269,11 +273,11 @@ def test_movielens_preset_reads_the_fetched_layout(tmp_path):
     assert metadata["preset"] == "movielens_100k"
     assert metadata["tasks"] == ["impression", "click", "like"]
     genres = _vocab(str(tmp_path / "out"), "category")
-    assert genres == ["Action", "Animation", "Thriller"]
+    assert sorted(genres.values()) == ["Action", "Animation", "Thriller"]
     requests = {int(r["user_id"]): r for r in _read_all(str(tmp_path / "out"), "train")}
     assert sorted(requests) == [5, 6]
     np.testing.assert_array_equal(requests[5]["seq_item_id"], [1, 2])
-    np.testing.assert_array_equal(requests[5]["seq_category_id"], [2, 1])  # first genre
+    assert [genres[c] for c in requests[5]["seq_category_id"]] == ["Animation", "Action"]
     np.testing.assert_array_equal(requests[5]["seq_action"], [0, 5])  # 3: none, 5: click+like
     shown = requests[5]["cand_item_id"][requests[5]["impression"] == 1]
     np.testing.assert_array_equal(shown, [3])
@@ -288,3 +292,197 @@ def test_movielens_100k_real_files(tmp_path):
     assert metadata["id_ranges"]["item_id"] == [1, 1682]
     assert metadata["splits"]["train"]["num_requests"] > metadata["splits"]["test"][
         "num_requests"] > 0
+
+
+# ------------------------------------------------------------------------------ string ids
+def test_string_ids_are_a_keyed_blake2b_pinned_here():
+    """The documented formula, and values pinned: changing either changes every dataset."""
+    for value in ("Toy Story (1995)", "1m_1", "0", "", "\u00e9t\u00e9"):
+        digest = hashlib.blake2b(value.encode("utf-8"), digest_size=8,
+                                 key=b"ifa_tf.string_id.v1").digest()
+        assert log_converter.string_id(value) == 1 + int.from_bytes(digest, "little") % (
+            2**63 - 1)
+    assert log_converter.string_id("Toy Story (1995)") == 5607944321659586521
+    assert log_converter.string_id("1m_1") == 2787727302107777799
+    assert log_converter.string_id("007") == 8852246996423323378
+    ids, table = log_converter.encode_ids(["42", "abc", "007", "0", "42"])
+    np.testing.assert_array_equal(ids, [42, log_converter.string_id("abc"),
+                                        8852246996423323378, 7641949619183895545, 42])
+    assert table == {"42": 42, "abc": log_converter.string_id("abc"),
+                     "007": 8852246996423323378, "0": 7641949619183895545}
+
+
+CONFIG_NO_CATEGORY = log_converter.LogConfig(columns="user,item,timestamp,action",
+                                             actions="pv:click", num_negatives=0,
+                                             test_fraction=0)
+
+
+def test_an_id_maps_to_one_int64_whatever_else_the_log_holds(tmp_path):
+    """Two logs (the second in another order, with other users and items) give the shared
+    ids the same int64; 1..V by sorted value did not. The vocabulary maps every id back,
+    tabs and backslashes included."""
+    rows = [("alice", "tab\there", 10, "pv"), ("alice", "back\\slash", 20, "pv"),
+            ("alice", "x", 200_000, "pv")]
+    more = [("aaron", "a first item", 5, "pv"), ("aaron", "x", 300_000, "pv")]
+    ids = {}
+    for name, log in (("one", rows), ("two", more + rows[::-1])):
+        with open(tmp_path / f"{name}.csv", "w") as f:
+            f.write("user,item,ts,type\n")
+            f.writelines(",".join(f'"{v}"' if "\t" in str(v) else str(v) for v in row) + "\n"
+                         for row in log)
+        output_dir = str(tmp_path / name)
+        log_converter.convert_log(str(tmp_path / f"{name}.csv"), output_dir, CONFIG_NO_CATEGORY)
+        users = log_converter.read_vocabulary(output_dir, "user")
+        items = log_converter.read_vocabulary(output_dir, "item")
+        assert set(items.values()) == {row[1] for row in log}
+        (request,) = [r for r in _read_all(output_dir, "test") + _read_all(output_dir, "train")
+                      if users[r["user_id"]] == "alice"]
+        ids[name] = request
+        assert [items[i] for i in request["seq_item_id"]] == ["tab\there", "back\\slash"]
+    assert ids["one"]["user_id"] == ids["two"]["user_id"] == log_converter.string_id("alice")
+    np.testing.assert_array_equal(ids["one"]["seq_item_id"], ids["two"]["seq_item_id"])
+    np.testing.assert_array_equal(ids["one"]["seq_item_id"],
+                                  [log_converter.string_id("tab\there"),
+                                   log_converter.string_id("back\\slash")])
+
+
+
+# ------------------------------------------------------------------------------ item table
+def _write_item_table(path, lines):
+    path.write_text("item_id:token,genres:token_seq,year\n" + "".join(f"{line}\n"
+                                                                       for line in lines))
+    return str(path)
+
+
+def _table_config(table, **kwargs):
+    return log_converter.LogConfig(
+        columns="user,item,timestamp,action", actions="pv:click", num_negatives=0,
+        test_fraction=0, item_table=table, item_table_category="genres",
+        item_table_separator="|", **kwargs)
+
+
+def test_item_table_gives_each_event_its_items_first_category(tmp_path):
+    table = _write_item_table(tmp_path / "items.csv", ["x,Drama|Comedy,1990", "y,Comedy,1991",
+                                                       "w,War,1992"])
+    _write_log(tmp_path / "log.csv", [("a", "x", 10, "pv"), ("a", "y", 20, "pv"),
+                                      ("a", "w", 200_000, "pv")], header="user,item,ts,type")
+    metadata = log_converter.convert_log(str(tmp_path / "log.csv"), str(tmp_path / "out"),
+                                         _table_config(table))
+    assert metadata["schema"]["item_attributes"] == ["item_id", "category_id"]
+    (request,) = _read_all(str(tmp_path / "out"), "train")
+    genres = log_converter.read_vocabulary(str(tmp_path / "out"), "category")
+    assert [genres[c] for c in request["seq_category_id"]] == ["Drama", "Comedy"]
+    assert [genres[c] for c in request["cand_category_id"]] == ["War"]
+    np.testing.assert_array_equal(request["cand_cross_category_count"], [0])
+
+
+def test_item_table_faults_are_named(tmp_path):
+    table = _write_item_table(tmp_path / "items.csv", ["x,Drama,1990", "y,,1991", "x,War,1992",
+                                                       "z,Comedy"])
+    _write_log(tmp_path / "log.csv", [("a", "x", 10, "pv"), ("a", "v", 200_000, "pv")],
+               header="user,item,ts,type")
+    with pytest.raises(records.DataFormatError) as error:
+        log_converter.convert_log(str(tmp_path / "log.csv"), str(tmp_path / "out"),
+                                  _table_config(table))
+    assert str(error.value).startswith(
+        f"{table}: 3 malformed rows: line 3: empty category; line 4: item 'x' is already on "
+        "line 2; line 5: 2 fields, expected 3")
+    table = _write_item_table(tmp_path / "items.csv", ["x,Drama,1990", "w,War,1992"])
+    with pytest.raises(records.DataFormatError,
+                       match=f"line 3: item 'v' is not in {table}"):
+        log_converter.convert_log(str(tmp_path / "log.csv"), str(tmp_path / "out"),
+                                  _table_config(table))
+    with pytest.raises(records.DataFormatError, match="no column 'genre' "
+                                                      "\\(item_table_category\\)"):
+        log_converter.convert_log(str(tmp_path / "log.csv"), str(tmp_path / "out"),
+                                  dataclasses.replace(_table_config(table),
+                                                      item_table_category="genre"))
+    with pytest.raises(ValueError, match="a category column and an item_table"):
+        log_converter.LogConfig(columns="user,item,category,timestamp", item_table=table)
+
+
+# ---------------------------------------------------------------------------- MovieLens-1M
+DAY_AND_A_WEEK = 8 * DAY
+
+
+def fake_movielens_1m(directory):
+    """The layout of `shared/data/fetch_movielens_1m.sh`: RecBole atomic files, CRLF, string
+    user ids, titles as item ids, space-separated genres. User 1m_1 rates Zorro and Alien in
+    the same second: the log's order (Zorro first) must survive, although both the titles
+    and their hashes sort the other way."""
+    (directory / "ml-1m.item").write_bytes((
+        "item_id:token\tmovie_title:token\trelease_year:float\tgenre:token\r\n"
+        "Zorro (1998)\tZorro\t1998\tAction Adventure\r\n"
+        "Alien (1979)\tAlien\t1979\tHorror Sci-Fi\r\n"
+        "Babe (1995)\tBabe\t1995\tChildren's Comedy Drama\r\n"
+        "Heat (1995)\tHeat\t1995\tAction Crime Thriller\r\n").encode())
+    (directory / "ml-1m.inter").write_bytes((
+        "user_id:token\titem_id:token\trating:float\ttimestamp:float\r\n"
+        "1m_1\tZorro (1998)\t5\t100\r\n"
+        "1m_1\tAlien (1979)\t3\t100\r\n"
+        "1m_1\tBabe (1995)\t4\t200\r\n"
+        f"1m_1\tHeat (1995)\t4\t{100 + DAY_AND_A_WEEK}\r\n"
+        "1m_2\tBabe (1995)\t2\t50\r\n"
+        f"1m_2\tZorro (1998)\t5\t{50 + DAY_AND_A_WEEK}\r\n").encode())
+
+
+def test_movielens_1m_preset_reads_the_fetched_layout(tmp_path):
+    fake_movielens_1m(tmp_path)
+    metadata = log_converter.convert_preset("movielens_1m", str(tmp_path), str(tmp_path / "out"))
+    assert metadata["preset"] == "movielens_1m"
+    assert metadata["tasks"] == ["impression", "click", "like"]
+    config = metadata["converter"]
+    assert (config["max_seq_len"], config["window_seconds"], config["max_candidates"],
+            config["num_negatives"], config["actions"]) == (2500, 7 * DAY, 50, 30,
+                                                            ">=4:click,==5:like")
+    items = _vocab(str(tmp_path / "out"), "item")
+    genres = _vocab(str(tmp_path / "out"), "category")
+    assert sorted(items.values()) == ["Alien (1979)", "Babe (1995)", "Heat (1995)",
+                                      "Zorro (1998)"]
+    assert sorted(genres.values()) == ["Action", "Children's", "Horror"]
+    string_id = log_converter.string_id
+    requests = {r["user_id"]: r for r in _read_all(str(tmp_path / "out"), "train")
+                + _read_all(str(tmp_path / "out"), "test")}
+    assert sorted(requests) == sorted([string_id("1m_1"), string_id("1m_2")])
+    request = requests[string_id("1m_1")]
+    assert [items[i] for i in request["seq_item_id"]] == ["Zorro (1998)", "Alien (1979)",
+                                                         "Babe (1995)"]
+    assert [genres[c] for c in request["seq_category_id"]] == ["Action", "Horror",
+                                                              "Children's"]
+    np.testing.assert_array_equal(request["seq_action"], [5, 0, 1])  # 5: click+like, 3: none
+    np.testing.assert_array_equal(request["seq_time_delta"],
+                                  [DAY_AND_A_WEEK, DAY_AND_A_WEEK, DAY_AND_A_WEEK - 100])
+    shown = request["impression"] == 1
+    assert [items[i] for i in request["cand_item_id"][shown]] == ["Heat (1995)"]
+    assert request["click"][shown].tolist() == [1] and request["like"][shown].tolist() == [0]
+    assert len(request["cand_item_id"]) == 4  # Heat and the 3 other movies as negatives
+
+
+def test_movielens_1m_preset_overrides_and_layout(tmp_path):
+    fake_movielens_1m(tmp_path)
+    metadata = log_converter.convert_preset("movielens_1m", str(tmp_path), str(tmp_path / "out"),
+                                            num_negatives=1, test_fraction=0)
+    assert (metadata["converter"]["num_negatives"], metadata["converter"]["max_seq_len"]) == (
+        1, 2500)
+    with pytest.raises(ValueError, match="Preset 'movielens_1m' sets \\['columns'\\]"):
+        log_converter.convert_preset("movielens_1m", str(tmp_path), str(tmp_path / "x"),
+                                     columns="user,item,timestamp")
+    with pytest.raises(ValueError, match="Unknown preset 'movielens_2m'"):
+        log_converter.preset_config("movielens_2m", str(tmp_path))
+    inter = tmp_path / "ml-1m.inter"
+    inter.write_bytes(inter.read_bytes().replace(b"rating:float", b"stars:float"))
+    with pytest.raises(records.DataFormatError, match="columns \\['user_id', 'item_id', "
+                                                      "'stars', 'timestamp'\\], expected"):
+        log_converter.convert_preset("movielens_1m", str(tmp_path), str(tmp_path / "y"))
+
+
+@pytest.mark.skipif(not os.path.exists("/tmp/ml-1m/ml-1m.inter"),
+                    reason="MovieLens-1M not fetched (shared/data/fetch_movielens_1m.sh)")
+@pytest.mark.slow
+def test_movielens_1m_real_files(tmp_path):
+    metadata = log_converter.convert_preset("movielens_1m", "/tmp/ml-1m", str(tmp_path))
+    assert metadata["num_events"] == 1_000_209 and metadata["bad_rows"] == 0
+    assert metadata["id_collisions"] == {"user": 0, "item": 0, "category": 0}
+    assert metadata["splits"]["train"]["num_requests"] == 8147
+    assert metadata["splits"]["test"]["num_requests"] == 2038
+    assert metadata["splits"]["test"]["max_seq_len"] == 2306

@@ -231,7 +231,7 @@ def test_movielens_preset_names_the_file_and_line_of_garbage(tmp_path):
         log_converter.convert_movielens_100k(str(tmp_path), str(tmp_path / "out"))
     message = str(error.value)
     assert message.startswith(f"{inter}: 2 malformed rows: ")
-    assert "line 3: user_id is not UTF-8 text: b'\\xff\\xd8'" in message
+    assert "line 3: user is not UTF-8 text: b'\\xff\\xd8'" in message
     assert "line 4: unparseable CSV: field larger than field limit" in message
 
 

@@ -5,9 +5,9 @@
     ifa-data synthetic --preset=lifelong --output_dir=data/lifelong
     ifa-data from-log --input=log.csv --output_dir=data/log \\
         --columns=user,item,category,timestamp,action --actions=pv:click,fav:like
-    ifa-data from-log --preset=movielens_100k --input=/tmp/ml-100k --output_dir=data/ml
+    ifa-data from-log --preset=movielens_1m --input=/tmp/ml-1m --output_dir=data/ml-1m
 
-Thin over `ifa_tf.data.write_synthetic`, `convert_log` and `convert_movielens_100k`. Flags
+Thin over `ifa_tf.data.write_synthetic`, `convert_log` and `convert_preset`. Flags
 are defined when the command runs (not on import), so other console scripts can define
 flags of the same name.
 """
@@ -21,7 +21,7 @@ from ifa_tf.cli import run_app
 from ifa_tf.data import log_converter, simulator
 
 COMMANDS = ("synthetic", "from-log")
-PRESETS = ("movielens_100k",)
+PRESETS = tuple(log_converter.PRESETS)
 SYNTHETIC_PRESETS = tuple(simulator.PRESETS)
 
 _COMMON = ("output_dir", "seed", "max_seq_len", "max_candidates", "min_seq_len",
@@ -34,7 +34,11 @@ _SYNTHETIC = {"num_requests": "num_requests", "median_seq_len": "median_seq_len"
               "category_cap": "category_cap", "truth_samples": "truth_samples"}
 _FROM_LOG = {"input": None, "columns": "columns", "delimiter": "delimiter",
              "header": "header", "actions": "actions", "window_seconds": "window_seconds",
-             "num_negatives": "num_negatives", "skip_bad_rows": "skip_bad_rows"}
+             "num_negatives": "num_negatives", "skip_bad_rows": "skip_bad_rows",
+             "item_table": "item_table", "item_table_key": "item_table_key",
+             "item_table_category": "item_table_category",
+             "item_table_separator": "item_table_separator"}
+_PRESET_NOTE = " (a --preset sets its own default)"
 
 
 def define_flags(flag_values=flags.FLAGS):
@@ -44,14 +48,15 @@ def define_flags(flag_values=flags.FLAGS):
                         flag_values=f)
     flags.DEFINE_integer("seed", 0, "Seed of the simulator / of negative sampling.",
                          flag_values=f)
-    flags.DEFINE_integer("max_seq_len", 1000, "Longest sequence (most recent events kept).",
+    flags.DEFINE_integer("max_seq_len", 1000, "Longest sequence (most recent events kept)"
+                         + _PRESET_NOTE + ".", flag_values=f)
+    flags.DEFINE_integer("max_candidates", 200, "Largest candidate set" + _PRESET_NOTE + ".",
                          flag_values=f)
-    flags.DEFINE_integer("max_candidates", 200, "Largest candidate set.", flag_values=f)
     flags.DEFINE_integer("min_seq_len", None, "Shortest sequence (default: 5 for synthetic, "
                          "1 for from-log).", flag_values=f)
     flags.DEFINE_float("test_fraction", None, "Share of requests in the test split "
-                       "(default: 0.1 synthetic, 0.2 from-log; from-log splits by time).",
-                       flag_values=f)
+                       "(default: 0.1 synthetic, 0.2 from-log; from-log splits by time)"
+                       + _PRESET_NOTE + ".", flag_values=f)
     flags.DEFINE_integer("num_shards", 4, "Files per split.", flag_values=f)
     flags.DEFINE_enum("compression", "gzip", ["gzip", "none"], "Shard compression.",
                       flag_values=f)
@@ -73,9 +78,10 @@ def define_flags(flag_values=flags.FLAGS):
     flags.DEFINE_string("input", None, "from-log: the log file (with --preset: the "
                         "directory of its files).", flag_values=f)
     flags.DEFINE_enum("preset", None, [*PRESETS, *SYNTHETIC_PRESETS],
-                      f"from-log: a known log layout ({', '.join(PRESETS)}); synthetic: a "
-                      f"named SimulatorConfig ({', '.join(SYNTHETIC_PRESETS)}) that the "
-                      "flags given override.", flag_values=f)
+                      f"from-log: a known log ({', '.join(PRESETS)}; --input: the directory "
+                      "of its files) with a config that suits it; synthetic: a named "
+                      f"SimulatorConfig ({', '.join(SYNTHETIC_PRESETS)}). The flags given "
+                      "override the preset's config.", flag_values=f)
     flags.DEFINE_list("columns", None, "from-log: role of each column: user, item, category, "
                       "timestamp, action, or _ to ignore.", flag_values=f)
     flags.DEFINE_string("delimiter", ",", "from-log: field separator; 'tab' or '\\t' for "
@@ -84,12 +90,22 @@ def define_flags(flag_values=flags.FLAGS):
                          "(--noheader: it is data).", flag_values=f)
     flags.DEFINE_string("actions", None, "from-log: action values -> tasks, e.g. "
                         "'pv:click,fav:like' or '>=4:click,==5:like'.", flag_values=f)
-    flags.DEFINE_integer("window_seconds", 86_400, "from-log: request window length.",
-                         flag_values=f)
+    flags.DEFINE_integer("window_seconds", 86_400, "from-log: request window length"
+                         + _PRESET_NOTE + ".", flag_values=f)
     flags.DEFINE_integer("num_negatives", 50, "from-log: popularity-sampled negatives per "
-                         "request.", flag_values=f)
+                         "request" + _PRESET_NOTE + ".", flag_values=f)
     flags.DEFINE_boolean("skip_bad_rows", False, "from-log: skip malformed rows (each is "
                          "logged with its line number) instead of failing.", flag_values=f)
+    flags.DEFINE_string("item_table", None, "from-log: a table of item attributes (header "
+                        "line, --delimiter) that gives each event its item's category, for "
+                        "logs without a category column.", flag_values=f)
+    flags.DEFINE_string("item_table_key", "item_id", "from-log: the item table's item id "
+                        "column.", flag_values=f)
+    flags.DEFINE_string("item_table_category", "category", "from-log: the item table's "
+                        "category column.", flag_values=f)
+    flags.DEFINE_string("item_table_separator", "", "from-log: splits a multi-valued "
+                        "category field, whose first value is the category (e.g. ' ' for "
+                        "genre lists); empty: the whole field.", flag_values=f)
 
 
 def synthetic_config(flag_values):
@@ -106,20 +122,22 @@ def synthetic_config(flag_values):
     return simulator.preset_config(preset, **overrides)
 
 
-def log_config(flag_values):
-    """The `LogConfig` the flags describe."""
-    overrides = {field: flag_values[name].value for name, field in _FROM_LOG.items()
-                 if field is not None and flag_values[name].value is not None}
+def log_overrides(flag_values):
+    """The `LogConfig` fields the flags set: with --preset, those given on the command line
+    (the preset's config holds the rest); without, every flag with a value."""
+    preset = flag_values["preset"].value
+    names = {**{name: field for name, field in _FROM_LOG.items() if field is not None},
+             **{name: name for name in ("seed", "max_seq_len", "max_candidates",
+                                        "min_seq_len", "test_fraction")}}
+    overrides = {}
+    for name, field in names.items():
+        flag = flag_values[name]
+        if flag.present if preset else flag.value is not None:
+            overrides[field] = flag.value
     if "delimiter" in overrides:
         overrides["delimiter"] = {"tab": "\t", "\\t": "\t"}.get(overrides["delimiter"],
                                                               overrides["delimiter"])
-    for name in ("seed", "max_seq_len", "max_candidates", "min_seq_len", "test_fraction"):
-        if flag_values[name].value is not None:
-            overrides[name] = flag_values[name].value
-    if flag_values["preset"].value == "movielens_100k":
-        overrides.setdefault("actions", log_converter.MOVIELENS_ACTIONS)
-        overrides["columns"] = ("user", "item", "category", "timestamp", "action")
-    return log_converter.LogConfig(**overrides)
+    return overrides
 
 
 def run_command(command, flag_values=flags.FLAGS):
@@ -152,12 +170,15 @@ def run_command(command, flag_values=flags.FLAGS):
     source = flag_values["input"].value
     if not source:
         raise app.UsageError("from-log needs --input.")
-    config = log_config(flag_values)
-    if flag_values["preset"].value == "movielens_100k":
-        return log_converter.convert_movielens_100k(source, output_dir, config, **shards)
+    preset = flag_values["preset"].value
+    if preset:
+        return log_converter.convert_preset(preset, source, output_dir, **shards,
+                                            **log_overrides(flag_values))
     if not flag_values["columns"].present:
         raise app.UsageError("from-log needs --columns (or --preset).")
-    return log_converter.convert_log(source, output_dir, config, **shards)
+    return log_converter.convert_log(source, output_dir,
+                                     log_converter.LogConfig(**log_overrides(flag_values)),
+                                     **shards)
 
 
 def main(argv, flag_values=flags.FLAGS):
@@ -172,8 +193,12 @@ def main(argv, flag_values=flags.FLAGS):
         logging.info("%s: %d requests (%s)", split, stats["num_requests"], stats["pattern"])
     parts = [f"{split}={stats['num_requests']}" for split, stats in metadata["splits"].items()]
     skipped = metadata.get("bad_rows", 0)
+    collisions = {role: n for role, n in metadata.get("id_collisions", {}).items() if n}
     print(f"wrote {', '.join(parts)} requests to {flag_values['output_dir'].value}"
-          + (f"; skipped {skipped} malformed rows (logged above)" if skipped else ""))
+          + (f"; skipped {skipped} malformed rows (logged above)" if skipped else "")
+          + (f"; id collisions: {', '.join(f'{role} {n}' for role, n in collisions.items())}"
+             " (distinct ids hashed to one int64; logged above, counted in metadata.json)"
+             if collisions else ""))
 
 
 def run():

@@ -14,14 +14,29 @@ Requests at or after the `1 - test_fraction` quantile of request times go to `te
 Malformed rows (wrong number of fields, empty ids, bad timestamps or action values, text
 that is not UTF-8, CSV that cannot be parsed) are an error naming the file and listing their
 line numbers; with `skip_bad_rows` they are skipped, each logged with its line number and
-counted in the metadata. Ids that are all positive integers are kept; other ids are mapped
-to 1..V and the mapping is written as `vocab_<role>.txt` (line k = id k).
+counted in the metadata.
+
+Ids: each raw id maps to an int64 >= 1 by its own value alone, so the same id gets the same
+int64 on any machine, in any run, whatever else the log holds and in whatever order:
+- a positive integer (1 to 18 digits, no leading zero) is kept as it is;
+- any other value (a string, `0`, `007`, a longer number) becomes `string_id(value)`, a
+  keyed 64-bit BLAKE2b hash of its UTF-8 bytes folded into 1..2^63-1.
+Distinct values that end on one int64 are collisions: counted per role in the metadata
+(`id_collisions`), logged and reported by `ifa-data`; with 64-bit hashes they are
+vanishingly rare (about V^2 / 2^64 for V ids). For each role holding a hashed value,
+`vocab_<role>.tsv` lists `<id><TAB><value>` for every distinct value, ordered by id, to
+map ids back (`read_vocabulary`).
+
+Categories come from a log column or from a side table of items (`LogConfig.item_table`).
+`PRESETS` (`convert_preset`) read MovieLens-100K and -1M as the
+`shared/data/fetch_movielens_*.sh` scripts write them.
 """
 
 import contextlib
 import csv
 import dataclasses
 import datetime
+import hashlib
 import logging
 import math
 import operator
@@ -42,6 +57,13 @@ _POSITIVE_INT = re.compile(r"^[1-9][0-9]{0,17}$")
 _MAX_LISTED_BAD_ROWS = 20
 _MAX_SHOWN_BYTES = 20
 _UNDECODED = re.compile("[\udc80-\udcff]")  # how surrogateescape keeps bytes >= 0x80
+# `string_id`'s key: a public constant, not a secret. It separates our ids from other uses of
+# BLAKE2b; changing it changes every hashed id (a new dataset version).
+_STRING_ID_KEY = b"ifa_tf.string_id.v1"
+_STRING_ID_SPACE = 2**63 - 1  # every positive int64; tests shrink it to force collisions
+_MAX_SHOWN_COLLISIONS = 5
+_VOCAB_ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
+_VOCAB_UNESCAPES = {"\\\\": "\\", "\\t": "\t", "\\n": "\n", "\\r": "\r"}
 _logger = logging.getLogger(__name__)
 
 
@@ -66,6 +88,16 @@ class LogConfig:
         seed: fixes negative sampling and candidate order.
         skip_bad_rows: skip malformed rows (logged with line numbers, counted) instead of
             failing.
+        item_table: path of a side table of item attributes, for logs whose events carry
+            no category: one row per item, a header line naming the columns (RecBole's
+            `name:type` is read as `name`), fields split by `delimiter`. Each event's
+            category is its item's; an event whose item is not in the table is a
+            malformed row, and so is a table row with a missing or repeated item or an
+            empty category.
+        item_table_key: the table's item id column.
+        item_table_category: the table's category column.
+        item_table_separator: splits a multi-valued category field (e.g. `" "` for
+            MovieLens genres); the first value is the category. Empty: the whole field.
     """
 
     columns: tuple = ("user", "item", "timestamp")
@@ -80,6 +112,10 @@ class LogConfig:
     test_fraction: float = 0.2
     seed: int = 0
     skip_bad_rows: bool = False
+    item_table: str = ""
+    item_table_key: str = "item_id"
+    item_table_category: str = "category"
+    item_table_separator: str = ""
 
     def __post_init__(self):
         columns = self.columns
@@ -119,6 +155,19 @@ class LogConfig:
                              "its values to tasks (e.g. 'pv:click,fav:like' or "
                              "'>=4:click,>=5:like').")
         ActionRules.parse(self.actions)  # a bad spec fails here, not mid-conversion
+        if self.item_table and "category" in self.columns:
+            raise ValueError("LogConfig: the log has a category column and an item_table; "
+                             "give categories by one of them. Received: "
+                             f"columns={self.columns!r}, item_table={self.item_table!r}")
+        for name in ("item_table_key", "item_table_category"):
+            if not getattr(self, name):
+                raise ValueError(f"LogConfig.{name} must name a column. Received: "
+                                 f"{name}={getattr(self, name)!r}")
+
+    @property
+    def has_category(self):
+        """Events carry a category (a log column or the item table)."""
+        return "category" in self.columns or bool(self.item_table)
 
     @property
     def action_rules(self):
@@ -223,6 +272,7 @@ def read_log(path, config):
     """Parses a CSV/TSV log into `Events`; malformed rows raise (or are skipped and logged)."""
     rules = config.action_rules
     column = {role: config.columns.index(role) for role in ROLES[:-1] if role in config.columns}
+    item_category = read_item_table(config) if config.item_table else None
     user, item, category, timestamp, bits, lines, bad = [], [], [], [], [], [], []
     with contextlib.closing(_csv_rows(path, config.delimiter)) as rows:
         for line, row, error in rows:
@@ -241,6 +291,11 @@ def read_log(path, config):
                 for role in ("user", "item", "category"):
                     if role in values and not values[role]:
                         raise ValueError(f"empty {role}")
+                if item_category is not None:
+                    if values["item"] not in item_category:
+                        raise ValueError(f"item {values['item']!r} is not in "
+                                         f"{config.item_table}")
+                    values["category"] = item_category[values["item"]]
                 time = parse_timestamp(values["timestamp"])
                 action = rules(values.get("action", ""))
             except ValueError as fault:
@@ -256,6 +311,48 @@ def read_log(path, config):
                     np.array(bits, np.int64), np.array(lines, np.int64), bad)
     report_bad_rows(path, events.bad_rows, config.skip_bad_rows)
     return events
+
+
+def read_item_table(config):
+    """`{raw item id: raw category}` from `config.item_table`; malformed rows raise (or are
+    skipped and logged with `skip_bad_rows`)."""
+    path = config.item_table
+    item_category, first_line, bad = {}, {}, []
+    with contextlib.closing(_csv_rows(path, config.delimiter)) as rows:
+        columns = _header(path, rows)
+        position = {}
+        for name in ("item_table_key", "item_table_category"):
+            wanted = getattr(config, name)
+            if wanted not in columns:
+                raise records.DataFormatError(
+                    f"{path}: no column {wanted!r} ({name}); its columns: {columns}")
+            position[name] = columns.index(wanted)
+        for line, row, error in rows:
+            if not row and error is None:  # blank line
+                continue
+            try:
+                if error is not None:
+                    raise ValueError(error)
+                if len(row) != len(columns):
+                    raise ValueError(f"{len(row)} fields, expected {len(columns)}")
+                item = row[position["item_table_key"]].strip()
+                field = row[position["item_table_category"]].strip()
+                _check_text({"item": item, "category": field})
+                if not item:
+                    raise ValueError("empty item")
+                if item in first_line:
+                    raise ValueError(f"item {item!r} is already on line {first_line[item]}")
+                values = field.split(config.item_table_separator) if (
+                    config.item_table_separator) else [field]
+                if not values[0].strip():
+                    raise ValueError("empty category")
+            except ValueError as fault:
+                bad.append((line, str(fault)))
+                continue
+            item_category[item] = values[0].strip()
+            first_line[item] = line
+    report_bad_rows(path, bad, config.skip_bad_rows)
+    return item_category
 
 
 def _csv_rows(path, delimiter, quoting=csv.QUOTE_MINIMAL):
@@ -334,18 +431,19 @@ def convert_events(events, output_dir, config, num_shards=1, compression="gzip",
     """Cuts parsed events into requests and writes them; returns the metadata."""
     if len(events.timestamp) == 0:
         raise records.DataFormatError("The log holds no valid rows.")
-    has_category = "category" in config.columns
+    has_category = config.has_category
     schema = schema_lib.FeatureSchema(
         item_attributes=("item_id", "category_id") if has_category else ("item_id",),
         cross_features=("cand_cross_category_count",) if has_category else (),
         tasks=config.tasks, score_task=config.tasks[1])
     os.makedirs(output_dir, exist_ok=True)
-    ids, id_ranges, vocab_files = {}, {}, {}
+    ids, id_ranges, vocab_files, collisions = {}, {}, {}, {}
     for role in ("user", "item", "category") if has_category else ("user", "item"):
-        ids[role], vocabulary = encode_ids(getattr(events, role))
+        ids[role], table = encode_ids(getattr(events, role))
         id_ranges[f"{role}_id"] = [int(ids[role].min()), int(ids[role].max())]
-        if vocabulary is not None:
-            vocab_files[role] = _write_vocabulary(output_dir, role, vocabulary)
+        collisions[role] = _count_collisions(role, table)
+        if any(not _POSITIVE_INT.match(value) for value in table):
+            vocab_files[role] = _write_vocabulary(output_dir, role, table)
     item_category = {}
     if has_category:  # an item's category is the first one the log gives it
         for item, category in zip(ids["item"][::-1], ids["category"][::-1]):
@@ -360,14 +458,15 @@ def convert_events(events, output_dir, config, num_shards=1, compression="gzip",
     split_time = (int(np.quantile(times, 1.0 - config.test_fraction, method="lower"))
                   if config.test_fraction > 0 else int(times.max()) + 1)
     train_items = timeline.item[timeline.time < split_time]
-    popularity = np.bincount(train_items if len(train_items) else timeline.item)
-    sampler = _NegativeSampler(popularity)
+    sampler = _NegativeSampler(*np.unique(train_items if len(train_items) else timeline.item,
+                                          return_counts=True))
 
     rules = config.action_rules
     metadata = {
         "source": "log", **(source or {}),
         "schema": schema.to_dict(), "tasks": list(schema.tasks), "id_ranges": id_ranges,
-        "vocabularies": vocab_files, "converter": config.to_dict(),
+        "vocabularies": vocab_files, "id_collisions": collisions,
+        "converter": config.to_dict(),
         "action_bits": rules.bits, "num_events": int(len(timeline.time)),
         "bad_rows": len(events.bad_rows),
         "bad_row_lines": [line for line, _ in events.bad_rows[:100]],
@@ -386,32 +485,80 @@ def convert_events(events, output_dir, config, num_shards=1, compression="gzip",
                 lengths.append((len(request["seq_item_id"]), len(request["cand_item_id"])))
                 writer.write(records.encode_example(request, schema))
         metadata["files"].update(writer.row_counts)
+        seq_lens, cand_lens = np.array(lengths).T
         metadata["splits"][split] = {
             "pattern": os.path.basename(records.split_pattern(output_dir, split, compression)),
             "num_requests": len(chosen),
-            "mean_seq_len": float(np.mean([n for n, _ in lengths])),
-            "mean_candidates": float(np.mean([m for _, m in lengths]))}
+            "mean_seq_len": float(np.mean(seq_lens)),
+            "median_seq_len": float(np.median(seq_lens)),
+            "p90_seq_len": float(np.percentile(seq_lens, 90)),
+            "max_seq_len": int(np.max(seq_lens)),
+            "mean_candidates": float(np.mean(cand_lens)),
+            "max_candidates": int(np.max(cand_lens))}
     records.write_metadata(output_dir, metadata)
     return metadata
 
 
+def string_id(value):
+    """The int64 id of a raw id that is not kept as an integer: 1 + (BLAKE2b-64 of the UTF-8
+    bytes, keyed with `b"ifa_tf.string_id.v1"`, read little-endian) mod (2^63 - 1). Never 0
+    (padding), never negative; the same on every machine and in every run."""
+    digest = hashlib.blake2b(value.encode("utf-8"), digest_size=8,
+                             key=_STRING_ID_KEY).digest()
+    return 1 + int.from_bytes(digest, "little") % _STRING_ID_SPACE
+
+
 def encode_ids(values):
-    """Raw ids -> int64 ids >= 1: kept when all are positive integers, else 1..V by sorted
-    value. Returns `(ids, vocabulary or None)`."""
-    if all(_POSITIVE_INT.match(v) for v in values):
-        return np.array([int(v) for v in values], np.int64), None
-    vocabulary, inverse = np.unique(np.array(values, dtype=object).astype(str),
-                                    return_inverse=True)
-    return (inverse + 1).astype(np.int64), vocabulary.tolist()
+    """Raw ids -> int64 ids >= 1, each by its own value: a positive integer is kept, any
+    other value is `string_id(value)`. Returns `(ids, table)`, `table` mapping each distinct
+    value to its id."""
+    table = {value: int(value) if _POSITIVE_INT.match(value) else string_id(value)
+             for value in set(values)}
+    return np.fromiter((table[value] for value in values), np.int64, len(values)), table
 
 
-def _write_vocabulary(output_dir, role, vocabulary):
-    name = f"vocab_{role}.txt"
+def _count_collisions(role, table):
+    """Distinct values of `role` that share an id with another one; logged with examples."""
+    by_id = {}
+    for value, id_ in table.items():
+        by_id.setdefault(id_, []).append(value)
+    shared = sorted(sorted(values) for values in by_id.values() if len(values) > 1)
+    count = sum(len(values) - 1 for values in shared)
+    if count:
+        shown = "; ".join(" = ".join(repr(v) for v in values)
+                          for values in shared[:_MAX_SHOWN_COLLISIONS])
+        _logger.warning("%d %s id collisions: distinct %s ids share one int64 (%s%s)", count,
+                        role, role, shown, "; ..." if len(shared) > _MAX_SHOWN_COLLISIONS
+                        else "")
+    return count
+
+
+def _write_vocabulary(output_dir, role, table):
+    """`vocab_<role>.tsv`: `<id>\\t<value>` per distinct value, by id then value; the
+    value's backslashes, tabs and line breaks escaped as `\\\\`, `\\t`, `\\n`, `\\r`."""
+    name = f"vocab_{role}.tsv"
+    escapes = str.maketrans(_VOCAB_ESCAPES)
     tmp_path = os.path.join(output_dir, ".tmp-" + name)
-    with open(tmp_path, "w") as f:
-        f.writelines(f"{value}\n" for value in vocabulary)
+    with open(tmp_path, "w", encoding="utf-8", newline="\n") as f:
+        f.writelines(f"{id_}\t{value.translate(escapes)}\n"
+                     for value, id_ in sorted(table.items(), key=lambda entry: entry[::-1]))
     os.replace(tmp_path, os.path.join(output_dir, name))
     return name
+
+
+def read_vocabulary(output_dir, role):
+    """`{id: raw value}` of a converted log's `vocab_<role>.tsv` (roles whose ids were all
+    kept integers have none: their ids are their values). Where ids collided, the first
+    value in the file's order is kept."""
+    vocabulary = {}
+    with open(os.path.join(output_dir, f"vocab_{role}.tsv"), encoding="utf-8",
+              newline="\n") as f:
+        for line in f:
+            id_, value = line.rstrip("\n").split("\t", 1)
+            vocabulary.setdefault(int(id_), re.sub(r"\\[\\tnr]",
+                                                   lambda m: _VOCAB_UNESCAPES[m.group()],
+                                                   value))
+    return vocabulary
 
 
 @dataclasses.dataclass
@@ -467,9 +614,9 @@ def _request_points(timeline, config):
 
 
 class _NegativeSampler:
-    def __init__(self, popularity):
-        self.items = np.flatnonzero(popularity)
-        cdf = np.cumsum(popularity[self.items].astype(np.float64))
+    def __init__(self, items, counts):
+        self.items = items  # sorted, so the draws do not depend on the log's order
+        cdf = np.cumsum(counts.astype(np.float64))
         self.cdf = cdf / cdf[-1]
 
     def sample(self, rng, count, exclude):
@@ -523,61 +670,102 @@ def _build_request(point, timeline, item_category, sampler, schema, rules, confi
     return request
 
 
-# ------------------------------------------------------------------------------ MovieLens
+# -------------------------------------------------------------------------------- presets
 MOVIELENS_ACTIONS = ">=4:click,==5:like"
+_RECBOLE_COLUMNS = ("user_id", "item_id", "rating", "timestamp")  # checked in the file
 
 
-def read_movielens_100k(data_dir, config):
-    """Events of the RecBole-layout MovieLens-100K files (`ml-100k.inter`, `ml-100k.item`)
-    that `shared/data/fetch_movielens_100k.sh` writes: category = an item's first genre,
-    action = the rating (map it with `config.actions`, default `>=4:click,==5:like`)."""
-    genre = {}
-    item_path = os.path.join(data_dir, "ml-100k.item")
-    with contextlib.closing(_csv_rows(item_path, "\t", csv.QUOTE_NONE)) as rows:
-        columns = _header(item_path, rows)
-        item_column, class_column = columns.index("item_id"), columns.index("class")
-        for line, row, error in rows:
-            try:
-                if error is not None:
-                    raise ValueError(error)
-                if len(row) != len(columns):
-                    raise ValueError(f"{len(row)} fields, expected {len(columns)}")
-                _check_text({"item_id": row[item_column], "class": row[class_column]})
-            except ValueError as fault:
-                raise records.DataFormatError(f"{item_path}: line {line}: {fault}") from None
-            genres = row[class_column].split()
-            genre[row[item_column]] = genres[0] if genres else "unknown"
-    inter_path = os.path.join(data_dir, "ml-100k.inter")
-    rules = config.action_rules
-    user, item, category, timestamp, bits, lines, bad = [], [], [], [], [], [], []
-    with contextlib.closing(_csv_rows(inter_path, "\t", csv.QUOTE_NONE)) as rows:
-        header = _header(inter_path, rows)
-        position = {name: header.index(name)
-                    for name in ("user_id", "item_id", "rating", "timestamp")}
-        for line, row, error in rows:
-            try:
-                if error is not None:
-                    raise ValueError(error)
-                if len(row) != len(header):
-                    raise ValueError(f"{len(row)} fields, expected {len(header)}")
-                _check_text({name: row[i] for name, i in position.items()})
-                movie = row[position["item_id"]]
-                if movie not in genre:
-                    raise ValueError(f"item {movie!r} is not in {item_path}")
-                time = parse_timestamp(row[position["timestamp"]])
-                action = rules(row[position["rating"]])
-            except ValueError as fault:
-                bad.append((line, str(fault)))
-                continue
-            user.append(row[position["user_id"]])
-            item.append(movie)
-            category.append(genre[movie])
-            timestamp.append(time)
-            bits.append(action)
-            lines.append(line)
-    report_bad_rows(inter_path, bad, config.skip_bad_rows)
-    return Events(user, item, category, np.array(timestamp, np.int64),
-                  np.array(bits, np.int64), np.array(lines, np.int64), bad)
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """A known log: its files in one directory (RecBole atomic files, as the
+    `shared/data/fetch_movielens_*.sh` scripts write them: tab-separated, a typed header
+    line, ids as tokens) and the `LogConfig` fields that suit it.
+
+    Args:
+        log_file: the interactions (`user_id`, `item_id`, `rating`, `timestamp`).
+        item_file: the item table; an event's category is the first of its item's genres.
+        category_column: the item table's genre column.
+        defaults: `LogConfig` fields the preset sets (the caller may override them).
+    """
+
+    log_file: str
+    item_file: str
+    category_column: str
+    defaults: dict = dataclasses.field(default_factory=dict)
+
+
+PRESETS = {
+    # 943 users, 1,682 movies, 100,000 ratings: the `LogConfig` defaults (day windows, the
+    # last 1,000 events, 50 negatives, at most 200 candidates).
+    "movielens_100k": Preset("ml-100k.inter", "ml-100k.item", "class"),
+    # 6,040 users, 3,706 movies, 1,000,209 ratings in 2000-2003; a user has 96 ratings at the
+    # median, 400 at the 90th percentile, 399 users have 500 or more, the longest 2,314.
+    # A benchmark for lifelong sequences, sized for the zoo on a 2-core CPU:
+    "movielens_1m": Preset("ml-1m.inter", "ml-1m.item", "genre", {
+        # above the longest history (2,306 earlier ratings): no sequence is ever cut.
+        "max_seq_len": 2500,
+        # A week's ratings make one request: a third fewer requests than day windows
+        # (10,185 against 15,199) with the same sequences, so the O(mn) models fit.
+        "window_seconds": 7 * 86_400,
+        # A week holds 3 ratings at the median, 42 at the 90th percentile. Batches are
+        # padded to their largest m, so this cap sets the cost of the O(mn) models: 50
+        # halves it against 100 and keeps the whole week of 91 % of requests.
+        "max_candidates": 50,
+        # unrated movies by popularity: about 37 candidates a request on average.
+        "num_negatives": 30,
+    }),
+}
+
+
+def preset_config(name, data_dir, **overrides):
+    """The `LogConfig` of preset `name` over the files in `data_dir`: the preset's layout
+    (columns, delimiter, header, item table), its defaults, then `overrides`. Ratings map to
+    tasks by `MOVIELENS_ACTIONS` (>= 4: click, 5: like) unless `actions` is overridden."""
+    if name not in PRESETS:
+        raise ValueError(f"Unknown preset {name!r}; valid presets: {sorted(PRESETS)}")
+    preset = PRESETS[name]
+    layout = _preset_layout(preset, data_dir)
+    fixed = sorted(set(overrides) & set(layout))
+    if fixed:
+        raise ValueError(f"Preset {name!r} sets {fixed} itself (the layout of its files); "
+                         f"do not pass them. Received: {fixed}")
+    return LogConfig(**{"actions": MOVIELENS_ACTIONS, **preset.defaults, **overrides,
+                        **layout})
+
+
+def _preset_layout(preset, data_dir):
+    """The `LogConfig` fields that describe the preset's files."""
+    return {"columns": ("user", "item", "action", "timestamp"), "delimiter": "\t",
+            "header": True, "item_table": os.path.join(data_dir, preset.item_file),
+            "item_table_key": "item_id", "item_table_category": preset.category_column,
+            "item_table_separator": " "}
+
+
+def convert_preset(name, data_dir, output_dir, num_shards=1, compression="gzip",
+                   **overrides):
+    """Converts the files of preset `name` in `data_dir` (`preset_config(name, data_dir,
+    **overrides)`) into `output_dir`; returns the metadata."""
+    config = preset_config(name, data_dir, **overrides)
+    log = os.path.join(data_dir, PRESETS[name].log_file)
+    with contextlib.closing(_csv_rows(log, "\t")) as rows:
+        columns = _header(log, rows)
+    if tuple(columns) != _RECBOLE_COLUMNS:
+        raise records.DataFormatError(f"{log}: columns {columns}, expected "
+                                      f"{list(_RECBOLE_COLUMNS)} (preset {name!r})")
+    return convert_log(log, output_dir, config, num_shards, compression,
+                       source={"preset": name, "log": os.path.abspath(data_dir)})
+
+
+def convert_movielens_100k(data_dir, output_dir, config=None, num_shards=1,
+                           compression="gzip"):
+    """`convert_preset("movielens_100k", ...)` with the request cutting and `actions` of
+    `config` (its other fields are the preset's)."""
+    layout = _preset_layout(PRESETS["movielens_100k"], data_dir)
+    overrides = {} if config is None else {
+        field: value for field, value in config.to_dict().items()
+        if field not in layout and (field != "actions" or value)}
+    return convert_preset("movielens_100k", data_dir, output_dir, num_shards, compression,
+                          **overrides)
 
 
 def _header(path, rows):
@@ -586,18 +774,3 @@ def _header(path, rows):
     if error is not None:
         raise records.DataFormatError(f"{path}: line {line}: {error}")
     return [name.split(":")[0] for name in header]
-
-
-def convert_movielens_100k(data_dir, output_dir, config=None, num_shards=1,
-                           compression="gzip"):
-    """The MovieLens-100K preset: `data_dir` holds the fetched files. `config` supplies the
-    request cutting and `actions` (its `columns`, `delimiter`, `header` are not used)."""
-    config = config or LogConfig(columns=("user", "item", "category", "timestamp",
-                                          "action"), actions=MOVIELENS_ACTIONS)
-    config = dataclasses.replace(config, columns=("user", "item", "category", "timestamp",
-                                                  "action"),
-                                 actions=config.actions or MOVIELENS_ACTIONS)
-    events = read_movielens_100k(data_dir, config)
-    return convert_events(events, output_dir, config, num_shards, compression,
-                          source={"preset": "movielens_100k",
-                                  "log": os.path.abspath(data_dir)})

@@ -4,6 +4,9 @@ A request is a dict of NumPy arrays keyed by schema name: user features are scal
 features are [n] (oldest first), candidate features, cross features, labels and extras are
 [m]. `encode_example` turns it into a serialised `tf.train.Example` whose features are named
 exactly like the schema (int64 lists; extras float lists) and `decode_example` reverses it.
+The same request always gives the same bytes, and so does a whole dataset: map entries are
+serialised in a fixed order, gzip headers carry no time or name, and `metadata.json` holds
+no time (keys sorted).
 
 `ShardedWriter` writes a split as `<split>-<i>-of-<k>.tfrecord[.gz]`, each under a temporary
 name that is renamed only when the whole split was written, so a failed run never leaves a
@@ -105,7 +108,9 @@ def encode_example(request, schema):
                 raise DataFormatError(f"{name!r} must hold integers. Received: "
                                       f"dtype={value.dtype}")
             feature[name].int64_list.value.extend(value.astype(np.int64).ravel().tolist())
-    return example.SerializeToString()
+    # The feature map's wire order is otherwise chosen per process, so the same request
+    # would give different bytes in two runs (users hash data files to cache and verify).
+    return example.SerializeToString(deterministic=True)
 
 
 def decode_example(serialized, schema, with_labels=True, with_extras=True):
