@@ -109,7 +109,7 @@ def run_load(make_client, features, clients, duration_s):
         error_codes=error_codes)
 
 
-def _start_server(model_name, zoo_name, workdir, max_m, max_n):
+def _start_server(model_name, zoo_name, workdir, max_m, max_n, batch_size):
     """Exports a fresh zoo model and starts ifa-serve on it; returns (process, gRPC port,
     REST port)."""
     import socket
@@ -130,7 +130,12 @@ def _start_server(model_name, zoo_name, workdir, max_m, max_n):
         [sys.executable, "-m", "ifa_tf.cli.serve", f"--port={port}",
          f"--rest_api_port={rest_port}", f"--model_name={model_name}",
          f"--model_base_path={os.path.join(workdir, model_name)}",
-         f"--max_candidates={max_m}", f"--max_sequence_length={max_n}"],
+         f"--max_candidates={max_m}", f"--max_sequence_length={max_n}",
+         # The largest request allowed, in all: B·m, B·n and its bytes (REST JSON takes
+         # 3-4x the gRPC size of 8·B·(5n + 5m + 1) bytes).
+         f"--max_total_candidates={batch_size * max_m}",
+         f"--max_total_sequence_length={batch_size * max_n}",
+         f"--max_request_bytes={max(64 << 20, 32 * batch_size * (5 * max_n + 5 * max_m + 1))}"],
         stdout=log, stderr=subprocess.STDOUT)
     return process, port, rest_port
 
@@ -167,7 +172,7 @@ def main(argv):
         if not target:
             process, port, rest_port = _start_server(
                 FLAGS.model_name, FLAGS.model, workdir, max(m for m, _ in shapes),
-                max(n for _, n in shapes))
+                max(n for _, n in shapes), FLAGS.batch_size)
             target = f"127.0.0.1:{port if FLAGS.protocol == 'grpc' else rest_port}"
         try:
             def make_client():

@@ -116,6 +116,10 @@ def prepare_data():
                 max_seq_len=FLAGS.ml_max_seq_len, max_candidates=FLAGS.ml_max_candidates),
             num_shards=4),
     }
+    for dataset, flag in (("movielens_1m", "movielens_1m_dir"),
+                          ("movielens_100k", "movielens_dir")):
+        if dataset in FLAGS.datasets:
+            _required_dir(flag)  # before hours of other work
     datasets = {}
     for dataset in FLAGS.datasets:
         path = os.path.join(FLAGS.work_dir, "data", dataset)
@@ -137,14 +141,18 @@ def run_one(model_name, seed, data_dir, run_dir, epochs, model_overrides=()):
 
     from ifa_tf import training
 
-    metrics_path = os.path.join(run_dir, "metrics.json")
-    if os.path.exists(metrics_path):
-        with open(metrics_path) as f:
-            return json.load(f)
     config = training.load_config(model_name, overrides=[
         ("data.train_data", os.path.join(data_dir, "train-*")),
         ("data.eval_data", os.path.join(data_dir, "test-*")),
         ("train.seed", seed), *budget_overrides(model_name, epochs), *model_overrides])
+    metrics_path = os.path.join(run_dir, "metrics.json")
+    if os.path.exists(metrics_path):
+        with open(os.path.join(run_dir, "config.yaml")) as f:
+            if f.read() != config.to_yaml():
+                raise app.UsageError(f"{run_dir} holds a finished run of another config "
+                                     "(settings changed since): use a new --work_dir.")
+        with open(metrics_path) as f:
+            return json.load(f)
     keras.backend.clear_session()
     return training.train_and_evaluate(config, run_dir)
 
@@ -237,6 +245,9 @@ def main(argv):
     runs = [(model, model, []) for model in FLAGS.models or zoo.list_models()]
     runs += [parse_extra_run(spec) for spec in FLAGS.extra_run]
     labels = [label for label, _, _ in runs]
+    if len(set(labels)) != len(labels):
+        raise app.UsageError(f"Two rows share a label: {labels}; --extra_run labels must "
+                             "differ from the models' names and from each other.")
     seeds = [int(s) for s in FLAGS.seeds]
     datasets = prepare_data()
     results, metadata = {}, {}
@@ -261,7 +272,8 @@ def length_group_table(by_model, models, task, reference):
     """Markdown: the task's AUC per sequence-length group (mean +- std over seeds), the
     truth's, and each model's gain over `reference` per group."""
     groups = by_model[models[0]][0]["eval"].get("by_sequence_length") or []
-    if not groups:
+    if not groups or not all(r["eval"].get("by_sequence_length")
+                             for m in models for r in by_model[m]):
         return [], None
     heads = [f"n {g['min_length']:,}-{g['max_length']:,} ({g['num_requests']} requests)"
              for g in groups]
