@@ -239,6 +239,9 @@ def plot_time(wall, models, path):
 def main(argv):
     del argv
     started = time.time()
+    # The code this process runs: taken now, since HEAD may move while the runs take hours.
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
+                            capture_output=True, text=True).stdout.strip() or "unknown"
     from ifa_tf import zoo
     from ifa_tf.data import records
 
@@ -265,7 +268,7 @@ def main(argv):
                       + " ".join(f"{t}={v['auc']:.4f}"
                                  for t, v in metrics["eval"]["tasks"].items())
                       + f" ({metrics['wall_time_s']:.0f}s)", flush=True)
-    write_report(results, metadata, labels, seeds, time.time() - started)
+    write_report(results, metadata, labels, seeds, time.time() - started, commit)
 
 
 def length_group_table(by_model, models, task, reference):
@@ -322,14 +325,12 @@ def plot_by_length(by_dataset, path):
     plt.close(fig)
 
 
-def write_report(results, metadata, models, seeds, wall_time):
+def write_report(results, metadata, models, seeds, wall_time, commit):
     from ifa_tf.data import format_ceiling_ladder, read_ceiling_ladder
 
     os.makedirs(FLAGS.output_dir, exist_ok=True)
     run_time = sum(r["wall_time_s"] for by_model in results.values()
                    for runs in by_model.values() for r in runs)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
-                            capture_output=True, text=True).stdout.strip() or "unknown"
     command = "python benchmarks/zoo_results.py " + " ".join(sys.argv[1:])
     lines = [
         "# Zoo results",
@@ -337,7 +338,8 @@ def write_report(results, metadata, models, seeds, wall_time):
         "Produced by `benchmarks/zoo_results.py`; do not edit by hand.",
         "",
         f"- Command: `{command}`",
-        f"- Commit: `{commit}`",
+        f"- Commit: `{commit}` (at the start of this invocation; runs read back from "
+        "`work_dir` ran at the commit of the invocation that made them)",
         f"- Wall time: {wall_time / 60:.1f} min for this invocation (runs finished earlier "
         f"are read back from `work_dir`); the runs themselves took {run_time / 60:.1f} min "
         f"(CPU, {os.cpu_count()} cores)",
