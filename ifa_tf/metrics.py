@@ -221,18 +221,21 @@ class CandidateSetEvaluator:
         edges = np.quantile(lengths, np.arange(1, self.length_groups) / self.length_groups)
         request_group = np.searchsorted(edges, lengths, side="right")
         candidate_group = request_group[_concatenate(self._request_ids, np.int64)]
+        # Each task's candidates, concatenated once for all groups.
+        pooled = {task: {"labels": _concatenate(self._labels[task], np.float64),
+                         "predictions": _concatenate(self._predictions[task], np.float64),
+                         "truths": (_concatenate(self._truths[task], np.float64)
+                                    if self._truths[task] else None)} for task in self.tasks}
         groups = []
         for group in np.unique(request_group):
             in_group = candidate_group == group
             tasks = {}
-            for task in self.tasks:
-                labels = _concatenate(self._labels[task], np.float64)[in_group]
-                tasks[task] = {"auc": auc(labels, _concatenate(self._predictions[task],
-                                                               np.float64)[in_group]),
+            for task, arrays in pooled.items():
+                labels = arrays["labels"][in_group]
+                tasks[task] = {"auc": auc(labels, arrays["predictions"][in_group]),
                                "num_candidates": int(labels.size)}
-                if self._truths[task]:
-                    tasks[task]["truth_auc"] = auc(
-                        labels, _concatenate(self._truths[task], np.float64)[in_group])
+                if arrays["truths"] is not None:
+                    tasks[task]["truth_auc"] = auc(labels, arrays["truths"][in_group])
             members = lengths[request_group == group]
             groups.append({"min_length": int(members.min()), "max_length": int(members.max()),
                            "num_requests": int(members.size), "tasks": tasks})
