@@ -184,7 +184,10 @@ def pool_rounds(records):
         merged = {**rounds[0], **summarize(samples), "rounds": len(rounds),
                   "samples_ms": samples}
         for field in ("peak_tensor_mb", "peak_memory_mb", "first_call_ms"):
-            merged[field] = max(r[field] for r in rounds)
+            if all(field in r for r in rounds):
+                merged[field] = max(r[field] for r in rounds)
+            else:
+                merged.pop(field, None)
         merged["load_average_1min"] = max(r["load_average_1min"] for r in rounds)
         merged.pop("round", None)
         out.append(merged)

@@ -100,17 +100,17 @@ def score_job(job):
         # TensorFlow's allocator counts the bytes of every tensor: its peak over this
         # shape's calls, above what was held before (the request itself), is the request's
         # working memory, exact and free of the page-level noise of RSS.
-        tf.config.experimental.reset_memory_stats("CPU:0")
-        held = tf.config.experimental.get_memory_info("CPU:0")["current"]
+        held = _reset_cpu_memory_stats(tf)
         start = time.perf_counter()  # the first call of a shape: kernel selection, and
         score(features)  # XLA compilation on the saved_model_xla path
         first_call_ms = (time.perf_counter() - start) * 1e3
         for _ in range(max(job["warmup"] - 1, 0)):
             score(features)
-        tensor_peak = tf.config.experimental.get_memory_info("CPU:0")["peak"] - held
-        prepared.append(((m, n), features, {
-            "first_call_ms": first_call_ms, "peak_tensor_mb": tensor_peak / 2**20,
-            "peak_memory_mb": peak_rss_mb() - baseline}))
+        measured = {"first_call_ms": first_call_ms, "peak_memory_mb": peak_rss_mb() - baseline}
+        if held is not None:
+            peak = tf.config.experimental.get_memory_info("CPU:0")["peak"]
+            measured["peak_tensor_mb"] = (peak - held) / 2**20
+        prepared.append(((m, n), features, measured))
     # The timed calls go round the shapes, so a slow spell of a shared machine hits every
     # shape alike and the ratios between shapes (time vs n, vs m) keep their meaning.
     samples = [[] for _ in prepared]
@@ -123,6 +123,17 @@ def score_job(job):
         yield {"kind": "score", "model": job["model"], "path": job["path"], "m": m, "n": n,
                "round": job.get("round", 0), **summarize(times), **measured,
                "samples_ms": times}
+
+
+def _reset_cpu_memory_stats(tf):
+    """Resets the CPU allocator's peak and returns the bytes it holds now, or None where
+    this TensorFlow build's default CPU allocator keeps no statistics (then the peak
+    tensor memory is left out and the RSS growth is the memory figure)."""
+    try:
+        tf.config.experimental.reset_memory_stats("CPU:0")
+    except ValueError:
+        return None
+    return tf.config.experimental.get_memory_info("CPU:0")["current"]
 
 
 def train_job(job):
