@@ -20,7 +20,7 @@ from keras import ops
 from ifa_tf import layers
 from ifa_tf.layers.feature_maps import check_feature_map
 from ifa_tf.layers.top_k import gather_positions, most_recent_positions
-from ifa_tf.layers.validation import check_int_in_range, check_positive_int, check_seed
+from ifa_tf.layers.validation import check_positive_int
 
 
 class InterestModule(keras.layers.Layer):
@@ -188,15 +188,14 @@ class ETAInterest(SIMHardInterest):
     def __init__(self, k=100, num_heads=2, key_dim=16, hash_bits=64, hash_seed=None,
                  **kwargs):
         super().__init__(k=k, num_heads=num_heads, key_dim=key_dim, **kwargs)
-        check_positive_int("hash_bits", hash_bits)
-        check_seed("hash_seed", hash_seed)
+        # Built here, so its own argument checks run when the model is configured.
+        self._search = layers.ETASearch(k, hash_bits, hash_seed, dtype=self.dtype_policy,
+                                        name="search")
         self.hash_bits = hash_bits
         self.hash_seed = hash_seed
 
     def build(self, input_shape):
         shape = input_shape["candidates"]
-        self._search = layers.ETASearch(self.k, self.hash_bits, self.hash_seed,
-                                        dtype=self.dtype_policy, name="search")
         self._search.build(shape, input_shape["sequence_items"])
         self._attention = layers.MaskedTargetAttention(
             self.num_heads, self.key_dim, dtype=self.dtype_policy, name="attention")
@@ -226,17 +225,14 @@ class SDIMInterest(InterestModule):
 
     def __init__(self, num_hashes=16, hash_bits=3, hash_seed=None, **kwargs):
         super().__init__(**kwargs)
-        check_positive_int("num_hashes", num_hashes)
-        check_int_in_range("hash_bits", hash_bits, 1, 10)
-        check_seed("hash_seed", hash_seed)
+        # Built here, so its own argument checks run when the model is configured.
+        self._attention = layers.SDIMAttention(num_hashes, hash_bits, hash_seed,
+                                               dtype=self.dtype_policy, name="attention")
         self.num_hashes = num_hashes
         self.hash_bits = hash_bits
         self.hash_seed = hash_seed
 
     def build(self, input_shape):
-        self._attention = layers.SDIMAttention(self.num_hashes, self.hash_bits,
-                                               self.hash_seed, dtype=self.dtype_policy,
-                                               name="attention")
         self._attention.build(input_shape["candidates"], input_shape["sequence_items"],
                               input_shape["sequence"])
         self.built = True
