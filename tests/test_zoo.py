@@ -136,6 +136,20 @@ def test_keras_file_round_trip(models, name, tmp_path):
         np.testing.assert_allclose(out[task], base[task], atol=1e-7)
 
 
+def test_embeddings_initializer_reaches_every_table_and_the_config():
+    initializer = {"class_name": "RandomNormal", "config": {"stddev": 0.25}}
+    model = build("ifa", embeddings_initializer=initializer)
+    tables = [v for v in model.weights if v.path.endswith("embeddings")]
+    # item, user, the two context features, the two cross features
+    assert len(tables) == 6
+    for table in tables:
+        assert 0.15 < np.std(keras.ops.convert_to_numpy(table)) < 0.35, table.path
+    values = [keras.ops.convert_to_numpy(t) for t in tables]
+    assert not any(np.allclose(values[0][:8, :4], v[:8, :4]) for v in values[1:])  # unshared
+    again = type(model).from_config(model.get_config())
+    assert again.get_config()["embeddings_initializer"]["config"]["stddev"] == 0.25
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_compile_without_arguments_then_fit_lowers_the_loss(name):
     model = build(name)

@@ -5,7 +5,7 @@ import numpy as np
 from keras import ops
 
 from ifa_tf.layers.fast_ops import count_at_most, gather_rows
-from ifa_tf.layers.validation import check_choice, check_positive_int
+from ifa_tf.layers.validation import check_choice, check_positive_int, clone_initializer
 
 # Multiply-shift hashing (Fibonacci hashing): the top 32 bits of id * phi * 2^64 modulo
 # 2^64, mapped onto the buckets by a multiply and a shift ("fastrange"). int64 products
@@ -140,6 +140,7 @@ class SummedHashedEmbedding(keras.layers.Layer):
         output_dim: size of every embedding (they are summed).
         names: the name of each feature's `HashedEmbedding`.
         max_joint_rows: the largest outer-sum table built.
+        embeddings_initializer: initializer of every feature's table.
 
     Call arguments:
         values: a list with one int tensor per feature, all of the same shape.
@@ -149,7 +150,7 @@ class SummedHashedEmbedding(keras.layers.Layer):
     """
 
     def __init__(self, num_buckets, modes, output_dim, names=None, max_joint_rows=4096,
-                 **kwargs):
+                 embeddings_initializer="uniform", **kwargs):
         super().__init__(**kwargs)
         names = list(names) if names is not None else [f"embedding_{i}"
                                                         for i in range(len(num_buckets))]
@@ -163,8 +164,12 @@ class SummedHashedEmbedding(keras.layers.Layer):
         self.output_dim = output_dim
         self.names = names
         self.max_joint_rows = max_joint_rows
+        self.embeddings_initializer = keras.initializers.get(embeddings_initializer)
         self._embeddings = [
-            HashedEmbedding(buckets, output_dim, mode=mode, dtype=self.dtype_policy, name=name)
+            HashedEmbedding(buckets, output_dim, mode=mode,
+                            embeddings_initializer=clone_initializer(
+                                self.embeddings_initializer),
+                            dtype=self.dtype_policy, name=name)
             for buckets, mode, name in zip(self.num_buckets, self.modes, self.names)]
 
     def build(self, input_shape):
@@ -197,7 +202,9 @@ class SummedHashedEmbedding(keras.layers.Layer):
         config = super().get_config()
         config.update({"num_buckets": self.num_buckets, "modes": self.modes,
                        "output_dim": self.output_dim, "names": self.names,
-                       "max_joint_rows": self.max_joint_rows})
+                       "max_joint_rows": self.max_joint_rows,
+                       "embeddings_initializer": keras.initializers.serialize(
+                           self.embeddings_initializer)})
         return config
 
 

@@ -3,7 +3,8 @@ from keras import ops
 
 from ifa_tf import layers
 from ifa_tf.layers.feature_maps import check_feature_map
-from ifa_tf.layers.validation import check_dtype_policy, check_positive_int, check_units
+from ifa_tf.layers.validation import (check_dtype_policy, check_positive_int, check_units,
+                                      clone_initializer)
 from ifa_tf.models.training_defaults import TrainingDefaultsMixin
 from ifa_tf.schema import CANDIDATE_PREFIX, SEQUENCE_PREFIX, resolve_schema
 
@@ -45,6 +46,8 @@ class CandidateSetRanker(TrainingDefaultsMixin, keras.Model):
         focusing_factor: RAM's power p when `feature_map="focused"`; `None` means 3.
         tower_units: hidden sizes of every task tower.
         dropout: tower dropout.
+        embeddings_initializer: initializer of every embedding table (items, users,
+            context, cross features), as for `keras.layers.Embedding`.
         tower_dtype: dtype policy of the task towers alone, e.g. `"mixed_bfloat16"`: their
             hidden layers then compute in bfloat16 while each tower's logit, the attention
             and the embeddings stay float32. Where the hardware has bfloat16 matrix units
@@ -67,7 +70,8 @@ class CandidateSetRanker(TrainingDefaultsMixin, keras.Model):
 
     def __init__(self, interest, schema=None, embedding_dim=16, use_ram=True, ram_heads=2,
                  ram_key_dim=16, feature_map="elu_plus_one", focusing_factor=None,
-                 tower_units=(128, 64), dropout=0.0, tower_dtype=None, **kwargs):
+                 tower_units=(128, 64), dropout=0.0, tower_dtype=None,
+                 embeddings_initializer="uniform", **kwargs):
         schema = resolve_schema(schema)
         check_positive_int("embedding_dim", embedding_dim)
         check_feature_map(feature_map, focusing_factor)
@@ -78,15 +82,20 @@ class CandidateSetRanker(TrainingDefaultsMixin, keras.Model):
             raise ValueError("`interest` must be a sequence module layer. "
                              f"Received: interest={interest!r}")
         item_dim = embedding_dim * len(schema.item_attributes)
+        embeddings_initializer = keras.initializers.get(embeddings_initializer)
+
+        def initializer():  # one per table, so no two tables share seeded state
+            return clone_initializer(embeddings_initializer)
 
         # === Layers ===
         # One table with a block per attribute: an item's attribute embeddings come from
         # one gather, already concatenated.
         item_embedding = layers.StackedHashedEmbedding(
             [schema.num_buckets(attribute) for attribute in schema.item_attributes],
-            embedding_dim, name="item_embedding")
+            embedding_dim, embeddings_initializer=initializer(), name="item_embedding")
         user_embeddings = {
             name: layers.HashedEmbedding(schema.num_buckets(name), embedding_dim,
+                                         embeddings_initializer=initializer(),
                                          name=f"{name}_embedding")
             for name in schema.user_features
         }
@@ -97,9 +106,10 @@ class CandidateSetRanker(TrainingDefaultsMixin, keras.Model):
         context_embedding = layers.SummedHashedEmbedding(
             [buckets for buckets, _ in context_buckets], [mode for _, mode in context_buckets],
             item_dim, names=[f"{name}_embedding" for name in schema.sequence_context],
-            name="sequence_context_embedding") if schema.sequence_context else None
+            embeddings_initializer=initializer(), name="sequence_context_embedding") if schema.sequence_context else None
         cross_embeddings = {
             name: layers.HashedEmbedding(_LOG2_BUCKETS, embedding_dim, mode="log2",
+                                         embeddings_initializer=initializer(),
                                          name=f"{name}_embedding")
             for name in schema.cross_features
         }
@@ -176,6 +186,7 @@ class CandidateSetRanker(TrainingDefaultsMixin, keras.Model):
         self.tower_units = tower_units
         self.dropout = dropout
         self.tower_dtype = tower_dtype
+        self.embeddings_initializer = embeddings_initializer
 
     def __call__(self, inputs, *args, **kwargs):
         # Checked here, before Keras converts inputs: it would silently cast float ids and
@@ -197,6 +208,8 @@ class CandidateSetRanker(TrainingDefaultsMixin, keras.Model):
             "tower_units": self.tower_units,
             "dropout": self.dropout,
             "tower_dtype": self.tower_dtype,
+            "embeddings_initializer": keras.initializers.serialize(
+                self.embeddings_initializer),
         }
 
     @classmethod
