@@ -58,6 +58,8 @@ flags.DEFINE_integer("ml_max_candidates", 60, "MovieLens-100K max m.")
 flags.DEFINE_integer("epochs", 1, "Training epochs on simulated data (same for every model).")
 flags.DEFINE_integer("ml_epochs", 3, "Training epochs on MovieLens (same for every model).")
 flags.DEFINE_integer("batch_size", 64, "Batch size (same for every model).")
+flags.DEFINE_integer("group_by_length", 16, "data.group_by_length of every run: batches of "
+                     "like sequence length, sorted this many batches at a time (0: off).")
 flags.DEFINE_integer("k", 100, "Sub-sequence length k of the sampling baselines.")
 flags.DEFINE_string("length_reference", "twin", "The model whose AUC each model's is "
                     "compared with per sequence-length group.")
@@ -88,6 +90,7 @@ def budget_overrides(model_name, epochs):
     from ifa_tf import zoo
 
     overrides = [("train.epochs", epochs), ("data.batch_size", FLAGS.batch_size),
+                 ("data.group_by_length", FLAGS.group_by_length),
                  ("train.verbose", 0), ("train.checkpoint_every_epochs", 0)]
     if "k" in (zoo.valid_overrides(model_name) or ()):
         overrides.append(("model.k", FLAGS.k))
@@ -344,7 +347,9 @@ def write_report(results, metadata, models, seeds, wall_time, commit):
         f"are read back from `work_dir`); the runs themselves took {run_time / 60:.1f} min "
         f"(CPU, {os.cpu_count()} cores)",
         f"- Seeds: {seeds}; every model: {FLAGS.epochs} epoch(s) on simulated data, "
-        f"{FLAGS.ml_epochs} on MovieLens, batch {FLAGS.batch_size}, "
+        f"{FLAGS.ml_epochs} on MovieLens, batch {FLAGS.batch_size}"
+        + (f" (requests of like length batched together, {FLAGS.group_by_length} batches "
+           "sorted at a time)" if FLAGS.group_by_length else "") + ", "
         f"k = {FLAGS.k} for the sampling baselines, other settings from `zoo/<model>.yaml`"
         + (f", overrides {list(FLAGS.set)}" if FLAGS.set else "") + ".",
         "- Protocol `split`: train on the earlier requests (`train`), evaluate on the later "

@@ -117,6 +117,38 @@ def test_each_batch_is_padded_to_its_own_longest_row(tmp_path):
     assert [b[0]["cand_item_id"].shape for b in batches] == [(2, 3), (1, 9)]
 
 
+def test_group_by_length_batches_like_lengths_and_keeps_every_request(tmp_path):
+    schema = _schema()
+    lengths = [9, 1, 7, 2, 8, 3, 6, 4, 5, 10]  # user u has n = lengths[u - 1]
+    _write(tmp_path, [_request(u, n, 2, offset=100 * u) for u, n in enumerate(lengths, 1)],
+           schema)
+    pattern = str(tmp_path / "*.tfrecord")
+    batches = _batches(make_dataset(pattern, batch_size=2, shuffle=False, group_by_length=3))
+    # Windows of 6 then 4 requests, each sorted by n and cut into batches of 2.
+    assert [sorted(b[0]["user_id"].tolist()) for b in batches] == [
+        [2, 4], [3, 6], [1, 5], [8, 9], [7, 10]]
+    assert [b[0]["seq_item_id"].shape[1] for b in batches] == [2, 7, 9, 5, 10]
+    for features, labels in batches:  # every request intact, features and labels together
+        for row, user in enumerate(features["user_id"]):
+            n = lengths[user - 1]
+            expected = _request(user, n, 2, offset=100 * user)
+            np.testing.assert_array_equal(features["seq_item_id"][row, :n],
+                                          expected["seq_item_id"])
+            np.testing.assert_array_equal(labels["click"][row], expected["click"])
+
+    def users(seed, drop_remainder=False):
+        dataset = make_dataset(pattern, batch_size=2, seed=seed, deterministic=True,
+                               group_by_length=3, drop_remainder=drop_remainder)
+        return [b[0]["user_id"].tolist() for b in _batches(dataset)]
+
+    assert users(1) == users(1)
+    assert sorted(u for batch in users(1) for u in batch) == list(range(1, 11))
+    assert all(len(batch) == 2 for batch in users(1, drop_remainder=True))
+    for bad in (1, -2, 2.5, True):
+        with pytest.raises(ValueError, match="group_by_length"):
+            make_dataset(pattern, group_by_length=bad)
+
+
 def test_schema_comes_from_metadata_or_must_be_given(tmp_path):
     schema = _schema()
     _write(tmp_path, [_request(1, 2, 3)], schema, metadata=False)

@@ -66,6 +66,7 @@ def test_every_zoo_model_has_a_valid_yaml():
     ("optimizer.lr=1", r"Unknown config key 'optimizer.lr'"),
     ("eval.protocol=online", r"eval.protocol must be one of"),
     ("data.batch_size=0", r"data.batch_size must be a positive integer"),
+    ("data.group_by_length=1", r"data.group_by_length must be 0 \(off\) or an int >= 2"),
 ])
 def test_config_typos_are_errors_naming_the_key(override, message):
     with pytest.raises(ValueError, match=message):
@@ -94,7 +95,9 @@ def test_resolved_config_round_trips_through_yaml():
 # ------------------------------------------------------------------- train_and_evaluate
 def test_train_and_evaluate_writes_config_checkpoints_logs_model_and_metrics(
         tiny_data, tmp_path):
-    config = tiny_config(tiny_data, **{"train.epochs": 2})
+    # Batches of like length (data.group_by_length): the metrics recomputed below from
+    # plain batches in file order must still match.
+    config = tiny_config(tiny_data, **{"train.epochs": 2, "data.group_by_length": 2})
     workdir = str(tmp_path / "run")
     result = training.train_and_evaluate(config, workdir)
 

@@ -66,6 +66,9 @@ class DataConfig:
         eval_batch_size: evaluation batch size; 0: `batch_size`.
         max_seq_len, max_candidates: caps on n and m (null: none).
         shuffle_buffer: examples in the shuffle buffer (`split` only; `streaming` keeps order).
+        group_by_length: 0, or W >= 2 to batch requests of like sequence length together,
+            sorted W batches at a time (`make_dataset`'s `group_by_length`; `split` only):
+            far less padding where lengths vary widely, as in lifelong sequences.
     """
 
     train_data: str = ""
@@ -76,10 +79,15 @@ class DataConfig:
     max_seq_len: Optional[int] = None
     max_candidates: Optional[int] = None
     shuffle_buffer: int = 4096
+    group_by_length: int = 0
 
     def validate(self):
         _check_positive("data.batch_size", self.batch_size)
         _check_positive("data.shuffle_buffer", self.shuffle_buffer)
+        if self.group_by_length != 0 and not (isinstance(self.group_by_length, int)
+                                              and self.group_by_length >= 2):
+            raise ValueError("data.group_by_length must be 0 (off) or an int >= 2 (batches "
+                             f"per sorted window). Received: {self.group_by_length!r}")
         if self.eval_batch_size:
             _check_positive("data.eval_batch_size", self.eval_batch_size)
         for key in ("max_seq_len", "max_candidates"):

@@ -142,7 +142,7 @@ def _split(config, model, schema, strategy, workdir, write_dir, chief, extra_cal
                             shuffle=True, shuffle_buffer=data.shuffle_buffer,
                             seed=train.seed, repeat=steps_per_epoch is not None,
                             max_seq_len=data.max_seq_len, max_candidates=data.max_candidates,
-                            input_context=input_context)
+                            group_by_length=data.group_by_length, input_context=input_context)
 
     if train.strategy == "default":
         train_dataset = train_input()
@@ -153,7 +153,8 @@ def _split(config, model, schema, strategy, workdir, write_dir, chief, extra_cal
         validation = make_dataset(data.eval_data, schema=schema,
                                   batch_size=data.eval_batch_size or data.batch_size,
                                   shuffle=False, max_seq_len=data.max_seq_len,
-                                  max_candidates=data.max_candidates)
+                                  max_candidates=data.max_candidates,
+                                  group_by_length=data.group_by_length)
     # Every worker falls back to the chief's checkpoints, the ones this run writes.
     checkpoint_dir = (os.path.join(workdir, "checkpoints") if train.checkpoint_every_epochs
                       else None)
@@ -179,6 +180,7 @@ def _split(config, model, schema, strategy, workdir, write_dir, chief, extra_cal
                                     batch_size=data.eval_batch_size or data.batch_size,
                                     shuffle=False, max_seq_len=data.max_seq_len,
                                     max_candidates=data.max_candidates,
+                                    group_by_length=data.group_by_length,
                                     with_extras=with_extras)
         result["eval"] = evaluate(model, eval_dataset, schema, config.eval.ndcg_k,
                                   config.eval.max_batches, config.eval.length_groups)
