@@ -4,7 +4,8 @@
 retrieval (SIM, TWIN) puts all weight on k events, while linear attention with a smooth
 feature map may spread it over hundreds. Feed it the weights of
 `NormalizedLinearAttention.attention_weights` (or any [..., n] attention weights, e.g. a
-softmax's) on a small request. NumPy only.
+softmax's) on a small request. `weight_on_matches` measures whether that weight lands on
+the events that share the candidate's id (its own past events). NumPy only.
 """
 
 import math
@@ -72,3 +73,51 @@ def attention_concentration(weights, key_mask=None, top_fraction=0.01):
         "top_share": np.where(defined, top_share, math.nan),
         "num_events": num_events.astype(np.float64),
     }
+
+
+def weight_on_matches(weights, query_ids, key_ids, key_mask=None):
+    """How much attention each query puts on the events that share its id, against their
+    share of the events: does attention find a candidate's own past events?
+
+    With lifelong sequences a model gains over a pooled vector by reading the few events
+    that match a candidate (a re-engaged item, a favourite author). Uniform attention puts
+    on them exactly their share of the events (lift 1); retrieval of the matches puts all
+    its weight there (lift n_valid / n_matches).
+
+    Args:
+        weights: [B, heads, m, n] non-negative weights (e.g.
+            `NormalizedLinearAttention.attention_weights`, or a softmax's weights with the
+            head axis moved to 1).
+        query_ids: [B, m] the id of each query (e.g. `cand_item_id`).
+        key_ids: [B, n] the id of each event (e.g. `seq_item_id`).
+        key_mask: bool [B, n], True at valid events; `None`: `key_ids != 0`.
+
+    Returns:
+        A dict of float64 arrays [B, heads, m]: `"weight_share"`, the share of the weight on
+        the matching events; `"event_share"`, the matching events' share of the valid
+        events; `"lift"`, their ratio. NaN where a query has no matching event (or no
+        weight).
+    """
+    weights = np.asarray(weights, dtype=np.float64)
+    query_ids, key_ids = np.asarray(query_ids), np.asarray(key_ids)
+    if (weights.ndim != 4 or query_ids.shape != weights.shape[::2]
+            or key_ids.shape != (weights.shape[0], weights.shape[3])):
+        raise ValueError("`weights` must be [B, heads, m, n] for query_ids [B, m] and key_ids "
+                         f"[B, n]. Received: weights.shape={weights.shape}, "
+                         f"query_ids.shape={query_ids.shape}, key_ids.shape={key_ids.shape}")
+    if (weights < 0).any():
+        raise ValueError("`weights` must be non-negative. Received: a weight of "
+                         f"{weights.min()}")
+    key_mask = key_ids != 0 if key_mask is None else np.asarray(key_mask, bool)
+    match = (query_ids[:, :, None] == key_ids[:, None, :]) & key_mask[:, None, :]  # [B, m, n]
+    valid_weights = np.where(key_mask[:, None, None, :], weights, 0.0)
+    total = valid_weights.sum(axis=-1)
+    num_matches = match.sum(axis=-1)[:, None, :]  # [B, 1, m]
+    defined = (num_matches > 0) & (total > 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        weight_share = (valid_weights * match[:, None]).sum(axis=-1) / total
+        event_share = np.broadcast_to(num_matches / key_mask.sum(axis=-1)[:, None, None],
+                                      weight_share.shape)
+        return {"weight_share": np.where(defined, weight_share, math.nan),
+                "event_share": np.where(defined, event_share, math.nan),
+                "lift": np.where(defined, weight_share / event_share, math.nan)}

@@ -524,3 +524,20 @@ def test_focused_weights_grow_more_concentrated_with_p():
                       np.nanmean(concentration["top_share"]))
     assert results[1][0] > results[3][0] > results[6][0]
     assert results[1][1] < results[3][1] < results[6][1]
+
+
+@pytest.mark.jax
+def test_weight_on_matches_by_hand():
+    # One request, one head, three queries over five events (the last one padded).
+    weights = np.array([[[[0.1, 0.1, 0.1, 0.1, 5.0],     # uniform: lift 1
+                          [0.0, 0.6, 0.0, 0.6, 0.0],     # all on its two matches
+                          [0.2, 0.2, 0.2, 0.2, 0.0]]]])  # id 9 never occurs
+    key_ids = np.array([[7, 8, 3, 8, 0]])
+    query_ids = np.array([[8, 8, 9]])
+    got = diagnostics.weight_on_matches(weights, query_ids, key_ids)
+    np.testing.assert_allclose(got["weight_share"][0, 0, :2], [0.5, 1.0])
+    np.testing.assert_allclose(got["event_share"][0, 0, :2], [0.5, 0.5])
+    np.testing.assert_allclose(got["lift"][0, 0, :2], [1.0, 2.0])
+    assert np.isnan(got["lift"][0, 0, 2])
+    with pytest.raises(ValueError, match="heads, m, n"):
+        diagnostics.weight_on_matches(weights[0], query_ids, key_ids)
