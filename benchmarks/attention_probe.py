@@ -1,0 +1,133 @@
+"""Where do trained models put their attention over the whole sequence?
+
+For each trained full-sequence model (`din_full`'s softmax, `ifa`'s linear attention) this
+reads the attention weights of its sequence module on a few test requests and reports how
+spread they are (`ifa_tf.diagnostics.attention_concentration`) and whether they land on the
+events that share the candidate's item or author (`ifa_tf.diagnostics.weight_on_matches`):
+lift 1 means the model is blind to those events (as uniform attention, or a mean, is).
+
+    python benchmarks/attention_probe.py --data='/tmp/zoo/data/lifelong/test-*' \\
+        --model=din_full=/tmp/zoo/runs/lifelong/din_full/seed0/model.keras \\
+        --model=ifa=/tmp/zoo/runs/lifelong/ifa/seed0/model.keras
+
+Prints a Markdown table (and writes it to `--output` if given).
+"""
+
+import math
+
+import numpy as np
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_multi_string("model", [], "label=path of a trained .keras model.")
+flags.DEFINE_string("data", None, "Glob of the TFRecord requests to probe (e.g. the test split).")
+flags.DEFINE_integer("requests", 48, "Requests probed (the first ones of --data).")
+flags.DEFINE_integer("batch_size", 4, "Requests per forward pass.")
+flags.DEFINE_string("output", None, "Also write the table to this file.")
+
+
+def probe(model, dataset):
+    """Per-(query, head) statistics of one model's sequence attention over `dataset`."""
+    from keras import ops
+
+    from ifa_tf import diagnostics
+    from ifa_tf.layers import NormalizedLinearAttention, masked_target_attention
+
+    attention = getattr(model.interest, "_attention", None)
+    linear = isinstance(attention, NormalizedLinearAttention)
+    if attention is None or (not linear and hasattr(model.interest, "k")):
+        raise app.UsageError(f"{model.interest.name}: only models that attend over the whole "
+                             "sequence (din_full, ifa, ifa_no_ram) can be probed.")
+    captured = {}
+    if linear:
+        call = attention.call
+
+        def capture_call(query, key, *args, **kwargs):
+            captured["inputs"] = (query, key, kwargs.get("query_mask"), kwargs.get("key_mask"))
+            return call(query, key, *args, **kwargs)
+
+        attention.call = capture_call
+    else:
+        softmax = masked_target_attention.masked_softmax
+
+        def capture_softmax(logits, mask, axis=-1):
+            weights = softmax(logits, mask, axis)
+            captured["logits"], captured["weights"] = logits, weights  # [B, m, h, n]
+            return weights
+
+        masked_target_attention.masked_softmax = capture_softmax
+    stats = {key: [] for key in ("entropy_ratio", "top_share", "item_lift", "author_lift",
+                                 "logit_std")}
+    try:
+        for features, _ in dataset:
+            model(features, training=False)
+            mask = ops.convert_to_numpy(features["seq_item_id"]) != 0
+            if linear:
+                query, key, query_mask, key_mask = captured["inputs"]
+                weights = ops.convert_to_numpy(attention.attention_weights(
+                    query, key, query_mask=query_mask, key_mask=key_mask))
+            else:
+                weights = np.transpose(ops.convert_to_numpy(captured["weights"]), (0, 2, 1, 3))
+                logits = np.transpose(ops.convert_to_numpy(captured["logits"]), (0, 2, 1, 3))
+                valid = np.broadcast_to(mask[:, None, None, :], logits.shape)
+                candidates = ops.convert_to_numpy(features["cand_item_id"]) != 0
+                spread = np.nanstd(np.where(valid, logits, np.nan), axis=-1)  # [B, h, m]
+                stats["logit_std"].append(spread[np.broadcast_to(candidates[:, None, :],
+                                                                 spread.shape)])
+            concentration = diagnostics.attention_concentration(weights, mask)
+            defined = ~np.isnan(concentration["entropy"])
+            stats["entropy_ratio"].append(
+                (concentration["entropy"] / np.log(np.maximum(concentration["num_events"],
+                                                              2)))[defined])
+            stats["top_share"].append(concentration["top_share"][defined])
+            for attribute in ("item", "author"):
+                lift = diagnostics.weight_on_matches(
+                    weights, ops.convert_to_numpy(features[f"cand_{attribute}_id"]),
+                    ops.convert_to_numpy(features[f"seq_{attribute}_id"]), mask)["lift"]
+                stats[f"{attribute}_lift"].append(lift[~np.isnan(lift)])
+    finally:
+        if linear:
+            del attention.call
+        else:
+            masked_target_attention.masked_softmax = softmax
+    return {key: np.concatenate(values) if values else np.array([])
+            for key, values in stats.items()}
+
+
+def _median(values):
+    return f"{np.median(values):.3g}" if values.size else "—"
+
+
+def main(argv):
+    del argv
+    import keras
+
+    from ifa_tf.data import make_dataset
+
+    if not FLAGS.model or not FLAGS.data:
+        raise app.UsageError("--model=label=path (one or more) and --data are needed.")
+    rows = ["| model | entropy / log n | weight on top 1% of events | lift on own-item events "
+            "| lift on same-author events | logit std over events |", "|---|---|---|---|---|---|"]
+    for spec in FLAGS.model:
+        label, _, path = spec.partition("=")
+        model = keras.saving.load_model(path)
+        dataset = make_dataset(FLAGS.data, batch_size=FLAGS.batch_size, shuffle=False).take(
+            math.ceil(FLAGS.requests / FLAGS.batch_size))
+        stats = probe(model, dataset)
+        rows.append(f"| {label} | {_median(stats['entropy_ratio'])} | "
+                    f"{_median(stats['top_share'])} | {_median(stats['item_lift'])} "
+                    f"({stats['item_lift'].size}) | {_median(stats['author_lift'])} "
+                    f"({stats['author_lift'].size}) | {_median(stats['logit_std'])} |")
+    table = "\n".join(
+        [f"Medians over (candidate, head) pairs of the first {FLAGS.requests} requests of "
+         f"`{FLAGS.data}`; lift = the weight's share on the matching events / their share "
+         "of the events (1: blind to them; in brackets, the pairs that have matches).", "",
+         *rows])
+    print(table)
+    if FLAGS.output:
+        with open(FLAGS.output, "w") as f:
+            f.write(table + "\n")
+
+
+if __name__ == "__main__":
+    app.run(main)
