@@ -167,6 +167,20 @@ def test_input_context_shards_disjointly(synthetic_dir):
         assert flat == list(range(1, 19)), num_pipelines
 
 
+def test_the_dataset_knows_its_length_when_the_metadata_counts_the_files(synthetic_dir):
+    """Keras runs an epoch of `cardinality` steps; an unknown one makes it warn "Your input
+    ran out of data" at the end of the first epoch."""
+    pattern = os.path.join(synthetic_dir, "train-*")  # 18 requests in 3 files
+    assert int(make_dataset(pattern, batch_size=4).cardinality()) == 5
+    assert int(make_dataset(pattern, batch_size=4, drop_remainder=True).cardinality()) == 4
+    context = tf.distribute.InputContext(4, 1, num_replicas_in_sync=4)  # 4 > 3 files: by record
+    sharded = make_dataset(pattern, batch_size=8, shuffle=False, input_context=context)
+    assert int(sharded.cardinality()) == 3 == len(_batches(sharded))
+    unknown = tf.data.UNKNOWN_CARDINALITY
+    assert make_dataset(pattern, skip_corrupt=True).cardinality() == unknown
+    assert make_dataset(pattern, repeat=True).cardinality() == tf.data.INFINITE_CARDINALITY
+
+
 def test_model_fit_takes_the_batches(synthetic_dir):
     import keras
 
