@@ -16,17 +16,17 @@ DATA=${3:-}
 PORT=${PORT:-8500}
 REST_PORT=${REST_PORT:-8501}
 PYTHON=${PYTHON:-.venv/bin/python}
-export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
+# `python -m ifa_tf_console COMMAND` is the console script COMMAND (ifa-export, ...).
+CLI=("$PYTHON" -m ifa_tf_console)
 
-VERSION_DIR=$("$PYTHON" -m ifa_tf.cli.export --model_dir="$MODEL_DIR" \
-  --export_base="$WORKDIR/ifa" 2>/dev/null | tail -n 1)
+VERSION_DIR=$("${CLI[@]}" ifa-export --model_dir="$MODEL_DIR" --export_base="$WORKDIR/ifa")
 echo "exported $VERSION_DIR"
 
-"$PYTHON" -m ifa_tf.cli.serve --model_name=ifa --model_base_path="$WORKDIR/ifa" \
+"${CLI[@]}" ifa-serve --model_name=ifa --model_base_path="$WORKDIR/ifa" \
   --port="$PORT" --rest_api_port="$REST_PORT" >"$WORKDIR/ifa-serve.log" 2>&1 &
 SERVER=$!
 trap 'kill -TERM "$SERVER" 2>/dev/null; wait "$SERVER" || true' EXIT
 echo "ifa-serve (pid $SERVER) on 127.0.0.1:$PORT (gRPC), :$REST_PORT (REST); log: $WORKDIR/ifa-serve.log"
 
-"$PYTHON" -m ifa_tf.serving.query --target="127.0.0.1:$PORT" --model_name=ifa \
-  --export_dir="$VERSION_DIR" ${DATA:+--data="$DATA"} 2>/dev/null
+"${CLI[@]}" ifa-query --target="127.0.0.1:$PORT" --model_name=ifa \
+  --export_dir="$VERSION_DIR" ${DATA:+--data="$DATA"}

@@ -143,6 +143,12 @@ def test_group_by_length_batches_like_lengths_and_keeps_every_request(tmp_path):
 
     assert users(1) == users(1)
     assert sorted(u for batch in users(1) for u in batch) == list(range(1, 11))
+    for drop_remainder, expected in ((False, 5), (True, 5)):
+        dataset = make_dataset(pattern, batch_size=2, group_by_length=3,
+                               drop_remainder=drop_remainder)
+        assert dataset.cardinality().numpy() == expected == len(_batches(dataset))
+    dataset = make_dataset(pattern, batch_size=3, group_by_length=2, drop_remainder=True)
+    assert dataset.cardinality().numpy() == 3 == len(_batches(dataset))
     assert all(len(batch) == 2 for batch in users(1, drop_remainder=True))
     for bad in (1, -2, 2.5, True):
         with pytest.raises(ValueError, match="group_by_length"):
@@ -197,6 +203,20 @@ def test_input_context_shards_disjointly(synthetic_dir):
             parts.append(np.concatenate([f["user_id"] for f, _ in batches]).tolist())
         flat = sorted(u for part in parts for u in part)
         assert flat == list(range(1, 19)), num_pipelines
+
+
+def test_the_dataset_knows_its_length_when_the_metadata_counts_the_files(synthetic_dir):
+    """Keras runs an epoch of `cardinality` steps; an unknown one makes it warn "Your input
+    ran out of data" at the end of the first epoch."""
+    pattern = os.path.join(synthetic_dir, "train-*")  # 18 requests in 3 files
+    assert int(make_dataset(pattern, batch_size=4).cardinality()) == 5
+    assert int(make_dataset(pattern, batch_size=4, drop_remainder=True).cardinality()) == 4
+    context = tf.distribute.InputContext(4, 1, num_replicas_in_sync=4)  # 4 > 3 files: by record
+    sharded = make_dataset(pattern, batch_size=8, shuffle=False, input_context=context)
+    assert int(sharded.cardinality()) == 3 == len(_batches(sharded))
+    unknown = tf.data.UNKNOWN_CARDINALITY
+    assert make_dataset(pattern, skip_corrupt=True).cardinality() == unknown
+    assert make_dataset(pattern, repeat=True).cardinality() == tf.data.INFINITE_CARDINALITY
 
 
 def test_model_fit_takes_the_batches(synthetic_dir):

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import keras
 import numpy as np
@@ -67,6 +68,7 @@ def test_every_zoo_model_has_a_valid_yaml():
     ("eval.protocol=online", r"eval.protocol must be one of"),
     ("data.batch_size=0", r"data.batch_size must be a positive integer"),
     ("data.group_by_length=1", r"data.group_by_length must be 0 \(off\) or an int >= 2"),
+    ("train.verbose=3", r"train.verbose must be 0, 1, 2 or 'auto'"),
 ])
 def test_config_typos_are_errors_naming_the_key(override, message):
     with pytest.raises(ValueError, match=message):
@@ -200,6 +202,17 @@ def make_batch(schema, seed, batch=8, n=10, m=6):
     labels = {task: ((rng.random((batch, m)) < 0.4) & valid).astype("float32")
               for task in schema.tasks}
     return features, labels
+
+
+def test_a_run_raises_no_keras_warning(tiny_data, tmp_path):
+    """Issue 16: fit got shuffle=True (its default) with a dataset, and a dataset of unknown
+    length made Keras warn "Your input ran out of data" after the first epoch."""
+    config = tiny_config(tiny_data, model="avg_pooling", **{"train.epochs": 2})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = training.train_and_evaluate(config, str(tmp_path / "run"))
+    assert [str(w.message) for w in caught if issubclass(w.category, UserWarning)] == []
+    assert result["train_steps"] == 2 * 8  # 120 training requests, batches of 16
 
 
 def test_streaming_protocol_end_to_end(tiny_data, tmp_path):

@@ -36,6 +36,9 @@ def main(argv):
     for field in dataclasses.fields(BenchConfig):
         value = flags.FLAGS[field.name].value
         if field.name in ("m_values", "n_values"):
+            if not all(v.strip().isdigit() for v in value):
+                raise app.UsageError(f"--{field.name} must be a comma-separated list of "
+                                     f"positive integers. Received: {','.join(value)}")
             value = tuple(int(v) for v in value)
         elif isinstance(value, list):
             value = tuple(value)
@@ -44,4 +47,4 @@ def main(argv):
 
 
 def run():
-    run_app(main, __name__)
+    run_app(main, __name__, "ifa-bench")

@@ -13,11 +13,11 @@ flags of the same name.
 """
 
 import logging
-import sys
+import os
 
 from absl import app, flags
 
-from ifa_tf.cli import run_app
+from ifa_tf.cli import progress_reporter, run_app
 from ifa_tf.data import log_converter, simulator
 
 COMMANDS = ("synthetic", "from-log")
@@ -156,39 +156,33 @@ def run_command(command, flag_values=flags.FLAGS):
     output_dir = flag_values["output_dir"].value
     if not output_dir:
         raise app.UsageError("--output_dir is required.")
-    shards = dict(num_shards=flag_values["num_shards"].value,
-                  compression=flag_values["compression"].value)
+    writing = dict(num_shards=flag_values["num_shards"].value,
+                   compression=flag_values["compression"].value,
+                   progress=progress_reporter("request"))
     if command == "synthetic":
-        config = synthetic_config(flag_values)
-        step = max(1, config.num_requests // 10)
-
-        def progress(done):
-            if done % step == 0:
-                logging.info("%d / %d requests", done, config.num_requests)
-
-        return simulator.write_synthetic(output_dir, config, **shards, progress=progress)
+        return simulator.write_synthetic(output_dir, synthetic_config(flag_values), **writing)
     source = flag_values["input"].value
     if not source:
         raise app.UsageError("from-log needs --input.")
     preset = flag_values["preset"].value
-    if preset:
-        return log_converter.convert_preset(preset, source, output_dir, **shards,
-                                            **log_overrides(flag_values))
-    if not flag_values["columns"].present:
+    if not preset and not flag_values["columns"].present:
         raise app.UsageError("from-log needs --columns (or --preset).")
+    if not os.path.exists(source):
+        raise app.UsageError(f"--input={source} does not exist; pass the log file (with "
+                             "--preset: the directory of its files).")
+    if preset:
+        return log_converter.convert_preset(preset, source, output_dir, **writing,
+                                            **log_overrides(flag_values))
     return log_converter.convert_log(source, output_dir,
                                      log_converter.LogConfig(**log_overrides(flag_values)),
-                                     **shards)
+                                     **writing)
 
 
 def main(argv, flag_values=flags.FLAGS):
     if len(argv) != 2:
         raise app.UsageError(f"Usage: ifa-data {{{'|'.join(COMMANDS)}}} [flags]. "
                              f"Received: {argv[1:]}")
-    try:
-        metadata = run_command(argv[1], flag_values)
-    except (OSError, ValueError) as error:  # bad input (DataFormatError is a ValueError)
-        sys.exit(f"ifa-data: {error}")
+    metadata = run_command(argv[1], flag_values)
     for split, stats in metadata["splits"].items():
         logging.info("%s: %d requests (%s)", split, stats["num_requests"], stats["pattern"])
     parts = [f"{split}={stats['num_requests']}" for split, stats in metadata["splits"].items()]
@@ -203,7 +197,7 @@ def main(argv, flag_values=flags.FLAGS):
 
 def run():
     define_flags()
-    run_app(main, __name__)
+    run_app(main, __name__, "ifa-data")
 
 
 if __name__ == "__main__":

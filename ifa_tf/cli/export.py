@@ -7,7 +7,6 @@ writes `/models/ifa/<N>/` (the next version when --version is omitted) and print
 
 import glob
 import os
-import sys
 
 from absl import app, flags
 
@@ -92,17 +91,13 @@ def export_model(model_dir, export_base, version=None, schema=None, model_name=N
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    try:
-        path = export_model(FLAGS.model_dir, FLAGS.export_base, FLAGS.version, FLAGS.schema,
-                            FLAGS.model_name, FLAGS.jit_compile)
-    except (FileExistsError, FileNotFoundError, ValueError) as error:
-        sys.exit(f"ifa-export: {error}")
-    print(path)
+    print(export_model(FLAGS.model_dir, FLAGS.export_base, FLAGS.version, FLAGS.schema,
+                       FLAGS.model_name, FLAGS.jit_compile))
 
 
 def run():
     define_flags()
-    run_app(main, __name__)
+    run_app(main, __name__, "ifa-export")
 
 
 if __name__ == "__main__":

@@ -113,7 +113,8 @@ def main(argv):
 
 def run():
     define_flags()
-    run_app(main, __name__)
+    # A server's log is its output: info lines (loads, requests refused) by default.
+    run_app(main, __name__, "ifa-serve", default_verbosity=0)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,6 @@ data, train, eval), then the explicit flags, then `--set section.key=value` (rep
 unknown keys are errors. Thin over `ifa_tf.training.train_and_evaluate`.
 """
 
-import json
-
 from absl import app, flags
 
 from ifa_tf.cli import run_app
@@ -62,14 +60,17 @@ def define_flags(flag_values=flags.FLAGS):
                       flag_values=f)
     flags.DEFINE_enum("protocol", None, list(config_lib.PROTOCOLS), "Evaluation protocol.",
                       flag_values=f)
-    flags.DEFINE_integer("verbose", None, "Keras verbosity (0, 1 progress bar, 2).",
-                         flag_values=f)
+    flags.DEFINE_enum("verbose", None, ["0", "1", "2", "auto"], "Progress output: 0 none, "
+                      "1 progress bars, 2 one line per epoch; auto (default): 1 on a "
+                      "terminal, else 2.", flag_values=f)
 
 
 def config_from_flags(flag_values=flags.FLAGS):
     """The resolved `Config` the flags describe."""
     overrides = [(key, flag_values[name].value) for name, key in _FLAG_KEYS.items()
                  if flag_values[name].value is not None]
+    overrides = [(key, int(value) if key == "train.verbose" and value.isdigit() else value)
+                 for key, value in overrides]
     overrides += [config_lib.parse_override(text) for text in flag_values["set"].value]
     try:
         return config_lib.load_config(flag_values["model"].value,
@@ -91,14 +92,31 @@ def main(argv):
     from ifa_tf.training import train_and_evaluate
 
     result = train_and_evaluate(config, flags.FLAGS.model_dir)
-    summary = {task: {k: round(v, 4) for k, v in values.items() if k in ("auc", "gauc")}
-               for task, values in result.get("eval", {}).get("tasks", {}).items()}
-    print(json.dumps({"model_dir": flags.FLAGS.model_dir, "eval": summary}))
+    print(format_summary(result, flags.FLAGS.model_dir))
+
+
+def format_summary(result, model_dir):
+    """What a run ends with: steps and time, then the evaluation, one task a line."""
+    lines = [f"trained {result['model']}: {result['train_steps']} steps in "
+             f"{result['wall_time_s']:.0f} s; model, metrics.json and logs in {model_dir}"]
+    evaluation = result.get("eval")
+    if evaluation:
+        tasks = evaluation["tasks"]
+        names = {name for values in tasks.values() for name in values}
+        columns = [c for c in ("auc", "gauc", *sorted(n for n in names if n.startswith("ndcg@")),
+                               "logloss", "truth_auc") if c in names]
+        lines.append(f"evaluation ({result['protocol']}, {evaluation['num_requests']} "
+                     "requests; truth_auc: the best any model can score):")
+        lines.append(f"  {'task':<10}" + "".join(f"{c:>10}" for c in columns))
+        for task, values in tasks.items():
+            lines.append(f"  {task:<10}" + "".join(
+                f"{values[c]:>10.4f}" if c in values else f"{'':>10}" for c in columns))
+    return "\n".join(lines)
 
 
 def run():
     define_flags()
-    run_app(main, __name__)
+    run_app(main, __name__, "ifa-train")
 
 
 if __name__ == "__main__":

@@ -419,16 +419,19 @@ def parse_timestamp(value):
 
 
 # ------------------------------------------------------------------------------ converting
-def convert_log(path, output_dir, config, num_shards=1, compression="gzip", source=None):
-    """Converts the log at `path` into `output_dir` (splits, vocabularies, metadata)."""
+def convert_log(path, output_dir, config, num_shards=1, compression="gzip", source=None,
+                progress=None):
+    """Converts the log at `path` into `output_dir` (splits, vocabularies, metadata);
+    `progress(written, total)`, if given, is called after each request written."""
     events = read_log(path, config)
     return convert_events(events, output_dir, config, num_shards, compression,
-                          source=source or {"log": os.path.abspath(path)})
+                          source=source or {"log": os.path.abspath(path)}, progress=progress)
 
 
 def convert_events(events, output_dir, config, num_shards=1, compression="gzip",
-                   source=None):
-    """Cuts parsed events into requests and writes them; returns the metadata."""
+                   source=None, progress=None):
+    """Cuts parsed events into requests and writes them; returns the metadata.
+    `progress(written, total)`, if given, is called after each request written."""
     if len(events.timestamp) == 0:
         raise records.DataFormatError("The log holds no valid rows.")
     has_category = config.has_category
@@ -472,6 +475,7 @@ def convert_events(events, output_dir, config, num_shards=1, compression="gzip",
         "bad_row_lines": [line for line, _ in events.bad_rows[:100]],
         "split_time": split_time, "splits": {}, "files": {},
     }
+    written = 0
     for split in ("train", "test"):
         chosen = [r for r in requests if (r.time >= split_time) == (split == "test")]
         if not chosen:
@@ -484,6 +488,9 @@ def convert_events(events, output_dir, config, num_shards=1, compression="gzip",
                                          rules, config)
                 lengths.append((len(request["seq_item_id"]), len(request["cand_item_id"])))
                 writer.write(records.encode_example(request, schema))
+                written += 1
+                if progress is not None:
+                    progress(written, len(requests))
         metadata["files"].update(writer.row_counts)
         seq_lens, cand_lens = np.array(lengths).T
         metadata["splits"][split] = {
@@ -742,9 +749,10 @@ def _preset_layout(preset, data_dir):
 
 
 def convert_preset(name, data_dir, output_dir, num_shards=1, compression="gzip",
-                   **overrides):
+                   progress=None, **overrides):
     """Converts the files of preset `name` in `data_dir` (`preset_config(name, data_dir,
-    **overrides)`) into `output_dir`; returns the metadata."""
+    **overrides)`) into `output_dir`; returns the metadata. `progress` as in
+    `convert_log`."""
     config = preset_config(name, data_dir, **overrides)
     log = os.path.join(data_dir, PRESETS[name].log_file)
     with contextlib.closing(_csv_rows(log, "\t")) as rows:
@@ -753,7 +761,8 @@ def convert_preset(name, data_dir, output_dir, num_shards=1, compression="gzip",
         raise records.DataFormatError(f"{log}: columns {columns}, expected "
                                       f"{list(_RECBOLE_COLUMNS)} (preset {name!r})")
     return convert_log(log, output_dir, config, num_shards, compression,
-                       source={"preset": name, "log": os.path.abspath(data_dir)})
+                       source={"preset": name, "log": os.path.abspath(data_dir)},
+                       progress=progress)
 
 
 def convert_movielens_100k(data_dir, output_dir, config=None, num_shards=1,

@@ -122,6 +122,13 @@ def make_dataset(file_pattern, schema=None, batch_size=32, *, shuffle=True,
                                                     record_shard),
         cycle_length=min(cycle_length, len(files)), block_length=1,
         num_parallel_calls=num_parallel_calls, deterministic=deterministic)
+    num_records = _num_records(expected, record_shard, skip_corrupt)
+    if num_records is not None:
+        # The per-file checks make tf.data's own count unknown; with it known, Keras runs
+        # an epoch of exactly the batches there are (no "input ran out of data" at the end
+        # of the first) and progress bars have a target. The end-of-file checks hold the
+        # counts to the truth.
+        dataset = dataset.apply(tf.data.experimental.assert_cardinality(num_records))
     if shuffle:
         dataset = dataset.shuffle(shuffle_buffer, seed=seed)
     if repeat:
@@ -135,6 +142,11 @@ def make_dataset(file_pattern, schema=None, batch_size=32, *, shuffle=True,
         if drop_remainder:
             dataset = dataset.filter(lambda paths, indices, serialized: tf.equal(
                 tf.shape(serialized)[0], batch_size))
+        if num_records is not None and not repeat:
+            # Only the last window is short, so the batches are those of plain batching.
+            num_batches = (num_records // batch_size if drop_remainder
+                           else -(-num_records // batch_size))
+            dataset = dataset.apply(tf.data.experimental.assert_cardinality(num_batches))
     else:
         dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
     parse = _BatchParser(schema, max_seq_len, max_candidates, with_extras)
@@ -151,6 +163,17 @@ def _check_positive(name, value, allow_none=False):
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer. Received: {name}={value!r}")
+
+
+def _num_records(expected, record_shard, skip_corrupt):
+    """Records this pipeline reads from files holding `expected` records each; None when a
+    count is unknown (-1) or `skip_corrupt` may drop records."""
+    if skip_corrupt or any(count < 0 for count in expected):
+        return None
+    if record_shard is None:
+        return sum(expected)
+    num_pipelines, pipeline_id = record_shard
+    return sum(max(0, -(-(count - pipeline_id) // num_pipelines)) for count in expected)
 
 
 def _expected_count(path, metadata, skip_corrupt):

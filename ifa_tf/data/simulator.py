@@ -763,7 +763,7 @@ def write_synthetic(output_dir, config=None, num_shards=4, compression="gzip", p
     with the schema, id ranges, the config, row counts, label rates and the best achievable
     AUC per task (the ground truth scored against the sampled labels). Returns the metadata.
 
-    `progress`, if given, is called with the number of requests written so far.
+    `progress`, if given, is called as `progress(written, total)` after each request.
     """
     config = config or SimulatorConfig()
     simulator = Simulator(config)
@@ -794,7 +794,7 @@ def write_synthetic(output_dir, config=None, num_shards=4, compression="gzip", p
                 writer.write(records.encode_example(request, schema))
                 written += 1
                 if progress is not None:
-                    progress(written)
+                    progress(written, config.num_requests)
         metadata["files"].update(writer.row_counts)
         metadata["splits"][split] = {
             "pattern": os.path.basename(records.split_pattern(output_dir, split, compression)),

@@ -10,7 +10,7 @@ schema recorded in the export metadata (`--export_dir`) or the default schema.
 import time
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 
 def define_flags(flag_values=flags.FLAGS):
@@ -93,6 +93,12 @@ def main(argv):
     print(format_ranking(ranking, FLAGS.top, schema.tasks))
 
 
-if __name__ == "__main__":
+def run():
+    from ifa_tf.cli import run_app
+
     define_flags()
-    app.run(main)
+    run_app(main, __name__, "ifa-query")
+
+
+if __name__ == "__main__":
+    run()

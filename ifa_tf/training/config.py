@@ -21,7 +21,8 @@ and listing the valid keys; model keys are checked against `zoo.valid_overrides(
 
 import dataclasses
 import os
-from typing import Optional
+import sys
+from typing import Optional, Union
 
 import yaml
 
@@ -110,7 +111,9 @@ class TrainConfig:
             (`MultiWorkerMirroredStrategy` from `TF_CONFIG`).
         checkpoint_every_epochs: chief writes `checkpoints/epoch-XXXX.weights.h5` this often
             (0: never; the crash backup is written every epoch regardless).
-        verbose: Keras progress output (0 silent, 1 progress bar, 2 one line per epoch).
+        verbose: progress output of training and evaluation: 0 silent, 1 progress bars, 2
+            one line per epoch; `auto`: 1 when stdout is a terminal, else 2 (logs get
+            lines, not a redrawn bar).
     """
 
     epochs: int = 1
@@ -120,7 +123,7 @@ class TrainConfig:
     seed: int = 0
     strategy: str = "default"
     checkpoint_every_epochs: int = 1
-    verbose: int = 1
+    verbose: Union[int, str] = "auto"
 
     def validate(self):
         _check_positive("train.epochs", self.epochs)
@@ -132,9 +135,19 @@ class TrainConfig:
         if self.strategy not in STRATEGIES:
             raise ValueError(f"train.strategy must be one of {list(STRATEGIES)}. Received: "
                              f"train.strategy={self.strategy!r}")
+        if self.verbose not in (0, 1, 2, "auto") or isinstance(self.verbose, bool):
+            raise ValueError("train.verbose must be 0, 1, 2 or 'auto'. Received: "
+                             f"train.verbose={self.verbose!r}")
         if not isinstance(self.checkpoint_every_epochs, int) or self.checkpoint_every_epochs < 0:
             raise ValueError("train.checkpoint_every_epochs must be an integer >= 0. Received: "
                              f"{self.checkpoint_every_epochs!r}")
+
+    @property
+    def resolved_verbose(self):
+        """`verbose` with `auto` resolved for this process's stdout."""
+        if self.verbose != "auto":
+            return self.verbose
+        return 1 if sys.stdout.isatty() else 2
 
     @property
     def steps_per_epoch(self):

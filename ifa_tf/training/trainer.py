@@ -64,19 +64,30 @@ def build_model(config, schema):
     return model
 
 
-def evaluate(model, dataset, schema, ndcg_k=10, max_batches=None, length_groups=0):
+def evaluate(model, dataset, schema, ndcg_k=10, max_batches=None, length_groups=0,
+             verbose=0):
     """Runs `model` over `(features, labels[, extras])` batches; returns
     `ifa_tf.metrics.CandidateSetEvaluator.result()` as `tasks`, `num_requests` and, with
-    `length_groups`, the AUC per group of sequence length as `by_sequence_length`."""
+    `length_groups`, the AUC per group of sequence length as `by_sequence_length`.
+    `verbose=1` shows a progress bar over the batches."""
     evaluator = CandidateSetEvaluator(schema.tasks, ndcg_k=ndcg_k, length_groups=length_groups)
     predict = tf.function(lambda features: model(features, training=False),
                           reduce_retracing=True)
+    progress = None
+    if verbose == 1:
+        batches = int(dataset.cardinality())
+        batches = None if batches < 0 else batches
+        if max_batches is not None:
+            batches = max_batches if batches is None else min(batches, max_batches)
+        progress = keras.utils.Progbar(batches, unit_name="batch")
     for index, batch in enumerate(dataset):
         if max_batches is not None and index >= max_batches:
             break
         features, labels = batch[0], batch[1]
         extras = batch[2] if len(batch) > 2 else None
         evaluator.update(features, labels, predict(features), extras)
+        if progress is not None:
+            progress.update(index + 1)
     return _evaluation(evaluator)
 
 
@@ -136,6 +147,7 @@ def train_and_evaluate(config, workdir, callbacks=()):
 def _split(config, model, schema, strategy, workdir, write_dir, chief, extra_callbacks):
     data, train = config.data, config.train
     steps_per_epoch = train.steps_per_epoch
+    verbose = train.resolved_verbose
 
     def train_input(input_context=None):
         return make_dataset(data.train_data, schema=schema, batch_size=data.batch_size,
@@ -168,9 +180,10 @@ def _split(config, model, schema, strategy, workdir, write_dir, chief, extra_cal
     if train.checkpoint_every_epochs:
         callbacks.append(EpochCheckpoint(os.path.join(write_dir, "checkpoints"),
                                          train.checkpoint_every_epochs))
+    # shuffle=False: the dataset shuffles examples itself; Keras cannot shuffle a dataset.
     history = model.fit(train_dataset, epochs=train.epochs, steps_per_epoch=steps_per_epoch,
                         validation_data=validation, callbacks=callbacks + extra_callbacks,
-                        verbose=train.verbose)
+                        shuffle=False, verbose=verbose)
     result = {"history": {k: [float(v) for v in values]
                           for k, values in history.history.items()},
               "train_steps": int(model.optimizer.iterations.numpy())}
@@ -183,7 +196,8 @@ def _split(config, model, schema, strategy, workdir, write_dir, chief, extra_cal
                                     group_by_length=data.group_by_length,
                                     with_extras=with_extras)
         result["eval"] = evaluate(model, eval_dataset, schema, config.eval.ndcg_k,
-                                  config.eval.max_batches, config.eval.length_groups)
+                                  config.eval.max_batches, config.eval.length_groups,
+                                  verbose=verbose)
         if chief:
             _write_scalars(os.path.join(write_dir, "logs", "evaluation"), result["eval"],
                            step=result["train_steps"])
