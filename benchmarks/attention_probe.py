@@ -3,8 +3,8 @@
 For each trained full-sequence model (`din_full`'s softmax, `ifa`'s linear attention) this
 reads the attention weights of its sequence module on a few test requests and reports how
 spread they are (`ifa_tf.diagnostics.attention_concentration`) and whether they land on the
-events that share the candidate's item or author (`ifa_tf.diagnostics.weight_on_matches`):
-lift 1 means the model is blind to those events (as uniform attention, or a mean, is).
+events that share the candidate's item, author or category
+(`ifa_tf.diagnostics.weight_on_matches`): lift 1 means the model is blind to those events (as uniform attention, or a mean, is).
 
     python benchmarks/attention_probe.py --data='/tmp/zoo/data/lifelong/test-*' \\
         --model=din_full=/tmp/zoo/runs/lifelong/din_full/seed0/model.keras \\
@@ -57,7 +57,7 @@ def probe(model, dataset):
 
         masked_target_attention.masked_softmax = capture_softmax
     stats = {key: [] for key in ("entropy_ratio", "top_share", "item_lift", "author_lift",
-                                 "logit_std")}
+                                 "category_lift", "logit_std")}
     try:
         for features, _ in dataset:
             model(features, training=False)
@@ -80,7 +80,7 @@ def probe(model, dataset):
                 (concentration["entropy"] / np.log(np.maximum(concentration["num_events"],
                                                               2)))[defined])
             stats["top_share"].append(concentration["top_share"][defined])
-            for attribute in ("item", "author"):
+            for attribute in ("item", "author", "category"):
                 lift = diagnostics.weight_on_matches(
                     weights, ops.convert_to_numpy(features[f"cand_{attribute}_id"]),
                     ops.convert_to_numpy(features[f"seq_{attribute}_id"]), mask)["lift"]
@@ -107,7 +107,8 @@ def main(argv):
     if not FLAGS.model or not FLAGS.data:
         raise app.UsageError("--model=label=path (one or more) and --data are needed.")
     rows = ["| model | entropy / log n | weight on top 1% of events | lift on own-item events "
-            "| lift on same-author events | logit std over events |", "|---|---|---|---|---|---|"]
+            "| lift on same-author events | lift on same-category events "
+            "| logit std over events |", "|---|---|---|---|---|---|---|"]
     for spec in FLAGS.model:
         label, _, path = spec.partition("=")
         model = keras.saving.load_model(path)
@@ -117,7 +118,8 @@ def main(argv):
         rows.append(f"| {label} | {_median(stats['entropy_ratio'])} | "
                     f"{_median(stats['top_share'])} | {_median(stats['item_lift'])} "
                     f"({stats['item_lift'].size}) | {_median(stats['author_lift'])} "
-                    f"({stats['author_lift'].size}) | {_median(stats['logit_std'])} |")
+                    f"({stats['author_lift'].size}) | {_median(stats['category_lift'])} | "
+                    f"{_median(stats['logit_std'])} |")
     table = "\n".join(
         [f"Medians over (candidate, head) pairs of the first {FLAGS.requests} requests of "
          f"`{FLAGS.data}`; lift = the weight's share on the matching events / their share "
