@@ -4,7 +4,8 @@ For each trained full-sequence model (`din_full`'s softmax, `ifa`'s linear atten
 reads the attention weights of its sequence module on a few test requests and reports how
 spread they are (`ifa_tf.diagnostics.attention_concentration`) and whether they land on the
 events that share the candidate's item, author or category
-(`ifa_tf.diagnostics.weight_on_matches`): lift 1 means the model is blind to those events (as uniform attention, or a mean, is).
+(`ifa_tf.diagnostics.weight_on_matches`): lift 1 means the model is blind to those events
+(as uniform attention, or a mean, is).
 
     python benchmarks/attention_probe.py --data='/tmp/zoo/data/lifelong/test-*' \\
         --model=din_full=/tmp/zoo/runs/lifelong/din_full/seed0/model.keras \\

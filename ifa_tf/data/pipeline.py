@@ -65,9 +65,9 @@ def make_dataset(file_pattern, schema=None, batch_size=32, *, shuffle=True,
             by sequence length and cut into W batches, so a batch pads to the longest of
             requests of like length instead of the longest of a random draw (with
             lognormal lengths, a random batch of 64 pads to about five times the mean n).
-            With `shuffle` the batches then pass a shuffle buffer of W batches. Each window's lengths
-            cost one more parse of one sequence feature. Same requests per epoch, same
-            model; only which requests share a batch changes.
+            With `shuffle` the batches then pass a shuffle buffer of W batches. Each
+            window's lengths cost one more parse of one sequence feature. Same requests per
+            epoch, same model; only which requests share a batch changes.
         cycle_length: files read concurrently.
         num_parallel_calls: parallelism of interleave and parsing.
         prefetch: batches prefetched.
