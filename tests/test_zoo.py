@@ -2,6 +2,8 @@
 saving, training defaults and errors. Parameterised over `zoo.list_models()`, so a model is
 tested the moment it is registered."""
 
+import warnings
+
 import keras
 import keras_rs
 import numpy as np
@@ -233,7 +235,10 @@ def test_custom_training_options_and_tf_data():
                   metrics={"click": [keras_rs.metrics.NDCG(k=3, name="ndcg")]})
     features, labels = make_batch()
     dataset = tf.data.Dataset.from_tensor_slices((features, labels)).batch(2)
-    history = model.fit(dataset, epochs=2, verbose=0)
+    with warnings.catch_warnings(record=True) as caught:  # no "shuffle=True ... ignored"
+        warnings.simplefilter("always")
+        history = model.fit(dataset, epochs=2, verbose=0)
+    assert [str(w.message) for w in caught if issubclass(w.category, UserWarning)] == []
     assert {"loss", "click_ndcg", "click_loss"} <= set(history.history)
     assert np.isfinite(history.history["loss"]).all()
 

@@ -1,3 +1,5 @@
+import sys
+
 import keras
 from keras import ops
 
@@ -47,6 +49,10 @@ class TrainingDefaultsMixin:
             self.optimizer.build(self.trainable_variables)
 
     def fit(self, x=None, y=None, *args, **kwargs):
+        # Keras cannot shuffle a tf.data dataset (it shuffles itself, as make_dataset's
+        # do), and warns when its default shuffle=True meets one; an explicit value stands.
+        if "shuffle" not in kwargs and len(args) < 7 and _is_tf_dataset(x):
+            kwargs["shuffle"] = False
         return super().fit(self.checked_data(x, y), y, *args, **kwargs)
 
     def evaluate(self, x=None, y=None, *args, **kwargs):
@@ -90,6 +96,11 @@ class TrainingDefaultsMixin:
         if isinstance(sample_weight, dict):
             return {task: combine(sample_weight.get(task)) for task in tasks}
         return {task: combine(sample_weight) for task in tasks}
+
+
+def _is_tf_dataset(x):
+    tf = sys.modules.get("tensorflow")  # never imported here: other backends need not have it
+    return tf is not None and isinstance(x, tf.data.Dataset)
 
 
 def _labelled_outputs(y, y_pred):
