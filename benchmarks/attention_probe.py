@@ -27,8 +27,9 @@ flags.DEFINE_integer("batch_size", 4, "Requests per forward pass.")
 flags.DEFINE_string("output", None, "Also write the table to this file.")
 
 
-def probe(model, dataset):
-    """Per-(query, head) statistics of one model's sequence attention over `dataset`."""
+def probe(model, dataset, signal_categories=()):
+    """Per-(query, head) statistics of one model's sequence attention over `dataset`;
+    `signal_categories`: the simulator's trait categories, if any."""
     from keras import ops
 
     from ifa_tf import diagnostics
@@ -58,7 +59,8 @@ def probe(model, dataset):
 
         masked_target_attention.masked_softmax = capture_softmax
     stats = {key: [] for key in ("entropy_ratio", "top_share", "item_lift", "author_lift",
-                                 "category_lift", "logit_std")}
+                                 "category_lift", "engaged_lift", "recent_lift",
+                                 "signal_lift", "logit_std")}
     try:
         for features, _ in dataset:
             model(features, training=False)
@@ -81,6 +83,19 @@ def probe(model, dataset):
                 (concentration["entropy"] / np.log(np.maximum(concentration["num_events"],
                                                               2)))[defined])
             stats["top_share"].append(concentration["top_share"][defined])
+            candidates = ops.convert_to_numpy(features["cand_item_id"])
+            # Query-independent groups of events, as ids every valid candidate shares (1):
+            # the events with a long view or a like, and the last 100 events.
+            action = ops.convert_to_numpy(features["seq_action"])
+            position_from_end = np.cumsum(mask[:, ::-1], axis=1)[:, ::-1]
+            groups = {"engaged": action > 1, "recent": position_from_end <= 100,
+                      "signal": np.isin(ops.convert_to_numpy(features["seq_category_id"]),
+                                        signal_categories)}
+            for name, members in groups.items():
+                lift = diagnostics.weight_on_matches(
+                    weights, (candidates != 0).astype(int),
+                    np.where(members, 1, -1), mask)["lift"]
+                stats[f"{name}_lift"].append(lift[~np.isnan(lift)])
             for attribute in ("item", "author", "category"):
                 lift = diagnostics.weight_on_matches(
                     weights, ops.convert_to_numpy(features[f"cand_{attribute}_id"]),
@@ -103,28 +118,37 @@ def main(argv):
     del argv
     import keras
 
-    from ifa_tf.data import make_dataset
+    from ifa_tf.data import make_dataset, records
 
     if not FLAGS.model or not FLAGS.data:
         raise app.UsageError("--model=label=path (one or more) and --data are needed.")
     rows = ["| model | entropy / log n | weight on top 1% of events | lift on own-item events "
             "| lift on same-author events | lift on same-category events "
-            "| logit std over events |", "|---|---|---|---|---|---|---|"]
+            "| lift on engaged events | lift on the last 100 events "
+            "| lift on the trait's signal events | logit std over events |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    metadata = records.find_metadata(records.expand_file_pattern(FLAGS.data)) or {}
+    signal_categories = metadata.get("generator", {}).get("signal_categories", [])
     for spec in FLAGS.model:
         label, _, path = spec.partition("=")
         model = keras.saving.load_model(path)
         dataset = make_dataset(FLAGS.data, batch_size=FLAGS.batch_size, shuffle=False).take(
             math.ceil(FLAGS.requests / FLAGS.batch_size))
-        stats = probe(model, dataset)
+        stats = probe(model, dataset, signal_categories)
         rows.append(f"| {label} | {_median(stats['entropy_ratio'])} | "
                     f"{_median(stats['top_share'])} | {_median(stats['item_lift'])} "
                     f"({stats['item_lift'].size}) | {_median(stats['author_lift'])} "
                     f"({stats['author_lift'].size}) | {_median(stats['category_lift'])} | "
+                    f"{_median(stats['engaged_lift'])} | {_median(stats['recent_lift'])} | "
+                    f"{_median(stats['signal_lift'])} | "
                     f"{_median(stats['logit_std'])} |")
     table = "\n".join(
         [f"Medians over (candidate, head) pairs of the first {FLAGS.requests} requests of "
          f"`{FLAGS.data}`; lift = the weight's share on the matching events / their share "
-         "of the events (1: blind to them; in brackets, the pairs that have matches).", "",
+         "of the events (1: blind to them; in brackets, the pairs that have matches); "
+         "engaged events: a long view or a like (seq_action > 1); signal events: those in "
+         f"the simulator's trait categories {signal_categories or '(none: not simulated)'}.",
+         "",
          *rows])
     print(table)
     if FLAGS.output:
