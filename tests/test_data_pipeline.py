@@ -123,8 +123,9 @@ def test_group_by_length_batches_like_lengths_and_keeps_every_request(tmp_path):
     _write(tmp_path, [_request(u, n, 2, offset=100 * u) for u, n in enumerate(lengths, 1)],
            schema)
     pattern = str(tmp_path / "*.tfrecord")
-    batches = _batches(make_dataset(pattern, batch_size=2, shuffle=False, group_by_length=3))
-    # Windows of 6 then 4 requests, each sorted by n and cut into batches of 2.
+    batches = _batches(make_dataset(pattern, batch_size=2, shuffle=False, group_by_length=3,
+                                    deterministic=True))
+    # Windows of 6 then 4 requests, each sorted by n and cut into batches of 2, in order.
     assert [sorted(b[0]["user_id"].tolist()) for b in batches] == [
         [2, 4], [3, 6], [1, 5], [8, 9], [7, 10]]
     assert [b[0]["seq_item_id"].shape[1] for b in batches] == [2, 7, 9, 5, 10]
