@@ -65,6 +65,7 @@ def probe(model, dataset, signal_categories=()):
         for features, _ in dataset:
             model(features, training=False)
             mask = ops.convert_to_numpy(features["seq_item_id"]) != 0
+            candidates = ops.convert_to_numpy(features["cand_item_id"]) != 0
             if linear:
                 query, key, query_mask, key_mask = captured["inputs"]
                 weights = ops.convert_to_numpy(attention.attention_weights(
@@ -73,7 +74,6 @@ def probe(model, dataset, signal_categories=()):
                 weights = np.transpose(ops.convert_to_numpy(captured["weights"]), (0, 2, 1, 3))
                 logits = np.transpose(ops.convert_to_numpy(captured["logits"]), (0, 2, 1, 3))
                 valid = np.broadcast_to(mask[:, None, None, :], logits.shape)
-                candidates = ops.convert_to_numpy(features["cand_item_id"]) != 0
                 spread = np.nanstd(np.where(valid, logits, np.nan), axis=-1)  # [B, h, m]
                 stats["logit_std"].append(spread[np.broadcast_to(candidates[:, None, :],
                                                                  spread.shape)])
@@ -83,7 +83,6 @@ def probe(model, dataset, signal_categories=()):
                 (concentration["entropy"] / np.log(np.maximum(concentration["num_events"],
                                                               2)))[defined])
             stats["top_share"].append(concentration["top_share"][defined])
-            candidates = ops.convert_to_numpy(features["cand_item_id"])
             # Query-independent groups of events, as ids every valid candidate shares (1):
             # the events with a long view or a like, and the last 100 events.
             action = ops.convert_to_numpy(features["seq_action"])
@@ -93,7 +92,7 @@ def probe(model, dataset, signal_categories=()):
                                         signal_categories)}
             for name, members in groups.items():
                 lift = diagnostics.weight_on_matches(
-                    weights, (candidates != 0).astype(int),
+                    weights, candidates.astype(int),
                     np.where(members, 1, -1), mask)["lift"]
                 stats[f"{name}_lift"].append(lift[~np.isnan(lift)])
             for attribute in ("item", "author", "category"):
@@ -132,7 +131,8 @@ def main(argv):
     for spec in FLAGS.model:
         label, _, path = spec.partition("=")
         model = keras.saving.load_model(path)
-        dataset = make_dataset(FLAGS.data, batch_size=FLAGS.batch_size, shuffle=False).take(
+        dataset = make_dataset(FLAGS.data, batch_size=FLAGS.batch_size, shuffle=False,
+                               deterministic=True).take(
             math.ceil(FLAGS.requests / FLAGS.batch_size))
         stats = probe(model, dataset, signal_categories)
         rows.append(f"| {label} | {_median(stats['entropy_ratio'])} | "
