@@ -31,6 +31,8 @@ ABLATION_NAMES = {"ifa": "IFA", "twin_ram": "IFA - FSM (twin_ram)",
                   "ifa_no_ram": "IFA - RAM (ifa_no_ram)", "twin": "IFA - FSM - RAM (twin)"}
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIMULATED = ("lifelong", "simulator")
+# The models whose search or attention costs O(mn) (README's model table); `--mn_seeds`.
+MN_MODELS = ("din_full", "sim_hard", "sim_soft", "twin", "twin_ram", "eta")
 DATASETS = (*SIMULATED, "movielens_1m", "movielens_100k")
 
 FLAGS = flags.FLAGS
@@ -46,6 +48,10 @@ flags.DEFINE_list("models", None, "Models (default: every registered model).")
 flags.DEFINE_multi_string("extra_run", [], "An extra row label=model[:key=value[,key=value]] "
                           "of model overrides, e.g. din_all=din:k=10000.")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds.")
+flags.DEFINE_list("mn_seeds", None, "Seeds of the O(mn) models "
+                  f"({', '.join(MN_MODELS)}, and extra rows built on them), when time "
+                  "allows fewer runs of them than of the others (default: --seeds). The "
+                  "report marks their cells.")
 flags.DEFINE_integer("lifelong_requests", None, "Requests of the lifelong preset (default: "
                      "the preset's).")
 flags.DEFINE_integer("sim_requests", 12000, "Default-simulator requests (10% are the test "
@@ -171,6 +177,11 @@ def summarise(results, tasks, metric):
     return table
 
 
+def format_mean_std(mean, std, num_seeds):
+    """`mean ± std` over seeds; a single run says so instead of showing a zero std."""
+    return f"{mean:.4f} ± {std:.4f}" if num_seeds > 1 else f"{mean:.4f} (1 seed)"
+
+
 def markdown_table(table, tasks, rows, names=None, truth=None, lower_is_better=False):
     header = "| Model | " + " | ".join(t.replace("_", " ").capitalize() for t in tasks) + " |"
     lines = [header, "|" + "---|" * (len(tasks) + 1)]
@@ -179,8 +190,8 @@ def markdown_table(table, tasks, rows, names=None, truth=None, lower_is_better=F
     for model in rows:
         cells = []
         for task in tasks:
-            mean, std, _ = table[model][task]
-            cell = f"{mean:.4f} ± {std:.4f}"
+            cell = format_mean_std(*table[model][task])
+            mean = table[model][task][0]
             cells.append(f"**{cell}**" if mean == best[task] else cell)
         lines.append(f"| {(names or {}).get(model, model)} | " + " | ".join(cells) + " |")
     if truth:
@@ -255,15 +266,20 @@ def main(argv):
         raise app.UsageError(f"Two rows share a label: {labels}; --extra_run labels must "
                              "differ from the models' names and from each other.")
     seeds = [int(s) for s in FLAGS.seeds]
+    mn_seeds = [int(s) for s in FLAGS.mn_seeds] if FLAGS.mn_seeds is not None else seeds
+    if not seeds or not mn_seeds:
+        raise app.UsageError("--seeds and --mn_seeds need at least one seed each.")
     datasets = prepare_data()
-    results, metadata = {}, {}
-    for dataset, data_dir in datasets.items():
-        metadata[dataset] = records.read_metadata(data_dir)
-        results[dataset] = {}
-        epochs = FLAGS.epochs if dataset in SIMULATED else FLAGS.ml_epochs
-        for label, model, overrides in runs:
-            results[dataset][label] = []
-            for seed in seeds:
+    metadata = {dataset: records.read_metadata(data_dir)
+                for dataset, data_dir in datasets.items()}
+    results = {dataset: {label: [] for label in labels} for dataset in datasets}
+    # Seed by seed, so an interrupted benchmark has whole tables of its first seeds.
+    for seed in sorted(set(seeds) | set(mn_seeds), key=(seeds + mn_seeds).index):
+        for dataset, data_dir in datasets.items():
+            epochs = FLAGS.epochs if dataset in SIMULATED else FLAGS.ml_epochs
+            for label, model, overrides in runs:
+                if seed not in (mn_seeds if model in MN_MODELS else seeds):
+                    continue
                 run_dir = os.path.join(FLAGS.work_dir, "runs", dataset, label, f"seed{seed}")
                 metrics = run_one(model, seed, data_dir, run_dir, epochs, overrides)
                 results[dataset][label].append(metrics)
@@ -271,7 +287,7 @@ def main(argv):
                       + " ".join(f"{t}={v['auc']:.4f}"
                                  for t, v in metrics["eval"]["tasks"].items())
                       + f" ({metrics['wall_time_s']:.0f}s)", flush=True)
-    write_report(results, metadata, labels, seeds, time.time() - started, commit)
+    write_report(results, metadata, labels, seeds, mn_seeds, time.time() - started, commit)
 
 
 def length_group_table(by_model, models, task, reference):
@@ -290,8 +306,8 @@ def length_group_table(by_model, models, task, reference):
     for model in models:
         values = per_model[model]
         lines.append(f"| {model} | " + " | ".join(
-            f"{mean:.4f} ± {std:.4f}" for mean, std in zip(values.mean(0), values.std(0)))
-            + " |")
+            format_mean_std(mean, std, len(values))
+            for mean, std in zip(values.mean(0), values.std(0))) + " |")
     if "truth_auc" in groups[0]["tasks"][task]:
         lines.append("| *ground truth* | " + " | ".join(
             f"{g['tasks'][task]['truth_auc']:.4f}" for g in groups) + " |")
@@ -328,8 +344,11 @@ def plot_by_length(by_dataset, path):
     plt.close(fig)
 
 
-def write_report(results, metadata, models, seeds, wall_time, commit):
+def write_report(results, metadata, models, seeds, mn_seeds, wall_time, commit):
     from ifa_tf.data import format_ceiling_ladder, read_ceiling_ladder
+
+    fewer = [m for m in models if any(len(by_model[m]) < len(seeds)
+                                      for by_model in results.values())]
 
     os.makedirs(FLAGS.output_dir, exist_ok=True)
     run_time = sum(r["wall_time_s"] for by_model in results.values()
@@ -346,7 +365,10 @@ def write_report(results, metadata, models, seeds, wall_time, commit):
         f"- Wall time: {wall_time / 60:.1f} min for this invocation (runs finished earlier "
         f"are read back from `work_dir`); the runs themselves took {run_time / 60:.1f} min "
         f"(CPU, {os.cpu_count()} cores)",
-        f"- Seeds: {seeds}; every model: {FLAGS.epochs} epoch(s) on simulated data, "
+        f"- Seeds: {seeds}"
+        + (f" ({mn_seeds} for the O(mn) rows {', '.join(fewer)}: time forced fewer runs "
+           "of them)" if fewer else "")
+        + f"; every model: {FLAGS.epochs} epoch(s) on simulated data, "
         f"{FLAGS.ml_epochs} on MovieLens, batch {FLAGS.batch_size}"
         + (f" (requests of like length batched together, {FLAGS.group_by_length} batches "
            "sorted at a time)" if FLAGS.group_by_length else "") + ", "
