@@ -52,6 +52,8 @@ flags.DEFINE_list("mn_seeds", None, "Seeds of the O(mn) models "
                   f"({', '.join(MN_MODELS)}, and extra rows built on them), when time "
                   "allows fewer runs of them than of the others (default: --seeds). The "
                   "report marks their cells.")
+flags.DEFINE_list("mn_rows", None, "The rows (model names or --extra_run labels) that run "
+                  "--mn_seeds only (default: the O(mn) models and extra rows built on them).")
 flags.DEFINE_integer("lifelong_requests", None, "Requests of the lifelong preset (default: "
                      "the preset's).")
 flags.DEFINE_integer("sim_requests", 12000, "Default-simulator requests (10% are the test "
@@ -269,6 +271,13 @@ def main(argv):
     mn_seeds = [int(s) for s in FLAGS.mn_seeds] if FLAGS.mn_seeds is not None else seeds
     if not seeds or not mn_seeds:
         raise app.UsageError("--seeds and --mn_seeds need at least one seed each.")
+    if FLAGS.mn_rows is None:
+        mn_rows = {label for label, model, _ in runs if model in MN_MODELS}
+    else:
+        mn_rows = set(FLAGS.mn_rows)
+        if mn_rows - set(labels):
+            raise app.UsageError(f"--mn_rows: unknown rows {sorted(mn_rows - set(labels))}; "
+                                 f"rows: {labels}.")
     datasets = prepare_data()
     metadata = {dataset: records.read_metadata(data_dir)
                 for dataset, data_dir in datasets.items()}
@@ -278,7 +287,7 @@ def main(argv):
         for dataset, data_dir in datasets.items():
             epochs = FLAGS.epochs if dataset in SIMULATED else FLAGS.ml_epochs
             for label, model, overrides in runs:
-                if seed not in (mn_seeds if model in MN_MODELS else seeds):
+                if seed not in (mn_seeds if label in mn_rows else seeds):
                     continue
                 run_dir = os.path.join(FLAGS.work_dir, "runs", dataset, label, f"seed{seed}")
                 metrics = run_one(model, seed, data_dir, run_dir, epochs, overrides)
@@ -366,7 +375,7 @@ def write_report(results, metadata, models, seeds, mn_seeds, wall_time, commit):
         f"are read back from `work_dir`); the runs themselves took {run_time / 60:.1f} min "
         f"(CPU, {os.cpu_count()} cores)",
         f"- Seeds: {seeds}"
-        + (f" ({mn_seeds} for the O(mn) rows {', '.join(fewer)}: time forced fewer runs "
+        + (f" ({mn_seeds} for the rows {', '.join(fewer)}: time forced fewer runs "
            "of them)" if fewer else "")
         + f"; every model: {FLAGS.epochs} epoch(s) on simulated data, "
         f"{FLAGS.ml_epochs} on MovieLens, batch {FLAGS.batch_size}"
