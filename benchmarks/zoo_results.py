@@ -192,8 +192,8 @@ def markdown_table(table, tasks, rows, names=None, truth=None, lower_is_better=F
     for model in rows:
         cells = []
         for task in tasks:
-            cell = format_mean_std(*table[model][task])
-            mean = table[model][task][0]
+            mean, std, num_seeds = table[model][task]
+            cell = format_mean_std(mean, std, num_seeds)
             cells.append(f"**{cell}**" if mean == best[task] else cell)
         lines.append(f"| {(names or {}).get(model, model)} | " + " | ".join(cells) + " |")
     if truth:
@@ -296,7 +296,9 @@ def main(argv):
                       + " ".join(f"{t}={v['auc']:.4f}"
                                  for t, v in metrics["eval"]["tasks"].items())
                       + f" ({metrics['wall_time_s']:.0f}s)", flush=True)
-    write_report(results, metadata, labels, seeds, mn_seeds, time.time() - started, commit)
+    write_report(results, metadata, labels, seeds,
+                 (mn_seeds, [label for label in labels if label in mn_rows]),
+                 time.time() - started, commit)
 
 
 def length_group_table(by_model, models, task, reference):
@@ -353,12 +355,11 @@ def plot_by_length(by_dataset, path):
     plt.close(fig)
 
 
-def write_report(results, metadata, models, seeds, mn_seeds, wall_time, commit):
+def write_report(results, metadata, models, seeds, mn, wall_time, commit):
+    """`mn`: (`--mn_seeds`, the rows that ran them)."""
     from ifa_tf.data import format_ceiling_ladder, read_ceiling_ladder
 
-    fewer = [m for m in models if any(len(by_model[m]) < len(seeds)
-                                      for by_model in results.values())]
-
+    mn_seeds, mn_rows = mn
     os.makedirs(FLAGS.output_dir, exist_ok=True)
     run_time = sum(r["wall_time_s"] for by_model in results.values()
                    for runs in by_model.values() for r in runs)
@@ -375,8 +376,8 @@ def write_report(results, metadata, models, seeds, mn_seeds, wall_time, commit):
         f"are read back from `work_dir`); the runs themselves took {run_time / 60:.1f} min "
         f"(CPU, {os.cpu_count()} cores)",
         f"- Seeds: {seeds}"
-        + (f" ({mn_seeds} for the rows {', '.join(fewer)}: time forced fewer runs "
-           "of them)" if fewer else "")
+        + (f" ({mn_seeds} for the rows {', '.join(mn_rows)}: time forced fewer runs "
+           "of them)" if mn_rows and mn_seeds != seeds else "")
         + f"; every model: {FLAGS.epochs} epoch(s) on simulated data, "
         f"{FLAGS.ml_epochs} on MovieLens, batch {FLAGS.batch_size}"
         + (f" (requests of like length batched together, {FLAGS.group_by_length} batches "
