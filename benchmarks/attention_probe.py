@@ -37,7 +37,7 @@ def probe(model, dataset, signal_categories=()):
 
     attention = getattr(model.interest, "_attention", None)
     linear = isinstance(attention, NormalizedLinearAttention)
-    if attention is None or (not linear and hasattr(model.interest, "k")):
+    if attention is None or getattr(model.interest, "k", None) is not None:
         raise app.UsageError(f"{model.interest.name}: only models that attend over the whole "
                              "sequence (din_full, ifa, ifa_no_ram) can be probed.")
     captured = {}

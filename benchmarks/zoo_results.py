@@ -94,13 +94,15 @@ def parse_extra_run(spec):
 
 
 def budget_overrides(model_name, epochs):
-    """The shared budget: same epochs, batch, sizes for all; k for the models that have it."""
-    from ifa_tf import zoo
+    """The shared budget: same epochs, batch, sizes for all; `--k` for the sampling
+    baselines (the models whose `zoo/<model>.yaml` sets a k: `din_full` and `ifa` take one
+    too, but read every event unless a row sets it)."""
+    from ifa_tf import training
 
     overrides = [("train.epochs", epochs), ("data.batch_size", FLAGS.batch_size),
                  ("data.group_by_length", FLAGS.group_by_length),
                  ("train.verbose", 0), ("train.checkpoint_every_epochs", 0)]
-    if "k" in (zoo.valid_overrides(model_name) or ()):
+    if "k" in training.load_config(model_name).model.overrides:
         overrides.append(("model.k", FLAGS.k))
     return overrides + list(FLAGS.set)
 

@@ -25,7 +25,7 @@ MODELS = zoo.list_models()
 
 def build(name, **extra):
     keras.utils.set_random_seed(1)
-    return zoo.build(name, schema=SCHEMA, **SMALL, **OVERRIDES.get(name, {}), **extra)
+    return zoo.build(name, schema=SCHEMA, **SMALL, **{**OVERRIDES.get(name, {}), **extra})
 
 
 def make_batch(seed=0, batch=3, n=12, m=6, seq_valid=(12, 9, 5), cand_valid=(6, 4, 1)):
@@ -207,11 +207,59 @@ def test_full_sequence_fidelity():
     changed = {k: v.copy() for k, v in features.items()}
     changed["seq_item_id"][:, 0] += 1000  # the oldest event: outside din's 4 most recent
     changed["seq_category_id"][:, 0] = (changed["seq_category_id"][:, 0] % 3) + 1
-    for name, reacts in (("ifa", True), ("ifa_no_ram", True), ("din_full", True),
-                         ("sdim", True), ("din", False)):
-        model = build(name)
+    for name, extra, reacts in (("ifa", {}, True), ("ifa_no_ram", {}, True),
+                                ("din_full", {}, True), ("sdim", {}, True), ("din", {}, False),
+                                ("din", {"k": None}, True), ("din_full", {"k": 4}, False),
+                                ("ifa", {"k": 4}, False)):
+        model = build(name, **{**OVERRIDES.get(name, {}), **extra})
         delta = np.abs(predict(model, changed)["score"] - predict(model, features)["score"])
-        assert (delta.max() > 1e-6) == reacts, name
+        assert (delta.max() > 1e-6) == reacts, (name, extra)
+
+
+def keep_most_recent(features, k):
+    """`features` with every sequence cut to its k most recent valid events (oldest first,
+    padding after), as if the user had no older history."""
+    cut = {name: value.copy() for name, value in features.items()}
+    valid = (features["seq_item_id"] != 0).sum(axis=1)
+    for name in (n for n in features if n.startswith("seq_")):
+        cut[name][:] = 0
+        for row, length in enumerate(valid):
+            kept = features[name][row, max(length - k, 0):length]
+            cut[name][row, :len(kept)] = kept
+    return cut
+
+
+@pytest.mark.parametrize("name", ["din", "din_full", "ifa"])
+def test_recent_k_equals_the_same_model_on_the_cut_history(name, tmp_path):
+    """`k` on `din`, `din_full` and `ifa` reads the k most recent events: the model with k = 4
+    scores a request as the same weights with k = None score its 4 most recent events."""
+    features, _ = make_batch()
+    recent, full = build(name, k=4), build(name, k=None)
+    full.set_weights(recent.get_weights())
+    expected = predict(full, keep_most_recent(features, 4))
+    path = tmp_path / f"{name}.keras"
+    recent.save(path)
+    for model in (recent, keras.saving.load_model(path)):
+        assert model.interest.k == 4
+        out = predict(model, features)
+        for task in expected:
+            np.testing.assert_allclose(out[task], expected[task], rtol=1e-5, atol=1e-6)
+    # k = None reads what the largest k would.
+    np.testing.assert_allclose(predict(build(name, k=12), features)["score"],
+                               predict(build(name, k=None), features)["score"], rtol=1e-5,
+                               atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["din", "din_full", "ifa", "twin", "sim_hard"])
+@pytest.mark.parametrize("k", [0, -3, 2.5, "100"])
+def test_bad_k_is_a_clear_error(name, k):
+    with pytest.raises(ValueError, match=r"k"):
+        build(name, k=k)
+
+
+def test_search_models_need_a_k():
+    with pytest.raises(ValueError, match=r"k"):
+        build("twin", k=None)
 
 
 def test_padded_candidates_change_no_loss_or_metric():

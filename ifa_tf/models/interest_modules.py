@@ -40,6 +40,26 @@ class InterestModule(keras.layers.Layer):
         return tuple(input_shape["candidates"])
 
 
+def _check_optional_k(k):
+    """`k`: a positive int, or None for every item of the sequence."""
+    if k is not None:
+        check_positive_int("k", k)
+
+
+def _read_shape(sequence_shape, k):
+    """The shape of what a recent-k module reads: [B, k, d], or the sequence's own."""
+    return sequence_shape if k is None else (sequence_shape[0], k, sequence_shape[-1])
+
+
+def _most_recent(inputs, k):
+    """`(sequence, sequence_mask)` of the k most recent valid items, most recent first; the
+    whole sequence when k is None."""
+    if k is None:
+        return inputs["sequence"], inputs["sequence_mask"]
+    indices, recent_mask = most_recent_positions(inputs["sequence_mask"], k)
+    return gather_positions(inputs["sequence"], indices), recent_mask  # [B, k, d]
+
+
 @keras.saving.register_keras_serializable(package="ifa_tf")
 class AveragePoolingInterest(InterestModule):
     """`avg_pooling`: the masked mean of the whole sequence, the same for every candidate."""
@@ -55,11 +75,12 @@ class AveragePoolingInterest(InterestModule):
 
 @keras.saving.register_keras_serializable(package="ifa_tf")
 class RecentDINInterest(InterestModule):
-    """`din`: DIN's activation unit over the k most recent valid sequence items."""
+    """`din`: DIN's activation unit over the k most recent valid sequence items; `k=None`
+    reads every item, O(m n) through the unit's MLP (DIN at the full length)."""
 
     def __init__(self, k=100, hidden_units=(80, 40), **kwargs):
         super().__init__(**kwargs)
-        check_positive_int("k", k)
+        _check_optional_k(k)
         self.k = k
         self.hidden_units = list(hidden_units)
 
@@ -67,14 +88,13 @@ class RecentDINInterest(InterestModule):
         shape = input_shape["candidates"]
         self._unit = layers.DINActivationUnit(self.hidden_units, dtype=self.dtype_policy,
                                               name="activation_unit")
-        self._unit.build(shape, (shape[0], self.k, shape[-1]))
+        self._unit.build(shape, _read_shape(input_shape["sequence"], self.k))
         self.built = True
 
     def call(self, inputs):
-        indices, recent_mask = most_recent_positions(inputs["sequence_mask"], self.k)
-        recent = gather_positions(inputs["sequence"], indices)  # [B, k, d]
-        return self._unit(inputs["candidates"], recent,
-                          query_mask=inputs["candidate_mask"], key_mask=recent_mask)
+        sequence, sequence_mask = _most_recent(inputs, self.k)
+        return self._unit(inputs["candidates"], sequence,
+                          query_mask=inputs["candidate_mask"], key_mask=sequence_mask)
 
     def get_config(self):
         return {**super().get_config(), "k": self.k, "hidden_units": self.hidden_units}
@@ -82,26 +102,33 @@ class RecentDINInterest(InterestModule):
 
 @keras.saving.register_keras_serializable(package="ifa_tf")
 class FullTargetAttentionInterest(InterestModule):
-    """`din_full`: exact softmax target attention over the whole sequence, O(m n)."""
+    """`din_full`: exact softmax target attention over the whole sequence, O(m n). `k`
+    restricts it to the k most recent valid items (what `din` reads, by dot-product
+    attention instead of DIN's MLP unit): one change at a time between `din` and
+    `din_full`."""
 
-    def __init__(self, num_heads=2, key_dim=16, **kwargs):
+    def __init__(self, num_heads=2, key_dim=16, k=None, **kwargs):
         super().__init__(**kwargs)
+        _check_optional_k(k)
         self.num_heads = num_heads
         self.key_dim = key_dim
+        self.k = k
 
     def build(self, input_shape):
         self._attention = layers.MaskedTargetAttention(
             self.num_heads, self.key_dim, dtype=self.dtype_policy, name="attention")
-        self._attention.build(input_shape["candidates"], input_shape["sequence"])
+        self._attention.build(input_shape["candidates"],
+                              _read_shape(input_shape["sequence"], self.k))
         self.built = True
 
     def call(self, inputs):
-        return self._attention(inputs["candidates"], inputs["sequence"],
-                               query_mask=inputs["candidate_mask"],
-                               key_mask=inputs["sequence_mask"])
+        sequence, sequence_mask = _most_recent(inputs, self.k)
+        return self._attention(inputs["candidates"], sequence,
+                               query_mask=inputs["candidate_mask"], key_mask=sequence_mask)
 
     def get_config(self):
-        return {**super().get_config(), "num_heads": self.num_heads, "key_dim": self.key_dim}
+        return {**super().get_config(), "num_heads": self.num_heads, "key_dim": self.key_dim,
+                "k": self.k}
 
 
 @keras.saving.register_keras_serializable(package="ifa_tf")
@@ -112,9 +139,8 @@ class SIMHardInterest(FullTargetAttentionInterest):
                        "sequence_category_ids")
 
     def __init__(self, k=100, num_heads=2, key_dim=16, **kwargs):
-        super().__init__(num_heads=num_heads, key_dim=key_dim, **kwargs)
-        check_positive_int("k", k)
-        self.k = k
+        check_positive_int("k", k)  # the search's size: required here
+        super().__init__(num_heads=num_heads, key_dim=key_dim, k=k, **kwargs)
 
     def build(self, input_shape):
         shape = input_shape["candidates"]
@@ -131,9 +157,6 @@ class SIMHardInterest(FullTargetAttentionInterest):
         selected = gather_positions(inputs["sequence"], indices)  # [B, m, k, d]
         return self._attention(inputs["candidates"], selected,
                                query_mask=inputs["candidate_mask"], key_mask=selected_mask)
-
-    def get_config(self):
-        return {**super().get_config(), "k": self.k}
 
 
 @keras.saving.register_keras_serializable(package="ifa_tf")
@@ -257,9 +280,8 @@ class TWINInterest(FullTargetAttentionInterest):
     """`twin`, `twin_ram`: TWIN's light-attention GSU (top k) and multi-head ESU."""
 
     def __init__(self, k=100, num_heads=2, key_dim=16, **kwargs):
-        super().__init__(num_heads=num_heads, key_dim=key_dim, **kwargs)
-        check_positive_int("k", k)
-        self.k = k
+        check_positive_int("k", k)  # the search's size: required here
+        super().__init__(num_heads=num_heads, key_dim=key_dim, k=k, **kwargs)
 
     def build(self, input_shape):
         self._attention = layers.TWINAttention(
@@ -267,8 +289,11 @@ class TWINInterest(FullTargetAttentionInterest):
         self._attention.build(input_shape["candidates"], input_shape["sequence"])
         self.built = True
 
-    def get_config(self):
-        return {**super().get_config(), "k": self.k}
+    def call(self, inputs):
+        # The whole sequence: TWIN's own search picks the k events per candidate.
+        return self._attention(inputs["candidates"], inputs["sequence"],
+                               query_mask=inputs["candidate_mask"],
+                               key_mask=inputs["sequence_mask"])
 
 
 @keras.saving.register_keras_serializable(package="ifa_tf")
@@ -277,11 +302,12 @@ class LinearAttentionInterest(FullTargetAttentionInterest):
     attention over every valid sequence item, O(m + n). As in Eq. 6 the heads are the
     output (num_heads * key_dim wide), with no output projection: the towers' first layer
     is linear, so one would add cost and no expressivity. `feature_map` and
-    `focusing_factor` are those of `NormalizedLinearAttention`."""
+    `focusing_factor` are those of `NormalizedLinearAttention`; `k`, as for `din_full`,
+    restricts it to the k most recent valid items (an ablation of range)."""
 
     def __init__(self, num_heads=2, key_dim=16, feature_map="elu_plus_one",
-                 focusing_factor=None, **kwargs):
-        super().__init__(num_heads=num_heads, key_dim=key_dim, **kwargs)
+                 focusing_factor=None, k=None, **kwargs):
+        super().__init__(num_heads=num_heads, key_dim=key_dim, k=k, **kwargs)
         # Checked here: the attention layer is only made in `build`.
         check_feature_map(feature_map, focusing_factor)
         self.feature_map = feature_map
@@ -292,7 +318,8 @@ class LinearAttentionInterest(FullTargetAttentionInterest):
             self.num_heads, self.key_dim, feature_map=self.feature_map,
             focusing_factor=self.focusing_factor, use_output_projection=False,
             dtype=self.dtype_policy, name="attention")
-        self._attention.build(input_shape["candidates"], input_shape["sequence"])
+        self._attention.build(input_shape["candidates"],
+                              _read_shape(input_shape["sequence"], self.k))
         self.built = True
 
     def compute_output_shape(self, input_shape):
