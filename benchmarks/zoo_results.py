@@ -29,6 +29,11 @@ from absl import app, flags
 ABLATIONS = ("ifa", "twin_ram", "ifa_no_ram", "twin")  # paper Table 3, IFA first
 ABLATION_NAMES = {"ifa": "IFA", "twin_ram": "IFA - FSM (twin_ram)",
                   "ifa_no_ram": "IFA - RAM (ifa_no_ram)", "twin": "IFA - FSM - RAM (twin)"}
+# How each attention model reads the sequence: "Range and mechanism" puts side by side the
+# rows that differ in one of the two (`din` vs `din_full` differ in both by default).
+MECHANISMS = {"din": "DIN MLP unit", "din_full": "softmax dot-product attention",
+              "ifa_no_ram": "linear attention, {feature_map}",
+              "ifa": "linear attention, {feature_map}, + RAM"}
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIMULATED = ("lifelong", "simulator")
 # The models whose search or attention costs O(mn) (README's model table); `--mn_seeds`.
@@ -298,7 +303,7 @@ def main(argv):
                       + " ".join(f"{t}={v['auc']:.4f}"
                                  for t, v in metrics["eval"]["tasks"].items())
                       + f" ({metrics['wall_time_s']:.0f}s)", flush=True)
-    write_report(results, metadata, labels, seeds,
+    write_report(results, metadata, runs, seeds,
                  (mn_seeds, [label for label in labels if label in mn_rows]),
                  time.time() - started, commit)
 
@@ -357,10 +362,31 @@ def plot_by_length(by_dataset, path):
     plt.close(fig)
 
 
-def write_report(results, metadata, models, seeds, mn, wall_time, commit):
-    """`mn`: (`--mn_seeds`, the rows that ran them)."""
+def range_and_mechanism(runs):
+    """`{label: (mechanism, events read)}` of the rows of `MECHANISMS`' models, from the
+    config each row trained with."""
+    from ifa_tf import training
+
+    described = {}
+    for label, model, overrides in runs:
+        if model not in MECHANISMS:
+            continue
+        settings = training.load_config(
+            model, overrides=[*budget_overrides(model, 1), *overrides]).model.overrides
+        k = settings.get("k", 100 if model == "din" else None)
+        described[label] = (
+            MECHANISMS[model].format(feature_map=settings.get("feature_map", "elu_plus_one")),
+            "every event" if k is None else f"the {k} most recent")
+    return described
+
+
+def write_report(results, metadata, runs, seeds, mn, wall_time, commit):
+    """`runs`: the rows as (label, model, overrides); `mn`: (`--mn_seeds`, the rows that ran
+    them)."""
     from ifa_tf.data import format_ceiling_ladder, read_ceiling_ladder
 
+    models = [label for label, _, _ in runs]
+    reads = range_and_mechanism(runs)
     mn_seeds, mn_rows = mn
     os.makedirs(FLAGS.output_dir, exist_ok=True)
     run_time = sum(r["wall_time_s"] for by_model in results.values()
@@ -429,6 +455,15 @@ def write_report(results, metadata, models, seeds, mn, wall_time, commit):
         if len(ablations) > 1:
             lines += ["### Table 3: ablations", "",
                       markdown_table(table, tasks, ablations, names=ABLATION_NAMES), ""]
+        if len(reads) > 1:
+            lines += ["### Range and mechanism", "",
+                      "The attention models by how they weigh events and which events they "
+                      f"read; rows that differ in one column isolate it ({task} AUC).", "",
+                      f"| Model | weighs events by | reads | {task.capitalize()} |",
+                      "|---|---|---|---|"]
+            lines += [f"| {m} | {reads[m][0]} | {reads[m][1]} | "
+                      f"{format_mean_std(*table[m][task])} |" for m in reads]
+            lines.append("")
         for metric, title in (("gauc", "GAUC (candidate-weighted, one-class requests "
                                        "skipped)"), ("ndcg@10", "NDCG@10"),
                               ("logloss", "Log loss (lower is better)")):
