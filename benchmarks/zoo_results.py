@@ -12,9 +12,11 @@ the thousands, a truth that rewards reading all of them), `movielens_1m` (`ifa-d
 `ifa_tf.training.train_and_evaluate` with the config `zoo/<model>.yaml` plus the shared
 budget overrides below; its `metrics.json` is kept under `work_dir/runs`, so an interrupted
 benchmark resumes where it stopped. `--extra_run=label=model:key=value` adds a row that
-changes one setting of a model, e.g. `din_all=din:k=10000` (DIN's unit over every event,
-to separate the range a model reads from its attention unit). Whatever ordering comes out
-is reported.
+changes settings of a model, e.g. `din_all=din:k=null` (DIN's unit over every event) or
+`din_full_k100=din_full:k=100` (exact attention over the last 100): the report's "Range and
+mechanism" table separates the range a model reads from how it weighs events.
+`--row_datasets=din_all=movielens_1m` keeps a row to the datasets where it is affordable.
+Whatever ordering comes out is reported.
 """
 
 import json
@@ -51,7 +53,7 @@ flags.DEFINE_string("movielens_dir", None, "Directory of the MovieLens-100K file
 flags.DEFINE_string("output_dir", os.path.join(REPO, "zoo"), "Where RESULTS.md and plots go.")
 flags.DEFINE_list("models", None, "Models (default: every registered model).")
 flags.DEFINE_multi_string("extra_run", [], "An extra row label=model[:key=value[,key=value]] "
-                          "of model overrides, e.g. din_all=din:k=10000.")
+                          "of model overrides, e.g. din_all=din:k=null (YAML values).")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds.")
 flags.DEFINE_list("mn_seeds", None, "Seeds of the O(mn) models "
                   f"({', '.join(MN_MODELS)}, and extra rows built on them), when time "
@@ -59,6 +61,10 @@ flags.DEFINE_list("mn_seeds", None, "Seeds of the O(mn) models "
                   "report marks their cells.")
 flags.DEFINE_list("mn_rows", None, "The rows (model names or --extra_run labels) that run "
                   "--mn_seeds only (default: the O(mn) models and extra rows built on them).")
+flags.DEFINE_multi_string("row_datasets", [], "label=dataset[+dataset]: the only datasets "
+                          "a row runs on (default: all of --datasets), e.g. "
+                          "din_all=movielens_1m for a row too costly on the others; the "
+                          "report names the rows a dataset lacks.")
 flags.DEFINE_integer("lifelong_requests", None, "Requests of the lifelong preset (default: "
                      "the preset's).")
 flags.DEFINE_integer("sim_requests", 12000, "Default-simulator requests (10% are the test "
@@ -220,16 +226,17 @@ def plot(all_tables, models, path):
     for ax, (dataset, (table, truth)) in zip(axes[0], all_tables.items()):
         tasks = list(next(iter(table.values())))
         width = 0.8 / len(tasks)
-        x = np.arange(len(models))
+        rows = [m for m in models if m in table]
+        x = np.arange(len(rows))
         for i, task in enumerate(tasks):
-            means = [table[m][task][0] for m in models]
-            stds = [table[m][task][1] for m in models]
+            means = [table[m][task][0] for m in rows]
+            stds = [table[m][task][1] for m in rows]
             ax.bar(x + i * width, means, width, yerr=stds, capsize=2, label=task)
             if truth:
                 ax.axhline(truth[task], color=f"C{i}", linestyle="--", linewidth=0.8)
         ax.set_xticks(x + width * (len(tasks) - 1) / 2)
-        ax.set_xticklabels(models, rotation=30, ha="right")
-        values = [table[m][t][0] for m in models for t in tasks]
+        ax.set_xticklabels(rows, rotation=30, ha="right")
+        values = [table[m][t][0] for m in rows for t in tasks]
         ax.set_ylim(max(0.0, min(values) - 0.05), min(1.0, max(values) + 0.05))
         ax.set_ylabel("test AUC (mean ± std over seeds)")
         ax.set_title(dataset + (" (dashed: ground truth)" if truth else ""))
@@ -249,7 +256,7 @@ def plot_time(wall, models, path):
     x = np.arange(len(models))
     width = 0.8 / len(wall)
     for i, (dataset, times) in enumerate(wall.items()):
-        ax.bar(x + i * width, [times[m] for m in models], width, label=dataset)
+        ax.bar(x + i * width, [times.get(m, 0.0) for m in models], width, label=dataset)
     ax.set_xticks(x + width * (len(wall) - 1) / 2)
     ax.set_xticklabels(models, rotation=30, ha="right")
     ax.set_ylabel("train + eval wall time per run, s (CPU)")
@@ -285,6 +292,14 @@ def main(argv):
         if mn_rows - set(labels):
             raise app.UsageError(f"--mn_rows: unknown rows {sorted(mn_rows - set(labels))}; "
                                  f"rows: {labels}.")
+    row_datasets = {}
+    for spec in FLAGS.row_datasets:
+        label, _, names = spec.partition("=")
+        row_datasets[label] = names.split("+")
+        if label not in labels or not names or set(row_datasets[label]) - set(FLAGS.datasets):
+            raise app.UsageError(f"--row_datasets must be label=dataset[+dataset] with a row "
+                                 f"label from {labels} and datasets from {FLAGS.datasets}. "
+                                 f"Received: --row_datasets={spec!r}")
     datasets = prepare_data()
     metadata = {dataset: records.read_metadata(data_dir)
                 for dataset, data_dir in datasets.items()}
@@ -294,7 +309,8 @@ def main(argv):
         for dataset, data_dir in datasets.items():
             epochs = FLAGS.epochs if dataset in SIMULATED else FLAGS.ml_epochs
             for label, model, overrides in runs:
-                if seed not in (mn_seeds if label in mn_rows else seeds):
+                if (seed not in (mn_seeds if label in mn_rows else seeds)
+                        or dataset not in row_datasets.get(label, [dataset])):
                     continue
                 run_dir = os.path.join(FLAGS.work_dir, "runs", dataset, label, f"seed{seed}")
                 metrics = run_one(model, seed, data_dir, run_dir, epochs, overrides)
@@ -423,46 +439,52 @@ def write_report(results, metadata, runs, seeds, mn, wall_time, commit):
     plots, wall, by_length = {}, {}, {}
     for dataset, by_model in results.items():
         meta = metadata[dataset]
+        # The rows that ran here (`--row_datasets` keeps some off a dataset).
+        by_model = {m: r for m, r in by_model.items() if r}
+        rows, absent = list(by_model), [m for m in models if m not in by_model]
         tasks = list(meta["schema"]["tasks"])
         table = summarise(by_model, tasks, "auc")
-        first = by_model[models[0]][0]["eval"]["tasks"]
+        first = by_model[rows[0]][0]["eval"]["tasks"]
         truth = ({t: first[t]["truth_auc"] for t in tasks}
                  if "truth_auc" in first[tasks[0]] else None)
         plots[dataset] = (table, truth)
         wall[dataset] = {m: float(np.mean([r["wall_time_s"] for r in by_model[m]]))
-                         for m in models}
+                         for m in rows}
         split = meta["splits"]
         lines += [f"## {dataset}", "",
                   f"Train {split['train']['num_requests']} requests, test "
                   f"{split['test']['num_requests']} requests; mean n "
                   f"{split['test'].get('mean_seq_len', float('nan')):.0f}, mean m "
-                  f"{split['test'].get('mean_candidates', float('nan')):.0f} (test split).", ""]
+                  f"{split['test'].get('mean_candidates', float('nan')):.0f} (test split)."
+                  + (f" Not run here (`--row_datasets`): {', '.join(absent)}." if absent
+                     else ""), ""]
         ladder = read_ceiling_ladder(meta)
         if ladder:
             lines += ["### Ceiling ladder (test split)", "",
                       format_ceiling_ladder(ladder, [t for t in tasks if t != "impression"]),
                       ""]
         lines += ["### Table 2: AUC of all models", "",
-                  markdown_table(table, tasks, models, truth=truth), ""]
+                  markdown_table(table, tasks, rows, truth=truth), ""]
         task = "click" if "click" in tasks else tasks[0]
-        length_lines, groups = length_group_table(by_model, models, task,
+        length_lines, groups = length_group_table(by_model, rows, task,
                                                   FLAGS.length_reference)
         if groups:
             by_length[dataset] = (task, groups)
             lines += ["### AUC by sequence length (short to long users)", ""] + length_lines
             lines.append("")
-        ablations = [m for m in ABLATIONS if m in models]
+        ablations = [m for m in ABLATIONS if m in rows]
         if len(ablations) > 1:
             lines += ["### Table 3: ablations", "",
                       markdown_table(table, tasks, ablations, names=ABLATION_NAMES), ""]
-        if len(reads) > 1:
+        here = [m for m in reads if m in by_model]
+        if len(here) > 1:
             lines += ["### Range and mechanism", "",
                       "The attention models by how they weigh events and which events they "
                       f"read; rows that differ in one column isolate it ({task} AUC).", "",
                       f"| Model | weighs events by | reads | {task.capitalize()} |",
                       "|---|---|---|---|"]
             lines += [f"| {m} | {reads[m][0]} | {reads[m][1]} | "
-                      f"{format_mean_std(*table[m][task])} |" for m in reads]
+                      f"{format_mean_std(*table[m][task])} |" for m in here]
             lines.append("")
         for metric, title in (("gauc", "GAUC (candidate-weighted, one-class requests "
                                        "skipped)"), ("ndcg@10", "NDCG@10"),
@@ -470,21 +492,21 @@ def write_report(results, metadata, runs, seeds, mn, wall_time, commit):
             if metric not in first[tasks[0]]:
                 continue
             lines += [f"### {title}", "",
-                      markdown_table(summarise(by_model, tasks, metric), tasks, models,
+                      markdown_table(summarise(by_model, tasks, metric), tasks, rows,
                                      lower_is_better=metric == "logloss"), ""]
         if truth:
             gap = summarise(by_model, tasks, "auc_gap_to_truth")
             lines += ["### Gap to ground truth (truth AUC - model AUC; lower is better)", "",
                       "| Model | " + " | ".join(tasks) + " |", "|" + "---|" * (len(tasks) + 1)]
             lines += [f"| {m} | " + " | ".join(f"{gap[m][t][0]:.4f}" for t in tasks) + " |"
-                      for m in models]
+                      for m in rows]
             lines.append("")
-        leaders = {t: max(models, key=lambda m: table[m][t][0]) for t in tasks}
+        leaders = {t: max(rows, key=lambda m: table[m][t][0]) for t in tasks}
         lines += ["### Ordering found", "",
                   "Best mean AUC per task: " + ", ".join(f"{t}: `{m}`"
                                                          for t, m in leaders.items()) + ".",
                   "Ranking by mean AUC over tasks: " + " > ".join(
-                      f"`{m}`" for m in sorted(models, key=lambda m: -np.mean(
+                      f"`{m}`" for m in sorted(rows, key=lambda m: -np.mean(
                           [table[m][t][0] for t in tasks]))) + ".", ""]
     plot(plots, models, os.path.join(FLAGS.output_dir, "results_auc.png"))
     if by_length:
@@ -496,8 +518,8 @@ def write_report(results, metadata, runs, seeds, mn, wall_time, commit):
               "![Wall time per model](results_wall_time.png)", "",
               "| Model | " + " | ".join(f"{d} s/run" for d in wall) + " |",
               "|" + "---|" * (len(wall) + 1)]
-    lines += [f"| {m} | " + " | ".join(f"{wall[d][m]:.0f}" for d in wall) + " |"
-              for m in models]
+    lines += [f"| {m} | " + " | ".join(f"{wall[d][m]:.0f}" if m in wall[d] else "–"
+                                      for d in wall) + " |" for m in models]
     with open(os.path.join(FLAGS.output_dir, "RESULTS.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
