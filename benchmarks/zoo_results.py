@@ -365,8 +365,10 @@ def plot_by_length(by_dataset, path):
                              squeeze=False)
     for ax, (dataset, (task, groups)) in zip(axes[0], by_dataset.items()):
         x = np.arange(len(groups["heads"]))
-        for model, values in groups["auc"].items():
-            ax.plot(x, values, marker="o", label=model)
+        for i, (model, values) in enumerate(groups["auc"].items()):
+            # Ten colours, then the same colours dashed: every line stays distinct.
+            ax.plot(x, values, marker="o", color=f"C{i % 10}",
+                    linestyle="-" if i < 10 else "--", label=model)
         ax.set_xticks(x)
         ax.set_xticklabels([h.split(" (")[0] for h in groups["heads"]], fontsize=8)
         ax.set_xlabel("test users by sequence length (equal-size groups)")
