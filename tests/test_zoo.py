@@ -211,7 +211,7 @@ def test_full_sequence_fidelity():
                                 ("din_full", {}, True), ("sdim", {}, True), ("din", {}, False),
                                 ("din", {"k": None}, True), ("din_full", {"k": 4}, False),
                                 ("ifa", {"k": 4}, False)):
-        model = build(name, **{**OVERRIDES.get(name, {}), **extra})
+        model = build(name, **extra)
         delta = np.abs(predict(model, changed)["score"] - predict(model, features)["score"])
         assert (delta.max() > 1e-6) == reacts, (name, extra)
 
