@@ -5,7 +5,7 @@
 
 `--data_dir` holds TFRecords and `metadata.json` as `ifa-data` or `benchmarks/zoo_results.py`
 write them. The first `--steps` training batches (batch 64, grouped by length as in the zoo
-runs, seed 0) are read once and held in memory, so each model's figure is its own `fit` cost,
+runs, seed 0, in a fixed order: the same batches at every commit) are read once and held in memory, so each model's figure is its own `fit` cost,
 not the input pipeline's; the pipeline's seconds per batch are reported beside them. Each
 model fits the batches once to trace, then `--repeats` times; the best repeat counts (the
 machine may be shared). A model is `name[:key=value;...]` with `zoo.build` overrides in YAML
@@ -56,7 +56,7 @@ def read_batches(schema):
 
     dataset = make_dataset(os.path.join(FLAGS.data_dir, "train-*"), schema=schema,
                            batch_size=FLAGS.batch_size, shuffle=True, seed=0,
-                           group_by_length=FLAGS.group_by_length)
+                           deterministic=True, group_by_length=FLAGS.group_by_length)
     started = time.perf_counter()
     batches = list(dataset.take(FLAGS.steps))
     if len(batches) < FLAGS.steps:
