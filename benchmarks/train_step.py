@@ -5,8 +5,9 @@
 
 `--data_dir` holds TFRecords and `metadata.json` as `ifa-data` or `benchmarks/zoo_results.py`
 write them. The first `--steps` training batches (batch 64, grouped by length as in the zoo
-runs, seed 0, in a fixed order: the same batches at every commit) are read once and held in memory, so each model's figure is its own `fit` cost,
-not the input pipeline's; the pipeline's seconds per batch are reported beside them. Each
+runs, seed 0, in a fixed order: the same batches at every commit) are read once and held in
+memory, so each model's figure is its own `fit` cost, not the input pipeline's; the
+pipeline's seconds per batch are reported beside them. Each
 model fits the batches once to trace, then `--repeats` times; the best repeat counts (the
 machine may be shared). A model is `name[:key=value;...]` with `zoo.build` overrides in YAML
 (`din:k=null`). Writes `<output>.json` and `<output>.md` with the command and the commit.
