@@ -381,9 +381,9 @@ def plot_by_length(by_dataset, path):
 
 
 def range_and_mechanism(runs):
-    """`{label: (mechanism, events read)}` of the rows of `MECHANISMS`' models, from the
-    config each row trained with."""
-    from ifa_tf import training
+    """`{label: (mechanism, events read)}` of the rows of `MECHANISMS`' models: the sequence
+    module's own settings, as built from the config each row trained with."""
+    from ifa_tf import training, zoo
 
     described = {}
     for label, model, overrides in runs:
@@ -391,10 +391,10 @@ def range_and_mechanism(runs):
             continue
         settings = training.load_config(
             model, overrides=[*budget_overrides(model, 1), *overrides]).model.overrides
-        k = settings.get("k", 100 if model == "din" else None)
-        described[label] = (
-            MECHANISMS[model].format(feature_map=settings.get("feature_map", "elu_plus_one")),
-            "every event" if k is None else f"the {k} most recent")
+        interest = zoo.build(model, **settings).get_layer("interest").get_config()
+        described[label] = (MECHANISMS[model].format(**interest),
+                            "every event" if interest["k"] is None
+                            else f"the {interest['k']} most recent")
     return described
 
 
