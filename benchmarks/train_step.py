@@ -7,10 +7,11 @@
 write them. The first `--steps` training batches (batch 64, grouped by length as in the zoo
 runs, seed 0, in a fixed order: the same batches at every commit) are read once and held in
 memory, so each model's figure is its own `fit` cost, not the input pipeline's; the
-pipeline's seconds per batch are reported beside them. Each
-model fits the batches once to trace, then `--repeats` times; the best repeat counts (the
-machine may be shared). A model is `name[:key=value;...]` with `zoo.build` overrides in YAML
-(`din:k=null`). Writes `<output>.json` and `<output>.md` with the command and the commit.
+pipeline's seconds per batch are reported beside them. A model is `name[:key=value;...]`:
+the config `ifa-train` trains (`zoo/<name>.yaml`, its optimizer included) with `model.key=value`
+overrides (`din:k=null`). Each model fits the batches once to trace, then `--repeats` times;
+the best repeat counts (the machine may be shared). Writes `<output>.json` and
+`<output>.md` with the command and the commit.
 """
 
 import json
@@ -36,19 +37,17 @@ flags.DEFINE_integer("group_by_length", 16, "make_dataset's group_by_length (0: 
 flags.DEFINE_string("output", None, "Write <output>.json and <output>.md.")
 
 
-def parse_model(spec):
-    """`name[:key=value;...]` -> (name, {key: YAML value})."""
-    import yaml
+def model_config(spec):
+    """`name[:key=value;...]` -> the config `ifa-train` would train: `zoo/<name>.yaml` with
+    the settings as `model.key=value` overrides (checked like `--set`)."""
+    from ifa_tf import training
 
     name, _, settings = spec.partition(":")
-    overrides = {}
-    for setting in filter(None, settings.split(";")):
-        key, equals, value = setting.partition("=")
-        if not equals:
-            raise app.UsageError(f"--models settings are key=value. Received: {setting!r} in "
-                                 f"{spec!r}")
-        overrides[key] = yaml.safe_load(value)
-    return name, overrides
+    try:
+        return training.load_config(name, overrides=[
+            f"model.{setting}" for setting in filter(None, settings.split(";"))])
+    except ValueError as error:
+        raise app.UsageError(f"--models={spec!r}: {error}") from None
 
 
 def read_batches(schema):
@@ -66,20 +65,19 @@ def read_batches(schema):
     return batches, (time.perf_counter() - started) / FLAGS.steps
 
 
-def time_model(name, overrides, schema, batches):
+def time_model(config, schema, batches):
     """Best seconds per step of `fit` over the held batches."""
     import keras
     import tensorflow as tf
 
-    from ifa_tf import zoo
+    from ifa_tf.training.trainer import build_model
 
     signature = tf.nest.map_structure(
         lambda x: tf.TensorSpec([None] * len(x.shape), x.dtype), batches[0])
     held = tf.data.Dataset.from_generator(lambda: iter(batches), output_signature=signature)
     keras.backend.clear_session()
     keras.utils.set_random_seed(0)
-    model = zoo.build(name, schema=schema, **overrides)
-    model.compile()
+    model = build_model(config, schema)
     model.fit(held, epochs=1, verbose=0)  # traces
     best = float("inf")
     for _ in range(FLAGS.repeats):
@@ -91,10 +89,10 @@ def time_model(name, overrides, schema, batches):
 
 def main(argv):
     del argv
+    from ifa_tf.benchmark import runner
     from ifa_tf.data import records
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
-                            capture_output=True, text=True).stdout.strip() or "unknown"
+    commit = runner.git_commit(REPO)
     dirty = subprocess.run(["git", "status", "--porcelain", "--", "ifa_tf"], cwd=REPO,
                            capture_output=True, text=True).stdout.strip()
     schema = records.schema_from_metadata(records.read_metadata(FLAGS.data_dir))
@@ -105,8 +103,7 @@ def main(argv):
           flush=True)
     rows = []
     for spec in FLAGS.models:
-        name, overrides = parse_model(spec)
-        seconds = time_model(name, overrides, schema, batches)
+        seconds = time_model(model_config(spec), schema, batches)
         rows.append({"model": spec, "s_per_step": round(seconds, 4)})
         print(f"{spec}: {seconds:.3f} s/step", flush=True)
     if not FLAGS.output:

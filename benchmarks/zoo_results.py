@@ -21,7 +21,6 @@ Whatever ordering comes out is reported.
 
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -269,11 +268,12 @@ def plot_time(wall, models, path):
 def main(argv):
     del argv
     started = time.time()
-    # The code this process runs: taken now, since HEAD may move while the runs take hours.
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
-                            capture_output=True, text=True).stdout.strip() or "unknown"
     from ifa_tf import zoo
+    from ifa_tf.benchmark import runner
     from ifa_tf.data import records
+
+    # The code this process runs: taken now, since HEAD may move while the runs take hours.
+    commit = runner.git_commit(REPO)
 
     runs = [(model, model, []) for model in FLAGS.models or zoo.list_models()]
     runs += [parse_extra_run(spec) for spec in FLAGS.extra_run]

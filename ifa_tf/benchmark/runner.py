@@ -137,7 +137,7 @@ def run_benchmark(config, log=print):
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "cpu_count": os.cpu_count(), "matmul_gflops": machine.matmul_gflops(),
                     "memory_bandwidth_gbs": machine.memory_bandwidth_gbs()},
-        "commit": _commit(),
+        "commit": git_commit(),
         "started": started.isoformat(timespec="seconds"),
         "records": [],
     }
@@ -194,9 +194,11 @@ def pool_rounds(records):
     return out
 
 
-def _commit():
+def git_commit(cwd=None):
+    """The short commit of the git checkout at `cwd` (default: the working directory), or
+    "unknown" outside one; results files record it beside their figures."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=cwd,
+                              capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
