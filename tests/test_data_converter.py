@@ -212,7 +212,8 @@ def test_threshold_actions_noheader_tab_and_ignored_columns(tmp_path):
     _write_log(tmp_path / "log.tsv", rows, delimiter="\t", header=None)
     config = log_converter.LogConfig(columns="user,item,_,action,timestamp", delimiter="\t",
                                      header=False, actions=">=4:click,==5:like",
-                                     num_negatives=1, test_fraction=0)
+                                     num_negatives=1, test_fraction=0, fixed_set_size=False,
+                                     negatives="popularity")
     metadata = log_converter.convert_log(str(tmp_path / "log.tsv"), str(tmp_path / "out"),
                                          config)
     assert metadata["vocabularies"] == {}  # integer ids kept as they are
@@ -357,7 +358,7 @@ def _write_item_table(path, lines):
 def _table_config(table, **kwargs):
     return log_converter.LogConfig(
         columns="user,item,timestamp,action", actions="pv:click", num_negatives=0,
-        test_fraction=0, item_table=table, item_table_category="genres",
+        fixed_set_size=False, test_fraction=0, item_table=table, item_table_category="genres",
         item_table_separator="|", **kwargs)
 
 
@@ -435,6 +436,8 @@ def test_movielens_1m_preset_reads_the_fetched_layout(tmp_path):
     assert (config["max_seq_len"], config["window_seconds"], config["max_candidates"],
             config["num_negatives"], config["actions"]) == (2500, 7 * DAY, 50, 30,
                                                             ">=4:click,==5:like")
+    assert (config["fixed_set_size"], config["negatives"], config["exclude_history"]) == (
+        True, "popularity_matched", True)
     items = _vocab(str(tmp_path / "out"), "item")
     genres = _vocab(str(tmp_path / "out"), "category")
     assert sorted(items.values()) == ["Alien (1979)", "Babe (1995)", "Heat (1995)",
@@ -455,7 +458,8 @@ def test_movielens_1m_preset_reads_the_fetched_layout(tmp_path):
     shown = request["impression"] == 1
     assert [items[i] for i in request["cand_item_id"][shown]] == ["Heat (1995)"]
     assert request["click"][shown].tolist() == [1] and request["like"][shown].tolist() == [0]
-    assert len(request["cand_item_id"]) == 4  # Heat and the 3 other movies as negatives
+    # Heat alone: the 3 other movies are in the history, never negatives (exclude_history)
+    assert len(request["cand_item_id"]) == 1
 
 
 def test_movielens_1m_preset_overrides_and_layout(tmp_path):

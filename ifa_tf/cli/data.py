@@ -18,7 +18,7 @@ import os
 from absl import app, flags
 
 from ifa_tf.cli import progress_reporter, run_app
-from ifa_tf.data import log_converter, simulator
+from ifa_tf.data import leak_audit, log_converter, simulator
 
 COMMANDS = ("synthetic", "from-log")
 PRESETS = tuple(log_converter.PRESETS)
@@ -34,7 +34,9 @@ _SYNTHETIC = {"num_requests": "num_requests", "median_seq_len": "median_seq_len"
               "category_cap": "category_cap", "truth_samples": "truth_samples"}
 _FROM_LOG = {"input": None, "columns": "columns", "delimiter": "delimiter",
              "header": "header", "actions": "actions", "window_seconds": "window_seconds",
-             "num_negatives": "num_negatives", "skip_bad_rows": "skip_bad_rows",
+             "num_negatives": "num_negatives", "fixed_set_size": "fixed_set_size",
+             "negatives": "negatives", "exclude_history": "exclude_history",
+             "skip_bad_rows": "skip_bad_rows",
              "item_table": "item_table", "item_table_key": "item_table_key",
              "item_table_category": "item_table_category",
              "item_table_separator": "item_table_separator"}
@@ -50,7 +52,9 @@ def define_flags(flag_values=flags.FLAGS):
                          flag_values=f)
     flags.DEFINE_integer("max_seq_len", 1000, "Longest sequence (most recent events kept)"
                          + _PRESET_NOTE + ".", flag_values=f)
-    flags.DEFINE_integer("max_candidates", 200, "Largest candidate set" + _PRESET_NOTE + ".",
+    flags.DEFINE_integer("max_candidates", 200, "from-log: every request's number of "
+                         "candidates (with --nofixed_set_size: the largest); synthetic: the "
+                         "largest" + _PRESET_NOTE + ".",
                          flag_values=f)
     flags.DEFINE_integer("min_seq_len", None, "Shortest sequence (default: 5 for synthetic, "
                          "1 for from-log).", flag_values=f)
@@ -92,8 +96,24 @@ def define_flags(flag_values=flags.FLAGS):
                         "'pv:click,fav:like' or '>=4:click,==5:like'.", flag_values=f)
     flags.DEFINE_integer("window_seconds", 86_400, "from-log: request window length"
                          + _PRESET_NOTE + ".", flag_values=f)
-    flags.DEFINE_integer("num_negatives", 50, "from-log: popularity-sampled negatives per "
-                         "request" + _PRESET_NOTE + ".", flag_values=f)
+    flags.DEFINE_integer("num_negatives", 50, "from-log: the fewest negatives a request "
+                         "holds (with --nofixed_set_size: the negatives sampled per request)"
+                         + _PRESET_NOTE + ".", flag_values=f)
+    flags.DEFINE_boolean("fixed_set_size", True, "from-log: every request holds exactly "
+                         "--max_candidates candidates, so the set's size tells nothing of its "
+                         "labels (--nofixed_set_size: the window's items plus --num_negatives, "
+                         "the composition of earlier versions)" + _PRESET_NOTE + ".",
+                         flag_values=f)
+    flags.DEFINE_enum("negatives", "popularity_matched",
+                      list(log_converter.NEGATIVE_SAMPLERS),
+                      "from-log: how negatives are drawn: popularity_matched (from a "
+                      "positive's popularity stratum), exposure (items of other users' "
+                      "windows nearest in time), popularity (train-period popularity, "
+                      "earlier versions)" + _PRESET_NOTE + ".", flag_values=f)
+    flags.DEFINE_boolean("exclude_history", False, "from-log: never draw a negative from the "
+                         "user's earlier events (logs where an item is consumed once, like "
+                         "ratings; keep off where users re-engage items)" + _PRESET_NOTE + ".",
+                         flag_values=f)
     flags.DEFINE_boolean("skip_bad_rows", False, "from-log: skip malformed rows (each is "
                          "logged with its line number) instead of failing.", flag_values=f)
     flags.DEFINE_string("item_table", None, "from-log: a table of item attributes (header "
@@ -188,11 +208,14 @@ def main(argv, flag_values=flags.FLAGS):
     parts = [f"{split}={stats['num_requests']}" for split, stats in metadata["splits"].items()]
     skipped = metadata.get("bad_rows", 0)
     collisions = {role: n for role, n in metadata.get("id_collisions", {}).items() if n}
+    audit = leak_audit.summary(metadata.get("leak_audit"))
     print(f"wrote {', '.join(parts)} requests to {flag_values['output_dir'].value}"
           + (f"; skipped {skipped} malformed rows (logged above)" if skipped else "")
           + (f"; id collisions: {', '.join(f'{role} {n}' for role, n in collisions.items())}"
              " (distinct ids hashed to one int64; logged above, counted in metadata.json)"
              if collisions else ""))
+    if audit:
+        print(audit)
 
 
 def run():

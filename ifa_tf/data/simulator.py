@@ -43,13 +43,14 @@ topic. Its parameters and the reason for each are in `lifelong_config`.
 """
 
 import dataclasses
+import logging
 import math
 import os
 
 import numpy as np
 
 from ifa_tf import schema as schema_lib
-from ifa_tf.data import records
+from ifa_tf.data import leak_audit, records
 
 TRUTH_PREFIX = "truth_"
 TASKS = ("impression", "click", "long_view", "like")
@@ -58,6 +59,7 @@ _DAY = 86_400
 _REQUEST_TIME_GAP = 60  # seconds between the last event and the request, at least
 _EVENT_RECENCY_EXPONENT = 0.6  # event positions u**0.6: denser towards the present
 _FAVOURITE_AUTHORS = 2  # per interest, when favourite_author_probability > 0
+_logger = logging.getLogger(__name__)
 TRUTHS = ("shares", "counts")
 # The ceiling ladder: the history each family of models reads ({k}: `ladder_k`), in order.
 LADDER_RUNGS = {
@@ -91,7 +93,11 @@ class SimulatorConfig:
         max_seq_len / min_seq_len: bounds of the sequence length n.
         median_seq_len: median of the log-normal length (0: max_seq_len // 5).
         seq_len_sigma: log-normal sigma of n (heavy tail).
-        max_candidates / min_candidates: bounds of m (min 0: max_candidates // 2).
+        max_candidates / min_candidates: bounds of m (min 0: equal to max_candidates, a
+            fixed set size). A set size that varies carries a label signal with the fixed
+            `impression_slots` budget (larger sets hold fewer impressions: pooled AUC 0.58
+            for set size alone), which ranks nothing within a request; the test split's
+            `leak_audit` shows it.
         num_items, num_categories, num_topics, num_authors: vocabulary sizes (ids 1..size).
         dormant_probability: chance that an interest is dormant (old history only).
         trait_probability: share of users with the latent trait.
@@ -226,7 +232,7 @@ class SimulatorConfig:
 
     @property
     def resolved_min_candidates(self):
-        return self.min_candidates or max(1, self.max_candidates // 2)
+        return self.min_candidates or self.max_candidates
 
     @property
     def num_test_requests(self):
@@ -259,7 +265,8 @@ def lifelong_config(**overrides):
       CPU; a zoo model trains 2 epochs on them in 3 (`avg_pooling`) to 10 minutes.
     - median_seq_len=1,200, seq_len_sigma=0.8, min_seq_len=100, max_seq_len=10,000: median
       n about 1,150, mean about 1,550, and a tail that reaches the paper's 10,000.
-    - max_candidates=40, min_candidates=20: the O(mn) reference models stay affordable.
+    - max_candidates=40 in every request (a fixed set size: its size tells nothing of its
+      labels): the O(mn) reference models stay affordable.
     - num_items=5,000, num_authors=1,000 (48 topics and 24 categories as by default): about
       forty labelled impressions per item and two hundred per author in training, so
       embeddings can be learned, and still ids by the thousand, so a match on an item or an
@@ -296,7 +303,7 @@ def lifelong_config(**overrides):
 
 _LIFELONG = dict(
     num_requests=20_000, test_fraction=0.2, median_seq_len=1_200, seq_len_sigma=0.8,
-    min_seq_len=100, max_seq_len=10_000, max_candidates=40, min_candidates=20,
+    min_seq_len=100, max_seq_len=10_000, max_candidates=40,
     num_items=5_000, num_authors=1_000, favourite_author_probability=0.3,
     repeat_probability=0.08, history_candidate_share=0.2, dormant_probability=0.5,
     signal_contrast=True, trait_probability=0.5, signal_probability=0.05, trait_scale=40.0,
@@ -784,6 +791,7 @@ def write_synthetic(output_dir, config=None, num_shards=4, compression="gzip", p
         "generator": {**config.to_dict(), **simulator.world_summary()},
         "splits": {}, "files": {},
     }
+    audit = leak_audit.LeakAudit(schema.tasks, seed=config.seed)
     written = 0
     for split, indices in splits.items():
         if not len(indices):
@@ -794,6 +802,7 @@ def write_synthetic(output_dir, config=None, num_shards=4, compression="gzip", p
             for index in indices:
                 request = simulator.request(index)
                 stats.add(request, simulator.ceiling_ladder(request))
+                (audit.add_test if split == "test" else audit.add_train)(request)
                 writer.write(records.encode_example(request, schema))
                 written += 1
                 if progress is not None:
@@ -802,6 +811,10 @@ def write_synthetic(output_dir, config=None, num_shards=4, compression="gzip", p
         metadata["splits"][split] = {
             "pattern": os.path.basename(records.split_pattern(output_dir, split, compression)),
             "num_requests": len(indices), **stats.summary()}
+    metadata["leak_audit"] = audit.result()
+    warning = leak_audit.set_size_warning(metadata["leak_audit"])
+    if warning:
+        _logger.warning("%s", warning)
     records.write_metadata(output_dir, metadata)
     return metadata
 
