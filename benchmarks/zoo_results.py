@@ -1,7 +1,8 @@
 """Trains every registered zoo model on the same data with the same budget and writes
 `zoo/RESULTS.md` (+ PNG plots): paper-style Table 2 (all models x tasks) and Table 3
-(ablations), mean +- std over seeds, the simulator's ceiling ladder beside them, and AUC by
-sequence length (short to long users).
+(ablations) with pooled AUC and GAUC side by side, mean +- std over seeds, each dataset's
+leak audit (what model-free scores reach on the same test split) and the simulator's
+ceiling ladder beside them, and AUC by sequence length (short to long users).
 
     python benchmarks/zoo_results.py --work_dir=/tmp/zoo --movielens_1m_dir=/tmp/ml-1m
 
@@ -196,22 +197,53 @@ def format_mean_std(mean, std, num_seeds):
     return f"{mean:.4f} ± {std:.4f}" if num_seeds > 1 else f"{mean:.4f} (1 seed)"
 
 
-def markdown_table(table, tasks, rows, names=None, truth=None, lower_is_better=False):
-    header = "| Model | " + " | ".join(t.replace("_", " ").capitalize() for t in tasks) + " |"
-    lines = [header, "|" + "---|" * (len(tasks) + 1)]
+def markdown_table(table, tasks, rows, names=None, truth=None, lower_is_better=False,
+                   gauc=None):
+    """One row per model, one column per task; with `gauc` (a `summarise` table of GAUC),
+    each task's pooled AUC and GAUC side by side."""
+    columns = [(t, table, "") for t in tasks]
+    if gauc is not None:
+        columns = [c for t in tasks for c in ((t, table, " AUC"), (t, gauc, " GAUC"))]
+    header = "| Model | " + " | ".join(t.replace("_", " ").capitalize() + suffix
+                                       for t, _, suffix in columns) + " |"
+    lines = [header, "|" + "---|" * (len(columns) + 1)]
     pick = min if lower_is_better else max
-    best = {t: pick(table[m][t][0] for m in rows) for t in tasks}
     for model in rows:
         cells = []
-        for task in tasks:
-            mean, std, num_seeds = table[model][task]
+        for task, values, _ in columns:
+            mean, std, num_seeds = values[model][task]
             cell = format_mean_std(mean, std, num_seeds)
-            cells.append(f"**{cell}**" if mean == best[task] else cell)
+            best = pick(values[m][task][0] for m in rows)
+            cells.append(f"**{cell}**" if mean == best else cell)
         lines.append(f"| {(names or {}).get(model, model)} | " + " | ".join(cells) + " |")
     if truth:
-        lines.append("| *ground truth (best achievable)* | "
-                     + " | ".join(f"{truth[t]:.4f}" for t in tasks) + " |")
+        lines.append("| *ground truth (best achievable)* | " + " | ".join(
+            f"{truth[t]:.4f}" if suffix != " GAUC" else "–" for t, _, suffix in columns)
+            + " |")
     return "\n".join(lines)
+
+
+def audit_lines(meta):
+    """The dataset's leak audit (test split) and what it says of pooled AUC."""
+    from ifa_tf.data import leak_audit
+
+    audit = meta.get("leak_audit")
+    if not audit:
+        return ["No leak audit recorded: the data were written before the audit existed; "
+                "read GAUC.", ""]
+    warning = leak_audit.set_size_warning(audit)
+    verdict = (f"Set size alone scores pooled AUC outside 0.5 ± "
+               f"{leak_audit.SET_SIZE_TOLERANCE}: pooled AUC measures the candidate sets' "
+               "construction here; read GAUC." if warning else
+               "Set size alone scores 0.5: a set's size tells nothing of its labels, so "
+               "pooled AUC and GAUC can both be read. A model should beat every row by GAUC "
+               "(which no request-level signal moves); where a score beats 0.5 by GAUC, "
+               "that much is reachable without knowing the user.")
+    return ["### Leak audit (test split)", "",
+            "Model-free scores and the AUC / GAUC they reach (`ifa_tf.data.leak_audit`: set "
+            "size, the item's train popularity, the candidate is in the user's sequence, "
+            "similarity to the other candidates of the set from train co-occurrence).", "",
+            leak_audit.format_leak_audit(audit, meta["schema"]["tasks"]), "", verdict, ""]
 
 
 def plot(all_tables, models, path):
@@ -303,6 +335,8 @@ def main(argv):
     datasets = prepare_data()
     metadata = {dataset: records.read_metadata(data_dir)
                 for dataset, data_dir in datasets.items()}
+    for dataset, meta in metadata.items():
+        print(f"## {dataset}\n" + "\n".join(audit_lines(meta)), flush=True)
     results = {dataset: {label: [] for label in labels} for dataset in datasets}
     # Seed by seed, so an interrupted benchmark has whole tables of its first seeds.
     for seed in sorted(set(seeds) | set(mn_seeds), key=(seeds + mn_seeds).index):
@@ -324,30 +358,33 @@ def main(argv):
                  time.time() - started, commit)
 
 
-def length_group_table(by_model, models, task, reference):
-    """Markdown: the task's AUC per sequence-length group (mean +- std over seeds), the
-    truth's, and each model's gain over `reference` per group."""
+def length_group_table(by_model, models, task, reference, metric="auc"):
+    """Markdown: the task's `metric` (AUC or GAUC) per sequence-length group (mean +- std
+    over seeds), the truth's AUC, and each model's gain over `reference` per group."""
     groups = by_model[models[0]][0]["eval"].get("by_sequence_length") or []
     if not groups or not all(r["eval"].get("by_sequence_length")
+                             and metric in r["eval"]["by_sequence_length"][0]["tasks"][task]
                              for m in models for r in by_model[m]):
         return [], None
     heads = [f"n {g['min_length']:,}-{g['max_length']:,} ({g['num_requests']} requests)"
              for g in groups]
-    per_model = {m: np.array([[g["tasks"][task]["auc"] for g in r["eval"]["by_sequence_length"]]
+    per_model = {m: np.array([[g["tasks"][task][metric]
+                               for g in r["eval"]["by_sequence_length"]]
                               for r in by_model[m]]) for m in models}
-    lines = [f"| Model ({task} AUC) | " + " | ".join(heads) + " |",
+    name = metric.upper()
+    lines = [f"| Model ({task} {name}) | " + " | ".join(heads) + " |",
              "|---" * (len(groups) + 1) + "|"]
     for model in models:
         values = per_model[model]
         lines.append(f"| {model} | " + " | ".join(
             format_mean_std(mean, std, len(values))
             for mean, std in zip(values.mean(0), values.std(0))) + " |")
-    if "truth_auc" in groups[0]["tasks"][task]:
+    if metric == "auc" and "truth_auc" in groups[0]["tasks"][task]:
         lines.append("| *ground truth* | " + " | ".join(
             f"{g['tasks'][task]['truth_auc']:.4f}" for g in groups) + " |")
     if reference in per_model:
         base = per_model[reference].mean(0)
-        lines += ["", f"Gain over `{reference}` ({task} AUC points, mean over seeds):", "",
+        lines += ["", f"Gain over `{reference}` ({task} {name} points, mean over seeds):", "",
                   "| Model | " + " | ".join(heads) + " |", "|---" * (len(groups) + 1) + "|"]
         lines += [f"| {m} | " + " | ".join(f"{100 * (v - b):+.2f}" for v, b in
                                           zip(per_model[m].mean(0), base)) + " |"
@@ -431,8 +468,12 @@ def write_report(results, metadata, runs, seeds, mn, wall_time, commit):
         f"k = {FLAGS.k} for the sampling baselines, other settings from `zoo/<model>.yaml`"
         + (f", overrides {list(FLAGS.set)}" if FLAGS.set else "") + ".",
         "- Protocol `split`: train on the earlier requests (`train`), evaluate on the later "
-        "ones (`test`). AUC over all valid candidates of the test requests (paper 5.1), "
-        "mean ± std over seeds; bold = best mean per column.",
+        "ones (`test`). AUC over all valid candidates of the test requests (paper 5.1) and "
+        "GAUC (per-request AUC, weighted by the request's candidates, one-class requests "
+        "skipped: no request-level signal moves it), mean ± std over seeds; bold = best "
+        "mean per column.",
+        "- Leak audit: each dataset's model-free scores on the test split (from its "
+        "`metadata.json`), the floor a model has to clear.",
         "- Ceiling ladder (simulated data): the truth AUC when the simulator's own truth is "
         "recomputed from only the history each family of models reads; a yardstick, not a "
         "strict bound (`ifa_tf.data.read_ceiling_ladder`).",
@@ -465,8 +506,10 @@ def write_report(results, metadata, runs, seeds, mn, wall_time, commit):
             lines += ["### Ceiling ladder (test split)", "",
                       format_ceiling_ladder(ladder, [t for t in tasks if t != "impression"]),
                       ""]
-        lines += ["### Table 2: AUC of all models", "",
-                  markdown_table(table, tasks, rows, truth=truth), ""]
+        lines += audit_lines(meta)
+        gauc = summarise(by_model, tasks, "gauc")
+        lines += ["### Table 2: AUC and GAUC of all models", "",
+                  markdown_table(table, tasks, rows, truth=truth, gauc=gauc), ""]
         task = "click" if "click" in tasks else tasks[0]
         length_lines, groups = length_group_table(by_model, rows, task,
                                                   FLAGS.length_reference)
@@ -474,22 +517,27 @@ def write_report(results, metadata, runs, seeds, mn, wall_time, commit):
             by_length[dataset] = (task, groups)
             lines += ["### AUC by sequence length (short to long users)", ""] + length_lines
             lines.append("")
+        gauc_lines, _ = length_group_table(by_model, rows, task, FLAGS.length_reference,
+                                           metric="gauc")
+        if gauc_lines:
+            lines += ["### GAUC by sequence length", ""] + gauc_lines + [""]
         ablations = [m for m in ABLATIONS if m in rows]
         if len(ablations) > 1:
             lines += ["### Table 3: ablations", "",
-                      markdown_table(table, tasks, ablations, names=ABLATION_NAMES), ""]
+                      markdown_table(table, tasks, ablations, names=ABLATION_NAMES,
+                                     gauc=gauc), ""]
         here = [m for m in reads if m in by_model]
         if len(here) > 1:
             lines += ["### Range and mechanism", "",
                       "The attention models by how they weigh events and which events they "
                       f"read; rows that differ in one column isolate it ({task} AUC).", "",
-                      f"| Model | weighs events by | reads | {task.capitalize()} |",
-                      "|---|---|---|---|"]
+                      f"| Model | weighs events by | reads | {task.capitalize()} AUC | "
+                      f"{task.capitalize()} GAUC |", "|---|---|---|---|---|"]
             lines += [f"| {m} | {reads[m][0]} | {reads[m][1]} | "
-                      f"{format_mean_std(*table[m][task])} |" for m in here]
+                      f"{format_mean_std(*table[m][task])} | "
+                      f"{format_mean_std(*gauc[m][task])} |" for m in here]
             lines.append("")
-        for metric, title in (("gauc", "GAUC (candidate-weighted, one-class requests "
-                                       "skipped)"), ("ndcg@10", "NDCG@10"),
+        for metric, title in (("ndcg@10", "NDCG@10"),
                               ("logloss", "Log loss (lower is better)")):
             if metric not in first[tasks[0]]:
                 continue
@@ -509,7 +557,10 @@ def write_report(results, metadata, runs, seeds, mn, wall_time, commit):
                                                          for t, m in leaders.items()) + ".",
                   "Ranking by mean AUC over tasks: " + " > ".join(
                       f"`{m}`" for m in sorted(rows, key=lambda m: -np.mean(
-                          [table[m][t][0] for t in tasks]))) + ".", ""]
+                          [table[m][t][0] for t in tasks]))) + ".",
+                  "Ranking by mean GAUC over tasks: " + " > ".join(
+                      f"`{m}`" for m in sorted(rows, key=lambda m: -np.mean(
+                          [gauc[m][t][0] for t in tasks]))) + ".", ""]
     plot(plots, models, os.path.join(FLAGS.output_dir, "results_auc.png"))
     if by_length:
         plot_by_length(by_length, os.path.join(FLAGS.output_dir, "results_auc_by_length.png"))

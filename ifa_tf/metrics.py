@@ -214,13 +214,15 @@ class CandidateSetEvaluator:
 
     def length_group_result(self):
         """Per length group, shortest first: `{"min_length", "max_length", "num_requests",
-        "tasks": {task: {"auc", "num_candidates"[, "truth_auc"]}}}`; [] without groups."""
+        "tasks": {task: {"auc", "gauc", "num_candidates"[, "truth_auc"]}}}`; [] without
+        groups."""
         if not self.length_groups or not self._num_requests:
             return []
         lengths = _concatenate(self._sequence_lengths, np.int64)
         edges = np.quantile(lengths, np.arange(1, self.length_groups) / self.length_groups)
         request_group = np.searchsorted(edges, lengths, side="right")
-        candidate_group = request_group[_concatenate(self._request_ids, np.int64)]
+        request_ids = _concatenate(self._request_ids, np.int64)
+        candidate_group = request_group[request_ids]
         # Each task's candidates, concatenated once for all groups.
         pooled = {task: {"labels": _concatenate(self._labels[task], np.float64),
                          "predictions": _concatenate(self._predictions[task], np.float64),
@@ -232,7 +234,10 @@ class CandidateSetEvaluator:
             tasks = {}
             for task, arrays in pooled.items():
                 labels = arrays["labels"][in_group]
-                tasks[task] = {"auc": auc(labels, arrays["predictions"][in_group]),
+                predictions = arrays["predictions"][in_group]
+                tasks[task] = {"auc": auc(labels, predictions),
+                               "gauc": grouped_auc(labels, predictions,
+                                                   request_ids[in_group])[0],
                                "num_candidates": int(labels.size)}
                 if arrays["truths"] is not None:
                     tasks[task]["truth_auc"] = auc(labels, arrays["truths"][in_group])

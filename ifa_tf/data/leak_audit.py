@@ -159,8 +159,9 @@ def summary(audit, task=None):
     tasks = list(audit["scores"]["set_size"])
     task = task or (tasks[1] if len(tasks) > 1 else tasks[0])
     cells = ", ".join(
-        f"{name} {_shown(by_task[task]['auc'])} / {_shown(by_task[task]['gauc'])}"
-        for name, by_task in audit["scores"].items())
+        f"{name} {_shown(audit['scores'][name][task]['auc'])} / "
+        f"{_shown(audit['scores'][name][task]['gauc'])}"
+        for name in SCORES if name in audit["scores"])
     return (f"leak audit, test {task} AUC / GAUC of model-free scores: {cells} "
             "(metadata.json: leak_audit)")
 
@@ -175,7 +176,8 @@ def format_leak_audit(audit, tasks=None):
     tasks = list(tasks or next(iter(audit["scores"].values())))
     lines = ["| model-free score | " + " | ".join(f"{t} AUC / GAUC" for t in tasks) + " |",
              "|---" * (len(tasks) + 1) + "|"]
-    for name, by_task in audit["scores"].items():
+    for name in [s for s in SCORES if s in audit["scores"]]:
+        by_task = audit["scores"][name]
         cells = [f"{_shown(by_task[t]['auc'])} / {_shown(by_task[t]['gauc'])}" for t in tasks]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
