@@ -12,6 +12,7 @@ from absl import app, flags
 from ifa_tf.cli import data as cli
 from ifa_tf.data import log_converter, records, simulator
 from test_data_converter import fake_movielens_1m
+from test_leak_audit import _busy_log
 
 
 def _flags(*argv):
@@ -73,6 +74,25 @@ def test_from_log_flags_reach_the_converter(tmp_path):
     assert metadata["splits"]["train"]["num_requests"] == 1
 
 
+def test_candidate_set_flags_reach_the_converter_and_the_audit_is_printed(
+        tmp_path, capsys, caplog):
+    log = _busy_log(tmp_path / "log.csv")
+    common = [f"--input={log}", "--columns=user,item,timestamp", "--max_candidates=30",
+              "--num_negatives=10"]
+    cli.main(["ifa-data", "from-log"], _flags(f"--output_dir={tmp_path / 'new'}", *common,
+                                              "--negatives=exposure", "--exclude_history"))
+    converter = records.read_metadata(str(tmp_path / "new"))["converter"]
+    assert (converter["fixed_set_size"], converter["negatives"],
+            converter["exclude_history"]) == (True, "exposure", True)
+    printed = capsys.readouterr().out.splitlines()[-1]
+    assert printed.startswith("leak audit, test click AUC / GAUC of model-free scores: "
+                              "set_size 0.500 / 0.500, popularity ")
+    assert "set size alone" not in caplog.text
+    cli.main(["ifa-data", "from-log"], _flags(f"--output_dir={tmp_path / 'old'}", *common,
+                                              "--nofixed_set_size", "--negatives=popularity"))
+    assert "leak audit: set size alone scores pooled AUC impression" in caplog.text
+
+
 def test_preset_keeps_its_config_where_no_flag_is_given(tmp_path):
     fake_movielens_1m(tmp_path)
     metadata = cli.run_command("from-log", _flags(
@@ -82,6 +102,8 @@ def test_preset_keeps_its_config_where_no_flag_is_given(tmp_path):
     assert (converter["num_negatives"], converter["seed"]) == (2, 3)  # given
     assert (converter["max_seq_len"], converter["max_candidates"],
             converter["window_seconds"]) == (2500, 50, 7 * 86_400)  # the preset's
+    assert (converter["negatives"], converter["exclude_history"]) == ("popularity_matched",
+                                                                      True)
     assert converter["item_table"] == str(tmp_path / "ml-1m.item")
     with pytest.raises(ValueError, match="Preset 'movielens_1m' sets \\['columns'\\]"):
         cli.main(["ifa-data", "from-log"], _flags(

@@ -211,12 +211,17 @@ def test_config_from_dict_rejects_unknown_keys():
 # A lifelong world shrunk to test size: n in the hundreds, k = 20.
 TINY_LIFELONG = simulator.lifelong_config(
     num_requests=60, seed=3, median_seq_len=200, min_seq_len=50, max_seq_len=400,
-    max_candidates=30, min_candidates=20, num_items=1500, num_authors=150, num_topics=16,
+    max_candidates=30, num_items=1500, num_authors=150, num_topics=16,
     num_categories=12, truth_samples=16, test_fraction=0.5, ladder_k=20)
 
 
-def test_ceiling_ladder_is_in_the_metadata_in_a_sensible_order(tmp_path):
+def test_ceiling_ladder_and_leak_audit_are_in_the_metadata(tmp_path):
     metadata = simulator.write_synthetic(str(tmp_path), TINY_LIFELONG, num_shards=1)
+    # A fixed set size: the set's size tells nothing of the labels.
+    audit = metadata["leak_audit"]
+    assert audit["num_candidates"] == 30 * audit["num_requests"] == 30 * 30
+    assert {task: v["auc"] for task, v in audit["scores"]["set_size"].items()} == {
+        task: 0.5 for task in simulator.TASKS}
     for split in ("train", "test"):
         ladder = simulator.read_ceiling_ladder(str(tmp_path), split)
         assert ladder == metadata["splits"][split]["ceiling_ladder"]

@@ -746,6 +746,8 @@ class _MatchedPopularitySampler:
         counts = np.where(labelled.items[where] == all_items, labelled.counts[where], 0)
         self.items, self.counts = all_items, counts
         self.stratum_of = _stratum(counts)
+        self.members = {int(stratum): np.flatnonzero(self.stratum_of == stratum)
+                        for stratum in np.unique(self.stratum_of)}
         self.fallbacks = 0
 
     def draw(self, rng, count, exclude, point, positives):
@@ -757,8 +759,10 @@ class _MatchedPopularitySampler:
         for stratum in np.unique(wanted).tolist():
             need = int(np.sum(wanted == stratum))
             for distance in range(0, int(self.stratum_of.max()) + 1):
-                pool = np.flatnonzero(available & (np.abs(self.stratum_of - stratum)
-                                                   == distance))
+                pool = np.sort(np.concatenate([
+                    members[available[members]] for members in (
+                        self.members.get(s) for s in {stratum - distance, stratum + distance})
+                    if members is not None] or [np.zeros(0, np.int64)]))
                 if not len(pool):
                     continue
                 take = min(need, len(pool))
