@@ -73,7 +73,8 @@ flags.DEFINE_integer("sim_max_seq_len", 400, "Default-simulator max n.")
 flags.DEFINE_integer("sim_max_candidates", 40, "Default-simulator max m.")
 flags.DEFINE_integer("sim_seed", 0, "Simulator world seed.")
 flags.DEFINE_integer("ml_max_seq_len", 400, "MovieLens-100K max n.")
-flags.DEFINE_integer("ml_max_candidates", 60, "MovieLens-100K max m.")
+flags.DEFINE_integer("ml_max_candidates", 60, "MovieLens-100K m (at least half of it "
+                     "negatives).")
 flags.DEFINE_integer("epochs", 1, "Training epochs on simulated data (same for every model).")
 flags.DEFINE_integer("ml_epochs", 3, "Training epochs on MovieLens (same for every model).")
 flags.DEFINE_integer("batch_size", 64, "Batch size (same for every model).")
@@ -135,10 +136,10 @@ def prepare_data():
             num_shards=4),
         "movielens_1m": lambda path: log_converter.convert_preset(
             "movielens_1m", _required_dir("movielens_1m_dir"), path, num_shards=4),
-        "movielens_100k": lambda path: log_converter.convert_movielens_100k(
-            _required_dir("movielens_dir"), path, log_converter.LogConfig(
-                max_seq_len=FLAGS.ml_max_seq_len, max_candidates=FLAGS.ml_max_candidates),
-            num_shards=4),
+        "movielens_100k": lambda path: log_converter.convert_preset(
+            "movielens_100k", _required_dir("movielens_dir"), path, num_shards=4,
+            max_seq_len=FLAGS.ml_max_seq_len, max_candidates=FLAGS.ml_max_candidates,
+            num_negatives=min(50, FLAGS.ml_max_candidates // 2)),
     }
     for dataset, flag in (("movielens_1m", "movielens_1m_dir"),
                           ("movielens_100k", "movielens_dir")):
