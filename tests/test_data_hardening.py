@@ -1,12 +1,16 @@
-"""Damaged input is named, never lost silently (issue 12): TFRecord files that are truncated,
-corrupt or garbage, read with and without `skip_corrupt`; logs with bytes that are not UTF-8
-or fields over the `csv` size limit, read with and without `skip_bad_rows`."""
+"""Damaged input is named, never lost silently (issues 12 and 24): TFRecord files that are
+truncated, corrupt or garbage, read with and without `skip_corrupt`; logs with bytes that are
+not UTF-8, fields over the `csv` size limit or timestamps outside int64 seconds, read with and
+without `skip_bad_rows`; extreme timestamps, a byte order mark and tied request times."""
 
 import logging
 import os
 import re
 import shutil
 import struct
+import subprocess
+import sys
+import threading
 
 import numpy as np
 import pytest
@@ -255,3 +259,85 @@ def test_cli_reports_bad_rows_in_one_line_or_counts_the_skipped(tmp_path, capsys
              _cli_flags(f"--output_dir={tmp_path / 'b'}", *argv, "--skip_bad_rows"))
     assert capsys.readouterr().out == (f"wrote train=1 requests to {tmp_path / 'b'}; "
                                        "skipped 1 malformed rows (logged above)\n")
+
+
+# ------------------------------------------------------------- extreme timestamps (issue 24)
+INT64_MAX = 2**63 - 1
+
+
+def test_from_log_near_int64_max_ends_instead_of_spinning(tmp_path):
+    """A request window reaching past 2^63 - 1 wrapped in int64, `searchsorted` returned
+    0 and the request loop never advanced: a 3-row log spun at 100% CPU (issue 24). These
+    timestamps are exact floats, so the old float parsing read them right too."""
+    times = [2**63 - 8192, 2**63 - 4096, 2**63 - 2048]
+    log = _write_log(tmp_path / "log.csv", [f"a,{item},{time}".encode()
+                                            for item, time in zip("xyz", times)])
+    command = [sys.executable, "-m", "ifa_tf.cli.data", "from-log", f"--input={log}",
+               f"--output_dir={tmp_path / 'out'}", "--columns=user,item,timestamp",
+               "--num_negatives=0", "--test_fraction=0", "--window_seconds=5000"]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
+    process = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert process.returncode == 0, process.stderr
+    metadata = records.read_metadata(str(tmp_path / "out"))
+    assert metadata["splits"]["train"]["num_requests"] == 1  # at the last time; 2 before it
+
+
+def test_request_windows_past_int64_max_do_not_wrap():
+    times = np.array([INT64_MAX - 20, INT64_MAX - 10, INT64_MAX], np.int64)
+    timeline = log_converter._Timeline(
+        user=np.ones(3, np.int64), item=np.array([7, 8, 9], np.int64), time=times,
+        bits=np.ones(3, np.int64), user_start=np.array([0, 3]))
+    found = []
+    worker = threading.Thread(target=lambda: found.extend(log_converter._request_points(
+        timeline, log_converter.LogConfig(window_seconds=15, min_seq_len=0))), daemon=True)
+    worker.start()
+    worker.join(30)
+    assert not worker.is_alive(), "the request loop did not end"
+    assert [(p.time, p.window, p.history) for p in found] == [
+        (INT64_MAX - 20, slice(0, 2), slice(0, 0)), (INT64_MAX, slice(2, 3), slice(0, 2))]
+
+
+@pytest.mark.parametrize("value", [b"1e19", b"9223372036854775808", b"-5", b"1969-07-20",
+                                   b"99999999999999999999999999999999"])
+def test_timestamps_outside_int64_seconds_are_line_numbered_bad_rows(tmp_path, caplog, value):
+    log = _write_log(tmp_path / "log.csv", _log_lines(b"a,q," + value))
+    shown = value.decode()[:37] + ("..." if len(value) > 40 else "")
+    with pytest.raises(records.DataFormatError,
+                       match=rf"^{re.escape(log)}: 1 malformed rows: line 4: timestamp "
+                             rf"'{re.escape(shown)}' is outside the range of int64 seconds "
+                             r"since 1970-01-01 this converter represents, "
+                             r"\[0, 9223372036854775807\] \(skip them"):
+        log_converter.convert_log(log, str(tmp_path / "out"),
+                                  log_converter.LogConfig(**LOG_CONFIG))
+    config = log_converter.LogConfig(**LOG_CONFIG, skip_bad_rows=True)
+    with caplog.at_level(logging.WARNING):
+        metadata = log_converter.convert_log(log, str(tmp_path / "out"), config)
+    assert metadata["bad_row_lines"] == [4] and metadata["num_events"] == 4
+    assert f"{log}: skipped malformed line 4: timestamp" in caplog.text
+
+
+def test_a_byte_order_mark_does_not_change_the_first_user(tmp_path):
+    """With --noheader the BOM stuck to the first field: user `a` became `\\ufeffa`."""
+    plain, marked = tmp_path / "plain.csv", tmp_path / "marked.csv"
+    rows = b"a,x,10\na,y,20\na,z,200000\n"
+    plain.write_bytes(rows)
+    marked.write_bytes(b"\xef\xbb\xbf" + rows)
+    config = log_converter.LogConfig(**LOG_CONFIG, header=False)
+    converted = [log_converter.convert_log(str(path), str(tmp_path / path.stem), config)
+                 for path in (plain, marked)]
+    assert converted[0]["id_ranges"] == converted[1]["id_ranges"]
+    assert converted[0]["splits"] == converted[1]["splits"]
+    assert log_converter.read_vocabulary(str(tmp_path / "marked"), "user") == {
+        log_converter.string_id("a"): "a"}
+
+
+def test_request_times_that_all_tie_are_an_error_not_an_empty_train_split(tmp_path):
+    log = _write_log(tmp_path / "log.csv", [b"a,x,10", b"a,y,500000", b"b,x,10",
+                                            b"b,y,500000"])
+    config = log_converter.LogConfig(**{**LOG_CONFIG, "test_fraction": 0.5})
+    with pytest.raises(records.DataFormatError,
+                       match=r"^All 2 requests would go to test: the split time, the 0.5 "
+                             r"quantile of request times, is the earliest one \(500000; "
+                             r"request times tie\)\. Set test_fraction=0"):
+        log_converter.convert_log(log, str(tmp_path / "out"), config)
+    assert not os.path.exists(tmp_path / "out" / "metadata.json")
