@@ -478,11 +478,10 @@ def convert_events(events, output_dir, config, num_shards=1, compression="gzip",
     split_time = (int(np.quantile(times, 1.0 - config.test_fraction, method="lower"))
                   if config.test_fraction > 0 else int(times.max()) + 1)
     if not np.any(times < split_time):
-        raise records.DataFormatError(
-            f"All {len(times)} requests would go to test: the split time, the "
-            f"{1.0 - config.test_fraction:g} quantile of request times, is the earliest one "
-            f"({split_time}; request times tie). Set test_fraction=0 to write them all to "
-            "train, or give requests more distinct times.")
+        _logger.warning("All %d requests go to test and no train split is written: the split "
+                        "time, the %g quantile of request times, is the earliest (%d). Set "
+                        "test_fraction=0 to write them all to train.", len(times),
+                        1.0 - config.test_fraction, split_time)
     train_items = timeline.item[timeline.time < split_time]
     sampler = _NegativeSampler(*np.unique(train_items if len(train_items) else timeline.item,
                                           return_counts=True))
