@@ -401,3 +401,24 @@ def test_request_times_that_all_tie_warn_that_there_is_no_train_split(tmp_path, 
     assert ("All 2 requests go to test and no train split is written: the split time, the "
             "0.5 quantile of request times, is the earliest (500000). Set test_fraction=0 to "
             "write them all to train.") in caplog.text
+
+
+def test_a_record_over_max_record_bytes_is_refused_before_it_is_parsed(tmp_path):
+    """A compressible record (long runs of 1-byte ids) was parsed whole before max_seq_len
+    applied: 20M ids in one sequence took +0.75 GB (issue 24)."""
+    path, _ = _uncompressed(tmp_path, with_metadata=True)
+
+    def lengthen(feature):
+        for name in feature:
+            if name.startswith("seq_"):
+                feature[name].int64_list.value.extend([1] * 3000)
+
+    _rewrite_first_record(path, lengthen)
+    size = len(next(tf.data.TFRecordDataset(path).as_numpy_iterator()))
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=rf"{re.escape(path)} record 0: {size} bytes, over "
+                             r"max_record_bytes=2000; its lists would be parsed whole"):
+        _user_ids(make_dataset(path, batch_size=4, shuffle=False, max_seq_len=5,
+                               max_record_bytes=2000))
+    assert len(_user_ids(make_dataset(path, batch_size=4, shuffle=False, max_seq_len=5,
+                                      max_record_bytes=size))) == 6

@@ -32,6 +32,9 @@ from ifa_tf import schema as schema_lib
 from ifa_tf.data import records
 
 AUTOTUNE = tf.data.AUTOTUNE
+# A request of n = 100,000 events takes 2-5 MB; a record over this is refused before it is
+# parsed, where its lists would take several times its bytes whatever `max_seq_len` is.
+DEFAULT_MAX_RECORD_BYTES = 16 * 2**20
 _logger = logging.getLogger(__name__)
 
 
@@ -39,8 +42,8 @@ def make_dataset(file_pattern, schema=None, batch_size=32, *, shuffle=True,
                  shuffle_buffer=4096, seed=None, repeat=False, max_seq_len=None,
                  max_candidates=None, with_extras=False, drop_remainder=False,
                  deterministic=False, input_context=None, skip_corrupt=False,
-                 group_by_length=0, cycle_length=8, num_parallel_calls=AUTOTUNE,
-                 prefetch=AUTOTUNE):
+                 group_by_length=0, max_record_bytes=DEFAULT_MAX_RECORD_BYTES, cycle_length=8,
+                 num_parallel_calls=AUTOTUNE, prefetch=AUTOTUNE):
     """Builds a `tf.data.Dataset` of padded request batches for `model.fit`.
 
     Args:
@@ -73,6 +76,10 @@ def make_dataset(file_pattern, schema=None, batch_size=32, *, shuffle=True,
             With `shuffle` the batches then pass a shuffle buffer of W batches. Each
             window's lengths cost one more parse of one sequence feature. Same requests per
             epoch, same model; only which requests share a batch changes.
+        max_record_bytes: a record larger than this fails, naming its file, index and size,
+            before it is parsed: parsing takes up to 8 bytes per byte of a compressible
+            record (1-byte varints), all of it before `max_seq_len` cuts the sequence. 0: no
+            limit.
         cycle_length: files read concurrently.
         num_parallel_calls: parallelism of interleave and parsing.
         prefetch: batches prefetched.
@@ -124,7 +131,7 @@ def make_dataset(file_pattern, schema=None, batch_size=32, *, shuffle=True,
     record_shard = (num_pipelines, pipeline_id) if shard_records else None
     dataset = dataset.interleave(
         lambda path, compression, count: _read_file(path, compression, count, skip_corrupt,
-                                                    record_shard),
+                                                    record_shard, max_record_bytes),
         cycle_length=min(cycle_length, len(files)), block_length=1,
         num_parallel_calls=num_parallel_calls, deterministic=deterministic)
     num_records = _num_records(expected, record_shard, skip_corrupt)
@@ -203,7 +210,7 @@ def _expected_count(path, metadata, skip_corrupt):
         return -1  # the end-of-file check reports the fault, with what was read before it
 
 
-def _read_file(path, compression, expected, skip_corrupt, record_shard):
+def _read_file(path, compression, expected, skip_corrupt, record_shard, max_record_bytes=0):
     """Yields `(path, index, serialized)`; checks when the file ends that it was read whole.
 
     The reader stops quietly at the first fault (`ignore_errors`) and the end-of-file check
@@ -212,7 +219,8 @@ def _read_file(path, compression, expected, skip_corrupt, record_shard):
     and the record. TF alone would not name the file, and silently ends an uncompressed file
     at a truncated record header.
     `record_shard=(num_pipelines, pipeline_id)` keeps the records whose index in the file
-    is `pipeline_id` modulo `num_pipelines` (an order-independent split).
+    is `pipeline_id` modulo `num_pipelines` (an order-independent split). A record over
+    `max_record_bytes` (0: no limit) is an error naming it.
     """
     serialized = tf.data.TFRecordDataset(path, compression_type=compression,
                                          buffer_size=1 << 20).ignore_errors()
@@ -230,15 +238,26 @@ def _read_file(path, compression, expected, skip_corrupt, record_shard):
             f" its {records.METADATA_FILENAME} lists ({records.METADATA_FILENAME} is out of "
             "date, or the file is not the one it describes)"])
 
+    def too_large(index, record):
+        return tf.strings.join([
+            path, " record ", tf.strings.as_string(index), ": ",
+            tf.strings.as_string(tf.strings.length(record)), " bytes, over max_record_bytes="
+            f"{max_record_bytes}; its lists would be parsed whole before max_seq_len cuts "
+            "them (raise max_record_bytes, data.max_record_bytes in ifa-train, to read it)"])
+
     def count_and_check(seen, element):
         index, record = element
         at_end = index < 0
         # With skip_corrupt the extra records are read and the end-of-file report warns.
         extra = tf.constant(False) if skip_corrupt else tf.logical_and(
             tf.logical_not(at_end), tf.logical_and(expected >= 0, seen >= expected))
-        fault = tf.cond(tf.logical_and(at_end, tf.not_equal(seen, expected)),
-                        lambda: check_end(seen),
-                        lambda: tf.cond(extra, one_too_many, lambda: tf.constant("")))
+        large = tf.constant(False) if not max_record_bytes else (
+            tf.strings.length(record) > max_record_bytes)
+        fault = tf.case([(tf.logical_and(at_end, tf.not_equal(seen, expected)),
+                          lambda: check_end(seen)),
+                         (extra, one_too_many),
+                         (large, lambda: too_large(index, record))],
+                        default=lambda: tf.constant(""), exclusive=False)
         # An assertion (INVALID_ARGUMENT) raises the fault: an exception raised in a
         # tf.py_function comes out as UNKNOWN whatever its class, and no TF op raises
         # DATA_LOSS with a message of ours.

@@ -164,6 +164,7 @@ def _split(config, model, schema, strategy, workdir, write_dir, chief, extra_cal
                             shuffle=True, shuffle_buffer=data.shuffle_buffer,
                             seed=train.seed, repeat=steps_per_epoch is not None,
                             max_seq_len=data.max_seq_len, max_candidates=data.max_candidates,
+                            max_record_bytes=data.max_record_bytes,
                             group_by_length=data.group_by_length, input_context=input_context)
 
     if train.strategy == "default":
@@ -176,6 +177,7 @@ def _split(config, model, schema, strategy, workdir, write_dir, chief, extra_cal
                                   batch_size=data.eval_batch_size or data.batch_size,
                                   shuffle=False, max_seq_len=data.max_seq_len,
                                   max_candidates=data.max_candidates,
+                                  max_record_bytes=data.max_record_bytes,
                                   group_by_length=data.group_by_length)
     # Every worker falls back to the chief's checkpoints, the ones this run writes.
     checkpoint_dir = (os.path.join(workdir, "checkpoints") if train.checkpoint_every_epochs
@@ -214,6 +216,7 @@ def _split(config, model, schema, strategy, workdir, write_dir, chief, extra_cal
                                     batch_size=data.eval_batch_size or data.batch_size,
                                     shuffle=False, max_seq_len=data.max_seq_len,
                                     max_candidates=data.max_candidates,
+                                    max_record_bytes=data.max_record_bytes,
                                     group_by_length=data.group_by_length,
                                     with_extras=with_extras)
         result["eval"] = evaluate(model, eval_dataset, schema, config.eval.ndcg_k,
@@ -230,6 +233,7 @@ def _streaming(config, model, schema, write_dir):
     dataset = make_dataset(data.train_data, schema=schema, batch_size=data.batch_size,
                            shuffle=False, deterministic=True, max_seq_len=data.max_seq_len,
                            max_candidates=data.max_candidates,
+                           max_record_bytes=data.max_record_bytes,
                            with_extras=bool(schema.extras))
     if config.train.steps is not None:
         dataset = dataset.take(config.train.steps)
