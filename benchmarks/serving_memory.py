@@ -9,8 +9,9 @@ so protobuf parsing, the arrays and the model's activations all count. Linux onl
 
     python benchmarks/serving_memory.py --output_dir=benchmarks/results/serving_memory
 
-The default shapes are those `serving/README.md` quotes: both totals at B = 2, B = 200,
-every bound at once (B = 1,000), B alone at its bound, and the request of issue 24
+The default shapes are those `serving/README.md` quotes: both totals (B·m = 200,000,
+B·n = 1,000,000) at the largest n (B = 10), at B = 200 and at the largest B (1,000); the
+largest m and n of one user (B = 2); B alone at its bound; and the request of issue 24
 (B = 200,000, m = n = 1), which the default --max_batch_size now refuses.
 """
 
@@ -28,8 +29,8 @@ import numpy as np
 from absl import app, flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_SHAPES = ["2x100000x500000", "200x1000x5000", "1000x200x1000", "1000x1x1",
-                  "200000x1x1"]
+DEFAULT_SHAPES = ["10x20000x100000", "200x1000x5000", "1000x200x1000", "2x100000x100000",
+                  "1000x1x1", "200000x1x1"]
 
 
 def define_flags(flag_values=flags.FLAGS):
