@@ -18,6 +18,7 @@ largest m and n of one user (B = 2); B alone at its bound; and the request of is
 import json
 import os
 import platform
+import shlex
 import signal
 import socket
 import subprocess
@@ -168,7 +169,7 @@ def main(argv):
                           os.path.join(workdir, f"serve-{batch}x{m}x{n}.log"))
             print(json.dumps(row), flush=True)
             rows.append(row)
-    command = "python benchmarks/serving_memory.py " + " ".join(sys.argv[1:])
+    command = "python benchmarks/serving_memory.py " + shlex.join(sys.argv[1:])
     header = (f"Model `ifa` (default schema), gRPC, one request per fresh `ifa-serve` with its "
               f"default limits; {platform.machine()}, {os.cpu_count()} CPU cores, "
               f"TF {tf.__version__}, 1-min load average {load_before:.1f} before the run.")
