@@ -125,17 +125,19 @@ def _start_server(model_name, zoo_name, workdir, max_m, max_n, batch_size):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         rest_port = sock.getsockname()[1]
+    # The largest request allowed, in all: B·m, B·n and its bytes (REST JSON takes 3-4x the
+    # gRPC size of 8·B·(5n + 5m + 1) bytes).
+    request_bytes = max(64 << 20, 32 * batch_size * (5 * max_n + 5 * max_m + 1))
     log = open(os.path.join(workdir, "ifa-serve.log"), "w")
     process = subprocess.Popen(
         [sys.executable, "-m", "ifa_tf.cli.serve", f"--port={port}",
          f"--rest_api_port={rest_port}", f"--model_name={model_name}",
          f"--model_base_path={os.path.join(workdir, model_name)}",
          f"--max_candidates={max_m}", f"--max_sequence_length={max_n}",
-         # The largest request allowed, in all: B·m, B·n and its bytes (REST JSON takes
-         # 3-4x the gRPC size of 8·B·(5n + 5m + 1) bytes).
-         f"--max_total_candidates={batch_size * max_m}",
+         f"--max_batch_size={batch_size}", f"--max_total_candidates={batch_size * max_m}",
          f"--max_total_sequence_length={batch_size * max_n}",
-         f"--max_request_bytes={max(64 << 20, 32 * batch_size * (5 * max_n + 5 * max_m + 1))}"],
+         f"--max_request_bytes={request_bytes}",
+         f"--rest_max_body_bytes_in_flight={request_bytes}"],
         stdout=log, stderr=subprocess.STDOUT)
     return process, port, rest_port
 

@@ -5,7 +5,8 @@ retrieval (SIM, TWIN) puts all weight on k events, while linear attention with a
 feature map may spread it over hundreds. Feed it the weights of
 `NormalizedLinearAttention.attention_weights` (or any [..., n] attention weights, e.g. a
 softmax's) on a small request. `weight_on_matches` measures whether that weight lands on
-the events that share the candidate's id (its own past events). NumPy only.
+the events that share the candidate's id (its own past events). `non_finite_weights` finds
+the weights a diverged training run left NaN or infinite. NumPy only.
 """
 
 import math
@@ -121,3 +122,16 @@ def weight_on_matches(weights, query_ids, key_ids, key_mask=None):
         return {"weight_share": np.where(defined, weight_share, math.nan),
                 "event_share": np.where(defined, event_share, math.nan),
                 "lift": np.where(defined, weight_share / event_share, math.nan)}
+
+
+def non_finite_weights(model):
+    """`{variable path: (NaN or infinite values, values)}` of every floating-point weight of
+    a Keras `model` that holds NaN or infinity; empty when all are finite."""
+    found = {}
+    for variable in model.weights:
+        value = np.asarray(variable)
+        if value.dtype.kind in "fc":
+            bad = value.size - int(np.count_nonzero(np.isfinite(value)))
+            if bad:
+                found[variable.path] = (bad, value.size)
+    return found

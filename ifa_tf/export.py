@@ -37,6 +37,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from ifa_tf import diagnostics
 from ifa_tf import schema as schema_lib
 
 SIGNATURE_NAME = "serving_default"
@@ -108,10 +109,20 @@ def rank_candidates(score, candidate_ids):
 
     Returns:
         `(ranked_indices, ranked_item_ids)`, both int64 [B, m]. Ties keep candidate order.
+        A valid candidate whose score is NaN ranks after every other valid one and before
+        the padding, so each row stays valid candidates first, then padding, whatever the
+        scores hold.
     """
     valid = tf.not_equal(candidate_ids, schema_lib.PADDING_ID)
-    keyed = tf.where(valid, tf.cast(score, tf.float32), tf.constant(-np.inf, tf.float32))
-    ranked_indices = tf.argsort(keyed, axis=-1, direction="DESCENDING", stable=True)
+    score = tf.cast(score, tf.float32)
+    scored = tf.logical_and(valid, tf.logical_not(tf.math.is_nan(score)))
+    keyed = tf.where(scored, score, tf.constant(-np.inf, tf.float32))
+    by_score = tf.argsort(keyed, axis=-1, direction="DESCENDING", stable=True)
+    # 0: scored, 1: valid with a NaN score, 2: padding. A stable sort by this group after
+    # the sort by score keeps each group in score order (-inf ties keep request order).
+    group = 2 - tf.cast(valid, tf.int32) - tf.cast(scored, tf.int32)
+    by_group = tf.argsort(tf.gather(group, by_score, batch_dims=1), axis=-1, stable=True)
+    ranked_indices = tf.gather(by_score, by_group, batch_dims=1)
     ranked_item_ids = tf.gather(candidate_ids, ranked_indices, batch_dims=1)
     return tf.cast(ranked_indices, tf.int64), ranked_item_ids
 
@@ -226,7 +237,8 @@ def export_saved_model(model, base_dir, version=None, schema=None, model_name=No
 
     Raises:
         FileExistsError: `<base_dir>/<version>` already exists.
-        ValueError: bad version, or the model does not fit the serving contract.
+        ValueError: bad version, a weight holds NaN or infinity (`check_finite_weights`),
+            or the model does not fit the serving contract.
     """
     base_dir = os.path.abspath(os.fspath(base_dir))
     if version is None:
@@ -241,6 +253,7 @@ def export_saved_model(model, base_dir, version=None, schema=None, model_name=No
         raise FileExistsError(f"Version {version} already exists at {final_dir}; versions are "
                               "never overwritten. Omit --version to write the next one.")
     model_name = model_name or os.path.basename(base_dir.rstrip(os.sep)) or model.name
+    check_finite_weights(model)
     specs = serving_specs(model, schema)
 
     archive = keras.export.ExportArchive()
@@ -279,6 +292,20 @@ def export_saved_model(model, base_dir, version=None, schema=None, model_name=No
     finally:
         shutil.rmtree(temp_dir, ignore_errors=True)
     return final_dir
+
+
+def check_finite_weights(model):
+    """Raises ValueError naming the weights of `model` that hold NaN or infinity: a model
+    that diverged in training scores every candidate NaN, and must not reach serving."""
+    found = diagnostics.non_finite_weights(model)
+    if found:
+        shown = ", ".join(f"{path}: {count} of {size} values"
+                          for path, (count, size) in list(found.items())[:3])
+        raise ValueError(
+            f"Refusing to export model {model.name!r}: {len(found)} of its "
+            f"{len(model.weights)} weights hold NaN or infinite values ({shown}"
+            f"{', ...' if len(found) > 3 else ''}). It diverged in training or was damaged; "
+            "retrain it (e.g. with a lower learning rate).")
 
 
 def infer_schema(specs, outputs):

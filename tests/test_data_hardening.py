@@ -1,12 +1,16 @@
-"""Damaged input is named, never lost silently (issue 12): TFRecord files that are truncated,
-corrupt or garbage, read with and without `skip_corrupt`; logs with bytes that are not UTF-8
-or fields over the `csv` size limit, read with and without `skip_bad_rows`."""
+"""Damaged input is named, never lost silently (issues 12 and 24): TFRecord files that are
+truncated, corrupt or garbage, read with and without `skip_corrupt`; logs with bytes that are
+not UTF-8, fields over the `csv` size limit or timestamps outside int64 seconds, read with and
+without `skip_bad_rows`; extreme timestamps, a byte order mark and tied request times."""
 
 import logging
 import os
 import re
 import shutil
 import struct
+import subprocess
+import sys
+import threading
 
 import numpy as np
 import pytest
@@ -142,8 +146,68 @@ def test_skip_with_out_of_date_metadata_says_so(tmp_path, caplog):
     records.write_metadata(str(tmp_path), metadata)
     assert _read_with_skip(path, caplog) == count
     (warning,) = _warnings(caplog)
-    assert f"read {count} records, {count - 1} expected; the file holds {count} records; " \
-           "no record skipped, metadata.json is out of date." in warning
+    # Not "records lost": the file is whole and the count is wrong (issue 24).
+    assert warning == (f"skip_corrupt: {path}: holds {count} records, all readable, but "
+                       f"metadata.json lists {count - 1}: metadata.json is out of date, or the "
+                       "file is not the one it describes; no record skipped.")
+
+
+@pytest.mark.parametrize("listed, message", [
+    (-1, "more"), (+1, "fewer"), ("abc", "not a count")])
+def test_a_wrong_count_in_metadata_names_the_file_and_metadata(tmp_path, listed, message):
+    """It failed with tf.data's "expected 5 ... at least 6" or a bare `invalid literal for
+    int()`, naming neither the file nor metadata.json."""
+    path, count = _uncompressed(tmp_path, with_metadata=True)
+    metadata = records.read_metadata(str(tmp_path))
+    metadata["files"][os.path.basename(path)] = listed if message == "not a count" \
+        else count + listed
+    records.write_metadata(str(tmp_path), metadata)
+    if message == "not a count":
+        with pytest.raises(records.DataFormatError,
+                           match=rf"^{re.escape(str(tmp_path / 'metadata.json'))}: the record "
+                                 rf"count of {os.path.basename(path)} must be an integer >= 0\. "
+                                 r"Received: 'abc'$"):
+            make_dataset(path, batch_size=4, shuffle=False)
+        return
+    expected = (rf"{re.escape(path)}: holds more records than the {count - 1} its "
+                r"metadata.json lists" if message == "more" else
+                rf"{re.escape(path)}: holds {count} records, all readable, but metadata.json "
+                rf"lists {count + 1}: the file was cut at a record boundary, or metadata.json "
+                r"is out of date")
+    with pytest.raises(tf.errors.InvalidArgumentError, match=expected):
+        _user_ids(make_dataset(path, batch_size=4, shuffle=False))
+
+
+def _rewrite_first_record(path, change):
+    """Rewrites the first record of an uncompressed shard with `change(example)` applied."""
+    serialized = list(tf.data.TFRecordDataset(path).as_numpy_iterator())
+    example = tf.train.Example.FromString(serialized[0])
+    change(example.features.feature)
+    serialized[0] = example.SerializeToString()
+    with tf.io.TFRecordWriter(path) as writer:
+        for record in serialized:
+            writer.write(record)
+
+
+def _float_user_id(feature):
+    feature["user_id"].Clear()
+    feature["user_id"].float_list.value.append(1.5)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda feature: feature["click"].int64_list.value.__setitem__(0, 7),
+     r"record 0: label click must be 0 or 1; received 7"),
+    (lambda feature: feature.pop("user_id"),
+     r"Name: .* record 0, Feature: user_id \(data type: int64\) is required"),
+    (_float_user_id, r"Name: .* record 0, Key: user_id, Index: 0\.\s+Data types don't match"),
+], ids=["label 7", "no user_id", "float user_id"])
+def test_a_bad_record_names_the_file_the_record_and_the_feature(tmp_path, change, message):
+    path, _ = _uncompressed(tmp_path, with_metadata=True)
+    _rewrite_first_record(path, change)
+    with pytest.raises(tf.errors.InvalidArgumentError) as raised:
+        _user_ids(make_dataset(path, batch_size=4, shuffle=False))
+    assert path in raised.value.message
+    assert re.search(message, raised.value.message), raised.value.message
 
 
 # ------------------------------------------------------------------- without skipping
@@ -255,3 +319,106 @@ def test_cli_reports_bad_rows_in_one_line_or_counts_the_skipped(tmp_path, capsys
              _cli_flags(f"--output_dir={tmp_path / 'b'}", *argv, "--skip_bad_rows"))
     assert capsys.readouterr().out == (f"wrote train=1 requests to {tmp_path / 'b'}; "
                                        "skipped 1 malformed rows (logged above)\n")
+
+
+# ------------------------------------------------------------- extreme timestamps (issue 24)
+INT64_MAX = 2**63 - 1
+
+
+def test_from_log_near_int64_max_ends_instead_of_spinning(tmp_path):
+    """A request window reaching past 2^63 - 1 wrapped in int64, `searchsorted` returned
+    0 and the request loop never advanced: a 3-row log spun at 100% CPU (issue 24). These
+    timestamps are exact floats, so the old float parsing read them right too."""
+    times = [2**63 - 8192, 2**63 - 4096, 2**63 - 2048]
+    log = _write_log(tmp_path / "log.csv", [f"a,{item},{time}".encode()
+                                            for item, time in zip("xyz", times)])
+    command = [sys.executable, "-m", "ifa_tf.cli.data", "from-log", f"--input={log}",
+               f"--output_dir={tmp_path / 'out'}", "--columns=user,item,timestamp",
+               "--num_negatives=0", "--test_fraction=0", "--window_seconds=5000"]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
+    process = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert process.returncode == 0, process.stderr
+    metadata = records.read_metadata(str(tmp_path / "out"))
+    assert metadata["splits"]["train"]["num_requests"] == 1  # at the last time; 2 before it
+
+
+def test_request_windows_past_int64_max_do_not_wrap():
+    times = np.array([INT64_MAX - 20, INT64_MAX - 10, INT64_MAX], np.int64)
+    timeline = log_converter._Timeline(
+        user=np.ones(3, np.int64), item=np.array([7, 8, 9], np.int64), time=times,
+        bits=np.ones(3, np.int64), user_start=np.array([0, 3]))
+    found = []
+    worker = threading.Thread(target=lambda: found.extend(log_converter._request_points(
+        timeline, log_converter.LogConfig(window_seconds=15, min_seq_len=0))), daemon=True)
+    worker.start()
+    worker.join(30)
+    assert not worker.is_alive(), "the request loop did not end"
+    assert [(p.time, p.window, p.history) for p in found] == [
+        (INT64_MAX - 20, slice(0, 2), slice(0, 0)), (INT64_MAX, slice(2, 3), slice(0, 2))]
+
+
+@pytest.mark.parametrize("value", [b"1e19", b"9223372036854775808", b"-5", b"1969-07-20",
+                                   b"99999999999999999999999999999999"])
+def test_timestamps_outside_int64_seconds_are_line_numbered_bad_rows(tmp_path, caplog, value):
+    log = _write_log(tmp_path / "log.csv", _log_lines(b"a,q," + value))
+    shown = value.decode()[:37] + ("..." if len(value) > 40 else "")
+    with pytest.raises(records.DataFormatError,
+                       match=rf"^{re.escape(log)}: 1 malformed rows: line 4: timestamp "
+                             rf"'{re.escape(shown)}' is outside the range of int64 seconds "
+                             r"since 1970-01-01 this converter represents, "
+                             r"\[0, 9223372036854775807\] \(skip them"):
+        log_converter.convert_log(log, str(tmp_path / "out"),
+                                  log_converter.LogConfig(**LOG_CONFIG))
+    config = log_converter.LogConfig(**LOG_CONFIG, skip_bad_rows=True)
+    with caplog.at_level(logging.WARNING):
+        metadata = log_converter.convert_log(log, str(tmp_path / "out"), config)
+    assert metadata["bad_row_lines"] == [4] and metadata["num_events"] == 4
+    assert f"{log}: skipped malformed line 4: timestamp" in caplog.text
+
+
+def test_a_byte_order_mark_does_not_change_the_first_user(tmp_path):
+    """With --noheader the BOM stuck to the first field: user `a` became `\\ufeffa`."""
+    plain, marked = tmp_path / "plain.csv", tmp_path / "marked.csv"
+    rows = b"a,x,10\na,y,20\na,z,200000\n"
+    plain.write_bytes(rows)
+    marked.write_bytes(b"\xef\xbb\xbf" + rows)
+    config = log_converter.LogConfig(**LOG_CONFIG, header=False)
+    converted = [log_converter.convert_log(str(path), str(tmp_path / path.stem), config)
+                 for path in (plain, marked)]
+    assert converted[0]["id_ranges"] == converted[1]["id_ranges"]
+    assert converted[0]["splits"] == converted[1]["splits"]
+    assert log_converter.read_vocabulary(str(tmp_path / "marked"), "user") == {
+        log_converter.string_id("a"): "a"}
+
+
+def test_request_times_that_all_tie_warn_that_there_is_no_train_split(tmp_path, caplog):
+    log = _write_log(tmp_path / "log.csv", [b"a,x,10", b"a,y,500000", b"b,x,10",
+                                            b"b,y,500000"])
+    config = log_converter.LogConfig(**{**LOG_CONFIG, "test_fraction": 0.5})
+    with caplog.at_level(logging.WARNING):
+        metadata = log_converter.convert_log(log, str(tmp_path / "out"), config)
+    assert list(metadata["splits"]) == ["test"]
+    assert ("All 2 requests go to test and no train split is written: the split time, the "
+            "0.5 quantile of request times, is the earliest (500000). Set test_fraction=0 to "
+            "write them all to train.") in caplog.text
+
+
+def test_a_record_over_max_record_bytes_is_refused_before_it_is_parsed(tmp_path):
+    """A compressible record (long runs of 1-byte ids) was parsed whole before max_seq_len
+    applied: 20M ids in one sequence took +0.75 GB (issue 24)."""
+    path, _ = _uncompressed(tmp_path, with_metadata=True)
+
+    def lengthen(feature):
+        for name in feature:
+            if name.startswith("seq_"):
+                feature[name].int64_list.value.extend([1] * 3000)
+
+    _rewrite_first_record(path, lengthen)
+    size = len(next(tf.data.TFRecordDataset(path).as_numpy_iterator()))
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=rf"{re.escape(path)} record 0: {size} bytes, over "
+                             r"max_record_bytes=2000; its lists would be parsed whole"):
+        _user_ids(make_dataset(path, batch_size=4, shuffle=False, max_seq_len=5,
+                               max_record_bytes=2000))
+    assert len(_user_ids(make_dataset(path, batch_size=4, shuffle=False, max_seq_len=5,
+                                      max_record_bytes=size))) == 6

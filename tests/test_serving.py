@@ -411,7 +411,9 @@ def prometheus_samples(server):
 
 def test_prometheus_metrics_count_and_time_predict_calls(server):
     ok = ':tensorflow:serving:request_count{model_name="ifa",status="OK"}'
-    not_found = ':tensorflow:serving:request_count{model_name="nope",status="NOT_FOUND"}'
+    # A model the server does not serve is counted under one label value.
+    not_found = (':tensorflow:serving:request_count{model_name="__unknown__",'
+                 'status="NOT_FOUND"}')
     grpc_count = (':tensorflow:serving:request_latency_count{model_name="ifa",API="Predict",'
                   'entrypoint="GRPC"}')
     rest_count = grpc_count.replace("GRPC", "REST")

@@ -1,7 +1,9 @@
-"""`ifa-serve` against hostile requests (issue 12): every declared shape is checked before
-anything is materialised, B·m and B·n are bounded by default and the server's peak memory
-stays within the bound `serving/README.md` documents, REST ids beyond int64 are refused, and
-a call whose client is gone runs no model. Servers listen on loopback only."""
+"""`ifa-serve` against hostile requests (issues 12 and 24): every declared shape is checked
+before anything is materialised, B, B·m and B·n are bounded by default and the server's peak
+memory stays within the bound `serving/README.md` documents, REST ids beyond int64 are
+refused, a call whose client is gone runs no model, errors never echo a request's bulk,
+metrics cannot be forged or grown by clients, and a model computing NaN never answers OK.
+Servers listen on loopback only."""
 
 import json
 import signal
@@ -13,15 +15,17 @@ import urllib.error
 import urllib.request
 
 import grpc
+import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 from tensorflow.core.protobuf import meta_graph_pb2
 from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
 from ifa_tf import export
-from ifa_tf.serving import errors, grpc_service
+from ifa_tf.serving import errors, grpc_service, metrics
 from ifa_tf.serving.model_manager import (Limits, ModelManager, Signature,
                                           tensor_proto_spec, to_ndarray)
 from ifa_tf.serving.server import ModelServer, ServerOptions
@@ -50,7 +54,8 @@ class ServerProcess:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "ifa_tf.cli.serve", f"--port={self.port}",
              f"--rest_api_port={self.rest_port}", "--model_name=ifa",
-             f"--model_base_path={base}", "--file_system_poll_wait_seconds=0"],
+             f"--model_base_path={base}", "--file_system_poll_wait_seconds=0",
+             f"--monitoring_config_file={REPO}/serving/monitoring.config"],
             stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO)
         self.rest_target = f"127.0.0.1:{self.rest_port}"
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
@@ -156,6 +161,9 @@ MALICIOUS_GRPC = {
     "negative dim": (negative_dim, ["cand_item_id", "dimension 1", "negative"]),
     "B=8, m=n=100k": (lambda: every_input_filled(8, 100_000, 100_000),
                       ["800000 candidates", "--max_total_candidates=200000"]),
+    # Within B·m and B·n, but every user has a fixed cost: this one took 3.76 GB (issue 24).
+    "B=200k, m=n=1": (lambda: every_input_filled(200_000, 1, 1),
+                      ["batch size 200000", "--max_batch_size=1000"]),
 }
 
 
@@ -364,5 +372,142 @@ def test_no_model_runs_for_a_call_that_ended_before_it(model_base, monkeypatch, 
         assert series in server.metrics.render()
     finally:
         release.set()
+        channel.close()
+        server.stop()
+
+
+# ------------------------------------------------------------- echoes, versions, metrics
+def test_errors_do_not_echo_a_request_s_bulk(server):
+    """20,000 unknown input names, or a 100 KB model name: the answer is the error the
+    request deserves, short, not the client's receive limit (RESOURCE_EXHAUSTED)."""
+    request = small_request()
+    for index in range(20_000):
+        request.inputs[f"unknown_input_{index:05d}"].CopyFrom(proto([1], values=[1]))
+    with pytest.raises(grpc.RpcError) as raised:
+        server.predict_stub.Predict(request, timeout=60)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "Sent extra: {unknown_input_00000," in raised.value.details()
+    assert "19990 more" in raised.value.details()
+    assert len(raised.value.details()) <= errors.MAX_MESSAGE_CHARS + 100
+    request = small_request()
+    request.model_spec.name = "x" * 100_000
+    with pytest.raises(grpc.RpcError) as raised:
+        server.predict_stub.Predict(request, timeout=60)
+    assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+    assert raised.value.details().startswith("Servable not found for request: Latest(xxx")
+    assert len(raised.value.details()) <= errors.MAX_MESSAGE_CHARS + 100
+
+
+@pytest.mark.parametrize("suffix", ["", "/metadata"])
+def test_rest_version_beyond_int64_is_not_found(server, suffix):
+    version = 2**64 + 5
+    status, answer = rest(server, f"/v1/models/ifa/versions/{version}{suffix}")
+    assert status == 404, answer
+    assert str(version) in answer["error"]
+    assert "Traceback" not in server.logs()
+
+
+def scrape(server):
+    url = f"http://{server.rest_target}/monitoring/prometheus/metrics"
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return response.read().decode()
+
+
+def test_metrics_cannot_be_forged_or_grown_by_model_names(server):
+    forged = 'ifa",status="OK"} 1e9\n:tensorflow:serving:request_count{model_name="ifa'
+    names = [forged, "a\\b", *(f"nope-{index}" for index in range(50))]
+    unknown = (f':tensorflow:serving:request_count{{model_name="{metrics.UNKNOWN_MODEL}",'
+               'status="NOT_FOUND"}')
+    before = dict(line.rsplit(" ", 1) for line in scrape(server).splitlines()
+                  if not line.startswith("#"))
+    for name in names:
+        request = small_request()
+        request.model_spec.name = name
+        with pytest.raises(grpc.RpcError) as raised:
+            server.predict_stub.Predict(request, timeout=60)
+        assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+    text = scrape(server)
+    assert "1e9" not in text and "nope-" not in text
+    after = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
+    assert int(after[unknown]) - int(before.get(unknown, 0)) == len(names)
+    assert len(after) == len(before) + (unknown not in before) * (1 + 33 + 1 + 2)
+    for line in text.splitlines():
+        assert line.startswith(("# TYPE ", ":tensorflow:serving:request_")), line
+        assert 'model_name="ifa"' in line or f'model_name="{metrics.UNKNOWN_MODEL}"' in line \
+            or line.startswith("#")
+
+
+def test_metrics_escape_every_label_value():
+    recorder = metrics.Metrics()  # records names as given
+    recorder.record('a"b\\c\nd', "Predict", "GRPC", "OK", 0.001)
+    lines = recorder.render().splitlines()
+    assert ':tensorflow:serving:request_count{model_name="a\\"b\\\\c\\nd",status="OK"} 1' in lines
+    assert len(lines) == 2 + 1 + 33 + 1 + 2  # TYPE lines, the count, buckets, +Inf, sum, count
+    known = metrics.Metrics(known_models=["ifa"])
+    for name in ("ifa", "other", "another"):
+        known.record(name, "Predict", "REST", "OK", 0.001)
+    assert [line for line in known.render().splitlines() if "request_count{" in line] == [
+        f':tensorflow:serving:request_count{{model_name="{metrics.UNKNOWN_MODEL}",'
+        'status="OK"} 2', ':tensorflow:serving:request_count{model_name="ifa",status="OK"} 1']
+
+
+# ------------------------------------------------------------------- non-finite outputs
+NAN_USER = 13
+
+
+def nan_for_one_user(model):
+    """`model`, but every task and the score are NaN for the user `NAN_USER` (finite
+    weights: what a broken model can do to some requests)."""
+    features = model.input
+    outputs = model(features)
+    broken = keras.ops.expand_dims(keras.ops.equal(features["user_id"], NAN_USER), -1)
+    return keras.Model(features, {name: keras.ops.where(broken, np.float32("nan"), value)
+                                  for name, value in outputs.items()})
+
+
+def test_rank_candidates_puts_nan_scores_after_valid_ones_and_before_padding():
+    score = tf.constant([[np.nan, 0.2, 0.9, np.nan, 0.5], [np.nan] * 5], tf.float32)
+    ids = tf.constant([[11, 0, 13, 14, 15], [0, 22, 0, 24, 25]], tf.int64)
+    indices, item_ids = export.rank_candidates(score, ids)
+    np.testing.assert_array_equal(indices.numpy(), [[2, 4, 0, 3, 1], [1, 3, 4, 0, 2]])
+    np.testing.assert_array_equal(item_ids.numpy(), [[13, 15, 11, 14, 0], [22, 24, 25, 0, 0]])
+
+
+def test_a_model_computing_nan_never_answers_ok(tmp_path):
+    base = tmp_path / "nan"
+    model = nan_for_one_user(build_model("avg_pooling", 0))
+    export.export_saved_model(model, base, schema=SCHEMA, warmup_shapes=())
+    features = make_features(2, 4, 6, seed=0)
+    features["user_id"][:] = [NAN_USER, NAN_USER + 1]
+    saved = tf.saved_model.load(str(base / "1")).signatures["serving_default"]
+    ranked = saved(**{k: tf.constant(v) for k, v in features.items()})["ranked_item_ids"]
+    for row in range(2):  # the contract holds in TF Serving too: valid first, then padding
+        valid = features["cand_item_id"][row]
+        count = int(np.count_nonzero(valid))
+        np.testing.assert_array_equal(np.sort(ranked[row, :count]), np.sort(valid[valid != 0]))
+        assert not np.any(ranked[row, count:])
+
+    server = ModelServer(ServerOptions(model_name="nan", model_base_path=str(base), port=0,
+                                       rest_api_port=free_port(),
+                                       file_system_poll_wait_seconds=0)).start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}")
+    try:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as raised:
+            stub.Predict(predict_request(features, name="nan"), timeout=60)
+        assert raised.value.code() == grpc.StatusCode.INTERNAL
+        assert raised.value.details().startswith(
+            "Model nan version 1 computed non-finite values: output click holds 4 NaN or "
+            "infinite values of 8")
+        fine = {k: v[1:] for k, v in features.items()}
+        assert stub.Predict(predict_request(fine, name="nan"), timeout=60).outputs
+        body = json.dumps({"inputs": {k: v.tolist() for k, v in features.items()}}).encode()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{server.rest_port}/v1/models/nan:predict", data=body)
+        with pytest.raises(urllib.error.HTTPError) as raised:
+            urllib.request.urlopen(request, timeout=30)
+        assert raised.value.code == 500
+        assert "non-finite" in json.loads(raised.value.read())["error"]  # strict JSON
+    finally:
         channel.close()
         server.stop()

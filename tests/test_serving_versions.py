@@ -293,3 +293,121 @@ def test_stop_does_not_wait_for_a_client_stalled_mid_body(good_version, tmp_path
         began = time.monotonic()
         server.stop()
         assert time.monotonic() - began < 4
+
+
+# ------------------------------------------------------------- REST caps (issue 24)
+def capped_server(good_version, tmp_path, **caps):
+    """A REST server over a copy of `good_version` with the caps given; (port, server)."""
+    base = tmp_path / "m"
+    shutil.copytree(good_version, base / "1")
+    manager = manager_for(base)
+    manager.poll()
+    server, _ = rest.make_rest_server(manager, "127.0.0.1", 0, MAX_REQUEST_BYTES,
+                                      read_timeout_seconds=READ_TIMEOUT_SECONDS, **caps)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server.server_address[1], server
+
+
+def test_rest_a_trickled_request_is_cut_off_at_its_deadline(good_version, tmp_path,
+                                                            predict_body):
+    """A byte every 0.4 s never trips the 1 s read timeout; the whole request must arrive
+    within 2 s of its first byte all the same."""
+    port, server = capped_server(good_version, tmp_path, request_timeout_seconds=2.0)
+    try:
+        for head, body in ((post_head(port, Content_Length=len(predict_body)), predict_body),
+                           (b"GET /v1/models/m HTTP/1.1\nX-Slow: " + b"a" * 40, b"")):
+            with connect(port, timeout=10) as sock:
+                began = time.monotonic()
+                data = head.replace(b"\n", b"\r\n") + (b"\r\n" + body if body else b"")
+                answer = b""
+                for index in range(len(data)):
+                    try:
+                        sock.sendall(data[index:index + 1])
+                    except OSError:
+                        break
+                    if time.monotonic() - began > 5:
+                        break
+                    time.sleep(0.4)
+                sock.settimeout(5)
+                answer = sock.recv(4096)
+                assert answer.startswith(b"HTTP/1.1 408"), answer
+                assert b"must arrive within 2s of its first byte" in answer
+                assert time.monotonic() - began < 4
+        assert exchange(port, post_head(port, Content_Length=len(predict_body)),
+                        predict_body)[0] == 200
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_rest_connections_over_the_cap_are_answered_503(good_version, tmp_path):
+    port, server = capped_server(good_version, tmp_path, max_connections=2)
+    try:
+        held = [connect(port), connect(port)]
+        time.sleep(0.2)  # both accepted
+        with connect(port) as third:
+            answer = third.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 503"), answer
+        assert b"--rest_max_connections" in answer
+        for sock in held:
+            sock.close()
+        time.sleep(0.3)  # their threads end
+        assert exchange(port, b"GET /v1/models/m HTTP/1.1\n")[0] == 200
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_rest_bodies_in_flight_are_capped(good_version, tmp_path, predict_body):
+    port, server = capped_server(good_version, tmp_path,
+                                 max_body_bytes_in_flight=len(predict_body) + 100)
+    try:
+        with connect(port) as stalled:  # reserves its whole declared body, sends a little
+            stalled.sendall(post_head(port, Content_Length=len(predict_body)).replace(
+                b"\n", b"\r\n") + b"\r\n" + predict_body[:10])
+            time.sleep(0.3)
+            assert server.capacity.body_bytes == len(predict_body)
+            status, answer = exchange(port, post_head(port, Content_Length=200), b"x" * 200)
+            assert status == 503, answer
+            assert "--rest_max_body_bytes_in_flight" in answer["error"]
+        time.sleep(0.3)  # the stalled client left: its reservation is released
+        assert server.capacity.body_bytes == 0
+        assert exchange(port, post_head(port, Content_Length=len(predict_body)),
+                        predict_body)[0] == 200
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("method", ["PUT", "DELETE", "OPTIONS", "PATCH", "HEAD"])
+def test_rest_other_methods_get_a_json_error(rest_server, method):
+    connection = http.client.HTTPConnection("127.0.0.1", rest_server, timeout=5)
+    connection.request(method, "/v1/models/m")
+    response = connection.getresponse()
+    body = response.read()
+    connection.close()
+    assert response.status == 400
+    assert response.headers["Content-Type"] == "application/json"
+    if method != "HEAD":
+        assert json.loads(body) == {"error": f"Malformed request: {method} /v1/models/m"}
+
+
+def test_rest_malformed_request_line_gets_a_json_error(rest_server):
+    with connect(rest_server) as sock:
+        sock.sendall(b"GARBAGE\r\n\r\n")
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        assert response.status == 400
+        assert json.loads(response.read())["error"].startswith("Malformed request: ")
+
+
+@pytest.mark.parametrize("value", [False, True])
+def test_rest_booleans_are_not_ids(rest_server, predict_body, value):
+    payload = json.loads(predict_body)
+    payload["inputs"]["cand_item_id"][0][1] = value
+    body = json.dumps(payload).encode()
+    status, answer = exchange(rest_server, post_head(rest_server, Content_Length=len(body)),
+                              body)
+    assert status == 400
+    assert answer["error"] == (f"Input cand_item_id expects int64 values; received "
+                               f"{json.dumps(value)}, not a number")

@@ -137,7 +137,9 @@ def test_empty_latest_backup_resumes_from_the_previous_one(tiny_data, run_copy, 
 
     assert recorder.first_epoch == INTERRUPTED_AT - 1
     assert_same_weights(recorder.initial_weights, epoch_weights[INTERRUPTED_AT - 1])
-    assert len(result["history"]["loss"]) == EPOCHS - (INTERRUPTED_AT - 1)
+    # The history of the epochs the previous backup holds (the interrupted run's), then
+    # this run's.
+    assert len(result["history"]["loss"]) == EPOCHS
     assert latest in warnings_text(caplog)
     # Kept for a person to look at, even after the backup is deleted at the end.
     kept = set_aside(latest)

@@ -43,7 +43,7 @@ def define_flags(flag_values=flags.FLAGS):
     flags.DEFINE_integer("max_request_bytes", 64 * 1024 * 1024,
                          "Largest gRPC message / REST body accepted (RESOURCE_EXHAUSTED beyond).",
                          flag_values=f)
-    flags.DEFINE_integer("max_batch_size", 0, "Most users per request; 0: no limit.",
+    flags.DEFINE_integer("max_batch_size", 1000, "Most users B per request; 0: no limit.",
                          flag_values=f)
     flags.DEFINE_integer("max_candidates", 100_000, "Most candidates m per request; 0: no limit.",
                          flag_values=f)
@@ -64,6 +64,17 @@ def define_flags(flag_values=flags.FLAGS):
     flags.DEFINE_float("rest_read_timeout_seconds", 60.0,
                        "A REST connection that sends nothing for this long, idle between "
                        "requests or stalled inside one, is closed.", flag_values=f)
+    flags.DEFINE_float("rest_request_timeout_seconds", 60.0,
+                       "A REST request whose line, headers and body have not all arrived this "
+                       "long after its first byte is answered 408 and its connection closed.",
+                       flag_values=f)
+    flags.DEFINE_integer("rest_max_connections", 64,
+                         "Most REST connections open at once (a thread each); one more is "
+                         "answered 503 and closed.", flag_values=f)
+    flags.DEFINE_integer("rest_max_body_bytes_in_flight", 64 * 1024 * 1024,
+                         "Most bytes of REST request bodies received or answered at once; a "
+                         "body that would pass it is answered 503 before it is read. At least "
+                         "--max_request_bytes.", flag_values=f)
     flags.DEFINE_string("monitoring_config_file", "",
                         "TF Serving monitoring config; with prometheus_config enabled, the REST "
                         "port serves Prometheus metrics at its path.", flag_values=f)

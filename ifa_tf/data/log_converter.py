@@ -91,6 +91,11 @@ NEGATIVE_SAMPLERS = ("popularity_matched", "exposure", "popularity")
 _COMPARISONS = {">=": operator.ge, "<=": operator.le, "==": operator.eq, ">": operator.gt,
                 "<": operator.lt}
 _POSITIVE_INT = re.compile(r"^[1-9][0-9]{0,17}$")
+_INTEGER = re.compile(r"^[+-]?[0-9]{1,4000}$")  # int() reads at most 4,300 digits
+_INT64_MAX = 2**63 - 1
+# Timestamps are int64 seconds from the epoch on: any two then differ by a valid int64 (a
+# sequence event's time delta), and request seeds take no negative number.
+TIMESTAMP_RANGE = (0, _INT64_MAX)
 _MAX_LISTED_BAD_ROWS = 20
 _MAX_SHOWN_BYTES = 20
 _UNDECODED = re.compile("[\udc80-\udcff]")  # how surrogateescape keeps bytes >= 0x80
@@ -429,7 +434,8 @@ def _csv_rows(path, delimiter, quoting=csv.QUOTE_MINIMAL):
     parsed (e.g. a field over the `csv` size limit; reading goes on at the next line).
     Bytes that are not UTF-8 are kept as surrogate escapes, so that one bad byte costs its
     row, not the file; `_check_text` rejects them in the fields used."""
-    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+    # utf-8-sig drops a byte order mark, which would otherwise stick to the first field.
+    with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
         reader = csv.reader(f, delimiter=delimiter, quoting=quoting)
         while True:
             try:
@@ -469,21 +475,32 @@ def report_bad_rows(path, bad_rows, skip):
 
 
 def parse_timestamp(value):
-    """Seconds since the epoch from a number or an ISO 8601 date (naive dates are UTC)."""
-    try:
-        number = float(value)
-    except ValueError:
+    """Seconds since the epoch from a number or an ISO 8601 date (naive dates are UTC); a
+    fraction of a second is dropped. Integers are read exactly, whatever their length. The
+    result must lie in `TIMESTAMP_RANGE`, [0, 2^63 - 1]: int64 seconds from 1970 on."""
+    if _INTEGER.match(value):
+        seconds = int(value)
+    else:
         try:
-            parsed = datetime.datetime.fromisoformat(value)
+            number = float(value)
         except ValueError:
-            raise ValueError(f"timestamp {value!r} is neither a number nor an ISO 8601 "
-                             "date") from None
-        if parsed.tzinfo is None:
-            parsed = parsed.replace(tzinfo=datetime.timezone.utc)
-        return int(parsed.timestamp())
-    if not math.isfinite(number):
-        raise ValueError(f"timestamp {value!r} is not finite")
-    return int(number)
+            try:
+                parsed = datetime.datetime.fromisoformat(value)
+            except ValueError:
+                raise ValueError(f"timestamp {value!r} is neither a number nor an ISO 8601 "
+                                 "date") from None
+            if parsed.tzinfo is None:
+                parsed = parsed.replace(tzinfo=datetime.timezone.utc)
+            number = parsed.timestamp()
+        if math.isnan(number):
+            raise ValueError(f"timestamp {value!r} is not a number")
+        seconds = number  # compared as a float: an infinity or 1e19 is out of range too
+    low, high = TIMESTAMP_RANGE
+    if not low <= seconds <= high:
+        shown = value if len(value) <= 40 else value[:37] + "..."
+        raise ValueError(f"timestamp {shown!r} is outside the range of int64 seconds since "
+                         f"1970-01-01 this converter represents, [{low}, {high}]")
+    return int(seconds)
 
 
 # ------------------------------------------------------------------------------ converting
@@ -528,6 +545,11 @@ def convert_events(events, output_dir, config, num_shards=1, compression="gzip",
     times = np.array([r.time for r in requests])
     split_time = (int(np.quantile(times, 1.0 - config.test_fraction, method="lower"))
                   if config.test_fraction > 0 else int(times.max()) + 1)
+    if not np.any(times < split_time):
+        _logger.warning("All %d requests go to test and no train split is written: the split "
+                        "time, the %g quantile of request times, is the earliest (%d). Set "
+                        "test_fraction=0 to write them all to train.", len(times),
+                        1.0 - config.test_fraction, split_time)
     train_items = timeline.item[timeline.time < split_time]
     popularity = _NegativeSampler(*np.unique(train_items if len(train_items) else timeline.item,
                                              return_counts=True))
@@ -695,7 +717,11 @@ def _request_points(timeline, config):
         start = 0
         while start < len(times):
             request_time = times[start]
-            stop = int(np.searchsorted(times, request_time + config.window_seconds, "left"))
+            # In Python integers: in int64 a window reaching past 2^63 - 1 would wrap below
+            # its start, and the loop would never advance.
+            window_end = int(request_time) + config.window_seconds
+            stop = (len(times) if window_end > _INT64_MAX
+                    else int(np.searchsorted(times, window_end, "left")))
             earlier = int(np.searchsorted(times, request_time, "left"))
             if earlier >= config.min_seq_len:
                 yield _RequestPoint(int(timeline.user[begin]), int(request_time),

@@ -5,16 +5,21 @@ input pipeline, interleave the files, shuffle examples, batch, parse the whole b
 `tf.io.parse_example`, cut and pad each batch to its own longest n and m, prefetch.
 
 Faults are reported with their location. Every record carries its file name and index up to
-the parse step, so a record whose candidate features and labels disagree in length fails with
-an error naming the file and the record. When a file's reading ends, the records read are
-checked against the count in the metadata written beside the data (for a file the metadata
-does not list, against a walk over its record headers: up front for uncompressed files, at
-the end of reading for gzip files, which it decompresses a second time). A truncated or
+the parse step, so a record whose candidate features and labels disagree in length, whose
+label is not 0 or 1, or whose feature is missing or of the wrong type fails with an error
+naming the file and the record. A file holding more records than the metadata lists fails at
+the first extra one, naming the file and `metadata.json`. When a file's reading ends, the
+records read are checked against the count in the metadata written beside the data (for a
+file the metadata does not list, against a walk over its record headers: up front for
+uncompressed files, at the end of reading for gzip files, which it decompresses a second
+time). A truncated or
 corrupt file fails with a `tf.errors.InvalidArgumentError` naming the file and the record
 where reading stopped; with `skip_corrupt=True` the unreadable rest of the file is skipped
 instead and a warning on this module's logger says so, naming the file and the record, and
 counting the records lost (or saying that the count is unknown, for a file no metadata
-lists).
+lists). A file read whole whose count differs from the metadata's is reported as such: an
+out-of-date `metadata.json`, or a file cut at a record boundary, not as records lost from a
+corrupt file.
 """
 
 import functools
@@ -27,6 +32,9 @@ from ifa_tf import schema as schema_lib
 from ifa_tf.data import records
 
 AUTOTUNE = tf.data.AUTOTUNE
+# A request of n = 100,000 events takes 2-5 MB; a record over this is refused before it is
+# parsed, where its lists would take several times its bytes whatever `max_seq_len` is.
+DEFAULT_MAX_RECORD_BYTES = 16 * 2**20
 _logger = logging.getLogger(__name__)
 
 
@@ -34,8 +42,8 @@ def make_dataset(file_pattern, schema=None, batch_size=32, *, shuffle=True,
                  shuffle_buffer=4096, seed=None, repeat=False, max_seq_len=None,
                  max_candidates=None, with_extras=False, drop_remainder=False,
                  deterministic=False, input_context=None, skip_corrupt=False,
-                 group_by_length=0, cycle_length=8, num_parallel_calls=AUTOTUNE,
-                 prefetch=AUTOTUNE):
+                 group_by_length=0, max_record_bytes=DEFAULT_MAX_RECORD_BYTES, cycle_length=8,
+                 num_parallel_calls=AUTOTUNE, prefetch=AUTOTUNE):
     """Builds a `tf.data.Dataset` of padded request batches for `model.fit`.
 
     Args:
@@ -68,6 +76,10 @@ def make_dataset(file_pattern, schema=None, batch_size=32, *, shuffle=True,
             With `shuffle` the batches then pass a shuffle buffer of W batches. Each
             window's lengths cost one more parse of one sequence feature. Same requests per
             epoch, same model; only which requests share a batch changes.
+        max_record_bytes: a record larger than this fails, naming its file, index and size,
+            before it is parsed: parsing takes up to 8 bytes per byte of a compressible
+            record (1-byte varints), all of it before `max_seq_len` cuts the sequence. 0: no
+            limit.
         cycle_length: files read concurrently.
         num_parallel_calls: parallelism of interleave and parsing.
         prefetch: batches prefetched.
@@ -119,7 +131,7 @@ def make_dataset(file_pattern, schema=None, batch_size=32, *, shuffle=True,
     record_shard = (num_pipelines, pipeline_id) if shard_records else None
     dataset = dataset.interleave(
         lambda path, compression, count: _read_file(path, compression, count, skip_corrupt,
-                                                    record_shard),
+                                                    record_shard, max_record_bytes),
         cycle_length=min(cycle_length, len(files)), block_length=1,
         num_parallel_calls=num_parallel_calls, deterministic=deterministic)
     num_records = _num_records(expected, record_shard, skip_corrupt)
@@ -182,7 +194,12 @@ def _expected_count(path, metadata, skip_corrupt):
     if metadata is not None:
         count = metadata.get("files", {}).get(os.path.basename(path))
         if count is not None:
-            return int(count)
+            if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+                raise records.DataFormatError(
+                    f"{os.path.join(os.path.dirname(path), records.METADATA_FILENAME)}: the "
+                    f"record count of {os.path.basename(path)} must be an integer >= 0. "
+                    f"Received: {count!r}")
+            return count
     if records.compression_of(path):
         return -1  # counting decompresses the file: left to the end of its reading
     try:
@@ -193,7 +210,7 @@ def _expected_count(path, metadata, skip_corrupt):
         return -1  # the end-of-file check reports the fault, with what was read before it
 
 
-def _read_file(path, compression, expected, skip_corrupt, record_shard):
+def _read_file(path, compression, expected, skip_corrupt, record_shard, max_record_bytes=0):
     """Yields `(path, index, serialized)`; checks when the file ends that it was read whole.
 
     The reader stops quietly at the first fault (`ignore_errors`) and the end-of-file check
@@ -202,7 +219,8 @@ def _read_file(path, compression, expected, skip_corrupt, record_shard):
     and the record. TF alone would not name the file, and silently ends an uncompressed file
     at a truncated record header.
     `record_shard=(num_pipelines, pipeline_id)` keeps the records whose index in the file
-    is `pipeline_id` modulo `num_pipelines` (an order-independent split).
+    is `pipeline_id` modulo `num_pipelines` (an order-independent split). A record over
+    `max_record_bytes` (0: no limit) is an error naming it.
     """
     serialized = tf.data.TFRecordDataset(path, compression_type=compression,
                                          buffer_size=1 << 20).ignore_errors()
@@ -214,11 +232,32 @@ def _read_file(path, compression, expected, skip_corrupt, record_shard):
         fault = tf.py_function(report, [path, seen, expected], tf.string)
         return tf.ensure_shape(fault, [])
 
+    def one_too_many():
+        return tf.strings.join([
+            path, ": holds more records than the ", tf.strings.as_string(expected),
+            f" its {records.METADATA_FILENAME} lists ({records.METADATA_FILENAME} is out of "
+            "date, or the file is not the one it describes)"])
+
+    def too_large(index, record):
+        return tf.strings.join([
+            path, " record ", tf.strings.as_string(index), ": ",
+            tf.strings.as_string(tf.strings.length(record)), " bytes, over max_record_bytes="
+            f"{max_record_bytes}; its lists would be parsed whole before max_seq_len cuts "
+            "them (raise max_record_bytes, data.max_record_bytes in ifa-train, to read it)"])
+
     def count_and_check(seen, element):
         index, record = element
         at_end = index < 0
-        fault = tf.cond(tf.logical_and(at_end, tf.not_equal(seen, expected)),
-                        lambda: check_end(seen), lambda: tf.constant(""))
+        # With skip_corrupt the extra records are read and the end-of-file report warns.
+        extra = tf.constant(False) if skip_corrupt else tf.logical_and(
+            tf.logical_not(at_end), tf.logical_and(expected >= 0, seen >= expected))
+        large = tf.constant(False) if not max_record_bytes else (
+            tf.strings.length(record) > max_record_bytes)
+        fault = tf.case([(tf.logical_and(at_end, tf.not_equal(seen, expected)),
+                          lambda: check_end(seen)),
+                         (extra, one_too_many),
+                         (large, lambda: too_large(index, record))],
+                        default=lambda: tf.constant(""), exclusive=False)
         # An assertion (INVALID_ARGUMENT) raises the fault: an exception raised in a
         # tf.py_function comes out as UNKNOWN whatever its class, and no TF op raises
         # DATA_LOSS with a message of ours.
@@ -244,6 +283,19 @@ def _end_of_file_report(skip_corrupt, path, seen, expected):
     count, fault = records.walk_records(path)
     if expected < 0 and fault is None and count == seen:
         return b""
+    if fault is None and count == seen:  # read whole; its count differs from the metadata's
+        metadata = records.METADATA_FILENAME
+        message = (f"{path}: holds {count} records, all readable, but {metadata} lists "
+                   f"{expected}: " + (f"{metadata} is out of date, or the file is not the one "
+                                      "it describes" if count > expected else
+                                      f"the file was cut at a record boundary, or {metadata} "
+                                      "is out of date"))
+        if not skip_corrupt:
+            return message.encode()
+        _logger.warning("skip_corrupt: %s; %s.", message,
+                        "no record skipped" if count > expected else
+                        f"{expected - count} listed records are missing")
+        return b""
     reason = fault or (f"record {seen} is corrupt (its length header is intact)"
                        if count > seen else f"the file holds {count} records")
     message = (f"{path}: truncated or corrupt TFRecord file: read {seen} records"
@@ -263,6 +315,11 @@ def _end_of_file_report(skip_corrupt, path, seen, expected):
     return b""
 
 
+def _record_names(paths, indices):
+    """`<file> record <index>` of each record of a batch, for parse errors."""
+    return tf.strings.join([paths, " record ", tf.strings.as_string(indices)])
+
+
 class _LengthSortedBatches:
     """A window of requests -> its batches of like sequence length (`group_by_length`)."""
 
@@ -271,7 +328,8 @@ class _LengthSortedBatches:
         self.batch_size = batch_size
 
     def __call__(self, paths, indices, serialized):
-        (sequence,) = tf.io.parse_example(serialized, self.spec).values()
+        (sequence,) = tf.io.parse_example(serialized, self.spec,
+                                          example_names=_record_names(paths, indices)).values()
         order = tf.argsort(sequence.row_lengths(), stable=True)
         paths, indices, serialized = (tf.gather(t, order) for t in (paths, indices, serialized))
         batch_size = self.batch_size
@@ -293,13 +351,18 @@ class _BatchParser:
 
     def __call__(self, paths, indices, serialized):
         schema = self.schema
-        parsed = tf.io.parse_example(serialized, self.spec)
+        # Named records: a missing feature or one of the wrong type is reported with its file
+        # and record ("Name: <file> record <i>, Feature: user_id ...").
+        parsed = tf.io.parse_example(serialized, self.spec,
+                                     example_names=_record_names(paths, indices))
         sequence_names = list(schema.sequence_features)
         candidate_names = [*schema.candidate_features, *schema.cross_features, *schema.tasks]
         if self.with_extras:
             candidate_names += list(schema.extras)
         checks = (self._length_checks(parsed, sequence_names, paths, indices, "sequence")
-                  + self._length_checks(parsed, candidate_names, paths, indices, "candidate"))
+                  + self._length_checks(parsed, candidate_names, paths, indices, "candidate")
+                  + [self._label_check(parsed[task], task, paths, indices)
+                     for task in schema.tasks])
         with tf.control_dependencies(checks):
             features = {}
             for name in schema.feature_names:
@@ -323,6 +386,25 @@ class _BatchParser:
         if cap is not None:
             ragged = ragged[:, -cap:] if keep_last else ragged[:, :cap]
         return ragged.to_tensor(default_value=tf.zeros([], ragged.dtype))
+
+    @staticmethod
+    def _label_check(ragged, task, paths, indices):
+        """Asserts that every value of label `task` is 0 or 1, naming the first other one's
+        file and record."""
+        values = ragged.values
+        wrong = tf.logical_and(tf.not_equal(values, 0), tf.not_equal(values, 1))
+
+        def message():
+            first = tf.argmax(tf.cast(wrong, tf.int32), output_type=tf.int64)
+            row = tf.gather(ragged.value_rowids(), first)
+            return tf.strings.join([
+                tf.gather(paths, row), " record ", tf.strings.as_string(tf.gather(indices, row)),
+                f": label {task} must be 0 or 1; received ",
+                tf.strings.as_string(tf.gather(values, first))])
+
+        any_wrong = tf.reduce_any(wrong)
+        text = tf.cond(any_wrong, message, lambda: tf.constant(""))
+        return tf.debugging.Assert(tf.logical_not(any_wrong), [text])
 
     @staticmethod
     def _length_checks(parsed, names, paths, indices, what):

@@ -38,6 +38,10 @@ _CODE_FOR_HTTP = {
     504: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 _CODE_FOR_VALUE = {code.value[0]: code for code in grpc.StatusCode}
+# Messages quote what the client sent (a model name, input names); a longer one is cut, so an
+# error is never larger than the request's point (a 100 KB model name echoed back, or 20,000
+# input names, would come back RESOURCE_EXHAUSTED from the client's own receive limit).
+MAX_MESSAGE_CHARS = 2000
 
 
 class ServingError(Exception):
@@ -47,10 +51,18 @@ class ServingError(Exception):
     """
 
     def __init__(self, code, message, http_status=None):
+        message = clip(message)
         super().__init__(f"{code.name}: {message}")
         self.code = code
         self.message = message
         self.http_status = http_status
+
+
+def clip(text, limit=MAX_MESSAGE_CHARS):
+    """`text`, cut to `limit` characters with a note of how many were left out."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more characters)"
 
 
 def http_status(code):

@@ -104,8 +104,10 @@ class Limits:
 
     `max_batch_size`, `max_candidates` and `max_sequence_length` bound B, m and n one by one.
     `max_total_candidates` bounds B·m and `max_total_sequence_length` B·n, what one request
-    holds over all its users, so that no request shape can take the machine's memory; a user
-    with m = 0 (n = 0) counts as one, so they bound B too. An input that is none of `user_*`
+    holds over all its users; a user with m = 0 (n = 0) counts as one. Each user also costs a
+    fixed amount beside its m and n, so only all of them together, `max_batch_size`
+    included, keep every request shape's memory bounded (`ifa-serve` sets all by default).
+    An input that is none of `user_*`
     [B], `cand_*` [B, m], `seq_*` [B, n] (an ifa_tf export has none) may hold at most the
     larger of the two totals.
     """
@@ -120,10 +122,11 @@ class Limits:
 class Signature:
     """One signature of a loaded version: input checks and execution."""
 
-    def __init__(self, name, function, signature_def):
+    def __init__(self, name, function, signature_def, servable=""):
         self.name = name
         self.function = function
         self.signature_def = signature_def
+        self.servable = servable  # "model ifa version 3", for messages
         self.inputs = {key: (tf.dtypes.as_dtype(info.dtype),
                              None if info.tensor_shape.unknown_rank
                              else len(info.tensor_shape.dim))
@@ -147,7 +150,22 @@ class Signature:
         except tf.errors.OpError as error:
             raise errors.ServingError(errors.code_for_value(error.error_code),
                                       _op_error_message(error)) from error
-        return {alias: outputs[alias].numpy() for alias in wanted}
+        result = {alias: outputs[alias].numpy() for alias in wanted}
+        self._check_finite(result)
+        return result
+
+    def _check_finite(self, outputs):
+        """INTERNAL when a float output holds NaN or infinity: a diverged or broken model must
+        not answer OK with scores no ranking can use."""
+        for alias, value in sorted(outputs.items()):
+            if value.dtype.kind in "fc" and not np.all(np.isfinite(value)):
+                bad = int(np.size(value) - np.count_nonzero(np.isfinite(value)))
+                raise errors.ServingError(
+                    grpc.StatusCode.INTERNAL,
+                    f"{self.servable or 'The model'} computed non-finite values: output "
+                    f"{alias} holds {bad} NaN or infinite values of {np.size(value)} "
+                    f"(signature {self.name}). The model is broken (e.g. diverged in "
+                    "training); serve another version.")
 
     def check_inputs(self, declared, limits):
         """Checks a request's inputs as it declares them, `{name: (NumPy dtype, shape)}`, so
@@ -157,9 +175,9 @@ class Signature:
         if sent != required:
             raise errors.invalid_argument(
                 f"input size does not match signature: {len(sent)}!={len(required)} "
-                f"len({{{','.join(sorted(sent))}}}) != len({{{','.join(sorted(required))}}}). "
-                f"Sent extra: {{{','.join(sorted(sent - required))}}}. "
-                f"Missing but required: {{{','.join(sorted(required - sent))}}}.")
+                f"len({{{listed(sent)}}}) != len({{{listed(required)}}}). "
+                f"Sent extra: {{{listed(sent - required)}}}. "
+                f"Missing but required: {{{listed(required - sent)}}}.")
         for index, key in enumerate(sorted(self.inputs)):
             dtype, rank = self.inputs[key]
             sent_dtype, shape = declared[key]
@@ -171,6 +189,16 @@ class Signature:
                 raise errors.invalid_argument(
                     f"Input {key} must have rank {rank}; received shape {list(shape)}")
         _check_dimensions({key: shape for key, (_, shape) in declared.items()}, limits)
+
+
+def listed(names, most=10, longest=64):
+    """Names sorted and joined by commas as TF Serving lists inputs, at most `most` of them,
+    each cut to `longest` characters: they come from the client and go back to it."""
+    names = sorted(names)
+    shown = [name if len(name) <= longest else name[:longest] + "..." for name in names[:most]]
+    if len(names) > most:
+        shown.append(f"... {len(names) - most} more")
+    return ",".join(shown)
 
 
 def _check_dimensions(shapes, limits):
@@ -265,7 +293,8 @@ class Servable:
                            if "serve" in g.meta_info_def.tags), saved_model.meta_graphs[0])
         self.signature_defs = meta_graph.signature_def
         self.signatures = {
-            key: Signature(key, self.loaded.signatures[key], self.signature_defs[key])
+            key: Signature(key, self.loaded.signatures[key], self.signature_defs[key],
+                           f"Model {name} version {version}")
             for key in self.loaded.signatures}
         self.metadata = export_lib.read_metadata(path)
 

@@ -12,6 +12,14 @@ Transport: bodies come with `Content-Length` or `Transfer-Encoding: chunked`, bo
 `max_request_bytes`; a connection that sends nothing for `read_timeout_seconds` (idle between
 requests, or stalled inside one) is closed; a request counts as in flight, the work that
 shutdown waits for, only once its body has been read.
+
+What the server holds at once is bounded: at most `max_connections` connections (and so
+handler threads; one more is answered 503 and closed), at most `max_body_bytes_in_flight`
+bytes of request bodies being received or answered (a body that would pass it is answered
+503 before it is read), and a request whose line, headers and body have not all arrived
+`request_timeout_seconds` after its first byte is answered 408 and its connection closed,
+however steadily it trickles in. Any other method than GET and POST, and any malformed
+request line or header, is answered with a JSON error too.
 """
 
 import http.server
@@ -27,9 +35,12 @@ import numpy as np
 from google.protobuf import json_format
 from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2
 
+from ifa_tf import export
 from ifa_tf.serving import errors, grpc_service
+from ifa_tf.serving.model_manager import listed
 
 _LOG = logging.getLogger("ifa_serve")
+_BOOLEAN_TOKEN = re.compile(rb"\b(?:true|false)\b")
 _PATH = re.compile(r"^/v1/models/(?P<name>[^/:]+)"
                    r"(?:/versions/(?P<version>[0-9]+)|/labels/(?P<label>[^/:]+))?"
                    r"(?:(?P<metadata>/metadata)|:(?P<verb>[a-z]+))?/?$")
@@ -55,7 +66,11 @@ def handle_predict(manager, name, version, label, body):
     else:
         columns = _columns_from_inputs(payload["inputs"], signature)
     signature.check_inputs(_declared(columns, signature), manager.limits)
-    inputs = {key: _to_array(value, key, signature) for key, value in columns.items()}
+    # NumPy reads `[1, false]` as the integers [1, 0]: look for booleans only when the body
+    # spells one (a string may, too; the look is then exact, leaf by leaf).
+    may_hold_booleans = _BOOLEAN_TOKEN.search(body) is not None
+    inputs = {key: _to_array(value, key, signature, may_hold_booleans)
+              for key, value in columns.items()}
     outputs = signature.run(inputs, (), manager.limits)
     if row_format:
         batch = next(iter(outputs.values())).shape[0] if outputs else 0
@@ -69,6 +84,8 @@ def handle_predict(manager, name, version, label, body):
 
 
 def status_json(manager, name, version, label):
+    if version is not None and version > export.MAX_VERSION:
+        manager.status(name, version)  # no version is beyond int64: NOT_FOUND
     request = get_model_status_pb2.GetModelStatusRequest()
     _fill_model_spec(request.model_spec, name, version, label)
     response = grpc_service.get_model_status(manager, request)
@@ -77,6 +94,8 @@ def status_json(manager, name, version, label):
 
 
 def metadata_json(manager, name, version, label):
+    if version is not None and version > export.MAX_VERSION:
+        manager.resolve(name, version)  # no version is beyond int64: NOT_FOUND
     request = get_model_metadata_pb2.GetModelMetadataRequest()
     _fill_model_spec(request.model_spec, name, version, label)
     request.metadata_field.append(grpc_service.SIGNATURE_DEF_FIELD)
@@ -129,10 +148,16 @@ def _json_shape(value, key):
     return tuple(shape)
 
 
-def _to_array(value, key, signature):
+def _to_array(value, key, signature, may_hold_booleans=True):
     """A JSON column as an array of its input's dtype (call it once `_declared` passed the
-    limits). An integer outside the dtype's range is refused, not wrapped."""
+    limits). An integer outside the dtype's range is refused, not wrapped; `true` and
+    `false` are refused where a number belongs (NumPy would read them as 1 and 0)."""
     dtype, _ = signature.inputs[key]
+    boolean = _a_boolean(value) if may_hold_booleans and not dtype.is_bool else None
+    if boolean is not None:
+        raise errors.invalid_argument(
+            f"Input {key} expects {dtype.name} values; received {json.dumps(boolean)}, not a "
+            "number")
     try:
         array = np.asarray(value)
     except ValueError as error:  # a list where a number belongs (NumPy 2 refuses it)
@@ -148,6 +173,18 @@ def _to_array(value, key, signature):
     if array.size and dtype.is_floating and array.dtype.kind not in "iuf":
         raise errors.invalid_argument(f"Input {key} expects {dtype.name} values")
     return array.astype(dtype.as_numpy_dtype)
+
+
+def _a_boolean(value):
+    """A `True` or `False` that nested lists hold, or None."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, list):
+            pending.extend(item)
+        elif isinstance(item, bool):
+            return item
+    return None
 
 
 def _first_outside(value, bounds):
@@ -175,7 +212,7 @@ def _columns_from_inputs(inputs, signature):
     if unknown:
         raise errors.invalid_argument(
             f"input size does not match signature: {len(inputs)}!={len(signature.inputs)} "
-            f"Sent extra: {{{','.join(unknown)}}}.")
+            f"Sent extra: {{{listed(unknown)}}}.")
     return inputs
 
 
@@ -198,7 +235,7 @@ def _columns_from_instances(instances, signature):
     if unknown:
         raise errors.invalid_argument(
             f"input size does not match signature: {len(keys)}!={len(signature.inputs)} "
-            f"Sent extra: {{{','.join(unknown)}}}.")
+            f"Sent extra: {{{listed(unknown)}}}.")
     return {key: [instance[key] for instance in instances] for key in keys}
 
 
@@ -231,11 +268,92 @@ _MAX_TRAILER_LINES = 100
 _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 
 
+class _Capacity:
+    """What the server holds at once: open connections and bytes of request bodies, each
+    under its cap (0: no cap)."""
+
+    def __init__(self, max_connections=0, max_body_bytes=0):
+        self.max_connections = max_connections
+        self.max_body_bytes = max_body_bytes
+        self._lock = threading.Lock()
+        self.connections = 0
+        self.body_bytes = 0
+
+    def open_connection(self):
+        with self._lock:
+            if self.max_connections and self.connections >= self.max_connections:
+                return False
+            self.connections += 1
+            return True
+
+    def close_connection(self):
+        with self._lock:
+            self.connections -= 1
+
+    def reserve(self, size):
+        with self._lock:
+            if self.max_body_bytes and self.body_bytes + size > self.max_body_bytes:
+                return False
+            self.body_bytes += size
+            return True
+
+    def release(self, size):
+        with self._lock:
+            self.body_bytes -= size
+
+
+class _Deadlines:
+    """Cuts off requests that take too long to arrive: `arm(handler, seconds)` starts the
+    clock of a request, `disarm(handler)` stops it once its body has been read; a request
+    still armed when its time is up has its connection's reading side shut down, which ends
+    any read under way, and `handler.request_expired` set."""
+
+    _TICK_SECONDS = 0.1
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._due = {}  # handler -> time.monotonic() deadline
+        self._thread = None
+
+    def arm(self, handler, seconds):
+        with self._lock:
+            self._due[handler] = time.monotonic() + seconds
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._watch, daemon=True,
+                                                name="ifa-serve-rest-deadlines")
+                self._thread.start()
+
+    def disarm(self, handler):
+        with self._lock:
+            self._due.pop(handler, None)
+
+    def _watch(self):
+        while True:
+            time.sleep(self._TICK_SECONDS)
+            now = time.monotonic()
+            with self._lock:
+                expired = [handler for handler, due in self._due.items() if due <= now]
+                for handler in expired:
+                    del self._due[handler]
+            for handler in expired:
+                handler.request_expired = True
+                try:
+                    handler.connection.shutdown(socket.SHUT_RD)
+                except OSError:  # the connection closed meanwhile
+                    pass
+
+
 class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as TF Serving's REST server
+    # What a request line without a version (or cut short) is taken for: http.server's
+    # HTTP/0.9 would answer it with a body and no status line or headers.
+    default_request_version = "HTTP/1.1"
     server_version = "ifa-serve"
     manager = None  # set by make_rest_server
     max_request_bytes = 0
+    request_timeout = None  # seconds for a request to arrive whole; None: no limit
+    capacity = None
+    deadlines = None
     in_flight = None
     metrics = None
     metrics_path = None
@@ -243,31 +361,78 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     # The headers and the body go out in two writes; with Nagle's algorithm the second waits
     # for the client's delayed ACK of the first (40 ms on Linux) on a keep-alive connection.
     disable_nagle_algorithm = True
+    request_expired = False
 
-    def do_GET(self):
-        self._dispatch("GET")
+    def handle_one_request(self):
+        # The idle timeout applies until a request's first byte arrives; from there the whole
+        # request has `request_timeout` to arrive, so a trickle cannot hold the connection.
+        try:
+            if not self.rfile.peek(1):
+                self.close_connection = True
+                return
+        except OSError:  # idle past the read timeout (TimeoutError), or reset
+            self.close_connection = True
+            return
+        if self.request_timeout:
+            self.deadlines.arm(self, self.request_timeout)
+        try:
+            super().handle_one_request()
+        finally:
+            self.deadlines.disarm(self)
 
-    def do_POST(self):
-        self._dispatch("POST")
+    def __getattr__(self, name):
+        # `do_<METHOD>` for every method: those other than GET and POST get TF Serving's
+        # JSON "Malformed request" answer rather than http.server's HTML page.
+        if name.startswith("do_"):
+            return lambda: self._dispatch(name[len("do_"):])
+        raise AttributeError(name)
 
     def _dispatch(self, method):
+        reserved = [0]  # body bytes reserved in `capacity`, released once answered
         try:
-            body = self._read_body()
+            try:
+                body = self._read_body(reserved)
+            finally:
+                self.deadlines.disarm(self)
+            if self.request_expired:  # the body ended because its time was up
+                raise ConnectionAbortedError("request deadline passed")
         except errors.ServingError as error:
             self.close_connection = True  # the rest of the body is unread: out of step
             self._reply_error(error)
+            self.capacity.release(reserved[0])
             return
         except TimeoutError:
             self.close_connection = True
             self._reply(408, {"error": f"Request body not received: nothing arrived for "
                                        f"{self.timeout:g}s"})
+            self.capacity.release(reserved[0])
             return
-        except ConnectionError:  # the client left mid-body: nobody to answer
+        except ConnectionError:
             self.close_connection = True
-            return
+            self.capacity.release(reserved[0])
+            if self.request_expired:
+                self._reply_expired()
+            return  # else the client left mid-body: nobody to answer
         # Counted only now: a client stalled mid-body is not work that shutdown must await.
-        with self.in_flight:
-            self._answer(method, body)
+        try:
+            with self.in_flight:
+                self._answer(method, body)
+        finally:
+            self.capacity.release(reserved[0])
+
+    def _reply_expired(self):
+        self._reply(408, {"error": f"Request not received in time: its line, headers and "
+                                   f"body must arrive within {self.request_timeout:g}s of its "
+                                   "first byte"})
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's answer to a malformed request line or header, as a JSON error."""
+        self.close_connection = True
+        if self.request_expired:
+            self._reply_expired()
+            return
+        short, _ = self.responses.get(code, ("Error", ""))
+        self._reply(code, {"error": errors.clip(f"Malformed request: {message or short}")})
 
     def _answer(self, method, body):
         try:
@@ -318,12 +483,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                                     time.perf_counter() - began)
 
     # ------------------------------------------------------------------------- request body
-    def _read_body(self):
-        """The request body, from `Content-Length` or chunked transfer coding.
+    def _read_body(self, reserved):
+        """The request body, from `Content-Length` or chunked transfer coding. Its bytes
+        are reserved in the server's capacity before they are read, and added to
+        `reserved[0]` for the caller to release.
 
         Raises `ServingError` for a malformed or oversized framing (the connection cannot be
-        reused after it), `TimeoutError` for a stalled client, `ConnectionError` for one that
-        left.
+        reused after it) or a body the server has no room for, `TimeoutError` for a stalled
+        client, `ConnectionError` for one that left or whose request ran out of time.
         """
         encodings = self.headers.get_all("Transfer-Encoding")
         lengths = self.headers.get_all("Content-Length")
@@ -337,7 +504,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                     grpc.StatusCode.UNIMPLEMENTED,
                     f"Transfer-Encoding {coding!r} is not supported; send the body with "
                     "Content-Length or Transfer-Encoding: chunked")
-            return self._read_chunked()
+            return self._read_chunked(reserved)
         if not lengths:
             return b""
         if len(set(lengths)) > 1:
@@ -348,15 +515,17 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 f"Invalid Content-Length header: {value[:40]!r}; expected a byte count")
         length = int(value)
         self._check_body_size(length)
+        self._reserve(length, reserved)
         return self._read_exactly(length)
 
-    def _read_chunked(self):
+    def _read_chunked(self, reserved):
         body = bytearray()
         while True:
             size = self._chunk_size(self._read_line("chunk size line"))
             if size == 0:
                 break
             self._check_body_size(len(body) + size)
+            self._reserve(size, reserved)
             body += self._read_exactly(size)
             if self._read_line("chunk end").strip():
                 raise errors.invalid_argument("Malformed chunked body: a chunk is longer "
@@ -390,6 +559,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                                          "body bytes")
         return data
 
+    def _reserve(self, size, reserved):
+        if not self.capacity.reserve(size):
+            raise errors.ServingError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"Server busy: a request body of {size} more bytes would pass this server's "
+                f"limit on bodies in flight, --rest_max_body_bytes_in_flight="
+                f"{self.capacity.max_body_bytes}; retry later")
+        reserved[0] += size
+
     def _check_body_size(self, length):
         if self.max_request_bytes and length > self.max_request_bytes:
             raise errors.ServingError(
@@ -414,7 +592,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(body)
+            if self.command != "HEAD":
+                self.wfile.write(body)
         except OSError as error:  # the client left, or stopped reading past the timeout
             self.close_connection = True
             _LOG.debug("Could not send the answer to %s: %s", self.address_string(), error)
@@ -430,16 +609,58 @@ class _RestServer(http.server.ThreadingHTTPServer):
     # The stdlib's backlog of 5 drops (and the client retries after 1 s) a burst of new
     # connections that arrives faster than the accept loop; the kernel caps this at somaxconn.
     request_queue_size = socket.SOMAXCONN
+    capacity = None
+
+    def process_request(self, request, client_address):
+        if not self.capacity.open_connection():
+            _refuse_connection(request, self.capacity.max_connections)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread started: the connection is closed here
+            self.capacity.close_connection()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.capacity.close_connection()
+
+
+def _refuse_connection(sock, max_connections):
+    """Answers a connection over the cap with 503 and closes it, from the accept loop: no
+    thread, and no wait on the client (the few bytes fit any socket's send buffer)."""
+    body = json.dumps({"error": f"Server busy: {max_connections} connections are open, this "
+                               "server's limit --rest_max_connections; retry later"}).encode()
+    head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+    try:
+        sock.setblocking(False)
+        sock.send(head + body)
+    except OSError:  # the client is gone, or its window is closed: it is refused either way
+        pass
 
 
 def make_rest_server(manager, host, port, max_request_bytes=0, metrics=None,
-                     metrics_path=None, read_timeout_seconds=60.0):
+                     metrics_path=None, read_timeout_seconds=60.0,
+                     request_timeout_seconds=None, max_connections=0,
+                     max_body_bytes_in_flight=0):
     """A threading HTTP server (run `serve_forever()` in a thread) and its `InFlight` count.
 
-    `read_timeout_seconds` closes a connection that sends nothing for that long (None: never).
+    `read_timeout_seconds` closes a connection that sends nothing for that long (None: never);
+    `request_timeout_seconds` answers 408 to a request that has not arrived whole that long
+    after its first byte (None: no limit); `max_connections` caps the open connections and
+    `max_body_bytes_in_flight` the bytes of request bodies held at once (0: no cap).
     """
     in_flight = InFlight()
+    capacity = _Capacity(max_connections, max_body_bytes_in_flight)
     handler = type("RestHandler", (_Handler,), {
         "manager": manager, "in_flight": in_flight, "max_request_bytes": max_request_bytes,
-        "metrics": metrics, "metrics_path": metrics_path, "timeout": read_timeout_seconds})
-    return _RestServer((host, port), handler), in_flight
+        "metrics": metrics, "metrics_path": metrics_path, "timeout": read_timeout_seconds,
+        "request_timeout": request_timeout_seconds, "capacity": capacity,
+        "deadlines": _Deadlines()})
+    server = _RestServer((host, port), handler)
+    server.capacity = capacity
+    return server, in_flight

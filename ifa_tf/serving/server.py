@@ -30,16 +30,24 @@ class ServerOptions:
     file_system_poll_wait_seconds: float = 1.0
     grpc_max_threads: int = 16
     max_request_bytes: int = 64 * 1024 * 1024  # parsing costs up to ~25x: ~1.6 GB
-    max_batch_size: int = 0
+    # Every user costs a fixed amount besides its m and n (IFA on CPU: about 19 KB; 200,000
+    # users of m = n = 1 took 3.76 GB), so B is bounded alone too.
+    max_batch_size: int = 1000
     max_candidates: int = 100_000
     max_sequence_length: int = 100_000
-    # B·m and B·n: IFA's activations take about 2 KB per candidate and 0.35 KB per sequence
-    # event on CPU, so a request at both bounds stays under about 1 GB (serving/README.md).
+    # B·m and B·n: what a request at every bound costs is measured by
+    # benchmarks/serving_memory.py (serving/README.md, "Limits").
     max_total_candidates: int = 200_000
     max_total_sequence_length: int = 1_000_000
     max_num_load_retries: int = 5
     load_retry_interval_micros: int = 60_000_000  # the longest wait between retries
     rest_read_timeout_seconds: float = 60.0
+    rest_request_timeout_seconds: float = 60.0  # a request's line, headers and body, whole
+    # A thread each; a connection may hold up to ~6.5 MB of headers (http.server's 100 lines
+    # of 64 KiB), so 64 connections bound that at ~0.4 GB.
+    rest_max_connections: int = 64
+    # One body at --max_request_bytes at a time (parsed JSON takes up to ~25x its bytes).
+    rest_max_body_bytes_in_flight: int = 64 * 1024 * 1024
     shutdown_grace_seconds: float = 30.0
     monitoring_config_file: str = ""
 
@@ -52,7 +60,8 @@ class ServerOptions:
             value = getattr(self, field)
             if not 0 <= value <= 65535:
                 raise ValueError(f"--{field} must be in [0, 65535]. Received: {field}={value}")
-        for field in ("grpc_max_threads", "max_request_bytes"):
+        for field in ("grpc_max_threads", "max_request_bytes", "rest_max_connections",
+                      "rest_max_body_bytes_in_flight"):
             if getattr(self, field) < 1:
                 raise ValueError(f"--{field} must be positive. "
                                  f"Received: {field}={getattr(self, field)}")
@@ -63,9 +72,16 @@ class ServerOptions:
             if getattr(self, field) < 0:
                 raise ValueError(f"--{field} must be >= 0. "
                                  f"Received: {field}={getattr(self, field)}")
-        if not self.rest_read_timeout_seconds > 0:
-            raise ValueError("--rest_read_timeout_seconds must be > 0. Received: "
-                             f"rest_read_timeout_seconds={self.rest_read_timeout_seconds}")
+        for field in ("rest_read_timeout_seconds", "rest_request_timeout_seconds"):
+            if not getattr(self, field) > 0:
+                raise ValueError(f"--{field} must be > 0. Received: "
+                                 f"{field}={getattr(self, field)}")
+        if self.rest_max_body_bytes_in_flight < self.max_request_bytes:
+            raise ValueError(
+                "--rest_max_body_bytes_in_flight must be at least --max_request_bytes, or a "
+                "REST body of that size could never be served. Received: "
+                f"rest_max_body_bytes_in_flight={self.rest_max_body_bytes_in_flight}, "
+                f"max_request_bytes={self.max_request_bytes}")
 
     def model_configs(self):
         if self.model_config_file:
@@ -97,7 +113,7 @@ class ModelServer:
         self._rest_server = None
         self._rest_thread = None
         self._rest_in_flight = None
-        self.metrics = metrics_lib.Metrics()
+        self.metrics = metrics_lib.Metrics(known_models=self.manager.configs)
         self.metrics_path = (metrics_lib.read_monitoring_config(options.monitoring_config_file)
                              if options.monitoring_config_file else None)
 
@@ -122,7 +138,9 @@ class ModelServer:
         if options.rest_api_port:
             self._rest_server, self._rest_in_flight = rest.make_rest_server(
                 self.manager, options.host, options.rest_api_port, options.max_request_bytes,
-                self.metrics, self.metrics_path, options.rest_read_timeout_seconds)
+                self.metrics, self.metrics_path, options.rest_read_timeout_seconds,
+                options.rest_request_timeout_seconds, options.rest_max_connections,
+                options.rest_max_body_bytes_in_flight)
             self.rest_port = self._rest_server.server_address[1]
             self._rest_thread = threading.Thread(target=self._rest_server.serve_forever,
                                                  name="ifa-serve-rest", daemon=True)

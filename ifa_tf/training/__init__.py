@@ -1,6 +1,7 @@
 """Training and evaluation: typed configs, `train_and_evaluate(config, workdir)`, the
 streaming protocol and distribution strategies (`ifa-train` is a thin CLI over these)."""
 
+from ifa_tf.training.checkpointing import TrainingDivergedError
 from ifa_tf.training.config import (Config, DataConfig, EvalConfig, ModelConfig,
                                     TrainConfig, load_config, parse_override)
 from ifa_tf.training.streaming import streaming_train_and_evaluate
@@ -12,6 +13,7 @@ __all__ = [
     "EvalConfig",
     "ModelConfig",
     "TrainConfig",
+    "TrainingDivergedError",
     "build_model",
     "evaluate",
     "load_config",

@@ -4,6 +4,9 @@ that `fit` resumes from, and the per-epoch weight checkpoints it falls back to.
 A SIGKILL or a power loss can land in the middle of any write. Every file here is written to
 a temporary file beside its final name, flushed to disk and renamed over that name, so the
 name holds either the old complete file or the new one, never a partial one.
+
+Weights holding NaN or infinity (a diverged run) are never written: the backup and the
+epoch checkpoints keep the last finite ones.
 """
 
 import contextlib
@@ -17,6 +20,8 @@ import zlib
 
 import keras
 
+from ifa_tf import diagnostics
+
 TEMP_PREFIX = ".tmp-"
 CORRUPT_SUFFIX = ".corrupt"
 CHECKPOINT_FORMAT = "epoch-{epoch:04d}.weights.h5"
@@ -28,6 +33,20 @@ _LATEST = ("latest.weights.h5", "training_metadata.json")
 _PREVIOUS = ("previous.weights.h5", "previous_training_metadata.json")
 _CRC_KEY = "weights_crc32"
 _logger = logging.getLogger(__name__)
+
+
+class TrainingDivergedError(ValueError):
+    """Training produced a NaN or infinite loss or weights; nothing trained was saved."""
+
+
+def diverged(model, what):
+    """Whether `model`'s weights hold NaN or infinity; if so, logs that `what` is not
+    written."""
+    found = diagnostics.non_finite_weights(model)
+    if found:
+        _logger.warning("Not writing %s: %d weights hold NaN or infinite values (%s)", what,
+                        len(found), ", ".join(list(found)[:3]))
+    return bool(found)
 
 
 @contextlib.contextmanager
@@ -162,7 +181,7 @@ class ChiefBackupAndRestore(keras.callbacks.BackupAndRestore):
                         error.reason, ", ".join(moved))
 
     def _save_model(self):
-        if not self.chief:
+        if not self.chief or diverged(self.model, f"the backup in {self.backup_dir}"):
             return
         os.makedirs(self.backup_dir, exist_ok=True)
         # Every step leaves at least one complete pair: the previous pair is linked to the
@@ -200,8 +219,10 @@ class EpochCheckpoint(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         if (epoch + 1) % self.every == 0:
-            os.makedirs(self.directory, exist_ok=True)
             path = os.path.join(self.directory, CHECKPOINT_FORMAT.format(epoch=epoch + 1))
+            if diverged(self.model, path):
+                return
+            os.makedirs(self.directory, exist_ok=True)
             with atomic_write(path) as temporary:
                 self.model.save_weights(temporary, overwrite=True)
 

@@ -70,6 +70,9 @@ class DataConfig:
         group_by_length: 0, or W >= 2 to batch requests of like sequence length together,
             sorted W batches at a time (`make_dataset`'s `group_by_length`; `split` only):
             far less padding where lengths vary widely, as in lifelong sequences.
+        max_record_bytes: a larger record is an error naming it (`make_dataset`'s
+            `max_record_bytes`: it would be parsed whole before `max_seq_len` cuts it); 0:
+            no limit.
     """
 
     train_data: str = ""
@@ -81,6 +84,7 @@ class DataConfig:
     max_candidates: Optional[int] = None
     shuffle_buffer: int = 4096
     group_by_length: int = 0
+    max_record_bytes: int = 16 * 2**20
 
     def validate(self):
         _check_positive("data.batch_size", self.batch_size)
@@ -91,6 +95,10 @@ class DataConfig:
                              f"per sorted window). Received: {self.group_by_length!r}")
         if self.eval_batch_size:
             _check_positive("data.eval_batch_size", self.eval_batch_size)
+        if isinstance(self.max_record_bytes, bool) or not isinstance(
+                self.max_record_bytes, int) or self.max_record_bytes < 0:
+            raise ValueError("data.max_record_bytes must be an int >= 0 (0: no limit). "
+                             f"Received: {self.max_record_bytes!r}")
         for key in ("max_seq_len", "max_candidates"):
             if getattr(self, key) is not None:
                 _check_positive(f"data.{key}", getattr(self, key))

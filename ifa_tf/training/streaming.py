@@ -1,7 +1,11 @@
 """The streaming protocol of the IFA paper (5.1): "for each batch of the data, we test the
 model first for evaluation, and then train the model"."""
 
+import math
+
 import tensorflow as tf
+
+from ifa_tf.training.checkpointing import TrainingDivergedError
 
 
 def streaming_train_and_evaluate(model, dataset, evaluator, epochs=1):
@@ -17,6 +21,9 @@ def streaming_train_and_evaluate(model, dataset, evaluator, epochs=1):
 
     Returns:
         The training loss of every step, in order.
+
+    Raises:
+        TrainingDivergedError: a step's loss is NaN or infinite (training stops there).
     """
     predict = tf.function(lambda features: model(features, training=False),
                           reduce_retracing=True)
@@ -28,4 +35,9 @@ def streaming_train_and_evaluate(model, dataset, evaluator, epochs=1):
             evaluator.update(features, labels, predict(features), extras)
             logs = model.train_on_batch(features, labels, return_dict=True)
             losses.append(float(logs["loss"]))
+            if not math.isfinite(losses[-1]):
+                raise TrainingDivergedError(
+                    f"Training diverged: the loss became {losses[-1]} at step {len(losses)}; "
+                    "nothing trained was written. Lower train.learning_rate "
+                    "(--learning_rate) and train again.")
     return losses

@@ -2,7 +2,8 @@
 
 What lands in `workdir` (written by the chief only):
 
-    config.yaml                 the resolved config
+    config.yaml                 the resolved config (written once training begins: a resume
+                                refused because the config changed leaves the old one)
     backup/                     crash backup (every epoch, see `ChiefBackupAndRestore`): a
                                 restarted run resumes from the last finished epoch, or from
                                 the newest readable checkpoint if the backup is damaged;
@@ -10,15 +11,22 @@ What lands in `workdir` (written by the chief only):
     checkpoints/epoch-XXXX.weights.h5
     logs/                       TensorBoard (train/, validation/ and evaluation/ scalars)
     progress.jsonl              one line per epoch started: {"epoch", "initial_epoch", "pid"}
+    history.jsonl               one line per epoch finished: {"epoch", loss and metrics}; a
+                                resumed run keeps the lines of the epochs it resumes after
     model.keras                 the trained model
     metrics.json                evaluation metrics per task (see `ifa_tf.metrics`), the
                                 training history, steps and wall time
 
-Every file but the append-only `progress.jsonl` and TensorBoard's is written atomically
-(`checkpointing.atomic_write`): a crash leaves the old file or the new one, never a part.
+Every file but the append-only `progress.jsonl`, `history.jsonl` and TensorBoard's is written
+atomically (`checkpointing.atomic_write`): a crash leaves the old file or the new one, never a
+part.
+
+A run whose loss or weights become NaN or infinite raises `TrainingDivergedError` and writes
+no `model.keras`, `metrics.json` or checkpoint of the diverged weights.
 """
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -27,19 +35,20 @@ import time
 import keras
 import tensorflow as tf
 
-from ifa_tf import zoo
+from ifa_tf import diagnostics, zoo
 from ifa_tf.data import make_dataset, records
 from ifa_tf.metrics import CandidateSetEvaluator
 from ifa_tf.schema import resolve_schema
 from ifa_tf.training import strategies
 from ifa_tf.training.checkpointing import (ChiefBackupAndRestore, EpochCheckpoint,
-                                           atomic_write, write_text)
+                                           TrainingDivergedError, atomic_write, write_text)
 from ifa_tf.training.streaming import streaming_train_and_evaluate
 
 CONFIG_FILENAME = "config.yaml"
 METRICS_FILENAME = "metrics.json"
 MODEL_FILENAME = "model.keras"
 PROGRESS_FILENAME = "progress.jsonl"
+HISTORY_FILENAME = "history.jsonl"
 
 
 def load_schema(config):
@@ -117,8 +126,6 @@ def train_and_evaluate(config, workdir, callbacks=()):
     strategy = strategies.make_strategy(config.train.strategy)
     keras.utils.set_random_seed(config.train.seed)
     schema = load_schema(config)
-    if chief:
-        write_text(os.path.join(workdir, CONFIG_FILENAME), config.to_yaml())
     with strategy.scope():
         model = build_model(config, schema)
     if config.train.strategy != "default":
@@ -126,6 +133,8 @@ def train_and_evaluate(config, workdir, callbacks=()):
 
     try:
         if config.eval.protocol == "streaming":
+            if chief:
+                write_text(os.path.join(workdir, CONFIG_FILENAME), config.to_yaml())
             result = _streaming(config, model, schema, write_dir)
         else:
             result = _split(config, model, schema, strategy, workdir, write_dir, chief,
@@ -133,6 +142,7 @@ def train_and_evaluate(config, workdir, callbacks=()):
         result.update({"model": config.model.name, "protocol": config.eval.protocol,
                        "seed": config.train.seed, "num_parameters": model.count_params(),
                        "wall_time_s": round(time.time() - started, 2)})
+        _check_finite_weights(model, config)
         if chief:
             with atomic_write(os.path.join(workdir, MODEL_FILENAME)) as temporary:
                 model.save(temporary)
@@ -154,6 +164,7 @@ def _split(config, model, schema, strategy, workdir, write_dir, chief, extra_cal
                             shuffle=True, shuffle_buffer=data.shuffle_buffer,
                             seed=train.seed, repeat=steps_per_epoch is not None,
                             max_seq_len=data.max_seq_len, max_candidates=data.max_candidates,
+                            max_record_bytes=data.max_record_bytes,
                             group_by_length=data.group_by_length, input_context=input_context)
 
     if train.strategy == "default":
@@ -166,26 +177,38 @@ def _split(config, model, schema, strategy, workdir, write_dir, chief, extra_cal
                                   batch_size=data.eval_batch_size or data.batch_size,
                                   shuffle=False, max_seq_len=data.max_seq_len,
                                   max_candidates=data.max_candidates,
+                                  max_record_bytes=data.max_record_bytes,
                                   group_by_length=data.group_by_length)
     # Every worker falls back to the chief's checkpoints, the ones this run writes.
     checkpoint_dir = (os.path.join(workdir, "checkpoints") if train.checkpoint_every_epochs
                       else None)
+    divergence = StopOnNonFiniteLoss()
+    history = EpochHistory(os.path.join(write_dir, HISTORY_FILENAME))
     callbacks = [
         ChiefBackupAndRestore(os.path.join(workdir, "backup"), chief=chief,
                               checkpoint_dir=checkpoint_dir),
-        keras.callbacks.TerminateOnNaN(),
+        # After the restore: a resume it refuses (a changed config) keeps the old file.
+        WriteOnTrainBegin(os.path.join(write_dir, CONFIG_FILENAME), config.to_yaml()),
+        divergence,
         ProgressLog(os.path.join(write_dir, PROGRESS_FILENAME)),
+        history,
         keras.callbacks.TensorBoard(os.path.join(write_dir, "logs")),
     ]
     if train.checkpoint_every_epochs:
         callbacks.append(EpochCheckpoint(os.path.join(write_dir, "checkpoints"),
                                          train.checkpoint_every_epochs))
     # shuffle=False: the dataset shuffles examples itself; Keras cannot shuffle a dataset.
-    history = model.fit(train_dataset, epochs=train.epochs, steps_per_epoch=steps_per_epoch,
-                        validation_data=validation, callbacks=callbacks + extra_callbacks,
-                        shuffle=False, verbose=verbose)
-    result = {"history": {k: [float(v) for v in values]
-                          for k, values in history.history.items()},
+    model.fit(train_dataset, epochs=train.epochs, steps_per_epoch=steps_per_epoch,
+              validation_data=validation, callbacks=callbacks + extra_callbacks,
+              shuffle=False, verbose=verbose)
+    if divergence.diverged_at is not None:
+        epoch, batch, loss = divergence.diverged_at
+        raise TrainingDivergedError(
+            f"Training diverged: the loss became {loss} at epoch {epoch + 1}, batch "
+            f"{batch + 1} (learning_rate={config.train.learning_rate:g}); no model.keras, "
+            "metrics.json or checkpoint of the diverged weights was written. Lower "
+            "train.learning_rate (--learning_rate) and train again.")
+    result = {"history": history.result(),
               "train_steps": int(model.optimizer.iterations.numpy())}
     if data.eval_data:
         with_extras = bool(schema.extras)
@@ -193,6 +216,7 @@ def _split(config, model, schema, strategy, workdir, write_dir, chief, extra_cal
                                     batch_size=data.eval_batch_size or data.batch_size,
                                     shuffle=False, max_seq_len=data.max_seq_len,
                                     max_candidates=data.max_candidates,
+                                    max_record_bytes=data.max_record_bytes,
                                     group_by_length=data.group_by_length,
                                     with_extras=with_extras)
         result["eval"] = evaluate(model, eval_dataset, schema, config.eval.ndcg_k,
@@ -209,6 +233,7 @@ def _streaming(config, model, schema, write_dir):
     dataset = make_dataset(data.train_data, schema=schema, batch_size=data.batch_size,
                            shuffle=False, deterministic=True, max_seq_len=data.max_seq_len,
                            max_candidates=data.max_candidates,
+                           max_record_bytes=data.max_record_bytes,
                            with_extras=bool(schema.extras))
     if config.train.steps is not None:
         dataset = dataset.take(config.train.steps)
@@ -222,6 +247,20 @@ def _streaming(config, model, schema, write_dir):
     _write_scalars(os.path.join(write_dir, "logs", "evaluation"), result["eval"],
                    step=result["train_steps"])
     return result
+
+
+def _check_finite_weights(model, config):
+    """Raises `TrainingDivergedError` when a weight holds NaN or infinity (the loss may
+    still have been finite at the last step)."""
+    found = diagnostics.non_finite_weights(model)
+    if found:
+        shown = ", ".join(f"{path}: {count} of {size}" for path, (count, size) in
+                          list(found.items())[:3])
+        raise TrainingDivergedError(
+            f"Training diverged: {len(found)} weights hold NaN or infinite values ({shown}"
+            f"{', ...' if len(found) > 3 else ''}; learning_rate="
+            f"{config.train.learning_rate:g}); no model.keras or metrics.json was written. "
+            "Lower train.learning_rate (--learning_rate) and train again.")
 
 
 def _build_from_local_replica(model):
@@ -244,6 +283,79 @@ def _build_from_local_replica(model):
             model._symbolic_build(data_batch=data_batch)
 
     model._maybe_symbolic_build = maybe_symbolic_build
+
+
+class StopOnNonFiniteLoss(keras.callbacks.Callback):
+    """Stops `fit` at the first batch whose loss is NaN or infinite and keeps `(epoch,
+    batch, loss)` in `diverged_at`, for the caller to raise; unlike Keras's
+    `TerminateOnNaN`, which prints a line and lets `fit` return as if it had finished."""
+
+    def __init__(self):
+        super().__init__()
+        self.diverged_at = None
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            self.diverged_at = (self._epoch, batch, float(loss))
+            self.model.stop_training = True
+
+
+class WriteOnTrainBegin(keras.callbacks.Callback):
+    """Writes `text` to `path` (atomically) when training begins."""
+
+    def __init__(self, path, text):
+        super().__init__()
+        self.path = path
+        self.text = text
+
+    def on_train_begin(self, logs=None):
+        write_text(self.path, self.text)
+
+
+class EpochHistory(keras.callbacks.Callback):
+    """Every finished epoch's logs, kept in a JSON-lines file so that a resumed run reports
+    the history of all its epochs, not only those of the last process.
+
+    When training begins, the lines of the epochs before the one it starts at (0, or the
+    epoch a backup resumes at) are kept and the rest dropped; `result()` is
+    `{name: [value per epoch]}`, like `fit`'s `History`.
+    """
+
+    def __init__(self, path):
+        super().__init__()
+        self.path = path
+        self.epochs = {}
+
+    def on_train_begin(self, logs=None):
+        first = self.model._initial_epoch or 0
+        self.epochs = {}
+        if first and os.path.exists(self.path):
+            with open(self.path) as f:
+                for line in f:
+                    entry = json.loads(line)
+                    if entry["epoch"] < first:
+                        self.epochs[entry["epoch"]] = entry
+        write_text(self.path, "".join(json.dumps(self.epochs[epoch]) + "\n"
+                                      for epoch in sorted(self.epochs)))
+
+    def on_epoch_end(self, epoch, logs=None):
+        entry = {"epoch": epoch, **{key: float(value) for key, value in (logs or {}).items()}}
+        self.epochs[epoch] = entry
+        with open(self.path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    def result(self):
+        history = {}
+        for epoch in sorted(self.epochs):
+            for key, value in self.epochs[epoch].items():
+                if key != "epoch":
+                    history.setdefault(key, []).append(value)
+        return history
 
 
 class ProgressLog(keras.callbacks.Callback):

@@ -1,0 +1,144 @@
+"""A diverged run never reaches serving (issue 24): a NaN or infinite loss or weight ends
+`ifa-train` with one line and a non-zero exit, writes no model.keras, metrics.json or
+checkpoint from the diverged weights, and `ifa-export` refuses such weights. Also: a resume
+refused for a changed config leaves config.yaml alone, and a resumed run's metrics.json
+holds the history of every epoch."""
+
+import json
+import os
+import subprocess
+import sys
+
+import h5py
+import keras
+import numpy as np
+import pytest
+import yaml
+
+import ifa_tf
+from ifa_tf import export, training
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = [("data.batch_size", 8), ("train.verbose", 0), ("train.epochs", 2),
+        ("model.embedding_dim", 4), ("model.tower_units", [8])]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory, write_tiny_dataset):
+    """48 training requests: 6 steps an epoch."""
+    return write_tiny_dataset(
+        str(tmp_path_factory.mktemp("tiny_data")),
+        {"user_id": 101, "item_id": 509, "category_id": 29, "author_id": 103},
+        num_requests=64, seed=3, max_seq_len=20, max_candidates=8, num_items=500,
+        num_authors=100, truth_samples=4, test_fraction=0.25)
+
+
+def tiny_config(data_dir, *overrides):
+    return training.load_config("avg_pooling", overrides=[
+        ("data.train_data", os.path.join(data_dir, "train-*")),
+        ("data.eval_data", os.path.join(data_dir, "test-*")),
+        ("data.schema", os.path.join(data_dir, "schema.json")), *TINY, *overrides])
+
+
+def all_finite(path):
+    with h5py.File(path, "r") as f:
+        arrays = []
+        f.visititems(lambda name, item: arrays.append(item[()])
+                     if isinstance(item, h5py.Dataset) and item.dtype.kind == "f" else None)
+    return all(np.isfinite(a).all() for a in arrays)
+
+
+def test_ifa_train_with_a_huge_learning_rate_fails_with_one_line(tiny_data, tmp_path):
+    model_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "ifa_tf.cli.train", "--model=avg_pooling",
+               f"--train_data={tiny_data}/train-*", f"--eval_data={tiny_data}/test-*",
+               f"--model_dir={model_dir}", f"--schema={tiny_data}/schema.json",
+               "--batch_size=8", "--verbose=0", "--epochs=2", "--learning_rate=1e30",
+               "--set=model.embedding_dim=4", "--set=model.tower_units=[8]"]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
+    process = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+                             timeout=300)
+    assert process.returncode == 1, process.stdout + process.stderr
+    lines = [line for line in process.stderr.splitlines() if line.startswith("ifa-train:")]
+    assert len(lines) == 1, process.stderr
+    assert "Training diverged: the loss became nan at epoch 1" in lines[0]
+    assert "learning_rate=1e+30" in lines[0]
+    assert "trained avg_pooling" not in process.stdout
+    assert "Invalid loss" not in process.stdout + process.stderr
+    assert not (model_dir / "model.keras").exists()
+    assert not (model_dir / "metrics.json").exists()
+    checkpoints = list((model_dir / "checkpoints").glob("*.h5")) if (
+        model_dir / "checkpoints").exists() else []
+    assert all(all_finite(path) for path in checkpoints)
+
+
+def test_weights_that_turn_nan_without_a_nan_loss_are_not_saved(tiny_data, tmp_path):
+    """The loss of the last step may still be finite; the weights are checked too."""
+
+    class PoisonAtTheEnd(keras.callbacks.Callback):
+        def on_train_end(self, logs=None):
+            variable = self.model.weights[0]
+            value = np.asarray(variable).copy()
+            value.flat[0] = np.inf
+            variable.assign(value)
+
+    workdir = tmp_path / "run"
+    with pytest.raises(training.TrainingDivergedError,
+                       match=r"1 weights hold NaN or infinite values \(.*: 1 of "):
+        training.train_and_evaluate(tiny_config(tiny_data), str(workdir),
+                                    callbacks=[PoisonAtTheEnd()])
+    assert not (workdir / "model.keras").exists()
+    assert not (workdir / "metrics.json").exists()
+
+
+def test_export_refuses_non_finite_weights(tmp_path):
+    model = ifa_tf.zoo.build("avg_pooling", embedding_dim=4, tower_units=[8])
+    variable = model.weights[0]
+    value = np.asarray(variable).copy()
+    value.flat[:2] = np.nan
+    variable.assign(value)
+    with pytest.raises(ValueError, match=rf"Refusing to export model 'avg_pooling': 1 of its "
+                                         rf"\d+ weights hold NaN or infinite values "
+                                         rf"\({variable.path}: 2 of \d+ values\)"):
+        export.export_saved_model(model, tmp_path / "base", warmup_shapes=())
+    assert not (tmp_path / "base").exists() or not os.listdir(tmp_path / "base")
+
+
+class Interrupted(Exception):
+    pass
+
+
+class InterruptAt(keras.callbacks.Callback):
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise Interrupted()
+
+
+def test_resume_keeps_history_and_a_refused_one_keeps_config_yaml(tiny_data, tmp_path):
+    workdir = str(tmp_path / "run")
+    config = tiny_config(tiny_data, ("train.epochs", 3), ("data.eval_data", ""))
+    with pytest.raises(Interrupted):
+        training.train_and_evaluate(config, workdir, callbacks=[InterruptAt(2)])
+    config_yaml = os.path.join(workdir, "config.yaml")
+    with open(config_yaml) as f:
+        written = f.read()
+
+    changed = tiny_config(tiny_data, ("train.epochs", 3), ("data.eval_data", ""),
+                          ("model.embedding_dim", 8))
+    with pytest.raises(ValueError, match="does not fit this model"):
+        training.train_and_evaluate(changed, workdir)
+    with open(config_yaml) as f:
+        assert f.read() == written
+
+    result = training.train_and_evaluate(config, workdir)
+    assert len(result["history"]["loss"]) == 3
+    with open(os.path.join(workdir, "metrics.json")) as f:
+        assert json.load(f)["history"] == result["history"]
+    with open(os.path.join(workdir, "history.jsonl")) as f:
+        assert [json.loads(line)["epoch"] for line in f] == [0, 1, 2]
+    with open(config_yaml) as f:
+        assert training.Config.from_dict(yaml.safe_load(f)) == config
