@@ -248,9 +248,10 @@ def make_raw_serving_function(serve, raw_names, tables):
 
     def serve_raw(features):
         mapped = dict(features)
-        for name in raw_names:
-            mapped[name] = raw_ids.encode_ids_tensor(
-                features[name], tables.tables.get(raw_ids.role_of(name)))
+        encoded = raw_ids.encode_ids_tensors(
+            [features[name] for name in raw_names],
+            [tables.tables.get(raw_ids.role_of(name)) for name in raw_names])
+        mapped.update(zip(raw_names, encoded))
         result = dict(serve(mapped))
         result[RANKED_RAW_ITEM_IDS] = tf.gather(raw_ids.strip(features["cand_item_id"]),
                                                 result[RANKED_INDICES], batch_dims=1)

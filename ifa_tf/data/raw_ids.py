@@ -50,29 +50,23 @@ _BLOCK = 128
 _DIGEST_BYTES = 8
 
 
-def _compress(h, block, counter, last, add, xor, rotr, constant):
-    """BLAKE2b's compression function F over words of any kind (Python ints or tensors)."""
-    v = list(h) + [constant(x) for x in _IV]
-    v[12] = xor(v[12], counter)
-    v[14] = xor(v[14], last)
+_MIXES = ((0, 4, 8, 12), (1, 5, 9, 13), (2, 6, 10, 14), (3, 7, 11, 15), (0, 5, 10, 15),
+          (1, 6, 11, 12), (2, 7, 8, 13), (3, 4, 9, 14))
 
-    def mix(a, b, c, d, x, y):
-        v[a] = add(add(v[a], v[b]), x)
+
+def _mix_round(v, m, add, xor, rotr):
+    """One BLAKE2b round on the 16 working words `v` (a list) with the message words `m`
+    already permuted for the round (`m[k]` = block[sigma[k]])."""
+    for i, (a, b, c, d) in enumerate(_MIXES):
+        v[a] = add(add(v[a], v[b]), m[2 * i])
         v[d] = rotr(xor(v[d], v[a]), 32)
         v[c] = add(v[c], v[d])
         v[b] = rotr(xor(v[b], v[c]), 24)
-        v[a] = add(add(v[a], v[b]), y)
+        v[a] = add(add(v[a], v[b]), m[2 * i + 1])
         v[d] = rotr(xor(v[d], v[a]), 16)
         v[c] = add(v[c], v[d])
         v[b] = rotr(xor(v[b], v[c]), 63)
-
-    for round_index in range(12):
-        s = _SIGMA[round_index % 10]
-        for i, (a, b, c, d) in enumerate(((0, 4, 8, 12), (1, 5, 9, 13), (2, 6, 10, 14),
-                                          (3, 7, 11, 15), (0, 5, 10, 15), (1, 6, 11, 12),
-                                          (2, 7, 8, 13), (3, 4, 9, 14))):
-            mix(a, b, c, d, block[s[2 * i]], block[s[2 * i + 1]])
-    return [xor(xor(h[i], v[i]), v[i + 8]) for i in range(8)]
+    return v
 
 
 def _keyed_state():
@@ -83,17 +77,26 @@ def _keyed_state():
     h[0] ^= 0x01010000 ^ (len(key) << 8) ^ _DIGEST_BYTES
     padded = key.ljust(_BLOCK, b"\0")
     words = [int.from_bytes(padded[8 * i:8 * i + 8], "little") for i in range(16)]
-    return _compress(h, words, _BLOCK, 0, lambda a, b: (a + b) & _MASK,
-                     lambda a, b: a ^ b, lambda x, n: ((x >> n) | (x << (64 - n))) & _MASK,
-                     lambda x: x)
+    v = h + list(_IV)
+    v[12] ^= _BLOCK  # the byte counter; not the last block
+    for round_index in range(12):
+        v = _mix_round(v, [words[k] for k in _SIGMA[round_index % 10]],
+                       lambda a, b: (a + b) & _MASK, lambda a, b: a ^ b,
+                       lambda x, n: ((x >> n) | (x << (64 - n))) & _MASK)
+    return [h[i] ^ v[i] ^ v[i + 8] for i in range(8)]
 
 
 _KEYED_STATE = tuple(_keyed_state())
 
 
+@tf.autograph.experimental.do_not_convert
 def string_id_tensor(values):
     """`log_converter.string_id` of every element of a 1-D string tensor (non-empty values),
-    as int64: keyed BLAKE2b-64 in uint64 ops, folded into 1..2^63-1."""
+    as int64: keyed BLAKE2b-64 in uint64 ops, folded into 1..2^63-1.
+
+    Two graph loops, over 128-byte blocks and over BLAKE2b's 12 rounds, keep the graph
+    small (one round's ops), so that a signature using it traces in a fraction of a
+    second."""
     values = tf.convert_to_tensor(values, tf.string)
     lengths = tf.cast(tf.strings.length(values, unit="BYTE"), tf.int64)
     num_blocks = (lengths + _BLOCK - 1) // _BLOCK
@@ -103,28 +106,39 @@ def string_id_tensor(values):
     words = tf.io.decode_raw(values, tf.int64, little_endian=True,
                              fixed_length=tf.cast(tf.maximum(most_blocks, 1) * _BLOCK,
                                                   tf.int32))
-    words = tf.bitcast(tf.reshape(words, [tf.shape(values)[0], -1]), tf.uint64)
-
-    def constant(x):
-        return tf.fill(tf.shape(values), tf.constant(x, tf.uint64))
+    # [words of all blocks, values]: a block's 16 words are rows, gathered per round.
+    words = tf.transpose(tf.bitcast(tf.reshape(words, [tf.shape(values)[0], -1]), tf.uint64))
+    sigma = tf.constant([_SIGMA[r % 10] for r in range(12)], tf.int64)
+    shape = tf.shape(values)
 
     def rotr(x, n):
         return tf.bitwise.bitwise_or(tf.bitwise.right_shift(x, tf.constant(n, tf.uint64)),
                                      tf.bitwise.left_shift(x, tf.constant(64 - n, tf.uint64)))
 
-    def body(index, h):
-        block = [words[:, 16 * index + i] for i in range(16)]
+    def compress(index, h):
+        block = words[16 * index:16 * index + 16]
         # The key block counted 128 bytes; each message block adds its own bytes.
         counter = tf.cast(_BLOCK + tf.minimum(lengths, _BLOCK * (index + 1)), tf.uint64)
-        last = tf.where(tf.equal(index + 1, num_blocks),
-                        tf.constant(_MASK, tf.uint64), tf.constant(0, tf.uint64))
-        updated = _compress(h, block, counter, last, tf.add, tf.bitwise.bitwise_xor, rotr,
-                            constant)
-        active = index < num_blocks
-        return index + 1, [tf.where(active, new, old) for new, old in zip(updated, h)]
+        last = tf.where(tf.equal(index + 1, num_blocks), tf.constant(_MASK, tf.uint64),
+                        tf.constant(0, tf.uint64))
+        v = tf.concat([h, tf.stack([tf.fill(shape, tf.constant(x, tf.uint64)) for x in _IV])],
+                      0)
+        v = tf.tensor_scatter_nd_update(v, [[12], [14]], tf.stack(
+            [tf.bitwise.bitwise_xor(v[12], counter), tf.bitwise.bitwise_xor(v[14], last)]))
 
-    _, h = tf.while_loop(lambda index, h: index < most_blocks, body,
-                         (tf.constant(0, tf.int64), [constant(x) for x in _KEYED_STATE]))
+        def one_round(round_index, v):
+            m = tf.unstack(tf.gather(block, sigma[round_index]), num=16)
+            mixed = _mix_round(tf.unstack(v, num=16), m, tf.add, tf.bitwise.bitwise_xor, rotr)
+            return round_index + 1, tf.stack(mixed)
+
+        _, v = tf.while_loop(lambda round_index, v: round_index < 12, one_round,
+                             (tf.constant(0, tf.int64), v))
+        updated = tf.bitwise.bitwise_xor(tf.bitwise.bitwise_xor(h, v[:8]), v[8:])
+        return index + 1, tf.where(index < num_blocks, updated, h)
+
+    initial = tf.stack([tf.fill(shape, tf.constant(x, tf.uint64)) for x in _KEYED_STATE])
+    _, h = tf.while_loop(lambda index, h: index < most_blocks, compress,
+                         (tf.constant(0, tf.int64), initial))
     digest = h[0]  # the first 8 output bytes, read little-endian, are the first state word
     # digest mod (2^63 - 1): 2^63 = 1 (mod 2^63 - 1), so fold the top bit into the rest.
     top = tf.bitwise.right_shift(digest, tf.constant(63, tf.uint64))
@@ -143,11 +157,19 @@ def encode_ids_tensor(values, table=None):
     converter maps a log field: stripped, positive integers kept, other values
     `string_id`; empty values are padding (0). `table`: a lookup table of known values
     (default -1 for the others)."""
-    values = tf.convert_to_tensor(values, tf.string)
-    shape = tf.shape(values, out_type=tf.int64)
-    flat = strip(tf.reshape(values, [-1]))
+    return encode_ids_tensors([values], [table])[0]
+
+
+def encode_ids_tensors(values, tables):
+    """`encode_ids_tensor` of several tensors (each with its table or None) at once: one
+    hash computation for all of them."""
+    values = [tf.convert_to_tensor(v, tf.string) for v in values]
+    flats = [strip(tf.reshape(v, [-1])) for v in values]
+    known = tf.concat([table.lookup(flat) if table is not None else
+                       tf.fill(tf.shape(flat), np.int64(-1))
+                       for flat, table in zip(flats, tables)], 0)
+    flat = tf.concat(flats, 0)
     empty = tf.equal(flat, "")
-    known = table.lookup(flat) if table is not None else tf.fill(tf.shape(flat), np.int64(-1))
     integer = tf.logical_and(tf.strings.regex_full_match(flat, _POSITIVE_INT),
                              tf.less(known, 0))
     numbers = tf.strings.to_number(tf.where(integer, flat, "0"), tf.int64)
@@ -156,7 +178,9 @@ def encode_ids_tensor(values, table=None):
     hashes = string_id_tensor(tf.gather_nd(flat, positions))
     ids = tf.where(integer, numbers, tf.where(empty, tf.zeros_like(known), known))
     ids = tf.tensor_scatter_nd_update(ids, positions, hashes)
-    return tf.reshape(ids, shape)
+    sizes = [tf.size(f) for f in flats]
+    return [tf.reshape(part, tf.shape(v, out_type=tf.int64))
+            for part, v in zip(tf.split(ids, sizes), values)]
 
 
 def lookup_table(vocabulary_file):
