@@ -82,3 +82,31 @@ def test_names_kept_by_the_commands_equal_the_librarys():
     assert data_cli.SYNTHETIC_PRESETS == tuple(simulator.PRESETS)
     assert train_cli.METRICS_FILENAME == trainer.METRICS_FILENAME
     assert config.zoo_config_names() == ifa_tf.zoo.list_models()
+
+
+def test_fit_progress_lines_fit_100_columns_without_ansi_codes():
+    import io
+
+    from ifa_tf.training.progress import FitProgress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    logs = {"loss": 0.41234, "click_auc": 0.7, "val_loss": 0.5, "val_click_auc": 0.69,
+            **{f"task_{i}_auc": 0.5 for i in range(40)}}  # what Keras' bar would print
+    for stream, verbose in ((Terminal(), 1), (io.StringIO(), 1), (io.StringIO(), 2)):
+        progress = FitProgress(verbose, "click", stream)
+        progress.set_params({"epochs": 3, "steps": 50})
+        for epoch in range(3):
+            progress.on_epoch_begin(epoch)
+            for batch in range(50):
+                progress.on_train_batch_end(batch, {"loss": 0.5})
+            progress.on_epoch_end(epoch, logs)
+        text = stream.getvalue()
+        assert "\x1b" not in text
+        assert all(len(piece) < 100 for line in text.split("\n") for piece in line.split("\r"))
+        lines = [line.split("\r")[-1].strip() for line in text.strip().split("\n")]
+        assert lines == [f"epoch {e}/3: 50 steps in 0:00, loss 0.4123, click_auc 0.7000, "
+                         "val_loss 0.5000, val_click_auc 0.6900" for e in (1, 2, 3)]
+        assert ("\r" in text) == isinstance(stream, Terminal)

@@ -46,6 +46,8 @@ class RequestBuilder:
         settings = {k: v for k, v in metadata["converter"].items() if k in fields}
         if item_table is not None:
             settings["item_table"] = os.fspath(item_table)
+        elif settings.get("item_table") and not os.path.exists(settings["item_table"]):
+            settings["item_table"] = _beside_source(settings["item_table"], metadata)
         self.config = log_converter.LogConfig(**settings)
         self.schema = records.schema_from_metadata(metadata)
         self.rules = self.config.action_rules
@@ -191,6 +193,17 @@ class RequestBuilder:
             raise ValueError(f"No category for item {item!r}: it is not in the item table "
                              "or the history rows; pass categories={item: category}.")
         return category
+
+
+def _beside_source(item_table, metadata):
+    """A preset's item table recorded by a relative path: the same file name in the
+    directory the converter read (recorded absolute), when it is there."""
+    source = (metadata.get("source") or {}).get("log")
+    if not source:
+        return item_table
+    directory = source if os.path.isdir(source) else os.path.dirname(source)
+    moved = os.path.join(directory, os.path.basename(item_table))
+    return moved if os.path.exists(moved) else item_table
 
 
 def pad_requests(requests):
