@@ -233,3 +233,18 @@ def test_clients_send_raw_ids_to_ifa_serve(dataset, exported):
             assert "Alien\\Director's Cut" in by_raw[1].raw_item_ids
     finally:
         server.stop()
+
+
+def test_ifa_export_finds_the_training_datasets_vocabularies(dataset, tmp_path):
+    from ifa_tf.cli import export as export_cli
+
+    output_dir, _ = dataset
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.keras").write_bytes(b"")
+    (run / "config.yaml").write_text(f"data:\n  train_data: {output_dir}/train-*\n")
+    assert export_cli.training_dataset(str(run / "model.keras")) == str(output_dir)
+    assert sorted(raw_ids.vocabulary_files(export_cli.training_dataset(
+        str(run / "model.keras")))) == ["category", "item", "user"]
+    (run / "config.yaml").write_text("data:\n  train_data: /nowhere/train-*\n")
+    assert export_cli.training_dataset(str(run / "model.keras")) is None

@@ -172,8 +172,7 @@ def check_command(command, flag_values=flags.FLAGS):
     if not preset and not flag_values["columns"].present:
         raise app.UsageError("from-log needs --columns (or --preset).")
     if not os.path.exists(source):
-        hint = (" (MovieLens: bash ../shared/data/fetch_movielens_1m.sh " + source + ")"
-                if preset else "")
+        hint = f" (fetch it: bash ../shared/data/fetch_{preset}.sh {source})" if preset else ""
         raise app.UsageError(f"--input={source} does not exist; pass the log file (with "
                              f"--preset: the directory of its files){hint}.")
 
