@@ -7,17 +7,22 @@ imports Keras and with it TensorFlow, and TensorFlow's C++ log level must be set
 - Unless the user set `TF_CPP_MIN_LOG_LEVEL`, it becomes 3 (C++ logs off; on a machine
   without an NVIDIA driver the full `tensorflow` wheel logs a harmless `failed call to
   cuInit` ERROR at the first op), or 0 with `--verbosity=1` or more.
+- Flags are checked before TensorFlow loads: the `ifa_tf` package is registered without
+  running its `__init__` (which imports Keras, and with it TensorFlow), so importing the
+  command's module costs only absl; `ifa_tf.cli.load_library()` runs the `__init__` once
+  the command's `check` passed, so a bad flag answers in well under 2 s.
 - Lines that TensorFlow's shared libraries write while they load, before absl's logging is
   initialised, ignore `TF_CPP_MIN_LOG_LEVEL` ("WARNING: All log messages before
   absl::InitializeLog() ...", "cudart_stub.cc ... Could not find cuda drivers"; twice,
   because `import tensorflow` loads a second library with its own copy of absl and the
-  CUDA stub, `_pywrap_profiler_plugin`). They are held back while the command's modules are
-  imported, and what was written then is passed on with that log level applied to it.
+  CUDA stub, `_pywrap_profiler_plugin`). They are held back while TensorFlow loads, and
+  what was written then is passed on with that log level applied to it.
 
     python -m ifa_tf_console ifa-data synthetic --output_dir=data   # = ifa-data synthetic ...
 """
 
 import importlib
+import importlib.util
 import os
 import re
 import sys
@@ -92,14 +97,20 @@ def apply_log_level(text, min_level):
 def import_quietly(module_name, min_level):
     """Imports `module_name` with file descriptor 2 held in a temporary file, then writes what
     it caught to stderr with `apply_log_level(min_level)`."""
+    return run_quietly(lambda: importlib.import_module(module_name), min_level)
+
+
+def run_quietly(function, min_level):
+    """`function()` with file descriptor 2 held in a temporary file, then what it caught
+    written to stderr with `apply_log_level(min_level)`."""
     if min_level <= 0:
-        return importlib.import_module(module_name)
+        return function()
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as caught:
         os.dup2(caught.fileno(), 2)
         try:
-            return importlib.import_module(module_name)
+            return function()
         finally:
             sys.stderr.flush()
             os.dup2(saved, 2)
@@ -110,12 +121,29 @@ def import_quietly(module_name, min_level):
             sys.stderr.flush()
 
 
+def defer_package_import(min_level):
+    """Registers the `ifa_tf` package without running its `__init__`; the module gets
+    `_finish_import()`, which runs it (quietly, as `run_quietly`). Submodules import as
+    usual meanwhile. Does nothing when ifa_tf is already imported."""
+    if "ifa_tf" in sys.modules:
+        return
+    spec = importlib.util.find_spec("ifa_tf")
+    package = importlib.util.module_from_spec(spec)
+    sys.modules["ifa_tf"] = package
+
+    def finish():
+        run_quietly(lambda: spec.loader.exec_module(package), min_level)
+
+    package._finish_import = finish
+
+
 def run_command(command, argv=None):
     """Runs console script `command` (a key of `COMMANDS`) with `argv` (default sys.argv)."""
     if argv is not None:
         sys.argv = list(argv)
     level = tf_log_level(requested_verbosity(sys.argv[1:]))
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = str(level)
+    defer_package_import(level)
     import_quietly(COMMANDS[command], level).run()
 
 

@@ -13,6 +13,15 @@ batch size, n and m is served without re-export) and returns:
 - `ranked_item_ids`, int64 [B, m]: `cand_item_id` gathered in that order, so its padded tail
   is 0 and a client can stop at the first 0.
 
+`serving_raw` takes the same features with raw string ids in place of the int64 ids (user
+features and every item attribute, sequence and candidates: `user_id`, `seq_item_id`,
+`cand_item_id`, `*_category_id`, `*_author_id`; `seq_action`, `seq_time_delta` and the
+cross counts stay int64), maps them in the graph exactly as `ifa-data from-log` maps a
+log's ids (`ifa_tf.data.raw_ids`: the vocabularies it wrote, carried as SavedModel assets,
+then the converter's own rule for ids it never saw; `""` is padding), and returns what
+`serving_default` returns plus `ranked_raw_item_ids`, string [B, m]: the candidates' raw ids
+(stripped) in ranked order, `""` for padding.
+
 The signature checks at run time that all features agree on the batch size, all candidate
 features on m and all sequence features on n, so an inconsistent request fails with
 INVALID_ARGUMENT instead of broadcasting silently. Ties in score keep candidate order.
@@ -41,9 +50,12 @@ from ifa_tf import diagnostics
 from ifa_tf import schema as schema_lib
 
 SIGNATURE_NAME = "serving_default"
+RAW_SIGNATURE_NAME = "serving_raw"
 SCORE = "score"
 RANKED_INDICES = "ranked_indices"
 RANKED_ITEM_IDS = "ranked_item_ids"
+RANKED_RAW_ITEM_IDS = "ranked_raw_item_ids"
+VOCABULARY_ASSET = "vocab_{role}.tsv"
 ASSETS_EXTRA = "assets.extra"
 WARMUP_FILE = "tf_serving_warmup_requests"
 METADATA_FILE = "ifa_export_metadata.json"
@@ -200,7 +212,7 @@ def make_serving_function(model, specs, jit_compile=False):
             raise ValueError("The model must return a dict of outputs including "
                              f"{SCORE!r}. Received: {type(outputs).__name__} "
                              f"{sorted(outputs) if isinstance(outputs, dict) else ''}")
-        clashes = sorted({RANKED_INDICES, RANKED_ITEM_IDS} & set(outputs))
+        clashes = sorted({RANKED_INDICES, RANKED_ITEM_IDS, RANKED_RAW_ITEM_IDS} & set(outputs))
         if clashes:
             raise ValueError(f"Model outputs {clashes} clash with the ranking outputs.")
         result = {name: tf.cast(value, tf.float32) for name, value in outputs.items()}
@@ -211,8 +223,69 @@ def make_serving_function(model, specs, jit_compile=False):
     return serve
 
 
+def raw_id_features(specs, schema):
+    """The inputs that `serving_raw` takes as raw string ids: the user features and both
+    sides of every item attribute."""
+    names = {*schema.user_features}
+    for attribute in schema.item_attributes:
+        names.update((schema_lib.SEQUENCE_PREFIX + attribute,
+                      schema_lib.CANDIDATE_PREFIX + attribute))
+    return sorted(names & set(specs))
+
+
+def raw_serving_specs(specs, schema):
+    """`serving_raw`'s input specs: `serving_default`'s with string ids."""
+    raw = set(raw_id_features(specs, schema))
+    return {name: tf.TensorSpec(spec.shape, tf.string, name=name) if name in raw else spec
+            for name, spec in specs.items()}
+
+
+class RawIdTables(tf.Module):
+    """The lookup tables of `serving_raw`, one per role with a vocabulary (`{role: path
+    of a file written by raw_ids.write_lookup_file}`); tracked so that the files become
+    SavedModel assets."""
+
+    def __init__(self, lookup_files):
+        super().__init__(name="raw_id_tables")
+        from ifa_tf.data import raw_ids
+
+        self.tables = {role: raw_ids.lookup_table(path)
+                       for role, path in sorted(lookup_files.items())}
+
+
+def make_raw_serving_function(serve, raw_names, tables):
+    """The function behind `serving_raw`: raw ids -> int64 ids, `serve`, raw ranked ids."""
+    from ifa_tf.data import raw_ids
+
+    def serve_raw(features):
+        mapped = dict(features)
+        encoded = raw_ids.encode_ids_tensors(
+            [features[name] for name in raw_names],
+            [tables.tables.get(raw_ids.role_of(name)) for name in raw_names])
+        mapped.update(zip(raw_names, encoded))
+        result = dict(serve(mapped))
+        result[RANKED_RAW_ITEM_IDS] = tf.gather(raw_ids.strip(features["cand_item_id"]),
+                                                result[RANKED_INDICES], batch_dims=1)
+        return result
+
+    return serve_raw
+
+
+def resolve_vocabularies(vocabularies):
+    """`{role: vocabulary path}` from a converted dataset (directory or metadata.json), a
+    dict, or None (none)."""
+    if vocabularies is None:
+        return {}
+    if isinstance(vocabularies, dict):
+        return {role: os.fspath(path) for role, path in vocabularies.items()}
+    from ifa_tf.data import raw_ids
+
+    return raw_ids.vocabulary_files(os.fspath(vocabularies))
+
+
 def export_saved_model(model, base_dir, version=None, schema=None, model_name=None,
-                       warmup_shapes=DEFAULT_WARMUP_SHAPES, seed=0, jit_compile=False):
+                       warmup_shapes=DEFAULT_WARMUP_SHAPES, seed=0, jit_compile=False,
+                       vocabularies=None):
     """Exports `model` to `<base_dir>/<version>/` for TF Serving; returns that path.
 
     Args:
@@ -234,6 +307,11 @@ def export_saved_model(model, base_dir, version=None, schema=None, model_name=No
             serves. TF Serving runs it on GPU as is; on CPU it needs
             `--xla_cpu_compilation_enabled=true`. Results equal the plain export's (within
             float rounding).
+        vocabularies: the vocabularies `serving_raw` carries as assets: a dataset written
+            by `ifa-data from-log` (its directory or metadata.json), or `{role: path of a
+            vocab_<role>.tsv}`. Without them `serving_raw` still maps every raw id as the
+            converter does (the integer rule, else `string_id` in the graph), only slower
+            for string ids.
 
     Raises:
         FileExistsError: `<base_dir>/<version>` already exists.
@@ -268,16 +346,22 @@ def export_saved_model(model, base_dir, version=None, schema=None, model_name=No
     probe = serve(random_features(specs, 2, 5, 7, seed=seed))
     if schema is None:
         schema = infer_schema(specs, probe)
+    vocabulary_paths = resolve_vocabularies(vocabularies)
 
     os.makedirs(base_dir, exist_ok=True)
     temp_dir = tempfile.mkdtemp(prefix=f"{_TEMP_PREFIX}{version}-", dir=base_dir)
     try:
+        vocabulary_counts = _add_raw_endpoint(archive, serve, specs, schema,
+                                              vocabulary_paths, temp_dir)
         export_dir = os.path.join(temp_dir, "model")
         archive.write_out(export_dir, verbose=False)
         extra_dir = os.path.join(export_dir, ASSETS_EXTRA)
         os.makedirs(extra_dir)
         write_warmup_requests(os.path.join(extra_dir, WARMUP_FILE), warmup, model_name)
         metadata = _metadata(model_name, version, schema, specs, probe, jit_compile)
+        metadata["raw_signature_name"] = RAW_SIGNATURE_NAME
+        metadata["raw_id_inputs"] = raw_id_features(specs, schema)
+        metadata["vocabularies"] = vocabulary_counts
         with open(os.path.join(extra_dir, METADATA_FILE), "w") as f:
             json.dump(metadata, f, indent=2, sort_keys=True)
         try:
@@ -306,6 +390,30 @@ def check_finite_weights(model):
             f"{len(model.weights)} weights hold NaN or infinite values ({shown}"
             f"{', ...' if len(found) > 3 else ''}). It diverged in training or was damaged; "
             "retrain it (e.g. with a lower learning rate).")
+
+
+def _add_raw_endpoint(archive, serve, specs, schema, vocabulary_paths, work_dir):
+    """Adds `serving_raw` to `archive`; returns `{role: {"file", "entries", "hashed"}}` of
+    the vocabularies it carries (lines kept in the table, values left to the hash)."""
+    from ifa_tf.data import raw_ids
+
+    lookup_files, counts = {}, {}
+    for role, path in sorted(vocabulary_paths.items()):
+        # The asset keeps its file name: one per role, as the converter names them.
+        lookup_dir = os.path.join(work_dir, "vocabularies")
+        os.makedirs(lookup_dir, exist_ok=True)
+        lookup_files[role] = os.path.join(lookup_dir, VOCABULARY_ASSET.format(role=role))
+        kept, dropped = raw_ids.write_lookup_file(path, lookup_files[role])
+        counts[role] = {"file": VOCABULARY_ASSET.format(role=role), "entries": kept,
+                        "hashed": dropped}
+    tables = RawIdTables(lookup_files)
+    archive.track(tables)
+    raw_specs = raw_serving_specs(specs, schema)
+    archive.add_endpoint(RAW_SIGNATURE_NAME,
+                         make_raw_serving_function(serve, raw_id_features(specs, schema),
+                                                   tables),
+                         input_signature=[raw_specs])
+    return counts
 
 
 def infer_schema(specs, outputs):

@@ -24,6 +24,11 @@ CANDIDATE_PREFIX = "cand_"
 CROSS_PREFIX = "cand_cross_"
 USER_PREFIX = "user_"
 PADDING_ID = 0
+# What ifa-data writes beside a dataset (`ifa_tf.data.records.METADATA_FILENAME`).
+METADATA_FILENAME = "metadata.json"
+_SCHEMA_HINT = ("The model's features come from its schema: build it for your data with "
+                "ifa_tf.zoo.build(name, schema=<the dataset directory or its metadata.json>) "
+                "(ifa-train: --schema, default the metadata.json beside --train_data).")
 
 # Roles of features. Rank is that of a batch: user features are [B], all others [B, len].
 USER = "user"
@@ -221,12 +226,13 @@ class FeatureSchema:
         missing = [n for n in expected if n not in features]
         if missing:
             raise ValueError(f"Missing features {missing}. Received features: "
-                             f"{sorted(features)}")
+                             f"{sorted(features)}. {_SCHEMA_HINT}")
         declared = {*self.feature_names, *self.tasks, *self.extras}
         unexpected = sorted(n for n in features if n not in declared)
         if unexpected:
             raise ValueError(f"Unexpected features {unexpected}: the schema does not declare "
-                             f"them. Declared features: {list(self.feature_names)}")
+                             f"them. Declared features: {list(self.feature_names)}. "
+                             f"{_SCHEMA_HINT}")
         dims = {}  # axis label -> (value, name that fixed it)
         for name in expected:
             value = features[name]
@@ -289,7 +295,9 @@ def default_schema():
 
 
 def resolve_schema(schema):
-    """`None` -> default schema; a dict or JSON path -> `FeatureSchema`; a schema as is."""
+    """`None` -> default schema; a dict, a JSON file (a schema, or a dataset's
+    `metadata.json`) or a dataset directory (its `metadata.json`) -> `FeatureSchema`; a
+    schema as is."""
     if schema is None:
         return default_schema()
     if isinstance(schema, FeatureSchema):
@@ -297,11 +305,22 @@ def resolve_schema(schema):
     if isinstance(schema, Mapping):
         return FeatureSchema.from_dict(dict(schema))
     if isinstance(schema, (str, os.PathLike)):
-        with open(schema) as f:
+        path = os.fspath(schema)
+        if os.path.isdir(path):
+            path = os.path.join(path, METADATA_FILENAME)
+            if not os.path.exists(path):
+                raise FileNotFoundError(
+                    f"{os.fspath(schema)} holds no {METADATA_FILENAME}: schema= takes a "
+                    "dataset directory written by ifa-data, its metadata.json, or a schema "
+                    "JSON file.")
+        with open(path) as f:
             loaded = json.load(f)
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: expected a JSON object (a schema, or a dataset's "
+                             f"metadata.json). Received: {type(loaded).__name__}")
         return FeatureSchema.from_dict(loaded.get("schema", loaded))
-    raise TypeError("schema must be a FeatureSchema, a dict, a JSON file path or None. "
-                    f"Received: {type(schema).__name__}")
+    raise TypeError("schema must be a FeatureSchema, a dict, a dataset directory, a JSON file "
+                    f"path or None. Received: {type(schema).__name__}")
 
 
 def _check_prefix(field, names, prefix):

@@ -42,7 +42,14 @@ def list_models():
 
 
 def build(name, schema=None, **overrides):
-    """Builds the registered model `name` for `schema` (default schema when `None`).
+    """Builds the registered model `name` for `schema`.
+
+    Args:
+        name: a registered name (`list_models()`).
+        schema: a `FeatureSchema`, a dataset directory written by `ifa-data` or its
+            `metadata.json` (the features that data holds), a schema dict or JSON file;
+            None: the default schema.
+        **overrides: the builder's options (`valid_overrides(name)`).
 
     Raises:
         ValueError: for an unknown name or override, listing the valid ones.
@@ -56,7 +63,9 @@ def build(name, schema=None, **overrides):
         if unknown:
             raise ValueError(f"Unknown overrides {unknown} for model {name!r}. "
                              f"Valid overrides: {sorted(valid)}")
-    return builder(schema=schema, **overrides)
+    from ifa_tf.schema import resolve_schema
+
+    return builder(schema=None if schema is None else resolve_schema(schema), **overrides)
 
 
 def valid_overrides(name):

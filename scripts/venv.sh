@@ -1,9 +1,19 @@
-# Sourced by the scripts: creates .venv (once) and installs this checkout into it.
+# Sourced by the scripts: creates .venv (once) and installs this checkout into it, showing
+# pip's progress as one short line per package (a first install takes 2-4 minutes:
+# TensorFlow alone is about 600 MB); pip's whole output is shown only when it fails.
 install_venv() {
-  local target=$1 log
+  local target=$1 log status
   [[ -x .venv/bin/python ]] || python3 -m venv .venv
+  echo "      installing $target into .venv (first time: 2-4 minutes; later: seconds)"
   log=$(mktemp)
-  if ! .venv/bin/python -m pip install -q --disable-pip-version-check -e "$target" >"$log" 2>&1; then
+  set +e
+  .venv/bin/python -m pip install --disable-pip-version-check --progress-bar=off -e "$target" 2>&1 \
+    | tee "$log" \
+    | grep --line-buffered -E '^(Collecting|Installing collected|Successfully installed)' \
+    | awk '{ print "      " substr($0, 1, 94); fflush() }'
+  status=${PIPESTATUS[0]}
+  set -e
+  if [[ $status -ne 0 ]]; then
     cat "$log" >&2; rm -f "$log"; return 1
   fi
   rm -f "$log"

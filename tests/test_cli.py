@@ -2,6 +2,7 @@
 back, `ifa_tf_console`), one line per user error with a non-zero exit status and no
 traceback unless --verbosity=1, no test-framework flags, progress for long work."""
 
+import io
 import logging
 import os
 import re
@@ -151,8 +152,8 @@ def test_every_console_script_reports_a_user_error_in_one_quiet_line(tmp_path):
                       f"--input={missing}.csv", "--columns=user,item,timestamp,action",
                       "--actions=pv:click"], cli.USAGE_ERROR, f"--input={missing}.csv"),
         "ifa-train": (["--model=avg_pooling", f"--model_dir={tmp_path / 'run'}",
-                       f"--train_data={missing}/train-*"], cli.RUN_ERROR,
-                      "No files match"),
+                       f"--train_data={missing}/train-*"], cli.USAGE_ERROR,
+                      "matches no files"),
         "ifa-export": ([f"--model_dir={missing}", f"--export_base={tmp_path / 'export'}"],
                        cli.RUN_ERROR, f"--model_dir {missing} does not exist"),
         "ifa-serve": (["--port=http"], cli.USAGE_ERROR, "--port"),
@@ -182,3 +183,103 @@ def test_every_console_script_reports_a_user_error_in_one_quiet_line(tmp_path):
     assert not re.search(r"absl\.testing|--test_srcdir|--test_tmpdir|--test_random_seed|"
                          r"--xml_output_file", out)
     assert not _CPP_LOG.search(err), err
+
+
+# A typical mistake of each command, answered from its flags alone.
+_MISTAKES = {
+    "ifa-data": ["synthetic", "--num_request=5"],
+    "ifa-train": ["--model=ifa_tiny", "--model_dir=/nonexistent/run", "--train_data=x"],
+    "ifa-export": ["--model_dir=/nonexistent/run", "--export_base=/nonexistent/export"],
+    "ifa-serve": ["--port=70000", "--model_base_path=/nonexistent"],
+    "ifa-bench": ["--n_values=ten"],
+}
+
+
+def test_mistakes_answer_before_tensorflow_loads():
+    """Each command checks its flags before importing TensorFlow (issue 26: a mistake took
+    20-28 s under load): the process exits without TensorFlow or Keras in sys.modules."""
+    script = """
+import sys, time
+import ifa_tf_console
+started = time.monotonic()
+try:
+    ifa_tf_console.run_command(sys.argv[1], sys.argv[1:])
+except SystemExit as exit_info:
+    code = exit_info.code
+print(code, "tensorflow" in sys.modules, "keras" in sys.modules,
+      round(time.monotonic() - started, 3))
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}
+    for command, argv in _MISTAKES.items():
+        process = subprocess.run([sys.executable, "-c", script, command, *argv], cwd=REPO,
+                                 env=env, capture_output=True, text=True, timeout=120)
+        code, tensorflow, keras_loaded, seconds = process.stdout.split()
+        assert code in (str(cli.USAGE_ERROR), str(cli.RUN_ERROR)), (command, process.stderr)
+        assert process.stderr.startswith(f"{command}: ") and process.stderr.count("\n") == 1
+        assert (tensorflow, keras_loaded) == ("False", "False"), (command, process.stderr)
+        assert float(seconds) < 2.0, (command, seconds)
+
+
+def test_help_lists_the_subcommands_and_tells_progress_from_logging():
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}
+
+    def help_text(*argv):
+        return subprocess.run([sys.executable, "-m", "ifa_tf_console", *argv, "--help"],
+                              cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=120).stdout
+
+    data_help = help_text("ifa-data")
+    assert re.search(r"^Subcommands:\n +synthetic .*\n +from-log ", data_help, re.MULTILINE)
+    train_help = help_text("ifa-train")
+    assert "compare RUN_DIR" in train_help or "ifa-train compare" in train_help
+    assert re.search(r"--verbose: .*Progress display.*Not logging", " ".join(
+        train_help.split()))
+    assert re.search(r"--verbosity: Log detail.*Not the progress display", " ".join(
+        train_help.split()))
+
+
+def test_progress_bar_fits_100_columns_without_ansi_codes():
+    from ifa_tf.progress import ProgressBar
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    stream = Terminal()
+    bar = ProgressBar(10_000, "request", "a prefix that is rather long", stream)
+    lines = [bar.line(done, "loss 0.41234 " * 20, elapsed=3.0 * done)
+             for done in (0, 1, 5_000, 10_000)]
+    assert all(len(line) < 100 for line in lines), [len(line) for line in lines]
+    assert "[====" in lines[2] and "5000/10000 requests" in lines[2]
+    for done in range(0, 10_001, 2_500):
+        bar.update(done, force=True)
+    bar.close()
+    assert "\x1b" not in stream.getvalue()
+    assert all(len(piece) < 100 for piece in stream.getvalue().split("\r"))
+
+
+def test_failed_run_leaves_no_new_empty_directory(tmp_path, verbosity):
+    verbosity(-1)
+    flag_values = flags.FLAGS
+    created = tmp_path / "run"
+
+    def main(argv):
+        os.makedirs(created / "logs")
+        (created / "config.yaml").write_text("model: {}\n")
+        raise ValueError("bad data")
+
+    flags.DEFINE_string("test_output_dir", None, "a test's", flag_values=flag_values)
+    try:
+        flag_values.test_output_dir = str(created)
+        with pytest.raises(SystemExit):
+            cli._run_main(main, "ifa-x", ["ifa-x"], creates=("test_output_dir",))
+        assert not created.exists()
+        existing = tmp_path / "existing"  # a directory the run did not create stays
+        existing.mkdir()
+        flag_values.test_output_dir = str(existing)
+        with pytest.raises(SystemExit):
+            cli._run_main(_raises(ValueError("x")), "ifa-x", ["ifa-x"],
+                          creates=("test_output_dir",))
+        assert existing.exists()
+    finally:
+        delattr(flag_values, "test_output_dir")

@@ -87,7 +87,7 @@ def cpp_runner():
     return binary
 
 
-def run_cpp(runner, export_dir, cases, root):
+def run_cpp(runner, export_dir, cases, root, signature_name=export.SIGNATURE_NAME):
     """Runs `cases` (list of feature dicts) through the C++ loader; returns, per case, the
     outputs dict or the error string."""
     case_dirs = []
@@ -99,7 +99,7 @@ def run_cpp(runner, export_dir, cases, root):
             with open(os.path.join(case_dir, "in", f"{name}.pb"), "wb") as f:
                 f.write(tf.make_tensor_proto(value).SerializeToString())
         case_dirs.append(case_dir)
-    process = subprocess.run([runner, export_dir, export.SIGNATURE_NAME, *case_dirs],
+    process = subprocess.run([runner, export_dir, signature_name, *case_dirs],
                              capture_output=True, text=True, timeout=300)
     assert process.returncode == 0, process.stderr[-4000:]
     results = []

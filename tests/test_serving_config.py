@@ -146,9 +146,18 @@ def test_format_ranking_lists_the_top_candidates():
     text = format_ranking(ranking, top=1, tasks=("impression", "click"))
     lines = text.splitlines()
     assert lines[0] == "model version 4: 2 candidates ranked"
-    assert lines[1].split() == ["rank", "item_id", "score", "impression", "click"]
+    assert lines[1].split() == ["rank", "item", "score", "impression", "click"]
     assert lines[2].split() == ["1", "7", "0.900000", "0.950000", "0.900000"]
     assert len(lines) == 3
+    # A 19-digit hashed id keeps its column; raw ids (serving_raw, or a vocabulary) show.
+    ranking.item_ids = np.array([7773062992425985897, 3])
+    lines = format_ranking(ranking, top=2, tasks=("click",)).splitlines()
+    assert lines[2].split()[:2] == ["1", "7773062992425985897"]
+    assert lines[2].index("0.900000") == lines[3].index("0.200000")
+    names = {7773062992425985897: "Heat (1995)"}
+    assert "1  Heat (1995)  0.9" in format_ranking(ranking, 1, ("click",), names)
+    ranking.raw_item_ids = ["Up (2009)", "Heat (1995)"]
+    assert "1  Up (2009)    0.9" in format_ranking(ranking, 2, ("click",))
 
 
 def test_stop_lets_in_flight_requests_finish_and_refuses_new_ones(tiny_model, tmp_path,

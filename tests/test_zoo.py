@@ -354,3 +354,26 @@ def test_schema_without_authors_or_cross_features():
     assert predict(model, kept)["score"].shape == (3, 6)
     with pytest.raises(ValueError, match="needs inputs"):
         zoo.build("sim_hard", schema=FeatureSchema(item_attributes=("item_id",)))
+
+
+def test_build_reads_the_schema_of_a_dataset(tmp_path):
+    """schema= takes a dataset directory or its metadata.json; a model built for other
+    features says how to build one for the data."""
+    from ifa_tf.data import records
+
+    schema = FeatureSchema(item_attributes=("item_id", "category_id"),
+                           cross_features=("cand_cross_category_count",),
+                           tasks=("impression", "click"), embedding_buckets={"item_id": 64})
+    records.write_metadata(str(tmp_path), {"schema": schema.to_dict()})
+    for where in (tmp_path, str(tmp_path / "metadata.json")):
+        model = zoo.build("avg_pooling", schema=where, **SMALL)
+        assert model.schema == schema
+    features, _ = make_batch()
+    kept = {k: v for k, v in features.items() if k in schema.feature_names}
+    default_model = zoo.build("avg_pooling", **SMALL)
+    with pytest.raises(ValueError, match=r"Missing features \[.seq_author_id., .*"
+                                         r"zoo.build\(name, schema=<the dataset directory"):
+        default_model(kept)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no metadata.json"):
+        zoo.build("avg_pooling", schema=tmp_path / "empty")

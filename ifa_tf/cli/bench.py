@@ -29,7 +29,8 @@ flags.DEFINE_multi_string("model_overrides", [], "key=value (value in YAML): a z
                           "repeat the flag for more.")
 
 
-def main(argv):
+def config_from_flags(argv):
+    """The `BenchConfig` the flags describe (checked before TensorFlow loads)."""
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     values = {}
@@ -43,8 +44,15 @@ def main(argv):
         elif isinstance(value, list):
             value = tuple(value)
         values[field.name] = value
-    run_benchmark(BenchConfig(**values))
+    try:
+        return BenchConfig(**values)
+    except ValueError as error:
+        raise app.UsageError(str(error)) from error
+
+
+def main(argv):
+    run_benchmark(config_from_flags(argv))
 
 
 def run():
-    run_app(main, __name__, "ifa-bench")
+    run_app(main, __name__, "ifa-bench", check=config_from_flags)

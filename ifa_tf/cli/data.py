@@ -1,16 +1,21 @@
 """`ifa-data`: write candidate-set TFRecords.
 
+Subcommands:
+    synthetic   simulate lifelong behaviour (the quick start's data, the tests')
+    from-log    convert an interaction log (CSV/TSV), or MovieLens with --preset
+
     ifa-data synthetic --output_dir=data/sim --num_requests=10000 --seed=0 \\
         --max_seq_len=1000 --max_candidates=200
     ifa-data synthetic --preset=lifelong --output_dir=data/lifelong
     ifa-data from-log --input=log.csv --output_dir=data/log \\
         --columns=user,item,category,timestamp,action --actions=pv:click,fav:like
-    ifa-data from-log --preset=movielens_1m --input=/tmp/ml-1m --output_dir=data/ml-1m
+    bash ../shared/data/fetch_movielens_1m.sh ml-1m    # MovieLens-1M into ./ml-1m
+    ifa-data from-log --preset=movielens_1m --input=ml-1m --output_dir=data/ml-1m
 
-Thin over `ifa_tf.data.write_synthetic`, `convert_log` and `convert_preset`. Flags
-are defined when the command runs (not on import), so other console scripts can define
-flags of the same name.
+Thin over `ifa_tf.data.write_synthetic`, `convert_log` and `convert_preset`.
 """
+# Flags are defined when the command runs (not on import), so other console scripts can
+# define flags of the same name.
 
 import logging
 import os
@@ -18,11 +23,13 @@ import os
 from absl import app, flags
 
 from ifa_tf.cli import progress_reporter, run_app
-from ifa_tf.data import leak_audit, log_converter, simulator
 
 COMMANDS = ("synthetic", "from-log")
-PRESETS = tuple(log_converter.PRESETS)
-SYNTHETIC_PRESETS = tuple(simulator.PRESETS)
+# `log_converter.PRESETS` and `simulator.PRESETS` (tested equal): named here so that the
+# flags are defined and checked before those modules, and TensorFlow, load.
+PRESETS = ("movielens_100k", "movielens_1m")
+SYNTHETIC_PRESETS = ("lifelong",)
+NEGATIVE_SAMPLERS = ("popularity_matched", "exposure", "popularity")  # and its samplers
 
 _COMMON = ("output_dir", "seed", "max_seq_len", "max_candidates", "min_seq_len",
            "test_fraction", "num_shards", "compression")
@@ -105,7 +112,7 @@ def define_flags(flag_values=flags.FLAGS):
                          "the composition of earlier versions)" + _PRESET_NOTE + ".",
                          flag_values=f)
     flags.DEFINE_enum("negatives", "popularity_matched",
-                      list(log_converter.NEGATIVE_SAMPLERS),
+                      list(NEGATIVE_SAMPLERS),
                       "from-log: how negatives are drawn: popularity_matched (from a "
                       "positive's popularity stratum), exposure (items of other users' "
                       "windows nearest in time), popularity (train-period popularity, "
@@ -131,6 +138,8 @@ def define_flags(flag_values=flags.FLAGS):
 def synthetic_config(flag_values):
     """The `SimulatorConfig` the flags describe (unset flags keep the config defaults, or
     with --preset the preset's values: then only the flags given override)."""
+    from ifa_tf.data import simulator
+
     preset = flag_values["preset"].value
     names = {**_SYNTHETIC, **{name: name for name in ("seed", "max_seq_len", "max_candidates",
                                                       "min_seq_len", "test_fraction")}}
@@ -160,8 +169,8 @@ def log_overrides(flag_values):
     return overrides
 
 
-def run_command(command, flag_values=flags.FLAGS):
-    """Runs one subcommand with parsed `flag_values`; returns the metadata written."""
+def check_command(command, flag_values=flags.FLAGS):
+    """The checks of one subcommand's flags that need no data (raises `app.UsageError`)."""
     if command not in COMMANDS:
         raise app.UsageError(f"Unknown command {command!r}; expected one of {list(COMMANDS)}.")
     foreign = _SYNTHETIC if command == "from-log" else _FROM_LOG
@@ -173,14 +182,10 @@ def run_command(command, flag_values=flags.FLAGS):
     if flag_values["preset"].value not in (None, *presets):
         raise app.UsageError(f"--preset={flag_values['preset'].value} does not apply to "
                              f"`ifa-data {command}`; its presets: {list(presets)}.")
-    output_dir = flag_values["output_dir"].value
-    if not output_dir:
+    if not flag_values["output_dir"].value:
         raise app.UsageError("--output_dir is required.")
-    writing = dict(num_shards=flag_values["num_shards"].value,
-                   compression=flag_values["compression"].value,
-                   progress=progress_reporter("request"))
     if command == "synthetic":
-        return simulator.write_synthetic(output_dir, synthetic_config(flag_values), **writing)
+        return
     source = flag_values["input"].value
     if not source:
         raise app.UsageError("from-log needs --input.")
@@ -188,8 +193,24 @@ def run_command(command, flag_values=flags.FLAGS):
     if not preset and not flag_values["columns"].present:
         raise app.UsageError("from-log needs --columns (or --preset).")
     if not os.path.exists(source):
+        hint = f" (fetch it: bash ../shared/data/fetch_{preset}.sh {source})" if preset else ""
         raise app.UsageError(f"--input={source} does not exist; pass the log file (with "
-                             "--preset: the directory of its files).")
+                             f"--preset: the directory of its files){hint}.")
+
+
+def run_command(command, flag_values=flags.FLAGS):
+    """Runs one subcommand with parsed `flag_values`; returns the metadata written."""
+    from ifa_tf.data import log_converter, simulator
+
+    check_command(command, flag_values)
+    output_dir = flag_values["output_dir"].value
+    writing = dict(num_shards=flag_values["num_shards"].value,
+                   compression=flag_values["compression"].value,
+                   progress=progress_reporter("request"))
+    if command == "synthetic":
+        return simulator.write_synthetic(output_dir, synthetic_config(flag_values), **writing)
+    source = flag_values["input"].value
+    preset = flag_values["preset"].value
     if preset:
         return log_converter.convert_preset(preset, source, output_dir, **writing,
                                             **log_overrides(flag_values))
@@ -198,16 +219,24 @@ def run_command(command, flag_values=flags.FLAGS):
                                      **writing)
 
 
-def main(argv, flag_values=flags.FLAGS):
+def check(argv, flag_values=flags.FLAGS):
+    """What `main` checks before TensorFlow loads."""
     if len(argv) != 2:
         raise app.UsageError(f"Usage: ifa-data {{{'|'.join(COMMANDS)}}} [flags]. "
                              f"Received: {argv[1:]}")
+    check_command(argv[1], flag_values)
+
+
+def main(argv, flag_values=flags.FLAGS):
+    check(argv, flag_values)
     metadata = run_command(argv[1], flag_values)
     for split, stats in metadata["splits"].items():
         logging.info("%s: %d requests (%s)", split, stats["num_requests"], stats["pattern"])
     parts = [f"{split}={stats['num_requests']}" for split, stats in metadata["splits"].items()]
     skipped = metadata.get("bad_rows", 0)
     collisions = {role: n for role, n in metadata.get("id_collisions", {}).items() if n}
+    from ifa_tf.data import leak_audit
+
     audit = leak_audit.summary(metadata.get("leak_audit"))
     print(f"wrote {', '.join(parts)} requests to {flag_values['output_dir'].value}"
           + (f"; skipped {skipped} malformed rows (logged above)" if skipped else "")
@@ -220,7 +249,7 @@ def main(argv, flag_values=flags.FLAGS):
 
 def run():
     define_flags()
-    run_app(main, __name__, "ifa-data")
+    run_app(main, __name__, "ifa-data", check=check, creates=("output_dir",))
 
 
 if __name__ == "__main__":

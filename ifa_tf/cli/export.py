@@ -3,9 +3,14 @@
     ifa-export --model_dir=runs/ifa --export_base=/models/ifa [--version=N]
 
 writes `/models/ifa/<N>/` (the next version when --version is omitted) and prints its path.
+The version has two signatures: `serving_default` (int64 ids) and `serving_raw` (the log's
+raw string ids, mapped as `ifa-data from-log` maps them). When the model was trained on a
+converted log, `serving_raw` carries its vocabularies (--vocabularies, by default the
+dataset of the run's data.train_data).
 """
 
 import glob
+import json
 import os
 
 from absl import app, flags
@@ -34,6 +39,11 @@ def define_flags(flag_values=flags.FLAGS):
                          "Run the model as one XLA computation on requests padded to "
                          "power-of-two m and n (one compilation per bucket; TF Serving on CPU "
                          "then needs --xla_cpu_compilation_enabled=true).", flag_values=f)
+    flags.DEFINE_string("vocabularies", None,
+                        "A dataset written by `ifa-data from-log` (its directory or "
+                        "metadata.json) whose vocab_*.tsv files serving_raw carries as assets; "
+                        "default: the dataset of the run's data.train_data (config.yaml "
+                        "beside the .keras file), when it has vocabularies.", flag_values=f)
     flags.mark_flags_as_required(["model_dir", "export_base"], flag_values=f)
 
 
@@ -58,21 +68,56 @@ def find_keras_file(model_dir):
     return candidates[0]
 
 
+def training_dataset(keras_file):
+    """The dataset directory of the run's `data.train_data` (its config.yaml beside
+    `keras_file`), or None when there is no config or no metadata.json there."""
+    import yaml
+
+    config_path = os.path.join(os.path.dirname(keras_file), "config.yaml")
+    if not os.path.isfile(config_path):
+        return None
+    with open(config_path) as f:
+        config = yaml.safe_load(f) or {}
+    pattern = (config.get("data") or {}).get("train_data")
+    patterns = [pattern] if isinstance(pattern, str) else list(pattern or [])
+    for one in patterns:
+        for path in sorted(glob.glob(one))[:1]:
+            directory = os.path.dirname(os.path.abspath(path))
+            if os.path.isfile(os.path.join(directory, "metadata.json")):
+                return directory
+    return None
+
+
+def check(argv):
+    """What `main` checks before TensorFlow loads."""
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    find_keras_file(FLAGS.model_dir)
+    if FLAGS.version is not None and FLAGS.version < 1:
+        raise app.UsageError(f"--version must be a positive integer. Received: {FLAGS.version}")
+    for name in ("schema", "vocabularies"):
+        value = FLAGS[name].value
+        if value and not os.path.exists(value):
+            raise app.UsageError(f"--{name}={value} does not exist.")
+
+
 def load_model(path):
     """Loads a `.keras` file with ifa_tf's layers and models registered."""
     import keras
 
-    import ifa_tf  # noqa: F401 (registers the layers and models under package "ifa_tf")
+    import ifa_tf.zoo  # noqa: F401 (registers the layers and models under package "ifa_tf")
 
     return keras.saving.load_model(path, compile=False)
 
 
 def export_model(model_dir, export_base, version=None, schema=None, model_name=None,
-                 jit_compile=False):
+                 jit_compile=False, vocabularies=None):
     """Loads the model of `model_dir` and exports it; returns the version directory.
 
     `schema` (a FeatureSchema, dict or JSON path) defaults to `schema.json` beside the
     `.keras` file, else to the schema read off the model's inputs and outputs.
+    `vocabularies` (a converted dataset) defaults to the run's training dataset when it has
+    vocabularies.
     """
     from ifa_tf import export
     from ifa_tf.schema import resolve_schema
@@ -81,23 +126,27 @@ def export_model(model_dir, export_base, version=None, schema=None, model_name=N
     if schema is None:
         beside = os.path.join(os.path.dirname(keras_file), SCHEMA_FILE)
         schema = beside if os.path.isfile(beside) else None
+    if vocabularies is None:
+        dataset = training_dataset(keras_file)
+        if dataset is not None:
+            with open(os.path.join(dataset, "metadata.json")) as f:
+                vocabularies = dataset if json.load(f).get("vocabularies") else None
     model = load_model(keras_file)
     return export.export_saved_model(
         model, export_base, version=version,
         schema=resolve_schema(schema) if schema else None, model_name=model_name,
-        jit_compile=jit_compile)
+        jit_compile=jit_compile, vocabularies=vocabularies)
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    check(argv)
     print(export_model(FLAGS.model_dir, FLAGS.export_base, FLAGS.version, FLAGS.schema,
-                       FLAGS.model_name, FLAGS.jit_compile))
+                       FLAGS.model_name, FLAGS.jit_compile, FLAGS.vocabularies))
 
 
 def run():
     define_flags()
-    run_app(main, __name__, "ifa-export")
+    run_app(main, __name__, "ifa-export", check=check, creates=("export_base",))
 
 
 if __name__ == "__main__":

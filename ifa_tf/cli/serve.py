@@ -7,13 +7,14 @@ by default) and the `--max_*` request limits are ifa-serve's own. SIGTERM or SIG
 server after in-flight requests finish.
 """
 
+import os
 import signal
 import threading
 
 from absl import app, flags, logging
 
 from ifa_tf.cli import run_app
-from ifa_tf.serving.server import ModelServer, ServerOptions
+from ifa_tf.serving.options import ServerOptions
 
 _DEFAULTS = ServerOptions.__dataclass_fields__
 
@@ -95,14 +96,29 @@ def options_from_flags():
 
 def serve(options, stop_event):
     """Runs a server until `stop_event` is set; the function the CLI and tests share."""
+    from ifa_tf.serving.server import ModelServer
+
     server = ModelServer(options).start()
     stop_event.wait()
     server.stop()
 
 
-def main(argv):
+def check(argv):
+    """What `main` checks before TensorFlow loads: the arguments and every option's value."""
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    try:
+        options = options_from_flags()
+    except ValueError as error:
+        raise app.UsageError(str(error)) from error
+    for name in ("model_config_file", "monitoring_config_file"):
+        path = getattr(options, name)
+        if path and not os.path.isfile(path):
+            raise app.UsageError(f"--{name}={path} does not exist.")
+
+
+def main(argv):
+    check(argv)
     import tensorflow as tf
 
     if FLAGS.tensorflow_intra_op_parallelism:
@@ -125,7 +141,7 @@ def main(argv):
 def run():
     define_flags()
     # A server's log is its output: info lines (loads, requests refused) by default.
-    run_app(main, __name__, "ifa-serve", default_verbosity=0)
+    run_app(main, __name__, "ifa-serve", default_verbosity=0, check=check)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from tensorflow.core.example import example_pb2
 
 from ifa_tf import schema as schema_lib
 
-METADATA_FILENAME = "metadata.json"
+METADATA_FILENAME = schema_lib.METADATA_FILENAME
 FORMAT_VERSION = 1
 COMPRESSIONS = ("gzip", "none")
 _TMP_PREFIX = ".tmp-"

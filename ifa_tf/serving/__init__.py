@@ -2,10 +2,30 @@
 
 Client (features in, ranked list out, against either server):
     `GrpcClient`, `RestClient`, `connect`, `Ranking`, `ServingError`.
+Requests from raw log rows, as `ifa-data from-log` builds them: `RequestBuilder`,
+    `pad_requests`.
 Server (`ifa-serve`): `ifa_tf.serving.server.ModelServer` and `ServerOptions`.
+
+The names load on first use, so that `ifa-serve` checks its flags before TensorFlow loads.
 """
 
-from ifa_tf.serving.client import GrpcClient, Ranking, RestClient, ServingClient, connect
-from ifa_tf.serving.errors import ServingError
+import importlib
 
-__all__ = ["GrpcClient", "Ranking", "RestClient", "ServingClient", "ServingError", "connect"]
+_WHERE = {
+    "GrpcClient": "client",
+    "Ranking": "client",
+    "RestClient": "client",
+    "ServingClient": "client",
+    "connect": "client",
+    "ServingError": "errors",
+    "RequestBuilder": "request_builder",
+    "pad_requests": "request_builder",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name):
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"ifa_tf.serving.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'ifa_tf.serving' has no attribute {name!r}")

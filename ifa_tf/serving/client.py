@@ -6,6 +6,10 @@ Only TF Serving's public API is used, so the same code talks to either server:
     rankings = client.rank(features)                      # features: {name: np.ndarray [B, ...]}
     rankings[0].item_ids, rankings[0].scores["click"]     # valid candidates, best first
 
+Features holding raw string ids (what `ifa-data from-log` read in the log: user, items,
+categories) go to the `serving_raw` signature, and each `Ranking` then carries the ranked
+candidates' raw ids too (`raw_item_ids`).
+
 Every failure raises `ServingError` carrying the server's status code and message; a call
 that runs past its deadline raises it with `DEADLINE_EXCEEDED`.
 """
@@ -22,10 +26,12 @@ import tensorflow as tf
 from tensorflow_serving.apis import (get_model_status_pb2, model_service_pb2_grpc, predict_pb2,
                                      prediction_service_pb2_grpc)
 
-from ifa_tf.export import RANKED_INDICES, RANKED_ITEM_IDS, SIGNATURE_NAME
+from ifa_tf.export import (RANKED_INDICES, RANKED_ITEM_IDS, RANKED_RAW_ITEM_IDS,
+                           RAW_SIGNATURE_NAME, SIGNATURE_NAME)
 from ifa_tf.serving.errors import ServingError, code_for_http_status
 
-_RANKING_OUTPUTS = (RANKED_INDICES, RANKED_ITEM_IDS)
+_RANKING_OUTPUTS = (RANKED_INDICES, RANKED_ITEM_IDS, RANKED_RAW_ITEM_IDS)
+_ID_OUTPUTS = (RANKED_INDICES, RANKED_ITEM_IDS)
 
 
 @dataclasses.dataclass
@@ -38,17 +44,21 @@ class Ranking:
         scores: `{output: float32 [k]}`, every task probability and `score`, in that order.
         version: the model version that answered (gRPC; over REST only when pinned, as
             TF Serving's REST responses do not name it).
+        raw_item_ids: the raw ids (str) of `item_ids`, when the request sent raw ids
+            (`serving_raw`); None otherwise.
     """
 
     item_ids: np.ndarray
     indices: np.ndarray
     scores: dict
     version: int
+    raw_item_ids: list = None
 
 
 def rankings_from_outputs(outputs, version):
     """Splits a batched predict result into one `Ranking` per user."""
     indices, item_ids = outputs[RANKED_INDICES], outputs[RANKED_ITEM_IDS]
+    raw_ids = outputs.get(RANKED_RAW_ITEM_IDS)
     score_names = [name for name in outputs if name not in _RANKING_OUTPUTS]
     rankings = []
     for row in range(indices.shape[0]):
@@ -57,7 +67,8 @@ def rankings_from_outputs(outputs, version):
         rankings.append(Ranking(
             item_ids=item_ids[row][valid], indices=order,
             scores={name: outputs[name][row][order] for name in score_names},
-            version=version))
+            version=version,
+            raw_item_ids=None if raw_ids is None else [_text(v) for v in raw_ids[row][valid]]))
     return rankings
 
 
@@ -67,7 +78,8 @@ class ServingClient:
     Args:
         target: `host:port` of the server's gRPC (GrpcClient) or REST (RestClient) port.
         model_name: the served model's name.
-        signature_name: defaults to `serving_default`.
+        signature_name: defaults to `serving_default`, and to `serving_raw` for features
+            with raw string ids.
         version, version_label: pin a version (at most one); default: the latest.
         timeout: default deadline of a call, seconds.
     """
@@ -84,13 +96,23 @@ class ServingClient:
         self.version_label = version_label
         self.timeout = timeout
 
-    def predict(self, features, output_filter=(), timeout=None):
-        """Raw outputs: `({output: np.ndarray}, version)`."""
+    def predict(self, features, output_filter=(), timeout=None, signature_name=None):
+        """Raw outputs: `({output: np.ndarray}, version)`; `signature_name` defaults to the
+        client's."""
         raise NotImplementedError
 
     def rank(self, features, timeout=None):
-        """Batched features (user features [B], others [B, n] / [B, m]) -> B `Ranking`s."""
-        outputs, version = self.predict(_as_int64(features), timeout=timeout)
+        """Batched features (user features [B], others [B, n] / [B, m]) -> B `Ranking`s.
+
+        Ids are int64, or raw strings (any id feature a string: then every id feature,
+        `user_*`, `seq_*_id` and `cand_*_id`, is sent as text, to `serving_raw` unless the
+        client names another signature)."""
+        features, raw = request_features(features)
+        signature_name = self.signature_name
+        if raw and signature_name == SIGNATURE_NAME:
+            signature_name = RAW_SIGNATURE_NAME
+        outputs, version = self.predict(features, timeout=timeout,
+                                        signature_name=signature_name)
         return rankings_from_outputs(outputs, version)
 
     def rank_user(self, features, timeout=None):
@@ -132,9 +154,11 @@ class GrpcClient(ServingClient):
         elif self.version_label is not None:
             model_spec.version_label = self.version_label
 
-    def predict(self, features, output_filter=(), timeout=None):
+    def predict(self, features, output_filter=(), timeout=None, signature_name=None):
         request = predict_pb2.PredictRequest()
         self._fill_model_spec(request.model_spec)
+        if signature_name is not None:
+            request.model_spec.signature_name = signature_name
         for name, value in features.items():
             request.inputs[name].CopyFrom(tf.make_tensor_proto(np.asarray(value)))
         request.output_filter.extend(output_filter)
@@ -172,16 +196,17 @@ class RestClient(ServingClient):
             url += f"/labels/{self.version_label}"
         return url
 
-    def predict(self, features, output_filter=(), timeout=None):
-        body = {"signature_name": self.signature_name,
-                "inputs": {name: np.asarray(value).tolist() for name, value in features.items()}}
+    def predict(self, features, output_filter=(), timeout=None, signature_name=None):
+        body = {"signature_name": signature_name or self.signature_name,
+                "inputs": {name: _json_column(value) for name, value in features.items()}}
         result = self._request(self._model_url() + ":predict", body, timeout)
         outputs = result["outputs"]
         if not isinstance(outputs, dict):  # TF Serving unwraps a single output
             raise ServingError(grpc.StatusCode.INTERNAL,
                                "Expected named outputs from a multi-output signature")
-        arrays = {name: np.asarray(value, dtype=np.int64 if name in _RANKING_OUTPUTS
-                                   else np.float32) for name, value in outputs.items()}
+        arrays = {name: np.asarray(value, dtype=np.int64 if name in _ID_OUTPUTS else
+                                   object if name == RANKED_RAW_ITEM_IDS else np.float32)
+                  for name, value in outputs.items()}
         if output_filter:
             arrays = {name: arrays[name] for name in output_filter}
         return arrays, self.version  # REST responses do not name the version that answered
@@ -227,13 +252,53 @@ def connect(target, model_name, protocol="grpc", **kwargs):
     return clients[protocol](target, model_name, **kwargs)
 
 
-def _as_int64(features):
-    """Ids as int64 arrays; a float or ragged feature is refused before it is sent."""
+def is_id_feature(name):
+    """Features that hold ids by the schema's naming rule: `user_*`, `seq_*_id`, `cand_*_id`
+    (not the cross counts)."""
+    return name.startswith("user_") or (name.endswith("_id") and name.startswith(
+        ("seq_", "cand_")) and not name.startswith("cand_cross_"))
+
+
+def request_features(features):
+    """`(features ready to send, raw)`: with every id an int64, int64 arrays; when an id
+    feature holds text (str or bytes), raw: id features as object arrays of str (integers
+    written as text), the others int64. A float, ragged or mixed feature is refused before
+    it is sent."""
+    arrays = {name: np.asarray(value) for name, value in features.items()}
+    raw = any(array.dtype.kind in "USO" and is_id_feature(name)
+              for name, array in arrays.items())
     converted = {}
-    for name, value in features.items():
-        array = np.asarray(value)
+    for name, array in arrays.items():
+        if raw and is_id_feature(name):
+            converted[name] = _text_array(name, array)
+            continue
         if array.dtype.kind not in "iu":
-            raise ValueError(f"Feature {name!r} must hold integer ids. "
+            raise ValueError(f"Feature {name!r} must hold integer "
+                             f"{'ids' if is_id_feature(name) else 'values'}"
+                             f"{' or raw string ids' if is_id_feature(name) else ''}. "
                              f"Received: dtype={array.dtype}")
         converted[name] = array.astype(np.int64, copy=False)
+    return converted, raw
+
+
+def _text_array(name, array):
+    if array.dtype.kind in "iu":
+        return np.vectorize(lambda v: "" if v == 0 else str(v), otypes=[object])(array)
+    if array.dtype.kind not in "USO":
+        raise ValueError(f"Feature {name!r} must hold raw string ids (or integers). "
+                         f"Received: dtype={array.dtype}")
+    converted = np.empty(array.shape, dtype=object)
+    for index, value in np.ndenumerate(array):
+        if not isinstance(value, (str, bytes)):
+            raise ValueError(f"Feature {name!r} must hold raw string ids. Received: "
+                             f"{value!r} ({type(value).__name__}) at {list(index)}")
+        converted[index] = _text(value)
     return converted
+
+
+def _text(value):
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _json_column(array):
+    return array.tolist()

@@ -65,16 +65,49 @@ def wait_until_available(client, wait_s):
         time.sleep(0.5)
 
 
-def format_ranking(ranking, top, tasks=None):
-    """A text table of the first `top` candidates: id, score and every task probability."""
+def format_ranking(ranking, top, tasks=None, names=None):
+    """A text table of the first `top` candidates: item, score and every task probability.
+
+    The item is its raw id when the answer carries them (`serving_raw`) or `names` ({id:
+    raw id}, e.g. a converted log's `read_vocabulary(dataset, "item")`) has it, else its
+    int64 id; the column is as wide as its longest entry (raw ids cut at 40 characters)."""
     lines = [f"model version {ranking.version}: {len(ranking.item_ids)} candidates ranked"]
     tasks = [t for t in (tasks or sorted(ranking.scores)) if t != "score"]
-    lines.append("rank  item_id  score     " + "  ".join(f"{t:>10}" for t in tasks))
-    for position in range(min(top, len(ranking.item_ids))):
-        lines.append(f"{position + 1:>4}  {ranking.item_ids[position]:>7}  "
+    shown = min(top, len(ranking.item_ids))
+    if ranking.raw_item_ids is not None:
+        items = list(ranking.raw_item_ids[:shown])
+    else:
+        items = [(names or {}).get(int(i), str(i)) for i in ranking.item_ids[:shown]]
+    items = [item if len(item) <= 40 else item[:39] + "…" for item in items]
+    width = max([len("item"), *(len(item) for item in items)])
+    lines.append(f"rank  {'item':<{width}}  score     " + "  ".join(f"{t:>10}" for t in tasks))
+    for position in range(shown):
+        lines.append(f"{position + 1:>4}  {items[position]:<{width}}  "
                      f"{ranking.scores['score'][position]:.6f}  "
                      + "  ".join(f"{ranking.scores[t][position]:>10.6f}" for t in tasks))
     return "\n".join(lines)
+
+
+def item_names(data):
+    """`{item id: raw id}` of the converted log that `data` (a TFRecord glob) belongs to,
+    when it has an item vocabulary; None otherwise."""
+    import glob
+    import json
+    import os
+
+    from ifa_tf.data import read_vocabulary
+
+    files = sorted(glob.glob(data))
+    if not files:
+        return None
+    directory = os.path.dirname(os.path.abspath(files[0]))
+    metadata_path = os.path.join(directory, "metadata.json")
+    if not os.path.isfile(metadata_path):
+        return None
+    with open(metadata_path) as f:
+        if "item" not in json.load(f).get("vocabularies", {}):
+            return None
+    return read_vocabulary(directory, "item")
 
 
 def main(argv):
@@ -90,7 +123,8 @@ def main(argv):
     with connect(FLAGS.target, FLAGS.model_name, protocol=FLAGS.protocol) as client:
         wait_until_available(client, FLAGS.wait_s)
         ranking = client.rank(features)[0]
-    print(format_ranking(ranking, FLAGS.top, schema.tasks))
+    names = item_names(FLAGS.data) if FLAGS.data else None
+    print(format_ranking(ranking, FLAGS.top, schema.tasks, names))
 
 
 def run():

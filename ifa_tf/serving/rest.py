@@ -22,6 +22,7 @@ however steadily it trickles in. Any other method than GET and POST, and any mal
 request line or header, is answered with a JSON error too.
 """
 
+import base64
 import http.server
 import json
 import logging
@@ -74,12 +75,12 @@ def handle_predict(manager, name, version, label, body):
     outputs = signature.run(inputs, (), manager.limits)
     if row_format:
         batch = next(iter(outputs.values())).shape[0] if outputs else 0
-        rows = [{alias: value[i].tolist() for alias, value in outputs.items()}
+        rows = [{alias: _json_value(value[i]) for alias, value in outputs.items()}
                 for i in range(batch)]
         if len(outputs) == 1:
             rows = [next(iter(row.values())) for row in rows]
         return {"predictions": rows}
-    columns = {alias: value.tolist() for alias, value in outputs.items()}
+    columns = {alias: _json_value(value) for alias, value in outputs.items()}
     return {"outputs": next(iter(columns.values())) if len(columns) == 1 else columns}
 
 
@@ -153,6 +154,8 @@ def _to_array(value, key, signature, may_hold_booleans=True):
     limits). An integer outside the dtype's range is refused, not wrapped; `true` and
     `false` are refused where a number belongs (NumPy would read them as 1 and 0)."""
     dtype, _ = signature.inputs[key]
+    if dtype.name == "string":
+        return _string_array(value, key)
     boolean = _a_boolean(value) if may_hold_booleans and not dtype.is_bool else None
     if boolean is not None:
         raise errors.invalid_argument(
@@ -185,6 +188,52 @@ def _a_boolean(value):
         elif isinstance(item, bool):
             return item
     return None
+
+
+def _string_array(value, key):
+    """A JSON column of a string input: JSON strings (UTF-8) or TF Serving's `{"b64": ...}`
+    objects for bytes, as an object array of bytes."""
+    def leaf(item):
+        if isinstance(item, str):
+            return item.encode("utf-8")
+        if isinstance(item, dict) and set(item) == {"b64"} and isinstance(item["b64"], str):
+            try:
+                return base64.b64decode(item["b64"], validate=True)
+            except ValueError as error:
+                raise errors.invalid_argument(f"Input {key}: bad base64 in {{\"b64\": ...}}: "
+                                              f"{error}") from error
+        text = json.dumps(item)
+        raise errors.invalid_argument(
+            f"Input {key} expects string values (JSON strings, or {{\"b64\": ...}} for "
+            f"bytes); received {text if len(text) <= 32 else text[:29] + '...'}")
+
+    def convert(item):
+        return [convert(child) for child in item] if isinstance(item, list) else leaf(item)
+
+    shape = _json_shape(value, key)
+    array = np.empty(shape, dtype=object)
+    flat = convert(value)
+    for _ in range(len(shape) - 1):
+        flat = [child for item in flat for child in item]
+    array.reshape(-1)[:] = flat if shape else [flat]
+    return array
+
+
+def _json_value(value):
+    """An output array as JSON-ready lists; strings as text, or `{"b64": ...}` where they
+    are not UTF-8 (as TF Serving writes bytes)."""
+    if value.dtype != object:
+        return value.tolist()
+
+    def text(item):
+        if not isinstance(item, bytes):
+            return item
+        try:
+            return item.decode("utf-8")
+        except UnicodeDecodeError:
+            return {"b64": base64.b64encode(item).decode("ascii")}
+
+    return np.vectorize(text, otypes=[object])(value).tolist() if value.size else value.tolist()
 
 
 def _first_outside(value, bounds):

@@ -1,23 +1,31 @@
 """Training and evaluation: typed configs, `train_and_evaluate(config, workdir)`, the
-streaming protocol and distribution strategies (`ifa-train` is a thin CLI over these)."""
+streaming protocol and distribution strategies (`ifa-train` is a thin CLI over these).
 
-from ifa_tf.training.checkpointing import TrainingDivergedError
-from ifa_tf.training.config import (Config, DataConfig, EvalConfig, ModelConfig,
-                                    TrainConfig, load_config, parse_override)
-from ifa_tf.training.streaming import streaming_train_and_evaluate
-from ifa_tf.training.trainer import build_model, evaluate, train_and_evaluate
+The names below load on first use, so that `ifa_tf.training.config` (what `ifa-train`
+checks its flags with) imports without TensorFlow.
+"""
 
-__all__ = [
-    "Config",
-    "DataConfig",
-    "EvalConfig",
-    "ModelConfig",
-    "TrainConfig",
-    "TrainingDivergedError",
-    "build_model",
-    "evaluate",
-    "load_config",
-    "parse_override",
-    "streaming_train_and_evaluate",
-    "train_and_evaluate",
-]
+import importlib
+
+_WHERE = {
+    "Config": "config",
+    "DataConfig": "config",
+    "EvalConfig": "config",
+    "ModelConfig": "config",
+    "TrainConfig": "config",
+    "TrainingDivergedError": "checkpointing",
+    "load_config": "config",
+    "parse_override": "config",
+    "streaming_train_and_evaluate": "streaming",
+    "build_model": "trainer",
+    "evaluate": "trainer",
+    "train_and_evaluate": "trainer",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name):
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"ifa_tf.training.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'ifa_tf.training' has no attribute {name!r}")

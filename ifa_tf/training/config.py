@@ -26,8 +26,6 @@ from typing import Optional, Union
 
 import yaml
 
-from ifa_tf import zoo
-
 PROTOCOLS = ("split", "streaming")
 STRATEGIES = ("default", "mirrored", "multi_worker")
 ZOO_CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
@@ -42,6 +40,8 @@ class ModelConfig:
     overrides: dict = dataclasses.field(default_factory=dict)
 
     def validate(self):
+        from ifa_tf import zoo  # imports Keras: only once a config is checked in full
+
         if self.name not in zoo.list_models():
             raise ValueError(f"Unknown model {self.name!r} (model.name). Registered models: "
                              f"{zoo.list_models()}")
@@ -206,9 +206,12 @@ class Config:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
 
-    def validate(self):
+    def validate(self, check_model=True):
+        """Checks every section; `check_model=False` leaves out the model section, whose
+        check imports the zoo (Keras), for checks that must answer before it loads."""
         for section in _SECTIONS:
-            getattr(self, section).validate()
+            if section != "model" or check_model:
+                getattr(self, section).validate()
         if self.eval.protocol == "streaming" and self.train.strategy != "default":
             raise ValueError("eval.protocol='streaming' runs on one device; set "
                              f"train.strategy='default'. Received: {self.train.strategy!r}")
@@ -288,7 +291,8 @@ def zoo_config_path(model_name, config_dir=None):
     return os.path.join(config_dir or ZOO_CONFIG_DIR, f"{model_name}.yaml")
 
 
-def load_config(model_name=None, config_file=None, overrides=(), config_dir=None):
+def load_config(model_name=None, config_file=None, overrides=(), config_dir=None,
+                check_model=True):
     """The resolved config: defaults < `zoo/<model>.yaml` < `config_file` < `overrides`.
 
     Args:
@@ -297,6 +301,7 @@ def load_config(model_name=None, config_file=None, overrides=(), config_dir=None
         config_file: an extra YAML file with the same sections.
         overrides: `section.key=value` strings or `(section.key, value)` pairs, applied last.
         config_dir: where the per-model YAML files are (default: the repository's `zoo/`).
+        check_model: check the model name and keys against the zoo (imports Keras).
     """
     pairs = [parse_override(o) if isinstance(o, str) else tuple(o) for o in overrides]
     file_values = {}
@@ -321,7 +326,17 @@ def load_config(model_name=None, config_file=None, overrides=(), config_dir=None
     for key, value in pairs:
         set_value(config, key, value)
     config.model.name = model_name
-    return config.validate()
+    return config.validate(check_model=check_model)
+
+
+def zoo_config_names(config_dir=None):
+    """The models with a `zoo/<model>.yaml` (every registered model has one), sorted; empty
+    when the directory is not there (an installed, not a checked-out, package)."""
+    directory = config_dir or ZOO_CONFIG_DIR
+    if not os.path.isdir(directory):
+        return []
+    return sorted(name[:-len(".yaml")] for name in os.listdir(directory)
+                  if name.endswith(".yaml"))
 
 
 def _check_positive(name, value):

@@ -29,6 +29,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 
@@ -38,8 +39,10 @@ import tensorflow as tf
 from ifa_tf import diagnostics, zoo
 from ifa_tf.data import make_dataset, records
 from ifa_tf.metrics import CandidateSetEvaluator
+from ifa_tf.progress import ProgressBar
 from ifa_tf.schema import resolve_schema
 from ifa_tf.training import strategies
+from ifa_tf.training.progress import FitProgress
 from ifa_tf.training.checkpointing import (ChiefBackupAndRestore, EpochCheckpoint,
                                            TrainingDivergedError, atomic_write, write_text)
 from ifa_tf.training.streaming import streaming_train_and_evaluate
@@ -83,12 +86,12 @@ def evaluate(model, dataset, schema, ndcg_k=10, max_batches=None, length_groups=
     predict = tf.function(lambda features: model(features, training=False),
                           reduce_retracing=True)
     progress = None
-    if verbose == 1:
+    if verbose == 1 and sys.stdout.isatty():
         batches = int(dataset.cardinality())
         batches = None if batches < 0 else batches
         if max_batches is not None:
             batches = max_batches if batches is None else min(batches, max_batches)
-        progress = keras.utils.Progbar(batches, unit_name="batch")
+        progress = ProgressBar(batches, "batch", "evaluation")
     for index, batch in enumerate(dataset):
         if max_batches is not None and index >= max_batches:
             break
@@ -97,6 +100,8 @@ def evaluate(model, dataset, schema, ndcg_k=10, max_batches=None, length_groups=
         evaluator.update(features, labels, predict(features), extras)
         if progress is not None:
             progress.update(index + 1)
+    if progress is not None:
+        progress.close()
     return _evaluation(evaluator)
 
 
@@ -197,10 +202,13 @@ def _split(config, model, schema, strategy, workdir, write_dir, chief, extra_cal
     if train.checkpoint_every_epochs:
         callbacks.append(EpochCheckpoint(os.path.join(write_dir, "checkpoints"),
                                          train.checkpoint_every_epochs))
+    if verbose:
+        # Keras' own display is ~330 columns for four tasks, with ANSI codes, in logs too.
+        callbacks.append(FitProgress(verbose, schema.score_task))
     # shuffle=False: the dataset shuffles examples itself; Keras cannot shuffle a dataset.
     model.fit(train_dataset, epochs=train.epochs, steps_per_epoch=steps_per_epoch,
               validation_data=validation, callbacks=callbacks + extra_callbacks,
-              shuffle=False, verbose=verbose)
+              shuffle=False, verbose=0)
     if divergence.diverged_at is not None:
         epoch, batch, loss = divergence.diverged_at
         raise TrainingDivergedError(

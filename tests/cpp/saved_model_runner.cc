@@ -60,7 +60,12 @@ std::string RunCase(const tensorflow::SavedModelBundle& bundle,
   if (!status.ok()) return status.ToString();
   for (size_t i = 0; i < outputs.size(); ++i) {
     tensorflow::TensorProto proto;
-    outputs[i].AsProtoTensorContent(&proto);
+    // tensor_content holds plain values only: strings go in string_val.
+    if (outputs[i].dtype() == tensorflow::DT_STRING) {
+      outputs[i].AsProtoField(&proto);
+    } else {
+      outputs[i].AsProtoTensorContent(&proto);
+    }
     if (!WriteFile(case_dir + "/out/" + output_keys[i] + ".pb", proto.SerializeAsString())) {
       return "cannot write output " + output_keys[i];
     }
