@@ -611,7 +611,9 @@ def test_zoo_passes_the_new_maps_and_focusing_factor_to_fsm_and_ram(tmp_path):
         for attention in attentions:
             assert attention.feature_map == overrides["feature_map"]
             assert attention.focusing_factor == overrides.get("focusing_factor")
-        assert model.get_config()["focusing_factor"] == overrides.get("focusing_factor")
+        if name == "ifa":  # RAM follows the FSM's map and power
+            assert model.get_config()["ram_focusing_factor"] == overrides.get(
+                "focusing_factor")
         for attention in attentions:  # saved weights, not the identity start
             for variable in attention.weights:
                 if "feature" in variable.path:
@@ -627,6 +629,108 @@ def test_zoo_passes_the_new_maps_and_focusing_factor_to_fsm_and_ram(tmp_path):
             np.testing.assert_allclose(np_(probabilities), base[task], atol=1e-7)
 
 
+# Every map in each module's place at least once, with the other module on another map.
+MAP_PAIRS = [(("elu_plus_one", None), ("relu", None)), (("softplus", None), ("focused", 2)),
+             (("relu", None), ("hedgehog", None)), (("focused", 2), ("softplus", None)),
+             (("hedgehog", None), ("elu_plus_one", None))]
+
+
+@pytest.mark.parametrize("fsm, ram", MAP_PAIRS)
+def test_zoo_sets_the_fsm_and_ram_maps_apart(fsm, ram, tmp_path):
+    overrides = {"feature_map": fsm[0], "focusing_factor": fsm[1], "ram_feature_map": ram[0],
+                 "ram_focusing_factor": ram[1]}
+    model = zoo_model("ifa", **overrides)
+    fsm_attention = model.get_layer("interest")._attention
+    ram_attention = model.get_layer("candidate_self_attention")
+    assert (fsm_attention.feature_map, fsm_attention.focusing_factor) == fsm
+    assert (ram_attention.feature_map, ram_attention.focusing_factor) == ram
+    config = model.get_config()
+    assert (config["ram_feature_map"], config["ram_focusing_factor"]) == ram
+    assert (config["interest"]["config"]["feature_map"],
+            config["interest"]["config"]["focusing_factor"]) == fsm
+    for variable in model.weights:  # saved weights, not Hedgehog's identity start
+        if "feature" in variable.path:
+            variable.assign(np.random.default_rng(1).normal(
+                scale=0.3, size=variable.shape).astype("float32"))
+    features = zoo_batch()
+    base = {k: np_(v) for k, v in model(features).items()}
+    model.save(tmp_path / "ifa.keras")
+    restored = keras.saving.load_model(tmp_path / "ifa.keras")
+    assert restored.get_layer("candidate_self_attention").feature_map == ram[0]
+    assert restored.get_layer("interest")._attention.feature_map == fsm[0]
+    for task, probabilities in restored(features).items():
+        np.testing.assert_allclose(np_(probabilities), base[task], atol=1e-7)
+
+
+def test_ram_follows_the_fsm_map_unless_set_apart():
+    from ifa_tf import zoo
+
+    def maps(model):
+        ram = model.get_layer("candidate_self_attention")
+        return (model.get_layer("interest")._attention.feature_map, ram.feature_map,
+                ram.focusing_factor)
+
+    # As before RAM had its own options: feature_map sets both, so earlier configs (e.g.
+    # zoo/RESULTS.md's `ifa_relu=ifa:feature_map=relu`) build the same model.
+    assert maps(zoo_model("ifa")) == ("elu_plus_one", "elu_plus_one", None)
+    assert maps(zoo_model("ifa", feature_map="relu")) == ("relu", "relu", None)
+    assert maps(zoo_model("ifa", feature_map="focused", focusing_factor=2)) == (
+        "focused", "focused", 2)
+    assert maps(zoo_model("ifa", feature_map="focused", focusing_factor=2,
+                          ram_focusing_factor=4)) == ("focused", "focused", 4)
+    assert maps(zoo_model("ifa", feature_map="relu", ram_feature_map="elu_plus_one")) == (
+        "relu", "elu_plus_one", None)
+    assert maps(zoo_model("ifa", feature_map="focused", focusing_factor=2,
+                          ram_feature_map="focused")) == ("focused", "focused", None)
+    # twin_ram has RAM and no FSM: only RAM's options.
+    twin_ram = zoo_model("twin_ram", k=4, ram_feature_map="relu")
+    assert twin_ram.get_layer("candidate_self_attention").feature_map == "relu"
+    assert "feature_map" not in zoo.valid_overrides("twin_ram")
+    for name in ("ifa", "ifa_no_ram"):
+        assert {"feature_map", "ram_feature_map", "learnable_temperature",
+                "ram_learnable_temperature", "learnable_focusing_factor",
+                "ram_learnable_focusing_factor", "exact_matches"} <= set(
+                    zoo.valid_overrides(name))
+
+
+def test_models_saved_before_ram_had_its_own_options_still_load():
+    from ifa_tf.models import CandidateSetRanker
+
+    config = zoo_model("ifa", feature_map="focused", focusing_factor=2).get_config()
+    for name in ("feature_map", "focusing_factor"):  # the keys of earlier versions
+        config[name] = config.pop("ram_" + name)
+    restored = CandidateSetRanker.from_config(config)
+    ram = restored.get_layer("candidate_self_attention")
+    assert (ram.feature_map, ram.focusing_factor) == ("focused", 2)
+
+
+def test_zoo_learnable_sharpness_starts_where_the_model_without_it_is(tmp_path):
+    # The FSM's temperature and RAM's focusing power: the only new weights, and at the
+    # start the model's outputs are those of the model without them.
+    base = zoo_model("ifa", ram_feature_map="focused")
+    learnable = zoo_model("ifa", ram_feature_map="focused", learnable_temperature=True,
+                          ram_learnable_focusing_factor=True)
+    known = {w.path for w in base.weights}
+    added = [w for w in learnable.weights if w.path not in known]
+    assert sorted(w.path for w in added) == ["candidate_self_attention/focusing_factor",
+                                             "interest/attention/log_temperature"]
+    features = zoo_batch()
+    expected = {k: np_(v) for k, v in base(features).items()}
+    for task, value in learnable(features).items():
+        np.testing.assert_allclose(np_(value), expected[task], rtol=1e-6, atol=1e-7)
+    # Trained, saved and restored with what it learned.
+    start = [np_(w) for w in added]
+    learnable.compile(optimizer=keras.optimizers.Adam(0.05))
+    labels = {t: (np.random.default_rng(0).random((2, 4)) < 0.5).astype("float32")
+              for t in ("impression", "click", "long_view", "like")}
+    learnable.fit(features, labels, epochs=2, batch_size=2, verbose=0)
+    assert all(np.abs(np_(w) - s).max() > 1e-3 for w, s in zip(added, start))
+    learnable.save(tmp_path / "sharp.keras")
+    restored = keras.saving.load_model(tmp_path / "sharp.keras")
+    for task, value in restored(features).items():
+        np.testing.assert_allclose(np_(value), np_(learnable(features)[task]), atol=1e-7)
+
+
 def test_zoo_rejects_bad_feature_map_options_by_name():
     with pytest.raises(ValueError, match="focusing_factor=0.5"):
         zoo_model("ifa", feature_map="focused", focusing_factor=0.5)
@@ -634,6 +738,17 @@ def test_zoo_rejects_bad_feature_map_options_by_name():
         zoo_model("ifa_no_ram", feature_map="relu", focusing_factor=2)
     with pytest.raises(ValueError, match="feature_map='tanh'"):
         zoo_model("ifa_no_ram", feature_map="tanh")
+    with pytest.raises(ValueError, match="ram_focusing_factor=0.5"):
+        zoo_model("ifa", ram_feature_map="focused", ram_focusing_factor=0.5)
+    with pytest.raises(ValueError, match="no effect on ram_feature_map='relu'.*"
+                                         "ram_learnable_temperature=True"):
+        zoo_model("ifa", feature_map="relu", ram_learnable_temperature=True)
+    with pytest.raises(ValueError, match="ram_feature_map='tanh'"):
+        zoo_model("ifa", ram_feature_map="tanh")
+    with pytest.raises(ValueError, match="learnable_temperature=True"):
+        zoo_model("ifa", feature_map="focused", learnable_temperature=True)
+    with pytest.raises(ValueError, match="exact_matches='yes'"):
+        zoo_model("ifa", exact_matches="yes")
 
 
 # ------------------------------------------------------------------------- the diagnostic
@@ -751,3 +866,24 @@ def test_weight_on_matches_by_hand():
     assert np.isnan(got["lift"][0, 0, 2])
     with pytest.raises(ValueError, match="heads, m, n"):
         diagnostics.weight_on_matches(weights[0], query_ids, key_ids)
+
+
+def test_learned_sharpness_reads_every_attentions_heads():
+    model = zoo_model("ifa", learnable_temperature=True, ram_feature_map="focused",
+                      ram_focusing_factor=2, ram_learnable_focusing_factor=True)
+    got = diagnostics.learned_sharpness(model)
+    assert sorted(got) == ["candidate_self_attention", "interest/attention"]
+    np.testing.assert_array_equal(got["interest/attention"]["temperature"], [1.0, 1.0])
+    np.testing.assert_array_equal(got["candidate_self_attention"]["focusing_factor"],
+                                  [2.0, 2.0])
+    for variable in model.weights:
+        if variable.path.endswith("log_temperature"):
+            variable.assign(np.log(np.array([0.5, 2.0], "float32")))
+        elif variable.path.endswith("focusing_factor"):
+            variable.assign(np.array([0.5, 4.0], "float32"))  # the layer floors p at 1
+    got = diagnostics.learned_sharpness(model)
+    np.testing.assert_allclose(got["interest/attention"]["temperature"], [0.5, 2.0],
+                               rtol=1e-6)
+    np.testing.assert_array_equal(got["candidate_self_attention"]["focusing_factor"],
+                                  [1.0, 4.0])
+    assert diagnostics.learned_sharpness(zoo_model("ifa")) == {}

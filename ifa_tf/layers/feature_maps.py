@@ -54,34 +54,40 @@ TINY = float(np.finfo("float32").tiny)
 
 
 def check_feature_map(feature_map, focusing_factor=None, learnable_temperature=False,
-                      learnable_focusing_factor=False):
-    """Validates a feature map name and its options; errors name the argument."""
-    check_choice("feature_map", feature_map, FEATURE_MAPS)
-    check_bool("learnable_temperature", learnable_temperature)
-    check_bool("learnable_focusing_factor", learnable_focusing_factor)
+                      learnable_focusing_factor=False, prefix=""):
+    """Validates a feature map name and its options; errors name the argument, spelt with
+    `prefix` (e.g. `"ram_"` for the model's `ram_feature_map`)."""
+    names = {name: prefix + name for name in ("feature_map", "focusing_factor",
+                                               "learnable_temperature",
+                                               "learnable_focusing_factor")}
+    check_choice(names["feature_map"], feature_map, FEATURE_MAPS)
+    check_bool(names["learnable_temperature"], learnable_temperature)
+    check_bool(names["learnable_focusing_factor"], learnable_focusing_factor)
     if learnable_temperature and feature_map not in TEMPERATURE_MAPS:
         raise ValueError(
-            f"`learnable_temperature` has no effect on feature_map={feature_map!r}: the map "
-            "is positively homogeneous, so a scale on its input cancels in the normalised "
-            f"output. It applies to {list(TEMPERATURE_MAPS)}. Received: "
-            f"learnable_temperature={learnable_temperature!r}")
+            f"`{names['learnable_temperature']}` has no effect on {names['feature_map']}="
+            f"{feature_map!r}: the map is positively homogeneous, so a scale on its input "
+            f"cancels in the normalised output. It applies to {list(TEMPERATURE_MAPS)}. "
+            f"Received: {names['learnable_temperature']}={learnable_temperature!r}")
     if learnable_focusing_factor and feature_map != "focused":
-        raise ValueError("`learnable_focusing_factor` learns the power of "
-                         f"feature_map='focused' and has no effect on feature_map="
-                         f"{feature_map!r}. Received: "
-                         f"learnable_focusing_factor={learnable_focusing_factor!r}")
+        raise ValueError(
+            f"`{names['learnable_focusing_factor']}` learns the power of "
+            f"{names['feature_map']}='focused' and has no effect on {names['feature_map']}="
+            f"{feature_map!r}. Received: "
+            f"{names['learnable_focusing_factor']}={learnable_focusing_factor!r}")
     if focusing_factor is None:
         return
     if feature_map != "focused":
-        raise ValueError("`focusing_factor` is the power of feature_map='focused' and has no "
-                         f"effect on feature_map={feature_map!r}. Received: "
-                         f"focusing_factor={focusing_factor!r}")
+        raise ValueError(
+            f"`{names['focusing_factor']}` is the power of {names['feature_map']}='focused' "
+            f"and has no effect on {names['feature_map']}={feature_map!r}. Received: "
+            f"{names['focusing_factor']}={focusing_factor!r}")
     # p < 1 would flatten the weights instead of focusing them, and the gradient of
     # relu(x)^p is infinite at 0 for p < 1.
     if (not isinstance(focusing_factor, (int, float)) or isinstance(focusing_factor, bool)
             or not np.isfinite(focusing_factor) or focusing_factor < 1):
-        raise ValueError("`focusing_factor` must be a finite number >= 1. Received: "
-                         f"focusing_factor={focusing_factor!r}")
+        raise ValueError(f"`{names['focusing_factor']}` must be a finite number >= 1. "
+                         f"Received: {names['focusing_factor']}={focusing_factor!r}")
 
 
 @keras.saving.register_keras_serializable(package="ifa_tf")
