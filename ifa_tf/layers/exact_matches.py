@@ -15,10 +15,11 @@ class ExactMatches(keras.layers.Layer):
     comparing candidates with events: per request and attribute, the sequence's ids are
     sorted once (O(n log n)), each candidate's run of equal ids is found by binary search
     (O(m log n)), its length is the count, and the smallest time delta within each run
-    (one segment max over the n sorted events) is the most recent match. Time and memory
-    are O(B (m + n)) per attribute, peak memory a few [B, n + 1] int64 tensors (the sorted
-    ids, their order and time deltas, run ids) and [B, m] ones; no [m, n] tensor exists.
-    It has no weights.
+    (one segment max over the n sorted events) is the most recent match. All attributes
+    and requests go through one sort, one pair of searches and one segment max. Memory is
+    O(A B (m + n)) for A attributes: the peak is a few [A B, n + 1] int64 tensors (the
+    ids, their sort order, sorted ids and time deltas, run ids) and [A B, m] ones; no
+    [m, n] tensor exists. It has no weights.
 
     Masking: events where `sequence_mask` is False, and their ids and time deltas, change
     nothing. A candidate whose id is 0 (padding, or an unknown attribute: 0 is never a
@@ -60,53 +61,62 @@ class ExactMatches(keras.layers.Layer):
                              f"and {len(sequence_ids)} tensors")
         if sequence_mask is None:
             sequence_mask = ops.not_equal(sequence_ids[0], 0)
-        # One padded event appended to every request: a candidate's run index stays in
-        # range when n = 0 or when its id sorts after every event.
+        attributes = len(candidate_ids)
+        # Every attribute of every request is one row of one sort and one search: a few
+        # large ops instead of a few per attribute (each op has a fixed cost on a CPU).
+        candidates = ops.stack([ops.cast(ids, "int64") for ids in candidate_ids])  # [A, B, m]
+        valid_candidates = ops.not_equal(candidates, 0)
+        if candidate_mask is not None:
+            valid_candidates = ops.logical_and(valid_candidates,
+                                               ops.cast(candidate_mask, "bool")[None])
+        # One padded event appended to every request keeps a candidate's run index in
+        # range when n = 0; padded events take id 0, which no valid candidate has.
         sequence_mask = ops.pad(ops.cast(sequence_mask, "bool"), ((0, 0), (0, 1)),
                                 constant_values=False)
-        if sequence_time_delta is not None:
-            sequence_time_delta = ops.pad(ops.cast(sequence_time_delta, "int64"),
-                                          ((0, 0), (0, 1)))
-        counts, last_time_deltas = [], []
-        for candidates, events in zip(candidate_ids, sequence_ids):
-            candidates = ops.cast(candidates, "int64")
-            valid_candidates = ops.not_equal(candidates, 0)
-            if candidate_mask is not None:
-                valid_candidates = ops.logical_and(valid_candidates,
-                                                   ops.cast(candidate_mask, "bool"))
-            # Padded events take id 0, which no valid candidate has.
-            events = ops.where(sequence_mask,
-                               ops.pad(ops.cast(events, "int64"), ((0, 0), (0, 1))), 0)
-            order = ops.argsort(events, axis=-1)
-            sorted_events = ops.take_along_axis(events, order, axis=-1)
-            first = searchsorted_rows(sorted_events, candidates, side="left")
-            end = searchsorted_rows(sorted_events, candidates, side="right")
-            count = ops.where(valid_candidates, end - first, 0)
-            counts.append(count)
-            if sequence_time_delta is not None:
-                last_time_deltas.append(self._last_time_delta(
-                    sorted_events, ops.take_along_axis(sequence_time_delta, order, axis=-1),
-                    first, count))
-        counts = ops.stack(counts, axis=-1)
+        events = ops.pad(ops.stack([ops.cast(ids, "int64") for ids in sequence_ids]),
+                         ((0, 0), (0, 0), (0, 1)))
+        events = ops.where(sequence_mask[None], events, 0)  # [A, B, n + 1]
+        length, num_candidates = ops.shape(events)[-1], ops.shape(candidates)[-1]
+        events = ops.reshape(events, (-1, length))  # [A * B, n + 1]
+        candidates = ops.reshape(candidates, (-1, num_candidates))
+        order = ops.argsort(events, axis=-1)
+        sorted_events = ops.take_along_axis(events, order, axis=-1)
+        first = searchsorted_rows(sorted_events, candidates, side="left")
+        end = searchsorted_rows(sorted_events, candidates, side="right")
+        valid_candidates = ops.reshape(valid_candidates, (-1, num_candidates))
+        count = ops.where(valid_candidates, end - first, 0)
+
+        def by_candidate(rows):  # [A * B, m] -> [B, m, A]
+            return ops.transpose(ops.reshape(rows, (attributes, -1, num_candidates)),
+                                 (1, 2, 0))
+
         if sequence_time_delta is None:
-            return counts, None
-        return counts, ops.stack(last_time_deltas, axis=-1)
+            return by_candidate(count), None
+        time_delta = ops.pad(ops.cast(sequence_time_delta, "int64"), ((0, 0), (0, 1)))
+        time_delta = ops.reshape(ops.broadcast_to(time_delta[None], (attributes,
+                                                                     *ops.shape(time_delta))),
+                                 (-1, length))
+        last = self._last_time_delta(sorted_events,
+                                     ops.take_along_axis(time_delta, order, axis=-1), first,
+                                     count)
+        return by_candidate(count), by_candidate(last)
 
     @staticmethod
     def _last_time_delta(sorted_events, sorted_time_delta, first, count):
-        """The smallest time delta of each candidate's run of equal ids, -1 without one."""
-        batch, length = ops.shape(sorted_events)[0], ops.shape(sorted_events)[1]
+        """The smallest time delta of each candidate's run of equal ids, -1 without one;
+        every argument has one row per (attribute, request)."""
+        rows, length = ops.shape(sorted_events)[0], ops.shape(sorted_events)[1]
         starts = ops.concatenate([ops.ones_like(sorted_events[:, :1], "int32"), ops.cast(
             ops.not_equal(sorted_events[:, 1:], sorted_events[:, :-1]), "int32")], axis=1)
-        run = ops.cumsum(starts, axis=1) - 1  # [B, n + 1]: each event's run, per request
-        # Runs numbered apart per request, so one segment reduction serves the batch.
-        offsets = ops.arange(batch, dtype="int32")[:, None] * length
+        run = ops.cumsum(starts, axis=1) - 1  # [rows, n + 1]: each event's run in its row
+        # Runs numbered apart per row, so one segment reduction serves them all.
+        offsets = ops.arange(rows, dtype="int32")[:, None] * length
         newest = -ops.segment_max(ops.reshape(-sorted_time_delta, (-1,)),
                                   ops.reshape(run + offsets, (-1,)),
-                                  num_segments=batch * length)
+                                  num_segments=rows * length)
         # A candidate without a match may search past the last event; its run is unused.
         candidate_run = ops.take_along_axis(run, ops.minimum(first, length - 1),
-                                            axis=1) + offsets  # [B, m]
+                                            axis=1) + offsets  # [rows, m]
         last = ops.take(newest, ops.reshape(candidate_run, (-1,)), axis=0)
         return ops.where(count > 0, ops.reshape(last, ops.shape(first)), -1)
 
