@@ -731,6 +731,26 @@ def test_zoo_learnable_sharpness_starts_where_the_model_without_it_is(tmp_path):
         np.testing.assert_allclose(np_(value), np_(learnable(features)[task]), atol=1e-7)
 
 
+def test_config_overrides_reach_both_modules():
+    # `ifa-train --set model.ram_feature_map=...` and zoo_results' `--extra_run` rows.
+    from ifa_tf import training, zoo
+    from ifa_tf.schema import FeatureSchema
+
+    config = training.load_config("ifa", overrides=[
+        "model.feature_map=relu", "model.ram_feature_map=elu_plus_one",
+        "model.ram_learnable_temperature=true", "model.exact_matches=true",
+        "model.embedding_dim=4", "model.tower_units=[8]"])
+    model = zoo.build("ifa", schema=FeatureSchema(embedding_buckets={
+        "user_id": 40, "item_id": 64, "category_id": 8, "author_id": 16}),
+        **config.model.overrides)
+    ram = model.get_layer("candidate_self_attention")
+    assert model.get_layer("interest")._attention.feature_map == "relu"
+    assert (ram.feature_map, ram.learnable_temperature) == ("elu_plus_one", True)
+    assert model.get_layer("interest").exact_matches is True
+    with pytest.raises(ValueError, match="ram_featuremap"):
+        training.load_config("ifa", overrides=["model.ram_featuremap=relu"])
+
+
 def test_zoo_rejects_bad_feature_map_options_by_name():
     with pytest.raises(ValueError, match="focusing_factor=0.5"):
         zoo_model("ifa", feature_map="focused", focusing_factor=0.5)

@@ -46,11 +46,11 @@ class ExactMatches(keras.layers.Layer):
     JAX, and by `keras.ops.vectorized_map` elsewhere. On JAX, int64 ids need
     `JAX_ENABLE_X64=1`.
 
-    Example:
-    >>> counts, last = ExactMatches()([np.array([[7, 8]])], [np.array([[8, 7, 8, 0]])],
+    Example (one request, one attribute; the last event is padding):
+    >>> counts, last = ExactMatches()([np.array([[7, 8, 5]])], [np.array([[8, 7, 8, 0]])],
     ...                               np.array([[30, 20, 10, 0]]))
-    >>> counts[..., 0], last[..., 0]
-    ([[1, 2]], [[20, 10]])
+    >>> ops.convert_to_numpy(counts)[..., 0], ops.convert_to_numpy(last)[..., 0]
+    (array([[1, 2, 0]], dtype=int32), array([[20, 10, -1]]))
     """
 
     def call(self, candidate_ids, sequence_ids, sequence_time_delta=None, sequence_mask=None,
