@@ -62,8 +62,9 @@ def models():
 
 
 def test_zoo_lists_every_model_of_the_paper():
-    assert set(zoo.list_models()) >= {"avg_pooling", "din", "din_full", "sim_hard", "sim_soft", "twin",
-                           "twin_ram", "ifa_no_ram", "ifa", "eta", "sdim"}
+    assert set(zoo.list_models()) >= {"avg_pooling", "din", "din_full", "sim_hard",
+                                      "sim_soft", "twin", "twin_ram", "ifa_no_ram", "ifa",
+                                      "eta", "sdim"}
 
 
 @pytest.mark.parametrize("name", MODELS)
