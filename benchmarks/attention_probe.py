@@ -5,7 +5,9 @@ reads the attention weights of its sequence module on a few test requests and re
 spread they are (`ifa_tf.diagnostics.attention_concentration`) and whether they land on the
 events that share the candidate's item, author or category
 (`ifa_tf.diagnostics.weight_on_matches`): lift 1 means the model is blind to those events
-(as uniform attention, or a mean, is).
+(as uniform attention, or a mean, is). For models with RAM it also reports how spread the
+candidates' attention over each other is, and for models with learnable sharpness what
+each head learned (`ifa_tf.diagnostics.learned_sharpness`).
 
     python benchmarks/attention_probe.py --data='/tmp/zoo/data/lifelong/test-*' \\
         --model=din_full=/tmp/zoo/runs/lifelong/din_full/seed0/model.keras \\
@@ -41,6 +43,16 @@ def probe(model, dataset, signal_categories=()):
         raise app.UsageError(f"{model.interest.name}: only models that attend over the whole "
                              "sequence (din_full, ifa, ifa_no_ram) can be probed.")
     captured = {}
+    ram = next((layer for layer in model.layers
+                if layer.name == "candidate_self_attention"), None)
+    if ram is not None:
+        ram_call = ram.call
+
+        def capture_ram(candidates, candidate_mask=None):
+            captured["ram_inputs"] = (candidates, candidate_mask)
+            return ram_call(candidates, candidate_mask=candidate_mask)
+
+        ram.call = capture_ram
     if linear:
         call = attention.call
 
@@ -60,7 +72,7 @@ def probe(model, dataset, signal_categories=()):
         masked_target_attention.masked_softmax = capture_softmax
     stats = {key: [] for key in ("entropy_ratio", "top_share", "item_lift", "author_lift",
                                  "category_lift", "engaged_lift", "recent_lift",
-                                 "signal_lift", "logit_std")}
+                                 "signal_lift", "logit_std", "ram_entropy_ratio")}
     try:
         for features, _ in dataset:
             model(features, training=False)
@@ -77,6 +89,14 @@ def probe(model, dataset, signal_categories=()):
                 spread = np.nanstd(np.where(valid, logits, np.nan), axis=-1)  # [B, h, m]
                 stats["logit_std"].append(spread[np.broadcast_to(candidates[:, None, :],
                                                                  spread.shape)])
+            if ram is not None:
+                ram_candidates, ram_mask = captured["ram_inputs"]
+                ram_weights = ops.convert_to_numpy(ram.attention_weights(
+                    ram_candidates, ram_candidates, query_mask=ram_mask, key_mask=ram_mask))
+                among = diagnostics.attention_concentration(ram_weights, candidates)
+                stats["ram_entropy_ratio"].append(
+                    (among["entropy"] / np.log(np.maximum(among["num_events"], 2)))[
+                        ~np.isnan(among["entropy"])])
             concentration = diagnostics.attention_concentration(weights, mask)
             defined = ~np.isnan(concentration["entropy"])
             stats["entropy_ratio"].append(
@@ -101,6 +121,8 @@ def probe(model, dataset, signal_categories=()):
                     ops.convert_to_numpy(features[f"seq_{attribute}_id"]), mask)["lift"]
                 stats[f"{attribute}_lift"].append(lift[~np.isnan(lift)])
     finally:
+        if ram is not None:
+            del ram.call
         if linear:
             del attention.call
         else:
@@ -111,6 +133,21 @@ def probe(model, dataset, signal_categories=()):
 
 def _median(values):
     return f"{np.median(values):.3g}" if values.size else "—"
+
+
+def _sharpness(model):
+    """`FSM tau 0.41/1.2; RAM p 3.5/2.9`: what each head learned, or — without learnable
+    sharpness."""
+    from ifa_tf import diagnostics
+
+    parts = []
+    for path, learned in diagnostics.learned_sharpness(model).items():
+        module = "RAM" if path.startswith("candidate_self_attention") else "FSM"
+        for name, symbol in (("temperature", "tau"), ("focusing_factor", "p")):
+            if name in learned:
+                parts.append(f"{module} {symbol} " + "/".join(f"{v:.3g}"
+                                                              for v in learned[name]))
+    return "; ".join(parts) or "—"
 
 
 def main(argv):
@@ -124,8 +161,9 @@ def main(argv):
     rows = ["| model | entropy / log n | weight on top 1% of events | lift on own-item events "
             "| lift on same-author events | lift on same-category events "
             "| lift on engaged events | lift on the last 100 events "
-            "| lift on the trait's signal events | logit std over events |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+            "| lift on the trait's signal events | logit std over events "
+            "| RAM: entropy / log m | learned sharpness per head |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     metadata = records.find_metadata(records.expand_file_pattern(FLAGS.data)) or {}
     signal_categories = metadata.get("generator", {}).get("signal_categories", [])
     for spec in FLAGS.model:
@@ -141,7 +179,8 @@ def main(argv):
                     f"({stats['author_lift'].size}) | {_median(stats['category_lift'])} | "
                     f"{_median(stats['engaged_lift'])} | {_median(stats['recent_lift'])} | "
                     f"{_median(stats['signal_lift'])} | "
-                    f"{_median(stats['logit_std'])} |")
+                    f"{_median(stats['logit_std'])} | {_median(stats['ram_entropy_ratio'])} | "
+                    f"{_sharpness(model)} |")
     table = "\n".join(
         [f"Medians over (candidate, head) pairs of the first {FLAGS.requests} requests of "
          f"`{FLAGS.data}`; lift = the weight's share on the matching events / their share "

@@ -34,8 +34,8 @@ ABLATION_NAMES = {"ifa": "IFA", "twin_ram": "IFA - FSM (twin_ram)",
 # How each attention model reads the sequence: "Range and mechanism" puts side by side the
 # rows that differ in one of the two (`din` vs `din_full` differ in both by default).
 MECHANISMS = {"din": "DIN MLP unit", "din_full": "softmax dot-product attention",
-              "ifa_no_ram": "linear attention, {feature_map}",
-              "ifa": "linear attention, {feature_map}, + RAM"}
+              "ifa_no_ram": "linear attention, {fsm}",
+              "ifa": "linear attention, {fsm}, + RAM ({ram})"}
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIMULATED = ("lifelong", "simulator")
 # The models whose search or attention costs O(mn) (README's model table); `--mn_seeds`.
@@ -418,6 +418,20 @@ def plot_by_length(by_dataset, path):
     plt.close(fig)
 
 
+def describe_feature_map(config, prefix=""):
+    """`"relu"`, `"focused p=2"`, `"elu_plus_one, learned temperature"`, ...: a linear
+    attention's map and sharpness from a config holding `<prefix>feature_map` etc."""
+    feature_map = config[prefix + "feature_map"]
+    text = feature_map
+    if feature_map == "focused" and config.get(prefix + "focusing_factor") is not None:
+        text += f" p={config[prefix + 'focusing_factor']}"
+    if config.get(prefix + "learnable_temperature"):
+        text += ", learned temperature"
+    if config.get(prefix + "learnable_focusing_factor"):
+        text += ", learned p"
+    return text
+
+
 def range_and_mechanism(runs):
     """`{label: (mechanism, events read)}` of the rows of `MECHANISMS`' models: the sequence
     module's own settings, as built from the config each row trained with."""
@@ -429,8 +443,13 @@ def range_and_mechanism(runs):
             continue
         settings = training.load_config(
             model, overrides=[*budget_overrides(model, 1), *overrides]).model.overrides
-        interest = zoo.build(model, **settings).get_layer("interest").get_config()
-        described[label] = (MECHANISMS[model].format(**interest),
+        built = zoo.build(model, **settings)
+        interest = built.get_layer("interest").get_config()
+        ram = built.get_config()
+        described[label] = (MECHANISMS[model].format(
+            fsm=describe_feature_map(interest) + (
+                ", exact matches" if interest.get("exact_matches") else ""),
+            ram=describe_feature_map(ram, prefix="ram_")),
                             "every event" if interest["k"] is None
                             else f"the {interest['k']} most recent")
     return described

@@ -5,8 +5,10 @@ retrieval (SIM, TWIN) puts all weight on k events, while linear attention with a
 feature map may spread it over hundreds. Feed it the weights of
 `NormalizedLinearAttention.attention_weights` (or any [..., n] attention weights, e.g. a
 softmax's) on a small request. `weight_on_matches` measures whether that weight lands on
-the events that share the candidate's id (its own past events). `non_finite_weights` finds
-the weights a diverged training run left NaN or infinite. NumPy only.
+the events that share the candidate's id (its own past events). `learned_sharpness` reads
+the per-head temperatures and focusing powers a model with learnable sharpness has learned.
+`non_finite_weights` finds the weights a diverged training run left NaN or infinite. NumPy
+only (a model's variables are read as arrays).
 """
 
 import math
@@ -135,3 +137,26 @@ def non_finite_weights(model):
             if bad:
                 found[variable.path] = (bad, value.size)
     return found
+
+
+def learned_sharpness(model):
+    """The learnable sharpness of every linear attention of `model` (or layer), by the
+    attention's path: `{"interest/attention": {"temperature": [heads]},
+    "candidate_self_attention": {"focusing_factor": [heads]}}` for an `ifa` with
+    `learnable_temperature` and `ram_learnable_focusing_factor`.
+
+    `temperature` is tau_h = exp(t_h) of `phi(x / tau_h)`: 1 at the start, below 1 where a
+    head has grown sharper. `focusing_factor` is the power p each head applies (the weight
+    floored at 1, as the layer does). Layers without learnable sharpness are absent; a model
+    without any gives `{}`. Read it beside `attention_concentration` on the same model.
+    """
+    sharpness = {}
+    for variable in model.weights:
+        path, _, name = variable.path.rpartition("/")
+        if name == "log_temperature":
+            sharpness.setdefault(path, {})["temperature"] = np.exp(
+                np.asarray(variable.numpy(), np.float64))
+        elif name == "focusing_factor":
+            sharpness.setdefault(path, {})["focusing_factor"] = np.maximum(
+                np.asarray(variable.numpy(), np.float64), 1.0)
+    return sharpness

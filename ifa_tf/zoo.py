@@ -7,6 +7,15 @@
 ['avg_pooling', 'din', 'din_full', 'eta', 'ifa', 'ifa_no_ram', 'sdim', 'sim_hard', 'sim_soft',
  'twin', 'twin_ram']
 
+`ifa` and `ifa_no_ram` take the FSM's `feature_map`, `focusing_factor`,
+`learnable_temperature`, `learnable_focusing_factor` and `exact_matches`; the models with
+RAM take RAM's `ram_feature_map`, `ram_focusing_factor`, `ram_learnable_temperature` and
+`ram_learnable_focusing_factor`. RAM's map follows `feature_map` unless `ram_feature_map`
+is given:
+
+>>> model = ifa_tf.zoo.build("ifa", feature_map="relu")            # relu FSM and RAM
+>>> model = ifa_tf.zoo.build("ifa", feature_map="relu", ram_feature_map="elu_plus_one")
+
 Register your own with `@ifa_tf.zoo.register("name")` on a function
 `builder(schema=None, **overrides) -> keras.Model`; its keyword parameters are the valid
 overrides (a builder taking `**kwargs` validates them itself).
@@ -97,9 +106,15 @@ def _register_ranker(name, interest_class, use_ram):
     def builder(schema=None, **overrides):
         interest = interest_class(
             **{k: v for k, v in overrides.items() if k in module_options}, name="interest")
-        return CandidateSetRanker(
-            interest, schema=schema, use_ram=use_ram, name=name,
-            **{k: v for k, v in overrides.items() if k in _RANKER_OPTIONS})
+        ranker_options = {k: v for k, v in overrides.items() if k in _RANKER_OPTIONS}
+        if "feature_map" in module_options and "ram_feature_map" not in overrides:
+            # RAM follows the FSM's map unless `ram_feature_map` sets it apart: what
+            # `feature_map` did before RAM had its own, so earlier configs build the same
+            # model.
+            ranker_options["ram_feature_map"] = interest.feature_map
+            ranker_options.setdefault("ram_focusing_factor", interest.focusing_factor)
+        return CandidateSetRanker(interest, schema=schema, use_ram=use_ram, name=name,
+                                  **ranker_options)
 
     builder.valid_overrides = (*_RANKER_OPTIONS, *module_options)
     builder.__name__ = name

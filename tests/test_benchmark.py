@@ -37,6 +37,29 @@ def test_model_overrides_reach_zoo_build_and_the_command_line():
                                                 model_overrides=("towers=2",)))
 
 
+def test_model_overrides_for_one_model_reach_only_its_jobs():
+    # IFA with an option and avg_pooling in the same run (issue 27's 1.5x check).
+    config = runner.BenchConfig(model_overrides=("ifa:exact_matches=true",
+                                                 "ifa:feature_map=relu", "dropout=0.1"))
+    assert config.build_overrides("ifa") == {"exact_matches": True, "feature_map": "relu",
+                                             "dropout": 0.1}
+    assert config.build_overrides("avg_pooling") == {"dropout": 0.1}
+    jobs = [job for job in runner.jobs(config, ["ifa", "avg_pooling"], "/tmp/unused")
+            if job["kind"] in ("score", "export", "train")]
+    assert {job["model"] for job in jobs} == {"ifa", "avg_pooling"}
+    for job in jobs:
+        assert job["overrides"] == config.build_overrides(job["model"])
+    with pytest.raises(ValueError, match=r"not benchmarked: \['ifa'\]"):
+        runner.run_benchmark(runner.BenchConfig(models=("avg_pooling",), model_overrides=(
+            "ifa:exact_matches=true",)))
+    with pytest.raises(ValueError, match=r"Unknown model_overrides \['exact_matches'\] "
+                                         "for model 'avg_pooling'"):
+        runner.run_benchmark(runner.BenchConfig(models=("avg_pooling",), model_overrides=(
+            "exact_matches=true",)))
+    with pytest.raises(ValueError, match="model_overrides=':k=3'"):
+        runner.BenchConfig(model_overrides=(":k=3",))
+
+
 def test_rounds_alternate_the_model_order_and_pool_the_timed_calls():
     config = runner.BenchConfig(models=("ifa", "twin"), paths=("keras", "saved_model"),
                                 rounds=3)

@@ -195,6 +195,27 @@ def test_xla_export_of_every_model_matches_keras(name, tmp_path):
         assert_matches_keras(model, features, {k: v.numpy() for k, v in outputs.items()})
 
 
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_export_of_ifa_with_its_options_matches_keras(jit_compile, tmp_path):
+    # Separate FSM and RAM maps, learnable sharpness on both (moved off their start, as
+    # after training) and exact matches: SavedModel and XLA, any m and n.
+    keras.utils.set_random_seed(8)
+    model = ifa_tf.zoo.build("ifa", schema=SCHEMA, learnable_temperature=True,
+                             exact_matches=True, ram_feature_map="focused",
+                             ram_learnable_focusing_factor=True)
+    for variable in model.weights:
+        if variable.path.endswith(("log_temperature", "focusing_factor")):
+            variable.assign(variable + np.array([0.5, -0.5], "float32"))
+    export_dir = export.export_saved_model(model, tmp_path / "ifa", schema=SCHEMA,
+                                           warmup_shapes=(), jit_compile=jit_compile)
+    signature = tf.saved_model.load(export_dir).signatures[export.SIGNATURE_NAME]
+    for index, shape in enumerate(SHAPES):
+        features = make_features(*shape, seed=40 + index)
+        features["cand_item_id"][:, :3] = features["seq_item_id"][:, :3]  # exact matches
+        outputs = signature(**{k: tf.constant(v) for k, v in features.items()})
+        assert_matches_keras(model, features, {k: v.numpy() for k, v in outputs.items()})
+
+
 def test_cpp_loader_parity(exported, cpp_runner, tmp_path):
     """TF's C++ LoadSavedModel + Session::Run (TF Serving's path) gives Keras' outputs."""
     for name in PARITY_MODELS:

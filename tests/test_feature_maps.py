@@ -44,21 +44,34 @@ def np_focused(x, p):
                     / np.where(powered_norm > 0, powered_norm, 1.0), 0.0)
 
 
+ELEMENTWISE = {
+    "elu_plus_one": lambda x: np.where(x > 0, x + 1.0, np.exp(np.minimum(x, 0.0))),
+    "softplus": lambda x: np.log1p(np.exp(x)),
+    "relu": lambda x: np.maximum(x, 0.0),
+}
+
+
 def np_phi(layer, side, inputs):
     """One side's features [B, r, h, f] in float64, straight from the definitions: no
-    shift, no folding of Hedgehog's W into the projection."""
+    shift, no folding of Hedgehog's W or of the temperature into the projection."""
     w = named_weights(layer)
     projected = np.tensordot(inputs, w[f"{side}/kernel"], axes=([-1], [0]))
     if layer.use_bias:
         projected = projected + w[f"{side}/bias"]  # [B, r, h, k]
+    if layer.feature_map == "hedgehog":
+        projected = np.einsum("brhk,hkj->brhj", projected, w[f"{side}_feature_kernel"])
+        if layer.use_bias:
+            projected = projected + w[f"{side}_feature_bias"]
+    if "log_temperature" in w:  # phi(u / tau_h), tau_h = exp(t_h)
+        projected = projected / np.exp(w["log_temperature"])[:, None]
     if layer.feature_map == "focused":
+        if "focusing_factor" in w:  # one learned power per head, floored at 1
+            return np.stack([np_focused(projected[:, :, h], max(p, 1.0))
+                             for h, p in enumerate(w["focusing_factor"])], axis=2)
         return np_focused(projected, layer.focusing_factor or 3)
     if layer.feature_map == "hedgehog":
-        u = np.einsum("brhk,hkj->brhj", projected, w[f"{side}_feature_kernel"])
-        if layer.use_bias:
-            u = u + w[f"{side}_feature_bias"]
-        return np.concatenate([np.exp(u), np.exp(-u)], axis=-1)
-    raise AssertionError(layer.feature_map)
+        return np.concatenate([np.exp(projected), np.exp(-projected)], axis=-1)
+    return ELEMENTWISE[layer.feature_map](projected)
 
 
 def np_attention_weights(layer, query, key, query_mask, key_mask):
@@ -357,6 +370,203 @@ def test_bad_feature_map_arguments_name_the_argument_and_value():
         layers.CandidateSelfAttention(2, 4, feature_map="focused", focusing_factor=0)
 
 
+# ------------------------------------------------------------------------- learnable sharpness
+# (feature_map, focusing_factor, learnable_temperature, learnable_focusing_factor)
+SHARPNESS = [("elu_plus_one", None, True, False), ("softplus", None, True, False),
+             ("hedgehog", None, True, False), ("focused", None, False, True),
+             ("focused", 1.5, False, True)]
+
+
+def sharpness_layer(feature_map, focusing_factor, learnable_temperature,
+                    learnable_focusing_factor, **kwargs):
+    return layers.NormalizedLinearAttention(
+        2, 4, feature_map=feature_map, focusing_factor=focusing_factor,
+        learnable_temperature=learnable_temperature,
+        learnable_focusing_factor=learnable_focusing_factor, **kwargs)
+
+
+def set_sharpness(layer, temperatures=(0.25, 3.0), powers=(1.5, 5.0)):
+    """Learned values far from the start: one sharper and one flatter head."""
+    for variable in layer.weights:
+        if variable.path.endswith("log_temperature"):
+            variable.assign(np.log(np.array(temperatures, "float32")))
+        elif variable.path.endswith("focusing_factor"):
+            variable.assign(np.array(powers, "float32"))
+
+
+@pytest.mark.jax
+@pytest.mark.parametrize("options", SHARPNESS)
+def test_learnable_sharpness_starts_exactly_where_the_fixed_map_is(options):
+    # Training starts where today's map starts: same weights, bit-identical output and
+    # attention weights; the only new weight is the sharpness.
+    feature_map, focusing_factor, _, _ = options
+    rng = np.random.default_rng(20)
+    query = rng.normal(size=(2, 5, 8)).astype("float32")
+    key = rng.normal(size=(2, 7, 8)).astype("float32")
+    key_mask = random_mask(rng, 2, 7, 1)
+    fixed = layers.NormalizedLinearAttention(2, 4, feature_map=feature_map,
+                                             focusing_factor=focusing_factor)
+    learnable = sharpness_layer(*options)
+    fixed(query, key)
+    learnable(query, key)
+    randomize(fixed, seed=20)
+    shared = named_weights(fixed)
+    for variable in learnable.weights:
+        name = variable.path.split("/", 1)[1]
+        if name in shared:
+            variable.assign(shared[name].astype("float32"))
+    added = sorted(set(named_weights(learnable)) - set(shared))
+    assert added == (["log_temperature"] if options[2] else ["focusing_factor"])
+    start = named_weights(learnable)[added[0]]
+    np.testing.assert_array_equal(start, [0.0, 0.0] if options[2]
+                                  else [focusing_factor or 3] * 2)
+    # The temperature (exp(0) = 1) is exact; a power read from a weight rounds differently
+    # from an integer power on some backends (JAX multiplies for x^3): float32 rounding.
+    tolerance = {} if options[2] else {"rtol": 1e-6, "atol": 1e-7}
+    compare = (np.testing.assert_allclose if tolerance else np.testing.assert_array_equal)
+    compare(np_(learnable(query, key, key_mask=key_mask)),
+            np_(fixed(query, key, key_mask=key_mask)), **tolerance)
+    compare(np_(learnable.attention_weights(query, key, key_mask=key_mask)),
+            np_(fixed.attention_weights(query, key, key_mask=key_mask)), **tolerance)
+
+
+@pytest.mark.jax
+@pytest.mark.parametrize("options", SHARPNESS)
+def test_learned_sharpness_matches_float64_reference(options):
+    rng = np.random.default_rng(21)
+    query = rng.normal(size=(3, 5, 8)).astype("float32")
+    key = rng.normal(size=(3, 9, 8)).astype("float32")
+    value = rng.normal(size=(3, 9, 6)).astype("float32")
+    query_mask, key_mask = random_mask(rng, 3, 5, 1), random_mask(rng, 3, 9, 1)
+    layer = sharpness_layer(*options, value_dim=3, output_dim=5)
+    layer(query, key, value)
+    randomize(layer, seed=21)
+    set_sharpness(layer)
+    out = np_(layer(query, key, value, query_mask=query_mask, key_mask=key_mask))
+    assert relative_error(out, np_linear_attention(layer, query, key, value, query_mask,
+                                                   key_mask)) <= 1e-5
+    weights = np_(layer.attention_weights(query, key, query_mask=query_mask,
+                                          key_mask=key_mask))
+    np.testing.assert_allclose(weights, np_attention_weights(layer, query, key, query_mask,
+                                                             key_mask), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.jax
+def test_a_lower_temperature_or_a_higher_learned_power_concentrates_the_weights():
+    # What `ifa_tf.diagnostics` measures on a model with learnable sharpness: the same
+    # projections, with tau from 4 down to 1/4 (elu+1) or p from 1 up to 6 (focused).
+    rng = np.random.default_rng(22)
+    query = rng.normal(size=(1, 8, 16)).astype("float32")
+    key = rng.normal(size=(1, 300, 16)).astype("float32")
+    for options, settings in ((SHARPNESS[0], [{"temperatures": (t, t)} for t in (4, 1, 0.25)]),
+                              (SHARPNESS[3], [{"powers": (p, p)} for p in (1, 3, 6)])):
+        layer = sharpness_layer(*options)
+        layer(query, key)
+        randomize(layer, seed=22, scale=0.5)
+        entropy, top_share = [], []
+        for setting in settings:
+            set_sharpness(layer, **setting)
+            concentration = diagnostics.attention_concentration(
+                np_(layer.attention_weights(query, key)))
+            entropy.append(np.nanmean(concentration["entropy"]))
+            top_share.append(np.nanmean(concentration["top_share"]))
+        assert entropy[0] > entropy[1] > entropy[2], options
+        assert top_share[0] < top_share[1] < top_share[2], options
+
+
+@pytest.mark.parametrize("options", SHARPNESS)
+def test_sharpness_gets_finite_gradients_and_p_stays_at_least_one(options):
+    # TensorFlow only (tf.GradientTape): the learned power's gradient at relu(x) = 0
+    # (log 0) and the temperature's reach their weights, finite.
+    import tensorflow as tf
+
+    rng = np.random.default_rng(23)
+    query = rng.normal(size=(2, 4, 8)).astype("float32")
+    query[0, :2] = 0.0  # zero projections (no bias below): relu(x) = 0 in every head
+    key = rng.normal(size=(2, 5, 8)).astype("float32")
+    key_mask = np.array([[1, 1, 1, 0, 0], [0] * 5], bool)
+    layer = sharpness_layer(*options, use_bias=False)
+    layer(query, key)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(layer(query, key, key_mask=key_mask) ** 2)
+    is_sharpness = [v.path.endswith(("log_temperature", "focusing_factor"))
+                    for v in layer.trainable_variables]
+    sharpness = [v for v, s in zip(layer.trainable_variables, is_sharpness) if s]
+    others = [v for v, s in zip(layer.trainable_variables, is_sharpness) if not s]
+    gradients = tape.gradient(loss, [*sharpness, *others])
+    assert len(sharpness) == 1 and all(np.isfinite(np_(g)).all() for g in gradients)
+    assert np.abs(np_(gradients[0])).max() > 0
+    if options[3]:  # an optimizer step that pushes p below 1 is clipped back to 1
+        keras.optimizers.SGD(100.0).apply([np.ones(2, "float32")], sharpness)
+        np.testing.assert_array_equal(np_(sharpness[0]), [1.0, 1.0])
+        # and a value below 1 set by hand is floored in the call: p = 1 is relu
+        sharpness[0].assign([0.5, 0.5])
+        relu = layers.NormalizedLinearAttention(2, 4, feature_map="relu", use_bias=False)
+        relu(query, key)
+        learned = named_weights(layer)
+        for variable in relu.weights:
+            variable.assign(learned[variable.path.split("/", 1)[1]].astype("float32"))
+        np.testing.assert_allclose(np_(layer(query, key, key_mask=key_mask)),
+                                   np_(relu(query, key, key_mask=key_mask)), atol=1e-6)
+
+
+@pytest.mark.parametrize("options", [SHARPNESS[0], SHARPNESS[2], SHARPNESS[4]])
+def test_xla_compiled_sharpness_matches(options):
+    # TensorFlow only: `ifa-export --jit_compile` serves the model through XLA.
+    import tensorflow as tf
+
+    rng = np.random.default_rng(24)
+    query = rng.normal(size=(2, 5, 8)).astype("float32")
+    key = rng.normal(size=(2, 9, 8)).astype("float32")
+    key_mask = random_mask(rng, 2, 9, 0)
+    layer = sharpness_layer(*options)
+    layer(query, key)
+    randomize(layer, seed=24)
+    set_sharpness(layer)
+    compiled = tf.function(lambda q, k, mask: layer(q, k, key_mask=mask), jit_compile=True)
+    np.testing.assert_allclose(np_(compiled(query, key, key_mask)),
+                               np_(layer(query, key, key_mask=key_mask)), atol=1e-5)
+
+
+@pytest.mark.jax
+@pytest.mark.parametrize("options", [SHARPNESS[0], SHARPNESS[4]])
+def test_sharpness_config_and_keras_file_round_trip(options, tmp_path):
+    rng = np.random.default_rng(25)
+    query = rng.normal(size=(2, 3, 8)).astype("float32")
+    key = rng.normal(size=(2, 5, 8)).astype("float32")
+    layer = sharpness_layer(*options)
+    config = layer.get_config()
+    assert (config["learnable_temperature"], config["learnable_focusing_factor"]) == options[2:]
+    inputs = [keras.Input((None, 8)), keras.Input((None, 8))]
+    model = keras.Model(inputs, layer(*inputs))
+    randomize(layer, seed=25)
+    set_sharpness(layer)
+    expected = np_(model([query, key]))
+    model.save(tmp_path / "attention.keras")
+    loaded = keras.saving.load_model(tmp_path / "attention.keras")
+    np.testing.assert_allclose(np_(loaded([query, key])), expected, atol=1e-6)
+    restored = [v for v in loaded.layers[-1].weights if "focusing_factor" in v.path]
+    if options[3]:  # the constraint is saved with the weight
+        assert isinstance(restored[0].constraint, feature_maps.AtLeastOne)
+
+
+@pytest.mark.jax
+def test_bad_sharpness_arguments_name_the_argument_and_value():
+    for feature_map in ("relu", "focused"):
+        with pytest.raises(ValueError, match=f"no effect on feature_map='{feature_map}'.*"
+                                             "learnable_temperature=True"):
+            layers.NormalizedLinearAttention(2, 4, feature_map=feature_map,
+                                             learnable_temperature=True)
+    with pytest.raises(ValueError, match="no effect on feature_map='elu_plus_one'.*"
+                                         "learnable_focusing_factor=True"):
+        layers.NormalizedLinearAttention(2, 4, learnable_focusing_factor=True)
+    for name in ("learnable_temperature", "learnable_focusing_factor"):
+        with pytest.raises(ValueError, match=f"{name}='yes'"):
+            layers.NormalizedLinearAttention(2, 4, feature_map="focused", **{name: "yes"})
+    with pytest.raises(ValueError, match="learnable_temperature=1"):
+        layers.CandidateSelfAttention(2, 4, learnable_temperature=1)
+
+
 # ------------------------------------------------------------------------- the zoo options
 def zoo_model(name, **overrides):
     from ifa_tf import zoo
@@ -401,7 +611,9 @@ def test_zoo_passes_the_new_maps_and_focusing_factor_to_fsm_and_ram(tmp_path):
         for attention in attentions:
             assert attention.feature_map == overrides["feature_map"]
             assert attention.focusing_factor == overrides.get("focusing_factor")
-        assert model.get_config()["focusing_factor"] == overrides.get("focusing_factor")
+        if name == "ifa":  # RAM follows the FSM's map and power
+            assert model.get_config()["ram_focusing_factor"] == overrides.get(
+                "focusing_factor")
         for attention in attentions:  # saved weights, not the identity start
             for variable in attention.weights:
                 if "feature" in variable.path:
@@ -417,6 +629,128 @@ def test_zoo_passes_the_new_maps_and_focusing_factor_to_fsm_and_ram(tmp_path):
             np.testing.assert_allclose(np_(probabilities), base[task], atol=1e-7)
 
 
+# Every map in each module's place at least once, with the other module on another map.
+MAP_PAIRS = [(("elu_plus_one", None), ("relu", None)), (("softplus", None), ("focused", 2)),
+             (("relu", None), ("hedgehog", None)), (("focused", 2), ("softplus", None)),
+             (("hedgehog", None), ("elu_plus_one", None))]
+
+
+@pytest.mark.parametrize("fsm, ram", MAP_PAIRS)
+def test_zoo_sets_the_fsm_and_ram_maps_apart(fsm, ram, tmp_path):
+    overrides = {"feature_map": fsm[0], "focusing_factor": fsm[1], "ram_feature_map": ram[0],
+                 "ram_focusing_factor": ram[1]}
+    model = zoo_model("ifa", **overrides)
+    fsm_attention = model.get_layer("interest")._attention
+    ram_attention = model.get_layer("candidate_self_attention")
+    assert (fsm_attention.feature_map, fsm_attention.focusing_factor) == fsm
+    assert (ram_attention.feature_map, ram_attention.focusing_factor) == ram
+    config = model.get_config()
+    assert (config["ram_feature_map"], config["ram_focusing_factor"]) == ram
+    assert (config["interest"]["config"]["feature_map"],
+            config["interest"]["config"]["focusing_factor"]) == fsm
+    for variable in model.weights:  # saved weights, not Hedgehog's identity start
+        if "feature" in variable.path:
+            variable.assign(np.random.default_rng(1).normal(
+                scale=0.3, size=variable.shape).astype("float32"))
+    features = zoo_batch()
+    base = {k: np_(v) for k, v in model(features).items()}
+    model.save(tmp_path / "ifa.keras")
+    restored = keras.saving.load_model(tmp_path / "ifa.keras")
+    assert restored.get_layer("candidate_self_attention").feature_map == ram[0]
+    assert restored.get_layer("interest")._attention.feature_map == fsm[0]
+    for task, probabilities in restored(features).items():
+        np.testing.assert_allclose(np_(probabilities), base[task], atol=1e-7)
+
+
+def test_ram_follows_the_fsm_map_unless_set_apart():
+    from ifa_tf import zoo
+
+    def maps(model):
+        ram = model.get_layer("candidate_self_attention")
+        return (model.get_layer("interest")._attention.feature_map, ram.feature_map,
+                ram.focusing_factor)
+
+    # As before RAM had its own options: feature_map sets both, so earlier configs (e.g.
+    # zoo/RESULTS.md's `ifa_relu=ifa:feature_map=relu`) build the same model.
+    assert maps(zoo_model("ifa")) == ("elu_plus_one", "elu_plus_one", None)
+    assert maps(zoo_model("ifa", feature_map="relu")) == ("relu", "relu", None)
+    assert maps(zoo_model("ifa", feature_map="focused", focusing_factor=2)) == (
+        "focused", "focused", 2)
+    assert maps(zoo_model("ifa", feature_map="focused", focusing_factor=2,
+                          ram_focusing_factor=4)) == ("focused", "focused", 4)
+    assert maps(zoo_model("ifa", feature_map="relu", ram_feature_map="elu_plus_one")) == (
+        "relu", "elu_plus_one", None)
+    assert maps(zoo_model("ifa", feature_map="focused", focusing_factor=2,
+                          ram_feature_map="focused")) == ("focused", "focused", None)
+    # twin_ram has RAM and no FSM: only RAM's options.
+    twin_ram = zoo_model("twin_ram", k=4, ram_feature_map="relu")
+    assert twin_ram.get_layer("candidate_self_attention").feature_map == "relu"
+    assert "feature_map" not in zoo.valid_overrides("twin_ram")
+    for name in ("ifa", "ifa_no_ram"):
+        assert {"feature_map", "ram_feature_map", "learnable_temperature",
+                "ram_learnable_temperature", "learnable_focusing_factor",
+                "ram_learnable_focusing_factor", "exact_matches"} <= set(
+                    zoo.valid_overrides(name))
+
+
+def test_models_saved_before_ram_had_its_own_options_still_load():
+    from ifa_tf.models import CandidateSetRanker
+
+    config = zoo_model("ifa", feature_map="focused", focusing_factor=2).get_config()
+    for name in ("feature_map", "focusing_factor"):  # the keys of earlier versions
+        config[name] = config.pop("ram_" + name)
+    restored = CandidateSetRanker.from_config(config)
+    ram = restored.get_layer("candidate_self_attention")
+    assert (ram.feature_map, ram.focusing_factor) == ("focused", 2)
+
+
+def test_zoo_learnable_sharpness_starts_where_the_model_without_it_is(tmp_path):
+    # The FSM's temperature and RAM's focusing power: the only new weights, and at the
+    # start the model's outputs are those of the model without them.
+    base = zoo_model("ifa", ram_feature_map="focused")
+    learnable = zoo_model("ifa", ram_feature_map="focused", learnable_temperature=True,
+                          ram_learnable_focusing_factor=True)
+    known = {w.path for w in base.weights}
+    added = [w for w in learnable.weights if w.path not in known]
+    assert sorted(w.path for w in added) == ["candidate_self_attention/focusing_factor",
+                                             "interest/attention/log_temperature"]
+    features = zoo_batch()
+    expected = {k: np_(v) for k, v in base(features).items()}
+    for task, value in learnable(features).items():
+        np.testing.assert_allclose(np_(value), expected[task], rtol=1e-6, atol=1e-7)
+    # Trained, saved and restored with what it learned.
+    start = [np_(w) for w in added]
+    learnable.compile(optimizer=keras.optimizers.Adam(0.05))
+    labels = {t: (np.random.default_rng(0).random((2, 4)) < 0.5).astype("float32")
+              for t in ("impression", "click", "long_view", "like")}
+    learnable.fit(features, labels, epochs=2, batch_size=2, verbose=0)
+    assert all(np.abs(np_(w) - s).max() > 1e-3 for w, s in zip(added, start))
+    learnable.save(tmp_path / "sharp.keras")
+    restored = keras.saving.load_model(tmp_path / "sharp.keras")
+    for task, value in restored(features).items():
+        np.testing.assert_allclose(np_(value), np_(learnable(features)[task]), atol=1e-7)
+
+
+def test_config_overrides_reach_both_modules():
+    # `ifa-train --set model.ram_feature_map=...` and zoo_results' `--extra_run` rows.
+    from ifa_tf import training, zoo
+    from ifa_tf.schema import FeatureSchema
+
+    config = training.load_config("ifa", overrides=[
+        "model.feature_map=relu", "model.ram_feature_map=elu_plus_one",
+        "model.ram_learnable_temperature=true", "model.exact_matches=true",
+        "model.embedding_dim=4", "model.tower_units=[8]"])
+    model = zoo.build("ifa", schema=FeatureSchema(embedding_buckets={
+        "user_id": 40, "item_id": 64, "category_id": 8, "author_id": 16}),
+        **config.model.overrides)
+    ram = model.get_layer("candidate_self_attention")
+    assert model.get_layer("interest")._attention.feature_map == "relu"
+    assert (ram.feature_map, ram.learnable_temperature) == ("elu_plus_one", True)
+    assert model.get_layer("interest").exact_matches is True
+    with pytest.raises(ValueError, match="ram_featuremap"):
+        training.load_config("ifa", overrides=["model.ram_featuremap=relu"])
+
+
 def test_zoo_rejects_bad_feature_map_options_by_name():
     with pytest.raises(ValueError, match="focusing_factor=0.5"):
         zoo_model("ifa", feature_map="focused", focusing_factor=0.5)
@@ -424,6 +758,17 @@ def test_zoo_rejects_bad_feature_map_options_by_name():
         zoo_model("ifa_no_ram", feature_map="relu", focusing_factor=2)
     with pytest.raises(ValueError, match="feature_map='tanh'"):
         zoo_model("ifa_no_ram", feature_map="tanh")
+    with pytest.raises(ValueError, match="ram_focusing_factor=0.5"):
+        zoo_model("ifa", ram_feature_map="focused", ram_focusing_factor=0.5)
+    with pytest.raises(ValueError, match="no effect on ram_feature_map='relu'.*"
+                                         "ram_learnable_temperature=True"):
+        zoo_model("ifa", feature_map="relu", ram_learnable_temperature=True)
+    with pytest.raises(ValueError, match="ram_feature_map='tanh'"):
+        zoo_model("ifa", ram_feature_map="tanh")
+    with pytest.raises(ValueError, match="learnable_temperature=True"):
+        zoo_model("ifa", feature_map="focused", learnable_temperature=True)
+    with pytest.raises(ValueError, match="exact_matches='yes'"):
+        zoo_model("ifa", exact_matches="yes")
 
 
 # ------------------------------------------------------------------------- the diagnostic
@@ -541,3 +886,24 @@ def test_weight_on_matches_by_hand():
     assert np.isnan(got["lift"][0, 0, 2])
     with pytest.raises(ValueError, match="heads, m, n"):
         diagnostics.weight_on_matches(weights[0], query_ids, key_ids)
+
+
+def test_learned_sharpness_reads_every_attentions_heads():
+    model = zoo_model("ifa", learnable_temperature=True, ram_feature_map="focused",
+                      ram_focusing_factor=2, ram_learnable_focusing_factor=True)
+    got = diagnostics.learned_sharpness(model)
+    assert sorted(got) == ["candidate_self_attention", "interest/attention"]
+    np.testing.assert_array_equal(got["interest/attention"]["temperature"], [1.0, 1.0])
+    np.testing.assert_array_equal(got["candidate_self_attention"]["focusing_factor"],
+                                  [2.0, 2.0])
+    for variable in model.weights:
+        if variable.path.endswith("log_temperature"):
+            variable.assign(np.log(np.array([0.5, 2.0], "float32")))
+        elif variable.path.endswith("focusing_factor"):
+            variable.assign(np.array([0.5, 4.0], "float32"))  # the layer floors p at 1
+    got = diagnostics.learned_sharpness(model)
+    np.testing.assert_allclose(got["interest/attention"]["temperature"], [0.5, 2.0],
+                               rtol=1e-6)
+    np.testing.assert_array_equal(got["candidate_self_attention"]["focusing_factor"],
+                                  [1.0, 4.0])
+    assert diagnostics.learned_sharpness(zoo_model("ifa")) == {}

@@ -512,6 +512,143 @@ def test_sdim_is_linear_and_eta_never_forms_an_m_n_d_tensor():
     assert not [s for s in eta_shapes if m in s and n in s and len(s) > 3]
 
 
+# ------------------------------------------------------------------------- exact matches
+def exact_matches_reference(candidate_ids, sequence_ids, time_delta, sequence_mask,
+                            candidate_mask):
+    """Brute force over the [m, n] comparison, float64: per attribute, the count of valid
+    events sharing a candidate's non-zero id and the smallest time delta among them (-1)."""
+    counts, last = [], []
+    for candidates, events in zip(candidate_ids, sequence_ids):
+        match = ((candidates[:, :, None] == events[:, None, :]) & sequence_mask[:, None, :]
+                 & (candidates != 0)[:, :, None] & candidate_mask[:, :, None])  # [B, m, n]
+        counts.append(match.sum(-1))
+        newest = np.where(match, time_delta[:, None, :].astype(np.float64), np.inf).min(-1)
+        last.append(np.where(np.isinf(newest), -1.0, newest))
+    return np.stack(counts, -1), np.stack(last, -1)
+
+
+def exact_matches_case(seed, batch=4, n=23, m=17):
+    """Ids from small vocabularies (many matches), padding on both sides with garbage ids
+    and time deltas stored there, a fully padded sequence row, unknown (0) attributes."""
+    rng = np.random.default_rng(seed)
+    sequence_mask = random_mask(rng, batch, n, 1)
+    sequence_mask[1] = False  # no valid event at all
+    candidate_mask = random_mask(rng, batch, m, 1)
+    candidate_ids, sequence_ids = [], []
+    for vocabulary in (12, 5, 3):  # item, author, category
+        events = rng.integers(1, vocabulary + 1, (batch, n))
+        candidates = rng.integers(1, vocabulary + 3, (batch, m))  # some never occur
+        candidates[rng.random((batch, m)) < 0.1] = 0  # unknown attribute
+        candidates[~candidate_mask] = rng.integers(1, vocabulary + 1)  # garbage at padding
+        sequence_ids.append(events)
+        candidate_ids.append(candidates)
+    time_delta = rng.integers(0, 10**9, (batch, n))
+    time_delta[~sequence_mask] = 0  # padded events stored with the most recent time
+    return candidate_ids, sequence_ids, time_delta, sequence_mask, candidate_mask
+
+
+def int_(x):
+    return np.asarray(ops.convert_to_numpy(x))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_exact_matches_equal_the_brute_force_reference(seed):
+    case = exact_matches_case(seed)
+    counts, last = layers.ExactMatches()(*case[:2], case[2], sequence_mask=case[3],
+                                         candidate_mask=case[4])
+    ref_counts, ref_last = exact_matches_reference(*case)
+    assert int_(counts).dtype == np.int32 and int_(last).dtype == np.int64
+    assert ref_counts.sum() > 30 and (ref_counts > 1).any()  # the case has matches
+    np.testing.assert_array_equal(int_(counts), ref_counts)
+    np.testing.assert_array_equal(int_(last), ref_last)
+    assert (int_(counts)[1] == 0).all() and (int_(last)[1] == -1).all()  # no valid event
+    # Without time deltas only the counts; without masks, the item ids' zeros mark padding.
+    counts_only, none = layers.ExactMatches()(case[0], case[1], sequence_mask=case[3],
+                                              candidate_mask=case[4])
+    assert none is None
+    np.testing.assert_array_equal(int_(counts_only), ref_counts)
+    item_padded = [np.where(case[3], ids, 0) for ids in case[1]]
+    default_masks, _ = layers.ExactMatches()(case[0], item_padded, case[2])
+    ref_default, _ = exact_matches_reference(case[0], item_padded, case[2], case[3],
+                                             np.ones_like(case[4]))
+    np.testing.assert_array_equal(int_(default_masks), ref_default)
+
+
+def test_exact_matches_ignore_padding_event_order_and_batch():
+    candidate_ids, sequence_ids, time_delta, sequence_mask, candidate_mask = (
+        exact_matches_case(2))
+    layer = layers.ExactMatches()
+
+    def run(candidates, events, deltas, mask, cand_mask):
+        return [int_(x) for x in layer(candidates, events, deltas, sequence_mask=mask,
+                                       candidate_mask=cand_mask)]
+
+    base = run(candidate_ids, sequence_ids, time_delta, sequence_mask, candidate_mask)
+    # Appended padded events holding ids every candidate has, and the smallest delta.
+    rng = np.random.default_rng(3)
+    longer = [np.concatenate([ids, np.repeat(c[:, :5], 2, axis=1)], axis=1)
+              for ids, c in zip(sequence_ids, candidate_ids)]
+    longer_delta = np.concatenate([time_delta, np.zeros((4, 10), "int64")], axis=1)
+    longer_mask = np.concatenate([sequence_mask, np.zeros((4, 10), bool)], axis=1)
+    for got, expected in zip(run(candidate_ids, longer, longer_delta, longer_mask,
+                                 candidate_mask), base):
+        np.testing.assert_array_equal(got, expected)
+    # The events in any order (the sort does not rely on oldest-first).
+    permutation = rng.permutation(sequence_mask.shape[1])
+    for got, expected in zip(run(candidate_ids, [ids[:, permutation] for ids in sequence_ids],
+                                 time_delta[:, permutation], sequence_mask[:, permutation],
+                                 candidate_mask), base):
+        np.testing.assert_array_equal(got, expected)
+    # Each request alone gives its row of the batch.
+    for row in range(4):
+        single = run([c[row:row + 1] for c in candidate_ids],
+                     [e[row:row + 1] for e in sequence_ids], time_delta[row:row + 1],
+                     sequence_mask[row:row + 1], candidate_mask[row:row + 1])
+        for got, expected in zip(single, base):
+            np.testing.assert_array_equal(got[0], expected[row])
+
+
+def test_exact_matches_of_empty_sequences_huge_and_negative_ids():
+    layer = layers.ExactMatches()
+    counts, last = layer([np.array([[5, 0, 2**62]] * 2)], [np.zeros((2, 0), "int64")],
+                         np.zeros((2, 0), "int64"))
+    np.testing.assert_array_equal(int_(counts)[..., 0], np.zeros((2, 3)))
+    np.testing.assert_array_equal(int_(last)[..., 0], -np.ones((2, 3)))
+    ids = np.array([[-7, 2**62, -2**62, 3, -7, 2**62]])
+    deltas = np.array([[60, 50, 40, 30, 20, 10]])
+    counts, last = layer([np.array([[2**62, -7, -2**62, 4, 0]])], [ids], deltas)
+    np.testing.assert_array_equal(int_(counts)[0, :, 0], [2, 2, 1, 0, 0])
+    np.testing.assert_array_equal(int_(last)[0, :, 0], [10, 20, 40, -1, -1])
+    with pytest.raises(ValueError, match="one tensor per attribute"):
+        layer([ids], [ids, ids])
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="reads a TF graph")
+def test_exact_matches_are_sort_and_search_never_an_m_by_n_comparison():
+    """Every tensor of the traced graph at m = 301, n = 293 (primes): none holds both m
+    and n, nor m * n elements in one axis; and XLA (`ifa-export --jit_compile`) compiles it."""
+    import tensorflow as tf
+
+    m, n = 301, 293
+    layer = layers.ExactMatches()
+    specs = [tf.TensorSpec([2, m], tf.int64)] * 3 + [tf.TensorSpec([2, n], tf.int64)] * 4
+
+    def call(*args):
+        return layer(list(args[:3]), list(args[3:6]), args[6])
+
+    graph = tf.function(call).get_concrete_function(*specs).graph
+    shapes = [t.shape.as_list() for op in graph.get_operations() for t in op.outputs
+              if t.shape.rank is not None]
+    assert shapes and not [s for s in shapes if (m in s and n in s)
+                           or any(d is not None and d >= m * n for d in s)]
+    case = exact_matches_case(4, batch=2)
+    case = [ids for ids in case[0]], [np.where(case[3], ids, 0) for ids in case[1]], case[2]
+    compiled = tf.function(call, jit_compile=True)
+    for got, expected in zip(compiled(*case[0], *case[1], case[2]), call(*case[0], *case[1],
+                                                                        case[2])):
+        np.testing.assert_array_equal(int_(got), int_(expected))
+
+
 # ------------------------------------------------------------------ pooling, towers, ids
 def test_masked_average_pooling():
     sequence = np.arange(24, dtype="float32").reshape(2, 4, 3)

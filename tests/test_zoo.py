@@ -20,12 +20,20 @@ SCHEMA = FeatureSchema(embedding_buckets={"user_id": 40, "item_id": 64, "categor
 OVERRIDES = {"din": {"k": 4}, "sim_hard": {"k": 4}, "sim_soft": {"k": 4, "search_buckets": 64},
              "twin": {"k": 4}, "twin_ram": {"k": 4}, "eta": {"k": 4}}
 SMALL = {"embedding_dim": 4, "tower_units": [16, 8]}
-MODELS = zoo.list_models()
+# IFA's options that add to what the model computes, run through every test below as if
+# they were models of their own: exact matches, and separate maps with learnable sharpness.
+VARIANTS = {"ifa+exact_matches": ("ifa", {"exact_matches": True}),
+            "ifa+sharpness": ("ifa", {"learnable_temperature": True,
+                                      "ram_feature_map": "focused",
+                                      "ram_learnable_focusing_factor": True})}
+MODELS = [*zoo.list_models(), *VARIANTS]
 
 
 def build(name, **extra):
     keras.utils.set_random_seed(1)
-    return zoo.build(name, schema=SCHEMA, **SMALL, **{**OVERRIDES.get(name, {}), **extra})
+    name, variant = VARIANTS.get(name, (name, {}))
+    return zoo.build(name, schema=SCHEMA, **SMALL,
+                     **{**OVERRIDES.get(name, {}), **variant, **extra})
 
 
 def make_batch(seed=0, batch=3, n=12, m=6, seq_valid=(12, 9, 5), cand_valid=(6, 4, 1)):
@@ -54,8 +62,9 @@ def models():
 
 
 def test_zoo_lists_every_model_of_the_paper():
-    assert set(MODELS) >= {"avg_pooling", "din", "din_full", "sim_hard", "sim_soft", "twin",
-                           "twin_ram", "ifa_no_ram", "ifa", "eta", "sdim"}
+    assert set(zoo.list_models()) >= {"avg_pooling", "din", "din_full", "sim_hard",
+                                      "sim_soft", "twin", "twin_ram", "ifa_no_ram", "ifa",
+                                      "eta", "sdim"}
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -210,7 +219,8 @@ def test_full_sequence_fidelity():
     for name, extra, reacts in (("ifa", {}, True), ("ifa_no_ram", {}, True),
                                 ("din_full", {}, True), ("sdim", {}, True), ("din", {}, False),
                                 ("din", {"k": None}, True), ("din_full", {"k": 4}, False),
-                                ("ifa", {"k": 4}, False)):
+                                ("ifa", {"k": 4}, False), ("ifa+exact_matches", {}, True),
+                                ("ifa+exact_matches", {"k": 4}, False)):
         model = build(name, **extra)
         delta = np.abs(predict(model, changed)["score"] - predict(model, features)["score"])
         assert (delta.max() > 1e-6) == reacts, (name, extra)
@@ -229,7 +239,7 @@ def keep_most_recent(features, k):
     return cut
 
 
-@pytest.mark.parametrize("name", ["din", "din_full", "ifa"])
+@pytest.mark.parametrize("name", ["din", "din_full", "ifa", "ifa+exact_matches"])
 def test_recent_k_equals_the_same_model_on_the_cut_history(name, tmp_path):
     """`k` on `din`, `din_full` and `ifa` reads the k most recent events: the model with k = 4
     scores a request as the same weights with k = None score its 4 most recent events."""
@@ -260,6 +270,88 @@ def test_bad_k_is_a_clear_error(name, k):
 def test_search_models_need_a_k():
     with pytest.raises(ValueError, match=r"k"):
         build("twin", k=None)
+
+
+def exact_matches_reference(features, attributes, with_recency=True):
+    """Brute force over [m, n], float64: per attribute, the count of valid events sharing
+    each candidate's non-zero id and the newest one's time delta (-1 without one)."""
+    valid_events = features["seq_item_id"] != 0
+    counts, last = [], []
+    for attribute in attributes:
+        candidates = features["cand_" + attribute]
+        match = ((candidates[:, :, None] == features["seq_" + attribute][:, None, :])
+                 & valid_events[:, None, :] & (candidates != 0)[:, :, None]
+                 & (features["cand_item_id"] != 0)[:, :, None])
+        counts.append(match.sum(-1))
+        if with_recency:
+            newest = np.where(match, features["seq_time_delta"][:, None, :].astype(float),
+                              np.inf).min(-1)
+            last.append(np.where(np.isinf(newest), -1, newest).astype("int64"))
+    return counts, last
+
+
+def log2_bucket(values):
+    """`HashedEmbedding`'s log2 mode: 1 + floor(log2(1 + max(v, 0)))."""
+    return 1 + np.floor(np.log2(1 + np.maximum(values, 0).astype(np.float64))).astype(int)
+
+
+@pytest.mark.parametrize("schema_kind", ["default", "no_authors_no_time"])
+def test_exact_matches_reach_the_towers_as_the_brute_force_counts(schema_kind):
+    """The module's output after the heads is, per attribute (sorted by name), the
+    embedding of the count of matching events and of the newest one's log2 time delta (a
+    zero vector without a match), computed from the brute-force [m, n] reference."""
+    schema = SCHEMA if schema_kind == "default" else FeatureSchema(
+        item_attributes=("item_id", "category_id"), sequence_context=("seq_action",),
+        cross_features=(), embedding_buckets={"item_id": 64, "category_id": 8})
+    keras.utils.set_random_seed(2)
+    model = zoo.build("ifa", schema=schema, exact_matches=True, exact_match_dim=3, **SMALL)
+    features, _ = make_batch(seed=4)
+    # Repeated items, authors and categories: copy events into the candidates.
+    features["cand_item_id"][:, :3] = features["seq_item_id"][:, 2:5]
+    features["cand_author_id"][0, 3] = 0  # an unknown author matches nothing
+    features = {k: v for k, v in features.items() if k in schema.feature_names}
+    interest = model.get_layer("interest")
+    probe = keras.Model(model.inputs, interest.output)
+    heads = interest.num_heads * interest.key_dim
+    attributes = sorted(a for a in schema.item_attributes)
+    with_recency = "seq_time_delta" in schema.sequence_context
+    out = keras.ops.convert_to_numpy(probe(features))
+    assert out.shape == (3, 6, heads + len(attributes) * (2 if with_recency else 1) * 3)
+    counts, last = exact_matches_reference(features, attributes, with_recency)
+    assert sum(c.sum() for c in counts) > 10 and (counts[-1] > 0).any()  # items matched
+    valid = features["cand_item_id"] != 0
+    column = heads
+    for index, attribute in enumerate(attributes):
+        kinds = ("count", "recency") if with_recency else ("count",)
+        for kind in kinds:
+            table = keras.ops.convert_to_numpy(
+                interest._match_embeddings[f"{attribute}_match_{kind}_embedding"].embeddings)
+            if kind == "count":
+                expected = table[log2_bucket(counts[index])]
+            else:
+                expected = table[log2_bucket(last[index])] * (counts[index] > 0)[..., None]
+            np.testing.assert_allclose(out[..., column:column + 3][valid], expected[valid],
+                                       rtol=1e-6, err_msg=f"{attribute} {kind}")
+            column += 3
+    assert column == out.shape[-1]
+
+
+@pytest.mark.parametrize("name", ["ifa", "ifa+exact_matches"])
+def test_ifa_traces_no_m_by_n_tensor(name):
+    """Every tensor of the traced model at m = 301, n = 293 (primes): none holds both m
+    and n, nor m * n elements in one axis: IFA stays O(m + n) with exact matches."""
+    m, n = 301, 293
+    model = build(name)
+    specs = {feature: tf.TensorSpec([2] if feature == "user_id" else
+                                    [2, n if feature.startswith("seq_") else m], tf.int64,
+                                    name=feature)
+             for feature in SCHEMA.feature_names}
+    graph = tf.function(lambda features: model(features)).get_concrete_function(specs).graph
+    shapes = [t.shape.as_list() for op in graph.get_operations() for t in op.outputs
+              if t.shape.rank is not None]
+    assert len(shapes) > 100
+    assert not [s for s in shapes if (m in s and n in s)
+                or any(d is not None and d >= m * n for d in s)]
 
 
 def test_padded_candidates_change_no_loss_or_metric():

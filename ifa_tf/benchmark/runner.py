@@ -39,7 +39,8 @@ class BenchConfig:
     train_repeats: int = 5
     job_timeout_s: int = 1_800
     # "key=value" (value in YAML): keyword arguments of zoo.build for every model, e.g.
-    # "tower_dtype=mixed_bfloat16".
+    # "tower_dtype=mixed_bfloat16"; "model:key=value" for that model only, e.g.
+    # "ifa:exact_matches=true" (so ifa with an option and avg_pooling share one run).
     model_overrides: tuple = ()
 
     def __post_init__(self):
@@ -57,23 +58,31 @@ class BenchConfig:
                              f"warmup={self.warmup}")
         self.build_overrides()
 
-    def build_overrides(self):
-        """`model_overrides` as keyword arguments of `zoo.build`."""
+    def build_overrides(self, model=None):
+        """`model_overrides` as keyword arguments of `zoo.build(model, ...)`: the
+        `key=value` ones and the `model:key=value` ones of `model`."""
         overrides = {}
         for text in self.model_overrides:
             key, sep, raw = text.partition("=")
-            if not sep or not key.strip():
-                raise ValueError("A model override must look like key=value. Received: "
-                                 f"model_overrides={text!r}")
-            overrides[key.strip()] = yaml.safe_load(raw)
+            only, colon, key = key.strip().rpartition(":")
+            if not sep or not key.strip() or (colon and not only.strip()):
+                raise ValueError("A model override must look like key=value or "
+                                 f"model:key=value. Received: model_overrides={text!r}")
+            if not colon or only.strip() == model:
+                overrides[key.strip()] = yaml.safe_load(raw)
         return overrides
+
+    def overridden_models(self):
+        """The models named by `model:key=value` overrides."""
+        return {text.partition("=")[0].rpartition(":")[0].strip()
+                for text in self.model_overrides} - {""}
 
 
 def jobs(config, models, export_base):
     shapes = [[m, n] for m in config.m_values for n in config.n_values]
-    overrides = config.build_overrides()
     for round_index in range(config.rounds):
         for model in models if round_index % 2 == 0 else reversed(models):
+            overrides = config.build_overrides(model)
             for path in config.paths:
                 job = {"kind": "score", "model": model, "overrides": overrides, "path": path,
                        "shapes": shapes, "repeats": config.repeats, "warmup": config.warmup,
@@ -86,7 +95,7 @@ def jobs(config, models, export_base):
                     job["export_dir"] = os.path.join(base, "1")
                 yield job
     for model in models:
-        yield {"kind": "train", "model": model, "overrides": overrides,
+        yield {"kind": "train", "model": model, "overrides": config.build_overrides(model),
                "m": config.train_m, "n": config.train_n,
                "batch_size": config.train_batch_size, "repeats": config.train_repeats,
                "warmup": 2}
@@ -123,8 +132,12 @@ def run_benchmark(config, log=print):
     unknown = sorted(set(models) - set(ifa_tf.zoo.list_models()))
     if unknown:
         raise ValueError(f"Unknown models {unknown}. Registered: {ifa_tf.zoo.list_models()}")
-    overrides = config.build_overrides()
+    absent = sorted(config.overridden_models() - set(models))
+    if absent:
+        raise ValueError(f"model_overrides name models that are not benchmarked: {absent}. "
+                         f"Benchmarked: {models}")
     for model in models:  # checked before hours of jobs, not in the first one
+        overrides = config.build_overrides(model)
         valid = ifa_tf.zoo.valid_overrides(model)
         unknown = sorted(set(overrides) - set(valid or ()))
         if valid is not None and unknown:

@@ -26,7 +26,8 @@ flags.DEFINE_integer("train_repeats", _DEFAULTS.train_repeats, "Timed training s
 flags.DEFINE_integer("job_timeout_s", _DEFAULTS.job_timeout_s, "Limit per model and path.")
 flags.DEFINE_multi_string("model_overrides", [], "key=value (value in YAML): a zoo.build "
                           "override for every model, e.g. tower_dtype=mixed_bfloat16; "
-                          "repeat the flag for more.")
+                          "model:key=value for that model only, e.g. "
+                          "ifa:exact_matches=true; repeat the flag for more.")
 
 
 def config_from_flags(argv):

@@ -3,6 +3,7 @@
 from ifa_tf.layers.candidate_self_attention import CandidateSelfAttention
 from ifa_tf.layers.din_activation_unit import DINActivationUnit
 from ifa_tf.layers.eta_search import ETASearch
+from ifa_tf.layers.exact_matches import ExactMatches
 from ifa_tf.layers.hashed_embedding import (
     HashedEmbedding,
     StackedHashedEmbedding,
@@ -21,6 +22,7 @@ __all__ = [
     "CandidateSelfAttention",
     "DINActivationUnit",
     "ETASearch",
+    "ExactMatches",
     "HashedEmbedding",
     "MaskedAveragePooling",
     "MaskedTargetAttention",

@@ -93,3 +93,30 @@ def count_at_most(thresholds, values):
 
         return jnp.searchsorted(thresholds, values, side="right", method="compare_all")
     return ops.searchsorted(thresholds, values, side="right")
+
+
+def searchsorted_rows(sorted_rows, values, side="left"):
+    """`searchsorted` of each row's `values` [B, m] in its own sorted row [B, n]: int32
+    [B, m], O(m log n) per row, never an [m, n] comparison.
+
+    `ops.searchsorted` takes 1-D sequences only. TensorFlow's op searches rows natively; on
+    JAX each row is searched by `jnp.searchsorted(method="sort")` under `vmap`, one sort
+    of the n + m values instead of a loop of log2(n) steps (which a GPU runs as separate
+    kernels: see `count_at_most`); other backends map `ops.searchsorted` over the rows.
+    """
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.searchsorted(sorted_rows, values, side=side, out_type=tf.int32)
+    if backend == "jax":
+        import jax
+        import jax.numpy as jnp
+
+        def search(row, row_values):
+            return jnp.searchsorted(row, row_values, side=side, method="sort")
+
+        return jax.vmap(search)(sorted_rows, values).astype("int32")
+    return ops.cast(ops.vectorized_map(
+        lambda pair: ops.searchsorted(pair[0], pair[1], side=side), (sorted_rows, values)),
+        "int32")

@@ -19,14 +19,24 @@ D = phi(Q) (phi(K)^T 1) is too (paper 4.4).
   weights; `hedgehog` below takes `x W + b` already computed, for queries and keys at
   once: its overflow guard scales both sides together.
 
+Learnable sharpness (`NormalizedLinearAttention`'s options, off by default):
+- `learnable_temperature`: a trainable temperature per head, phi(u / tau_h), tau_h =
+  exp(t_h) with t_h starting at 0 (tau = 1: the map as it is). It changes the weights only
+  where phi is not positively homogeneous: elu+1, softplus and Hedgehog. relu and the
+  focused map satisfy phi(c u) = c phi(u), so a scale cancels in D^-1 phi(Q) (phi(K)^T V)
+  and asking for it there is an error.
+- `learnable_focusing_factor`: the focused map's power p as a trainable weight per head,
+  starting at `focusing_factor` (3 by default) and kept >= 1.
+
 The functions take projections as [..., heads * key_dim] float32 and return features as
 [..., heads * feature_dim(name, key_dim)], each head's features contiguous.
 """
 
+import keras
 import numpy as np
 from keras import ops
 
-from ifa_tf.layers.validation import check_choice
+from ifa_tf.layers.validation import check_bool, check_choice
 
 ELEMENTWISE_MAPS = {
     "elu_plus_one": lambda x: ops.elu(x) + 1.0,
@@ -35,26 +45,61 @@ ELEMENTWISE_MAPS = {
 }
 FEATURE_MAPS = (*ELEMENTWISE_MAPS, "focused", "hedgehog")
 DEFAULT_FOCUSING_FACTOR = 3
+# The maps a temperature on their input changes: the others are positively homogeneous of
+# degree 1, and the scale cancels in the normalised output.
+TEMPERATURE_MAPS = ("elu_plus_one", "softplus", "hedgehog")
 
 # Smallest normal float32: a floor for norms and degrees that keeps 1 / floor finite.
 TINY = float(np.finfo("float32").tiny)
 
 
-def check_feature_map(feature_map, focusing_factor=None):
-    """Validates a feature map name and its focusing factor; errors name the argument."""
-    check_choice("feature_map", feature_map, FEATURE_MAPS)
+def check_feature_map(feature_map, focusing_factor=None, learnable_temperature=False,
+                      learnable_focusing_factor=False, prefix=""):
+    """Validates a feature map name and its options; errors name the argument, spelt with
+    `prefix` (e.g. `"ram_"` for the model's `ram_feature_map`)."""
+    names = {name: prefix + name for name in ("feature_map", "focusing_factor",
+                                               "learnable_temperature",
+                                               "learnable_focusing_factor")}
+    check_choice(names["feature_map"], feature_map, FEATURE_MAPS)
+    check_bool(names["learnable_temperature"], learnable_temperature)
+    check_bool(names["learnable_focusing_factor"], learnable_focusing_factor)
+    if learnable_temperature and feature_map not in TEMPERATURE_MAPS:
+        raise ValueError(
+            f"`{names['learnable_temperature']}` has no effect on {names['feature_map']}="
+            f"{feature_map!r}: the map is positively homogeneous, so a scale on its input "
+            f"cancels in the normalised output. It applies to {list(TEMPERATURE_MAPS)}. "
+            f"Received: {names['learnable_temperature']}={learnable_temperature!r}")
+    if learnable_focusing_factor and feature_map != "focused":
+        raise ValueError(
+            f"`{names['learnable_focusing_factor']}` learns the power of "
+            f"{names['feature_map']}='focused' and has no effect on {names['feature_map']}="
+            f"{feature_map!r}. Received: "
+            f"{names['learnable_focusing_factor']}={learnable_focusing_factor!r}")
     if focusing_factor is None:
         return
     if feature_map != "focused":
-        raise ValueError("`focusing_factor` is the power of feature_map='focused' and has no "
-                         f"effect on feature_map={feature_map!r}. Received: "
-                         f"focusing_factor={focusing_factor!r}")
+        raise ValueError(
+            f"`{names['focusing_factor']}` is the power of {names['feature_map']}='focused' "
+            f"and has no effect on {names['feature_map']}={feature_map!r}. Received: "
+            f"{names['focusing_factor']}={focusing_factor!r}")
     # p < 1 would flatten the weights instead of focusing them, and the gradient of
     # relu(x)^p is infinite at 0 for p < 1.
     if (not isinstance(focusing_factor, (int, float)) or isinstance(focusing_factor, bool)
             or not np.isfinite(focusing_factor) or focusing_factor < 1):
-        raise ValueError("`focusing_factor` must be a finite number >= 1. Received: "
-                         f"focusing_factor={focusing_factor!r}")
+        raise ValueError(f"`{names['focusing_factor']}` must be a finite number >= 1. "
+                         f"Received: {names['focusing_factor']}={focusing_factor!r}")
+
+
+@keras.saving.register_keras_serializable(package="ifa_tf")
+class AtLeastOne(keras.constraints.Constraint):
+    """Keeps a learned focusing factor p >= 1: below 1 the map would flatten the weights
+    instead of focusing them, and relu(x)^p has an infinite gradient at 0."""
+
+    def __call__(self, w):
+        return ops.maximum(w, ops.cast(1.0, w.dtype))
+
+    def get_config(self):
+        return {}
 
 
 def feature_dim(feature_map, key_dim):
@@ -69,6 +114,9 @@ def elementwise(feature_map, x):
 def focused(x, num_heads, focusing_factor=DEFAULT_FOCUSING_FACTOR):
     """FLatten's `||r|| r^p / ||r^p||` with r = relu(x), per head.
 
+    `focusing_factor` is a number, or a float32 tensor [heads] (one learned power per head,
+    each >= 1).
+
     The map is positively homogeneous of degree 1, phi(c x) = c phi(x), so it is computed on
     `r / max(r)` (entries in [0, 1]) and scaled back by `max(r)`: `r^p` and the norms never
     overflow, whatever p. A head whose r is all zero gets zero features, with finite
@@ -78,6 +126,8 @@ def focused(x, num_heads, focusing_factor=DEFAULT_FOCUSING_FACTOR):
     rectified = ops.relu(_split_heads(x, num_heads))
     peak = ops.max(rectified, axis=-1, keepdims=True, initial=0.0)
     scaled = rectified / ops.maximum(peak, TINY)
+    if not isinstance(focusing_factor, (int, float)):
+        focusing_factor = ops.reshape(focusing_factor, (num_heads, 1))
     powered = ops.power(scaled, focusing_factor)
     norm = ops.sqrt(ops.maximum(ops.sum(ops.square(scaled), axis=-1, keepdims=True), TINY))
     powered_norm = ops.sqrt(ops.maximum(ops.sum(ops.square(powered), axis=-1, keepdims=True),

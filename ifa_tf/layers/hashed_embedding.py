@@ -15,6 +15,8 @@ _MULTIPLIER = 0x9E3779B97F4A7C15 - 2**64  # 2^64 / golden ratio, odd, as a signe
 _LOW_32_BITS = 0xFFFFFFFF
 
 BUCKETING_MODES = ("hash", "log2", "clip")
+# Buckets of a `"log2"` embedding that cover every int64 magnitude (counts, durations).
+LOG2_BUCKETS = 66
 
 
 def hash_buckets(values, num_buckets, offset=0):

@@ -59,7 +59,19 @@ class NormalizedLinearAttention(keras.layers.Layer):
             trainable projection, so it is folded into it (one product over the rows, and
             the same function class: the exp is what sharpens).
         focusing_factor: the power p of `"focused"`, a number >= 1; `None` means 3 (the
-            paper's). An error with any other map, where it would have no effect.
+            paper's). An error with any other map, where it would have no effect. With
+            `learnable_focusing_factor`, the power every head starts from.
+        learnable_temperature: learn a temperature per head on phi's input,
+            `phi(x / tau_h)` for queries and keys, `tau_h = exp(t_h)` (weight
+            `log_temperature`, [num_heads]) with `t_h = 0` at the start: the layer then
+            computes exactly what it computes without the option. tau < 1 sharpens the
+            weights, tau > 1 flattens them. For `"elu_plus_one"`, `"softplus"` and
+            `"hedgehog"`; an error with `"relu"` and `"focused"`, whose scale cancels in
+            the normalisation. The scale is folded into the query and key projections, so
+            it costs nothing per row. Off by default.
+        learnable_focusing_factor: learn the focused map's power p per head (weight
+            `focusing_factor`, [num_heads]), starting at `focusing_factor` and kept >= 1
+            (a constraint, and a floor in the call). Only with `"focused"`. Off by default.
         epsilon: added to D so an all-padding row gives a finite output.
         use_bias: whether the projections (and Hedgehog's map) have biases.
         kernel_initializer, bias_initializer: for the projections.
@@ -87,8 +99,10 @@ class NormalizedLinearAttention(keras.layers.Layer):
 
     def __init__(self, num_heads, key_dim, value_dim=None, output_dim=None,
                  use_output_projection=True,
-                 feature_map="elu_plus_one", focusing_factor=None, epsilon=1e-6, use_bias=True,
-                 kernel_initializer="glorot_uniform", bias_initializer="zeros", **kwargs):
+                 feature_map="elu_plus_one", focusing_factor=None,
+                 learnable_temperature=False, learnable_focusing_factor=False, epsilon=1e-6,
+                 use_bias=True, kernel_initializer="glorot_uniform", bias_initializer="zeros",
+                 **kwargs):
         super().__init__(**kwargs)
         check_positive_int("num_heads", num_heads)
         check_positive_int("key_dim", key_dim)
@@ -100,7 +114,8 @@ class NormalizedLinearAttention(keras.layers.Layer):
                 raise ValueError("`output_dim` sets the output projection's size; it cannot be "
                                  "combined with use_output_projection=False. Received: "
                                  f"output_dim={output_dim}")
-        feature_maps.check_feature_map(feature_map, focusing_factor)
+        feature_maps.check_feature_map(feature_map, focusing_factor, learnable_temperature,
+                                       learnable_focusing_factor)
         if not epsilon > 0:
             raise ValueError(f"`epsilon` must be > 0. Received: epsilon={epsilon}")
         self.num_heads = num_heads
@@ -110,6 +125,8 @@ class NormalizedLinearAttention(keras.layers.Layer):
         self.use_output_projection = use_output_projection
         self.feature_map = feature_map
         self.focusing_factor = focusing_factor
+        self.learnable_temperature = learnable_temperature
+        self.learnable_focusing_factor = learnable_focusing_factor
         self.epsilon = epsilon
         self.use_bias = use_bias
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
@@ -134,6 +151,17 @@ class NormalizedLinearAttention(keras.layers.Layer):
             self._key_feature_weights = self._add_hedgehog_weights("key")
         else:
             self._query_feature_weights = self._key_feature_weights = None
+        # Weights of learnable sharpness, made only when asked for: a layer without them
+        # has the same weights (and checkpoints) as before they existed.
+        self._log_temperature = self.add_weight(
+            shape=(self.num_heads,), initializer="zeros",
+            name="log_temperature") if self.learnable_temperature else None
+        self._focusing_factor = self.add_weight(
+            shape=(self.num_heads,),
+            initializer=keras.initializers.Constant(
+                float(self.focusing_factor or feature_maps.DEFAULT_FOCUSING_FACTOR)),
+            constraint=feature_maps.AtLeastOne(),
+            name="focusing_factor") if self.learnable_focusing_factor else None
         self.built = True
 
     def _add_hedgehog_weights(self, side):
@@ -237,6 +265,9 @@ class NormalizedLinearAttention(keras.layers.Layer):
         projected_q, projected_k = self._rows(projected_q, query), self._rows(projected_k, key)
         if self.feature_map == "focused":
             power = self.focusing_factor or feature_maps.DEFAULT_FOCUSING_FACTOR
+            if self._focusing_factor is not None:
+                # The floor holds p >= 1 also where a training loop skips the constraint.
+                power = ops.maximum(_float32(self._focusing_factor), 1.0)
             return (feature_maps.focused(projected_q, self.num_heads, power),
                     feature_maps.focused(projected_k, self.num_heads, power), self.epsilon)
         phi_q, phi_k, query_shift = feature_maps.hedgehog(projected_q, projected_k,
@@ -256,7 +287,8 @@ class NormalizedLinearAttention(keras.layers.Layer):
         The product is taken on 2-D inputs, so that TensorFlow's CPU runtime (oneDNN) fuses
         matmul, bias and an ELU into one kernel instead of three passes over the result.
         Hedgehog's W_h, b_h are folded in, `(x W + b) W_h + b_h = x (W W_h) + (b W_h + b_h)`:
-        the rows still see a single product."""
+        the rows still see a single product. So is the learnable temperature,
+        `(x W + b) / tau_h = x (W / tau_h) + b / tau_h`."""
         depth = inputs.shape[-1]
         kernel = dense.kernel
         bias = dense.bias if self.use_bias else None
@@ -268,6 +300,11 @@ class NormalizedLinearAttention(keras.layers.Layer):
             if bias is not None:
                 bias = (ops.einsum("hk,hkj->hj", _float32(bias), feature_kernel)
                         + _float32(feature_bias))
+        if self._log_temperature is not None:
+            inverse_temperature = ops.exp(-_float32(self._log_temperature))[:, None]  # [h, 1]
+            kernel = _float32(kernel) * inverse_temperature
+            if bias is not None:
+                bias = _float32(bias) * inverse_temperature
         kernel = ops.reshape(ops.cast(kernel, self.compute_dtype), (depth, -1))
         projected = ops.matmul(ops.reshape(ops.cast(inputs, self.compute_dtype), (-1, depth)),
                                kernel)
@@ -298,6 +335,8 @@ class NormalizedLinearAttention(keras.layers.Layer):
             "use_output_projection": self.use_output_projection,
             "feature_map": self.feature_map,
             "focusing_factor": self.focusing_factor,
+            "learnable_temperature": self.learnable_temperature,
+            "learnable_focusing_factor": self.learnable_focusing_factor,
             "epsilon": self.epsilon,
             "use_bias": self.use_bias,
             "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),

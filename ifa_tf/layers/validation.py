@@ -14,6 +14,11 @@ def check_int_in_range(name, value, low, high):
                          f"Received: {name}={value!r}")
 
 
+def check_bool(name, value):
+    if not isinstance(value, bool):
+        raise ValueError(f"`{name}` must be True or False. Received: {name}={value!r}")
+
+
 def check_seed(name, seed):
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
         raise ValueError(f"`{name}` must be None or a non-negative integer. "

@@ -3,14 +3,14 @@ from keras import ops
 
 from ifa_tf import layers
 from ifa_tf.layers.feature_maps import check_feature_map
+from ifa_tf.layers.hashed_embedding import LOG2_BUCKETS
 from ifa_tf.layers.validation import (check_dtype_policy, check_positive_int, check_units,
                                       clone_initializer)
 from ifa_tf.models.training_defaults import TrainingDefaultsMixin
 from ifa_tf.schema import CANDIDATE_PREFIX, SEQUENCE_PREFIX, resolve_schema
 
-# Buckets of the value embeddings: log2 buckets cover every int64 magnitude; action bit
-# sets (1 click, 2 long view, 4 like) and their combinations fit in 8.
-_LOG2_BUCKETS = 66
+# Action bit sets (1 click, 2 long view, 4 like) and their combinations fit in 8 buckets;
+# counts and durations take log2 buckets (LOG2_BUCKETS cover every int64 magnitude).
 _ACTION_BUCKETS = 8
 
 
@@ -42,8 +42,15 @@ class CandidateSetRanker(TrainingDefaultsMixin, keras.Model):
             embedding.
         use_ram: add the candidate self-attention (RAM).
         ram_heads, ram_key_dim: RAM's heads and head size.
-        feature_map: RAM's phi (see `NormalizedLinearAttention`).
-        focusing_factor: RAM's power p when `feature_map="focused"`; `None` means 3.
+        ram_feature_map: RAM's phi (see `NormalizedLinearAttention`), set apart from the
+            sequence module's. `zoo.build` makes it follow the FSM's `feature_map` (and
+            `focusing_factor`) unless it is given, as `feature_map` set both before RAM had
+            its own.
+        ram_focusing_factor: RAM's power p when `ram_feature_map="focused"`; `None`
+            means 3.
+        ram_learnable_temperature, ram_learnable_focusing_factor: RAM's learnable
+            sharpness (`NormalizedLinearAttention`'s `learnable_temperature` and
+            `learnable_focusing_factor`); off by default.
         tower_units: hidden sizes of every task tower.
         dropout: tower dropout.
         embeddings_initializer: initializer of every embedding table (items, users,
@@ -69,12 +76,14 @@ class CandidateSetRanker(TrainingDefaultsMixin, keras.Model):
     """
 
     def __init__(self, interest, schema=None, embedding_dim=16, use_ram=True, ram_heads=2,
-                 ram_key_dim=16, feature_map="elu_plus_one", focusing_factor=None,
+                 ram_key_dim=16, ram_feature_map="elu_plus_one", ram_focusing_factor=None,
+                 ram_learnable_temperature=False, ram_learnable_focusing_factor=False,
                  tower_units=(128, 64), dropout=0.0, tower_dtype=None,
                  embeddings_initializer="uniform", **kwargs):
         schema = resolve_schema(schema)
         check_positive_int("embedding_dim", embedding_dim)
-        check_feature_map(feature_map, focusing_factor)
+        check_feature_map(ram_feature_map, ram_focusing_factor, ram_learnable_temperature,
+                          ram_learnable_focusing_factor, prefix="ram_")
         tower_units = check_units("tower_units", tower_units)
         if isinstance(interest, dict):
             interest = keras.saving.deserialize_keras_object(interest)
@@ -102,13 +111,13 @@ class CandidateSetRanker(TrainingDefaultsMixin, keras.Model):
         # Context (action bits, log2 time delta) embeddings are summed into the sequence
         # items; with few buckets per feature the sum is a single lookup.
         context_buckets = [(_ACTION_BUCKETS, "clip") if name == "seq_action"
-                           else (_LOG2_BUCKETS, "log2") for name in schema.sequence_context]
+                           else (LOG2_BUCKETS, "log2") for name in schema.sequence_context]
         context_embedding = layers.SummedHashedEmbedding(
             [buckets for buckets, _ in context_buckets], [mode for _, mode in context_buckets],
             item_dim, names=[f"{name}_embedding" for name in schema.sequence_context],
             embeddings_initializer=initializer(), name="sequence_context_embedding") if schema.sequence_context else None
         cross_embeddings = {
-            name: layers.HashedEmbedding(_LOG2_BUCKETS, embedding_dim, mode="log2",
+            name: layers.HashedEmbedding(LOG2_BUCKETS, embedding_dim, mode="log2",
                                          embeddings_initializer=initializer(),
                                          name=f"{name}_embedding")
             for name in schema.cross_features
@@ -116,7 +125,10 @@ class CandidateSetRanker(TrainingDefaultsMixin, keras.Model):
         # Like FSM, RAM outputs its heads (Eq. 3, 6): a projection before the linear first
         # tower layer would only add cost.
         ram = layers.CandidateSelfAttention(
-            ram_heads, ram_key_dim, feature_map=feature_map, focusing_factor=focusing_factor,
+            ram_heads, ram_key_dim, feature_map=ram_feature_map,
+            focusing_factor=ram_focusing_factor,
+            learnable_temperature=ram_learnable_temperature,
+            learnable_focusing_factor=ram_learnable_focusing_factor,
             use_output_projection=False, name="candidate_self_attention") if use_ram else None
         if tower_dtype is not None:
             tower_dtype = check_dtype_policy("tower_dtype", tower_dtype)
@@ -146,12 +158,12 @@ class CandidateSetRanker(TrainingDefaultsMixin, keras.Model):
             "sequence_items": sequence_items,
             "candidate_mask": candidate_mask,
             "sequence_mask": sequence_mask,
-            "candidate_item_ids": candidate_ids,
-            "sequence_item_ids": sequence_ids,
         }
-        if "category_id" in schema.item_attributes:
-            module_inputs["candidate_category_ids"] = inputs[CANDIDATE_PREFIX + "category_id"]
-            module_inputs["sequence_category_ids"] = inputs[SEQUENCE_PREFIX + "category_id"]
+        for attribute in schema.item_attributes:  # candidate_item_ids, sequence_item_ids, ...
+            module_inputs[f"candidate_{attribute}s"] = inputs[CANDIDATE_PREFIX + attribute]
+            module_inputs[f"sequence_{attribute}s"] = inputs[SEQUENCE_PREFIX + attribute]
+        if SEQUENCE_PREFIX + "time_delta" in schema.sequence_context:
+            module_inputs["sequence_time_deltas"] = inputs[SEQUENCE_PREFIX + "time_delta"]
         parts = [candidates, interest(module_inputs)]  # F_can, F_c-s
         if ram is not None:
             parts.append(ram(candidates, candidate_mask=candidate_mask))  # F_c-c
@@ -181,8 +193,10 @@ class CandidateSetRanker(TrainingDefaultsMixin, keras.Model):
         self.use_ram = use_ram
         self.ram_heads = ram_heads
         self.ram_key_dim = ram_key_dim
-        self.feature_map = feature_map
-        self.focusing_factor = focusing_factor
+        self.ram_feature_map = ram_feature_map
+        self.ram_focusing_factor = ram_focusing_factor
+        self.ram_learnable_temperature = ram_learnable_temperature
+        self.ram_learnable_focusing_factor = ram_learnable_focusing_factor
         self.tower_units = tower_units
         self.dropout = dropout
         self.tower_dtype = tower_dtype
@@ -203,8 +217,10 @@ class CandidateSetRanker(TrainingDefaultsMixin, keras.Model):
             "use_ram": self.use_ram,
             "ram_heads": self.ram_heads,
             "ram_key_dim": self.ram_key_dim,
-            "feature_map": self.feature_map,
-            "focusing_factor": self.focusing_factor,
+            "ram_feature_map": self.ram_feature_map,
+            "ram_focusing_factor": self.ram_focusing_factor,
+            "ram_learnable_temperature": self.ram_learnable_temperature,
+            "ram_learnable_focusing_factor": self.ram_learnable_focusing_factor,
             "tower_units": self.tower_units,
             "dropout": self.dropout,
             "tower_dtype": self.tower_dtype,
@@ -214,4 +230,9 @@ class CandidateSetRanker(TrainingDefaultsMixin, keras.Model):
 
     @classmethod
     def from_config(cls, config):
+        # Models saved before RAM had its own options named its map `feature_map`.
+        config = dict(config)
+        for old_name in ("feature_map", "focusing_factor"):
+            if old_name in config:
+                config["ram_" + old_name] = config.pop(old_name)
         return cls(**config)

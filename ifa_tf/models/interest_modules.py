@@ -6,8 +6,9 @@ only in this module, so comparisons isolate it. A module is a layer called with 
     candidates [B, m, d], sequence [B, n, d], candidate_mask [B, m], sequence_mask [B, n],
     sequence_items [B, n, d] (the sequence's item embeddings alone, without the action and
     time context that `sequence` adds: the same space as `candidates`),
-    candidate_item_ids / sequence_item_ids, and, when the schema has them,
-    candidate_category_ids / sequence_category_ids
+    candidate_<a>s / sequence_<a>s [B, m] / [B, n] for every id attribute <a> of the
+    schema (candidate_item_ids, and e.g. candidate_category_ids, candidate_author_ids),
+    and sequence_time_deltas [B, n] when the schema has `seq_time_delta`
 
 and returns the candidates' interest vectors [B, m, d]. These classes are thin adapters
 from that dict to the layers of `ifa_tf.layers`; they live together because each is a few
@@ -20,7 +21,8 @@ from keras import ops
 from ifa_tf import layers
 from ifa_tf.layers.feature_maps import check_feature_map
 from ifa_tf.layers.top_k import gather_positions, most_recent_positions
-from ifa_tf.layers.validation import check_positive_int
+from ifa_tf.layers.hashed_embedding import LOG2_BUCKETS
+from ifa_tf.layers.validation import check_bool, check_positive_int
 
 
 class InterestModule(keras.layers.Layer):
@@ -299,32 +301,123 @@ class TWINInterest(FullTargetAttentionInterest):
 @keras.saving.register_keras_serializable(package="ifa_tf")
 class LinearAttentionInterest(FullTargetAttentionInterest):
     """`ifa`, `ifa_no_ram`: Full Sequence Modelling (FSM, IFA Eq. 2) by normalised linear
-    attention over every valid sequence item, O(m + n). As in Eq. 6 the heads are the
-    output (num_heads * key_dim wide), with no output projection: the towers' first layer
-    is linear, so one would add cost and no expressivity. `feature_map` and
-    `focusing_factor` are those of `NormalizedLinearAttention`; `k`, as for `din_full`,
-    restricts it to the k most recent valid items (an ablation of range)."""
+    attention over every valid sequence item, O(m + n), optionally with the exact matches
+    of each candidate over the whole sequence.
+
+    As in Eq. 6 the heads are the output (num_heads * key_dim wide), with no output
+    projection: the towers' first layer is linear, so one would add cost and no
+    expressivity. `feature_map`, `focusing_factor`, `learnable_temperature` and
+    `learnable_focusing_factor` are those of `NormalizedLinearAttention`; `k`, as for
+    `din_full`, restricts the module to the k most recent valid items (an ablation of
+    range).
+
+    `exact_matches=True` adds the candidate's exact matches (`ifa_tf.layers.ExactMatches`)
+    to the interaction: for each id attribute the module is given (item, author, category),
+    how many of the events it reads share the candidate's id (log2-bucketed embedding) and
+    how long ago the newest of them was (log2 of its time delta in seconds; a zero vector
+    when there is none), each `exact_match_dim` wide, concatenated after the heads. It
+    costs O((m + n) log n) per attribute, no [m, n] comparison. Off by default.
+
+    Inputs (the module dict, see above): with `exact_matches`, `candidate_<a>s` and
+    `sequence_<a>s` of every id attribute `<a>` present (`item_id` at least), and
+    `sequence_time_deltas` when the schema has `seq_time_delta` (without it, counts only).
+    """
 
     def __init__(self, num_heads=2, key_dim=16, feature_map="elu_plus_one",
-                 focusing_factor=None, k=None, **kwargs):
+                 focusing_factor=None, k=None, learnable_temperature=False,
+                 learnable_focusing_factor=False, exact_matches=False, exact_match_dim=8,
+                 **kwargs):
         super().__init__(num_heads=num_heads, key_dim=key_dim, k=k, **kwargs)
         # Checked here: the attention layer is only made in `build`.
-        check_feature_map(feature_map, focusing_factor)
+        check_feature_map(feature_map, focusing_factor, learnable_temperature,
+                          learnable_focusing_factor)
+        check_bool("exact_matches", exact_matches)
+        check_positive_int("exact_match_dim", exact_match_dim)
         self.feature_map = feature_map
         self.focusing_factor = focusing_factor
+        self.learnable_temperature = learnable_temperature
+        self.learnable_focusing_factor = learnable_focusing_factor
+        self.exact_matches = exact_matches
+        self.exact_match_dim = exact_match_dim
+        if exact_matches:
+            self.required_inputs = (*self.required_inputs, "candidate_item_ids",
+                                    "sequence_item_ids")
 
     def build(self, input_shape):
         self._attention = layers.NormalizedLinearAttention(
             self.num_heads, self.key_dim, feature_map=self.feature_map,
-            focusing_factor=self.focusing_factor, use_output_projection=False,
-            dtype=self.dtype_policy, name="attention")
+            focusing_factor=self.focusing_factor,
+            learnable_temperature=self.learnable_temperature,
+            learnable_focusing_factor=self.learnable_focusing_factor,
+            use_output_projection=False, dtype=self.dtype_policy, name="attention")
         self._attention.build(input_shape["candidates"],
                               _read_shape(input_shape["sequence"], self.k))
+        if self.exact_matches:
+            self._match_attributes = _match_attributes(input_shape)
+            self._with_recency = "sequence_time_deltas" in input_shape
+            self._exact_matches = layers.ExactMatches(name="exact_matches")
+            self._match_embeddings = {}
+            for attribute in self._match_attributes:
+                for kind in ("count", "recency") if self._with_recency else ("count",):
+                    name = f"{attribute}_match_{kind}_embedding"
+                    embedding = layers.HashedEmbedding(LOG2_BUCKETS, self.exact_match_dim,
+                                                       mode="log2", dtype=self.dtype_policy,
+                                                       name=name)
+                    embedding.build(input_shape["candidate_mask"])
+                    self._match_embeddings[name] = embedding
         self.built = True
 
+    def call(self, inputs):
+        attended = super().call(inputs)
+        if not self.exact_matches:
+            return attended
+        return ops.concatenate([attended, self._match_features(inputs)], axis=-1)
+
+    def _match_features(self, inputs):
+        """[B, m, attributes * (1 or 2) * exact_match_dim]: per attribute, the embeddings
+        of the count of matching events and of the newest one's time delta."""
+        sequence_mask = inputs["sequence_mask"]
+        if self.k is not None:
+            # The same events the attention reads: the k most recent valid ones.
+            valid = ops.cast(sequence_mask, "int32")
+            from_end = ops.flip(ops.cumsum(ops.flip(valid, axis=1), axis=1), axis=1)
+            sequence_mask = ops.logical_and(sequence_mask, from_end <= self.k)
+        counts, last_time_delta = self._exact_matches(
+            [inputs[f"candidate_{a}s"] for a in self._match_attributes],
+            [inputs[f"sequence_{a}s"] for a in self._match_attributes],
+            inputs["sequence_time_deltas"] if self._with_recency else None,
+            sequence_mask=sequence_mask, candidate_mask=inputs["candidate_mask"])
+        features = []
+        for index, attribute in enumerate(self._match_attributes):
+            count = counts[..., index]
+            features.append(self._match_embeddings[f"{attribute}_match_count_embedding"](
+                count))
+            if self._with_recency:
+                # No match, no recency: a zero vector rather than a bucket shared with
+                # "just now".
+                matched = ops.cast(count > 0, self.compute_dtype)[..., None]
+                features.append(self._match_embeddings[f"{attribute}_match_recency_embedding"](
+                    last_time_delta[..., index]) * matched)
+        return ops.concatenate(features, axis=-1)
+
     def compute_output_shape(self, input_shape):
-        return (*input_shape["candidates"][:-1], self.num_heads * self.key_dim)
+        width = self.num_heads * self.key_dim
+        if self.exact_matches:
+            kinds = 2 if "sequence_time_deltas" in input_shape else 1
+            width += len(_match_attributes(input_shape)) * kinds * self.exact_match_dim
+        return (*input_shape["candidates"][:-1], width)
 
     def get_config(self):
         return {**super().get_config(), "feature_map": self.feature_map,
-                "focusing_factor": self.focusing_factor}
+                "focusing_factor": self.focusing_factor,
+                "learnable_temperature": self.learnable_temperature,
+                "learnable_focusing_factor": self.learnable_focusing_factor,
+                "exact_matches": self.exact_matches, "exact_match_dim": self.exact_match_dim}
+
+
+def _match_attributes(input_shape):
+    """The id attributes given on both sides (`candidate_<a>s` and `sequence_<a>s`),
+    sorted: e.g. `["author_id", "category_id", "item_id"]`."""
+    return sorted(key[len("candidate_"):-1] for key in input_shape
+                  if key.startswith("candidate_") and key.endswith("_ids")
+                  and f"sequence_{key[len('candidate_'):]}" in input_shape)
