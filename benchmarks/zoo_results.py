@@ -172,8 +172,13 @@ def run_one(model_name, seed, data_dir, run_dir, epochs, model_overrides=()):
         ("train.seed", seed), *budget_overrides(model_name, epochs), *model_overrides])
     metrics_path = os.path.join(run_dir, "metrics.json")
     if os.path.exists(metrics_path):
+        import yaml
+
         with open(os.path.join(run_dir, "config.yaml")) as f:
-            if f.read() != config.to_yaml():
+            # By value, the run's file read with today's defaults: a setting added since,
+            # at its default, is the same config (the run trained as that default does).
+            ran = training.Config.from_dict(yaml.safe_load(f))
+            if ran.to_yaml() != config.to_yaml():
                 raise app.UsageError(f"{run_dir} holds a finished run of another config "
                                      "(settings changed since): use a new --work_dir.")
         with open(metrics_path) as f:
@@ -236,10 +241,13 @@ def audit_lines(meta):
     verdict = (f"Set size alone scores pooled AUC outside 0.5 ± "
                f"{leak_audit.SET_SIZE_TOLERANCE}: pooled AUC measures the candidate sets' "
                "construction here; read GAUC." if warning else
-               "Set size alone scores 0.5: a set's size tells nothing of its labels, so "
-               "pooled AUC and GAUC can both be read. A model should beat every row by GAUC "
-               "(which no request-level signal moves); where a score beats 0.5 by GAUC, "
-               "that much is reachable without knowing the user.")
+               "Set size alone scores 0.5: a set's size tells nothing of its labels. Pooled "
+               "AUC still moves with what differs between requests (a user's activity, the "
+               "set's overall popularity), so read GAUC first: a model whose pooled AUC "
+               "gains while its GAUC does not has learned which requests hold more "
+               "positives, not how to rank within one. A model should beat every row by "
+               "GAUC; where a score beats 0.5 by GAUC, that much is reachable without "
+               "knowing the user.")
     return ["### Leak audit (test split)", "",
             "Model-free scores and the AUC / GAUC they reach (`ifa_tf.data.leak_audit`: set "
             "size, the item's train popularity, the candidate is in the user's sequence, "
