@@ -453,11 +453,13 @@ def range_and_mechanism(runs):
             model, overrides=[*budget_overrides(model, 1), *overrides]).model.overrides
         built = zoo.build(model, **settings)
         interest = built.get_layer("interest").get_config()
-        ram = built.get_config()
-        described[label] = (MECHANISMS[model].format(
-            fsm=describe_feature_map(interest) + (
-                ", exact matches" if interest.get("exact_matches") else ""),
-            ram=describe_feature_map(ram, prefix="ram_")),
+        mechanism = MECHANISMS[model]
+        if "{fsm}" in mechanism:  # the linear attentions: their maps and options
+            mechanism = mechanism.format(
+                fsm=describe_feature_map(interest) + (
+                    ", exact matches" if interest.get("exact_matches") else ""),
+                ram=describe_feature_map(built.get_config(), prefix="ram_"))
+        described[label] = (mechanism,
                             "every event" if interest["k"] is None
                             else f"the {interest['k']} most recent")
     return described
