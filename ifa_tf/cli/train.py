@@ -117,7 +117,7 @@ def check(argv, flag_values=flags.FLAGS):
     for flag, pattern in (("train_data", config.data.train_data),
                           ("eval_data", config.data.eval_data)):
         patterns = [pattern] if isinstance(pattern, str) else list(pattern or [])
-        for one in patterns:
+        for one in filter(None, patterns):  # "": none given (a resumed run's config)
             if not glob.glob(one):
                 raise app.UsageError(f"--{flag}={one!r} matches no files.")
 
