@@ -1,16 +1,14 @@
 """Candidate sets that carry no label, and the leak audit that checks them: the audit's
 figures against a brute-force NumPy reference, a fixed set size (the earlier composition
-fails the audit), exclusion of the user's past items, re-engaged positives kept, the
-simulator's sets."""
+fails the audit), exclusion of the user's past items, re-engaged positives kept (the
+simulator's sets are checked in test_data_simulator)."""
 
-import glob
-import os
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
-from ifa_tf.data import leak_audit, log_converter, records, simulator
+from ifa_tf.data import leak_audit, log_converter
+from test_data_converter import _read_all
 
 DAY = 86_400
 
@@ -111,15 +109,6 @@ def _busy_log(path, seed=0, num_users=20, num_days=12, num_items=300):
                     f.write(f"u{user},{int(rng.integers(1, num_items))},"
                             f"{day * DAY + int(rng.integers(0, DAY // 2))}\n")
     return str(path)
-
-
-def _read_all(output_dir, split):
-    schema = records.schema_from_metadata(records.read_metadata(output_dir))
-    out = []
-    for path in sorted(glob.glob(os.path.join(output_dir, f"{split}-*"))):
-        for serialized in tf.data.TFRecordDataset(path, compression_type="GZIP"):
-            out.append(records.decode_example(serialized.numpy(), schema))
-    return out
 
 
 def _convert(tmp_path, name, **overrides):
