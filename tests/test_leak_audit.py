@@ -62,6 +62,9 @@ def test_audit_matches_a_numpy_reference_on_a_hand_made_example():
                      for r in test],
         "popularity": [np.array([counts[i] for i in r["cand_item_id"]], np.float64)
                        for r in test],
+        "set_popularity": [np.full(len(r["cand_item_id"]),
+                                   np.mean([counts[i] for i in r["cand_item_id"]]))
+                           for r in test],
         "in_history": [np.isin(r["cand_item_id"], r["seq_item_id"]).astype(np.float64)
                        for r in test],
         "cooccurrence": [np.array([sum(cosine(a, b) for b in r["cand_item_id"] if b != a)

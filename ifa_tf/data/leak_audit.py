@@ -12,6 +12,9 @@ candidate-weighted mean of per-request AUCs, `ifa_tf.metrics.grouped_auc`):
   is 0.5 by construction; its pooled AUC must be 0.5 too (within `SET_SIZE_TOLERANCE`), or
   the set's size tells how many positives it holds.
 - `popularity`: how often the item is a positive (impression) in the train split.
+- `set_popularity`: the mean `popularity` of the request's candidates, a constant within a
+  request (GAUC 0.5): where its pooled AUC is off 0.5, how popular a set is tells how many
+  positives it holds, and a model can raise its pooled AUC without ranking better.
 - `in_history`: 1 when the candidate is in the request's sequence, else 0.
 - `cooccurrence`: how similar the candidate is to the other candidates of its request, from
   train-split statistics alone (no user data): the sum of cosine similarities between the
@@ -29,7 +32,7 @@ import numpy as np
 
 from ifa_tf import metrics
 
-SCORES = ("set_size", "popularity", "in_history", "cooccurrence")
+SCORES = ("set_size", "popularity", "set_popularity", "in_history", "cooccurrence")
 SET_SIZE_TOLERANCE = 0.01
 _DEFAULT_SKETCH_DIM = 512
 
@@ -82,6 +85,8 @@ class LeakAudit:
         scores = {
             "set_size": np.repeat(sizes, sizes).astype(np.float64),
             "popularity": popularity,
+            "set_popularity": np.repeat(
+                np.bincount(groups, weights=popularity) / sizes, sizes),
             "in_history": np.concatenate([h for _, h, _ in self._test]).astype(np.float64),
             "cooccurrence": self._cooccurrence(candidates),
         }
