@@ -814,10 +814,10 @@ class _ExposureSampler:
 
     def __init__(self, requests, windows, popularity, width=32):
         times = np.array([r.time for r in requests], np.int64)
-        self.order = np.argsort(times, kind="stable")
-        self.times = times[self.order]
-        self.users = np.array([r.user for r in requests], np.int64)[self.order]
-        self.windows = [windows[i][0] for i in self.order]
+        order = np.argsort(times, kind="stable")
+        self.times = times[order]
+        self.users = np.array([r.user for r in requests], np.int64)[order]
+        self.windows = [windows[i][0] for i in order]
         self.popularity, self.width = popularity, width
         self.fallbacks = 0
 
