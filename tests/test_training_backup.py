@@ -296,6 +296,27 @@ def test_a_crash_while_writing_the_backup_leaves_the_old_one_whole(tmp_path, mon
     assert restore(backup_dir) == (1, 1.0)
 
 
+def test_a_kill_right_after_the_backup_keeps_every_epochs_history(tiny_data, tmp_path,
+                                                                 monkeypatch):
+    """The history line of an epoch is on disk before the backup says the epoch is done."""
+    workdir = str(tmp_path / "run")
+    backup_epoch_end = ChiefBackupAndRestore.on_epoch_end
+
+    def backed_up_then_killed(self, epoch, logs=None):
+        backup_epoch_end(self, epoch, logs)
+        if epoch + 1 == 2:
+            raise Killed()
+
+    monkeypatch.setattr(ChiefBackupAndRestore, "on_epoch_end", backed_up_then_killed)
+    with pytest.raises(Killed):
+        training.train_and_evaluate(tiny_config(tiny_data), workdir)
+    monkeypatch.undo()
+
+    recorder, result = resume(tiny_data, workdir)
+    assert recorder.first_epoch == 2
+    assert len(result["history"]["loss"]) == EPOCHS
+
+
 @pytest.mark.parametrize("renames_done", [0, 1, 2, 3])
 def test_a_crash_between_the_renames_of_a_backup_never_mixes_two_epochs(
         tmp_path, monkeypatch, renames_done):

@@ -190,13 +190,15 @@ def _split(config, model, schema, strategy, workdir, write_dir, chief, extra_cal
     divergence = StopOnNonFiniteLoss()
     history = EpochHistory(os.path.join(write_dir, HISTORY_FILENAME))
     callbacks = [
+        # Before the backup: an epoch's history line is written before the backup says the
+        # epoch is done, so a kill between the two cannot lose the line.
+        history,
         ChiefBackupAndRestore(os.path.join(workdir, "backup"), chief=chief,
                               checkpoint_dir=checkpoint_dir),
         # After the restore: a resume it refuses (a changed config) keeps the old file.
         WriteOnTrainBegin(os.path.join(write_dir, CONFIG_FILENAME), config.to_yaml()),
         divergence,
         ProgressLog(os.path.join(write_dir, PROGRESS_FILENAME)),
-        history,
         keras.callbacks.TensorBoard(os.path.join(write_dir, "logs")),
     ]
     if train.checkpoint_every_epochs:
@@ -329,18 +331,33 @@ class EpochHistory(keras.callbacks.Callback):
     """Every finished epoch's logs, kept in a JSON-lines file so that a resumed run reports
     the history of all its epochs, not only those of the last process.
 
-    When training begins, the lines of the epochs before the one it starts at (0, or the
-    epoch a backup resumes at) are kept and the rest dropped; `result()` is
-    `{name: [value per epoch]}`, like `fit`'s `History`.
+    At the first epoch's start (after any restore has set the epoch it resumes at, whatever
+    the order of the callbacks), the lines of the epochs before it are kept and the rest
+    dropped; `result()` is `{name: [value per epoch]}`, like `fit`'s `History`. It must come
+    before the backup callback, so that an epoch's line is on disk before the backup records
+    the epoch as done.
     """
 
     def __init__(self, path):
         super().__init__()
         self.path = path
         self.epochs = {}
+        self._started = False
 
     def on_train_begin(self, logs=None):
-        first = self.model._initial_epoch or 0
+        self._started = False
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if not self._started:
+            self._keep_before(epoch)
+
+    def on_train_end(self, logs=None):
+        # A run resumed after its last epoch's backup runs no epoch at all.
+        if not self._started:
+            self._keep_before(self.model._initial_epoch or 0)
+
+    def _keep_before(self, first):
+        self._started = True
         self.epochs = {}
         if first and os.path.exists(self.path):
             with open(self.path) as f:
@@ -348,8 +365,8 @@ class EpochHistory(keras.callbacks.Callback):
                     entry = json.loads(line)
                     if entry["epoch"] < first:
                         self.epochs[entry["epoch"]] = entry
-        write_text(self.path, "".join(json.dumps(self.epochs[epoch]) + "\n"
-                                      for epoch in sorted(self.epochs)))
+        write_text(self.path, "".join(json.dumps(self.epochs[number]) + "\n"
+                                      for number in sorted(self.epochs)))
 
     def on_epoch_end(self, epoch, logs=None):
         entry = {"epoch": epoch, **{key: float(value) for key, value in (logs or {}).items()}}
