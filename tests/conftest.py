@@ -23,3 +23,13 @@ def write_tiny_dataset():
         return directory
 
     return write
+
+
+@pytest.fixture(scope="session")
+def six_step_data(tmp_path_factory, write_tiny_dataset):
+    """48 training requests and 16 test ones: 6 steps an epoch at batch size 8."""
+    return write_tiny_dataset(
+        str(tmp_path_factory.mktemp("six_step_data")),
+        {"user_id": 101, "item_id": 509, "category_id": 29, "author_id": 103},
+        num_requests=64, seed=3, max_seq_len=20, max_candidates=8, num_items=500,
+        num_authors=100, truth_samples=4, test_fraction=0.25)

@@ -26,16 +26,6 @@ TINY = [("data.batch_size", 8), ("train.verbose", 0), ("train.epochs", EPOCHS),
         ("data.eval_data", ""), ("model.embedding_dim", 4), ("model.tower_units", [8])]
 
 
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory, write_tiny_dataset):
-    """48 training requests: 6 steps an epoch."""
-    return write_tiny_dataset(
-        str(tmp_path_factory.mktemp("tiny_data")),
-        {"user_id": 101, "item_id": 509, "category_id": 29, "author_id": 103},
-        num_requests=64, seed=3, max_seq_len=20, max_candidates=8, num_items=500,
-        num_authors=100, truth_samples=4, test_fraction=0.25)
-
-
 def tiny_config(data_dir):
     return training.load_config("avg_pooling", overrides=[
         ("data.train_data", os.path.join(data_dir, "train-*")),
@@ -70,13 +60,13 @@ class Recorder(keras.callbacks.Callback):
 
 
 @pytest.fixture(scope="module")
-def interrupted(tiny_data, tmp_path_factory):
+def interrupted(six_step_data, tmp_path_factory):
     """A run stopped after epoch 3: its backup (latest at epoch 3, and epoch 2 where the
     code keeps a previous one), checkpoints of epochs 1-3, and the weights of each epoch."""
     workdir = str(tmp_path_factory.mktemp("interrupted") / "run")
     recorder = Recorder(interrupt_at=INTERRUPTED_AT)
     with pytest.raises(Interrupted):
-        training.train_and_evaluate(tiny_config(tiny_data), workdir, callbacks=[recorder])
+        training.train_and_evaluate(tiny_config(six_step_data), workdir, callbacks=[recorder])
     return workdir, recorder.epoch_weights
 
 
@@ -88,9 +78,9 @@ def run_copy(interrupted, tmp_path):
     return copy, epoch_weights
 
 
-def resume(tiny_data, workdir):
+def resume(six_step_data, workdir):
     recorder = Recorder()
-    result = training.train_and_evaluate(tiny_config(tiny_data), workdir,
+    result = training.train_and_evaluate(tiny_config(six_step_data), workdir,
                                          callbacks=[recorder])
     return recorder, result
 
@@ -127,13 +117,13 @@ def damage_file(path, damage):
     return damaged
 
 
-def test_empty_latest_backup_resumes_from_the_previous_one(tiny_data, run_copy, caplog):
+def test_empty_latest_backup_resumes_from_the_previous_one(six_step_data, run_copy, caplog):
     workdir, epoch_weights = run_copy
     latest = os.path.join(workdir, "backup", "latest.weights.h5")
     damage_file(latest, "empty")
 
     with caplog.at_level(logging.INFO):
-        recorder, result = resume(tiny_data, workdir)
+        recorder, result = resume(six_step_data, workdir)
 
     assert recorder.first_epoch == INTERRUPTED_AT - 1
     assert_same_weights(recorder.initial_weights, epoch_weights[INTERRUPTED_AT - 1])
@@ -149,7 +139,7 @@ def test_empty_latest_backup_resumes_from_the_previous_one(tiny_data, run_copy, 
 
 
 def test_both_backups_unreadable_resume_from_the_newest_readable_checkpoint(
-        tiny_data, run_copy, caplog):
+        six_step_data, run_copy, caplog):
     workdir, epoch_weights = run_copy
     backup = os.path.join(workdir, "backup")
     newest_checkpoint = os.path.join(workdir, "checkpoints", "epoch-0003.weights.h5")
@@ -160,7 +150,7 @@ def test_both_backups_unreadable_resume_from_the_newest_readable_checkpoint(
             f.write(b"not HDF5")
 
     with caplog.at_level(logging.INFO):
-        recorder, _ = resume(tiny_data, workdir)
+        recorder, _ = resume(six_step_data, workdir)
 
     assert recorder.first_epoch == 2  # from epoch-0002.weights.h5
     assert_same_weights(recorder.initial_weights, epoch_weights[2])
@@ -171,24 +161,24 @@ def test_both_backups_unreadable_resume_from_the_newest_readable_checkpoint(
     set_aside(damaged[1])
 
 
-def ifa_train(tiny_data, model_dir):
+def ifa_train(six_step_data, model_dir):
     """`ifa-train` with the config of `tiny_config`."""
     command = [sys.executable, "-m", "ifa_tf.cli.train", "--model=avg_pooling",
-               f"--train_data={tiny_data}/train-*", f"--model_dir={model_dir}",
-               f"--schema={tiny_data}/schema.json", f"--epochs={EPOCHS}", "--batch_size=8",
+               f"--train_data={six_step_data}/train-*", f"--model_dir={model_dir}",
+               f"--schema={six_step_data}/schema.json", f"--epochs={EPOCHS}", "--batch_size=8",
                "--verbose=0", "--set=model.embedding_dim=4", "--set=model.tower_units=[8]"]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
     return subprocess.run(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, timeout=300)
 
 
-def test_ifa_train_reruns_past_an_empty_backup_naming_it(tiny_data, run_copy):
+def test_ifa_train_reruns_past_an_empty_backup_naming_it(six_step_data, run_copy):
     workdir, _ = run_copy
     latest = os.path.join(workdir, "backup", "latest.weights.h5")
     with open(latest, "wb"):
         pass  # what a SIGKILL during Keras's in-place rewrite left
 
-    process = ifa_train(tiny_data, workdir)
+    process = ifa_train(six_step_data, workdir)
 
     assert process.returncode == 0, process.stdout[-3000:]
     assert latest in process.stdout
@@ -296,7 +286,7 @@ def test_a_crash_while_writing_the_backup_leaves_the_old_one_whole(tmp_path, mon
     assert restore(backup_dir) == (1, 1.0)
 
 
-def test_a_kill_right_after_the_backup_keeps_every_epochs_history(tiny_data, tmp_path,
+def test_a_kill_right_after_the_backup_keeps_every_epochs_history(six_step_data, tmp_path,
                                                                  monkeypatch):
     """The history line of an epoch is on disk before the backup says the epoch is done."""
     workdir = str(tmp_path / "run")
@@ -309,10 +299,10 @@ def test_a_kill_right_after_the_backup_keeps_every_epochs_history(tiny_data, tmp
 
     monkeypatch.setattr(ChiefBackupAndRestore, "on_epoch_end", backed_up_then_killed)
     with pytest.raises(Killed):
-        training.train_and_evaluate(tiny_config(tiny_data), workdir)
+        training.train_and_evaluate(tiny_config(six_step_data), workdir)
     monkeypatch.undo()
 
-    recorder, result = resume(tiny_data, workdir)
+    recorder, result = resume(six_step_data, workdir)
     assert recorder.first_epoch == 2
     assert len(result["history"]["loss"]) == EPOCHS
 
@@ -365,14 +355,14 @@ def test_a_crash_between_the_weights_and_the_epoch_resumes_a_matching_pair(
 
 
 def test_a_crash_while_writing_model_keras_leaves_the_old_model_whole(
-        tiny_data, tmp_path, monkeypatch):
+        six_step_data, tmp_path, monkeypatch):
     workdir = tmp_path / "run"
     workdir.mkdir()
     model_path = workdir / "model.keras"
     model_path.write_bytes(b"the model of an earlier run")
     config = training.load_config("avg_pooling", overrides=[
-        ("data.train_data", os.path.join(tiny_data, "train-*")),
-        ("data.schema", os.path.join(tiny_data, "schema.json")), *TINY,
+        ("data.train_data", os.path.join(six_step_data, "train-*")),
+        ("data.schema", os.path.join(six_step_data, "schema.json")), *TINY,
         ("train.epochs", 1), ("train.checkpoint_every_epochs", 0)])
 
     def killed_mid_write(self, filepath, *args, **kwargs):

@@ -23,16 +23,6 @@ TINY = [("data.batch_size", 8), ("train.verbose", 0), ("train.epochs", 2),
         ("model.embedding_dim", 4), ("model.tower_units", [8])]
 
 
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory, write_tiny_dataset):
-    """48 training requests: 6 steps an epoch."""
-    return write_tiny_dataset(
-        str(tmp_path_factory.mktemp("tiny_data")),
-        {"user_id": 101, "item_id": 509, "category_id": 29, "author_id": 103},
-        num_requests=64, seed=3, max_seq_len=20, max_candidates=8, num_items=500,
-        num_authors=100, truth_samples=4, test_fraction=0.25)
-
-
 def tiny_config(data_dir, *overrides):
     return training.load_config("avg_pooling", overrides=[
         ("data.train_data", os.path.join(data_dir, "train-*")),
@@ -48,11 +38,11 @@ def all_finite(path):
     return all(np.isfinite(a).all() for a in arrays)
 
 
-def test_ifa_train_with_a_huge_learning_rate_fails_with_one_line(tiny_data, tmp_path):
+def test_ifa_train_with_a_huge_learning_rate_fails_with_one_line(six_step_data, tmp_path):
     model_dir = tmp_path / "run"
     command = [sys.executable, "-m", "ifa_tf.cli.train", "--model=avg_pooling",
-               f"--train_data={tiny_data}/train-*", f"--eval_data={tiny_data}/test-*",
-               f"--model_dir={model_dir}", f"--schema={tiny_data}/schema.json",
+               f"--train_data={six_step_data}/train-*", f"--eval_data={six_step_data}/test-*",
+               f"--model_dir={model_dir}", f"--schema={six_step_data}/schema.json",
                "--batch_size=8", "--verbose=0", "--epochs=2", "--learning_rate=1e30",
                "--set=model.embedding_dim=4", "--set=model.tower_units=[8]"]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
@@ -72,7 +62,7 @@ def test_ifa_train_with_a_huge_learning_rate_fails_with_one_line(tiny_data, tmp_
     assert all(all_finite(path) for path in checkpoints)
 
 
-def test_weights_that_turn_nan_without_a_nan_loss_are_not_saved(tiny_data, tmp_path):
+def test_weights_that_turn_nan_without_a_nan_loss_are_not_saved(six_step_data, tmp_path):
     """The loss of the last step may still be finite; the weights are checked too."""
 
     class PoisonAtTheEnd(keras.callbacks.Callback):
@@ -85,7 +75,7 @@ def test_weights_that_turn_nan_without_a_nan_loss_are_not_saved(tiny_data, tmp_p
     workdir = tmp_path / "run"
     with pytest.raises(training.TrainingDivergedError,
                        match=r"1 weights hold NaN or infinite values \(.*: 1 of "):
-        training.train_and_evaluate(tiny_config(tiny_data), str(workdir),
+        training.train_and_evaluate(tiny_config(six_step_data), str(workdir),
                                     callbacks=[PoisonAtTheEnd()])
     assert not (workdir / "model.keras").exists()
     assert not (workdir / "metrics.json").exists()
@@ -118,16 +108,16 @@ class InterruptAt(keras.callbacks.Callback):
             raise Interrupted()
 
 
-def test_resume_keeps_history_and_a_refused_one_keeps_config_yaml(tiny_data, tmp_path):
+def test_resume_keeps_history_and_a_refused_one_keeps_config_yaml(six_step_data, tmp_path):
     workdir = str(tmp_path / "run")
-    config = tiny_config(tiny_data, ("train.epochs", 3), ("data.eval_data", ""))
+    config = tiny_config(six_step_data, ("train.epochs", 3), ("data.eval_data", ""))
     with pytest.raises(Interrupted):
         training.train_and_evaluate(config, workdir, callbacks=[InterruptAt(2)])
     config_yaml = os.path.join(workdir, "config.yaml")
     with open(config_yaml) as f:
         written = f.read()
 
-    changed = tiny_config(tiny_data, ("train.epochs", 3), ("data.eval_data", ""),
+    changed = tiny_config(six_step_data, ("train.epochs", 3), ("data.eval_data", ""),
                           ("model.embedding_dim", 8))
     with pytest.raises(ValueError, match="does not fit this model"):
         training.train_and_evaluate(changed, workdir)

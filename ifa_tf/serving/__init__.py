@@ -9,7 +9,7 @@ Server (`ifa-serve`): `ifa_tf.serving.server.ModelServer` and `ServerOptions`.
 The names load on first use, so that `ifa-serve` checks its flags before TensorFlow loads.
 """
 
-import importlib
+from ifa_tf._lazy import lazy_names
 
 _WHERE = {
     "GrpcClient": "client",
@@ -22,10 +22,4 @@ _WHERE = {
     "pad_requests": "request_builder",
 }
 
-__all__ = sorted(_WHERE)
-
-
-def __getattr__(name):
-    if name in _WHERE:
-        return getattr(importlib.import_module(f"ifa_tf.serving.{_WHERE[name]}"), name)
-    raise AttributeError(f"module 'ifa_tf.serving' has no attribute {name!r}")
+__getattr__, __all__ = lazy_names(__name__, _WHERE)

@@ -5,7 +5,7 @@ The names below load on first use, so that `ifa_tf.training.config` (what `ifa-t
 checks its flags with) imports without TensorFlow.
 """
 
-import importlib
+from ifa_tf._lazy import lazy_names
 
 _WHERE = {
     "Config": "config",
@@ -22,10 +22,4 @@ _WHERE = {
     "train_and_evaluate": "trainer",
 }
 
-__all__ = sorted(_WHERE)
-
-
-def __getattr__(name):
-    if name in _WHERE:
-        return getattr(importlib.import_module(f"ifa_tf.training.{_WHERE[name]}"), name)
-    raise AttributeError(f"module 'ifa_tf.training' has no attribute {name!r}")
+__getattr__, __all__ = lazy_names(__name__, _WHERE)
