@@ -250,8 +250,12 @@ def audit_lines(meta):
                "knowing the user.")
     return ["### Leak audit (test split)", "",
             "Model-free scores and the AUC / GAUC they reach (`ifa_tf.data.leak_audit`: set "
-            "size, the item's train popularity, the set's mean popularity, the candidate is in the "
-            "user's sequence, similarity to the other candidates of the set from train co-occurrence).", "",
+            "size, the item's train popularity, the set's mean popularity, the candidate is "
+            "in the user's sequence, similarity to the other candidates of the set from "
+            "train co-occurrence), and the base rate oracle: each request's own positive "
+            "rate, read from its labels, which ranks nothing within a request. Its pooled "
+            "AUC is what knowing how many positives each request holds is worth: pooled AUC "
+            "up to it can be earned without ranking.", "",
             leak_audit.format_leak_audit(audit, meta["schema"]["tasks"]), "", verdict, ""]
 
 

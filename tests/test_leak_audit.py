@@ -79,8 +79,15 @@ def test_audit_matches_a_numpy_reference_on_a_hand_made_example():
                 _pairwise_auc(labels, np.concatenate(scores)), abs=1e-4), (name, task)
             assert got["gauc"] == pytest.approx(_reference_gauc(test, scores, task),
                                                 abs=1e-4), (name, task)
-    # The set size is a constant within a request: GAUC 0.5 whatever it is.
+    # The base rate oracle: each request's own positive rate of the task.
+    for task in ("impression", "click"):
+        labels = np.concatenate([r[task] for r in test])
+        rates = np.concatenate([np.full(len(r[task]), r[task].mean()) for r in test])
+        assert result["scores"]["base_rate_oracle"][task]["auc"] == pytest.approx(
+            _pairwise_auc(labels, rates), abs=1e-4), task
+    # The set size and the base rate are constants within a request: GAUC 0.5 whatever.
     assert result["scores"]["set_size"]["click"]["gauc"] == 0.5
+    assert result["scores"]["base_rate_oracle"]["click"]["gauc"] == 0.5
 
 
 def test_set_size_warning_names_the_tasks_outside_the_tolerance():

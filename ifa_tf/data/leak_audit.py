@@ -22,7 +22,15 @@ candidate-weighted mean of per-request AUCs, `ifa_tf.metrics.grouped_auc`):
   estimated from count sketches of `sketch_dim` signed buckets. High when the positives
   of a set form a coherent cluster and its negatives do not.
 
-Read them as a floor: a model that does no better than one of these scores has learned
+Beside them, one ceiling that is not model-free:
+
+- `base_rate_oracle`: the request's own positive rate of the task, read from its labels:
+  a constant within a request (GAUC 0.5) that ranks nothing. Its pooled AUC is what
+  knowing exactly how many positives each request holds earns: where the sets hold
+  different numbers of positives (a fixed set size with a varying window, as in logs),
+  a model's pooled AUC can climb towards it without ranking any better.
+
+Read the model-free scores as a floor: a model that does no better than one of these scores has learned
 what the construction gives away. Popularity and "in the history" can be genuine signals
 (users do re-engage items; popular items are liked more), which is why GAUC stands beside
 pooled AUC: no request-level property (set size, a user's activity) moves GAUC.
@@ -32,7 +40,8 @@ import numpy as np
 
 from ifa_tf import metrics
 
-SCORES = ("set_size", "popularity", "set_popularity", "in_history", "cooccurrence")
+SCORES = ("set_size", "popularity", "set_popularity", "in_history", "cooccurrence",
+          "base_rate_oracle")
 SET_SIZE_TOLERANCE = 0.01
 _DEFAULT_SKETCH_DIM = 512
 
@@ -93,12 +102,12 @@ class LeakAudit:
         labels = {task: np.concatenate([l[task] for _, _, l in self._test])
                   for task in self.tasks}
         table = {}
-        for name, score in scores.items():
-            table[name] = {}
-            for task, task_labels in labels.items():
+        for task, task_labels in labels.items():
+            base_rate = np.repeat(np.bincount(groups, weights=task_labels) / sizes, sizes)
+            for name, score in {**scores, "base_rate_oracle": base_rate}.items():
                 gauc, _ = metrics.grouped_auc(task_labels, score, groups)
-                table[name][task] = {"auc": _rounded(metrics.auc(task_labels, score)),
-                                     "gauc": _rounded(gauc)}
+                table.setdefault(name, {})[task] = {
+                    "auc": _rounded(metrics.auc(task_labels, score)), "gauc": _rounded(gauc)}
         return {"num_requests": len(candidates), "num_candidates": int(sizes.sum()),
                 "positive_task": self.positive_task, "scores": table}
 
@@ -166,8 +175,11 @@ def summary(audit, task=None):
     cells = ", ".join(
         f"{name} {_shown(audit['scores'][name][task]['auc'])} / "
         f"{_shown(audit['scores'][name][task]['gauc'])}"
-        for name in SCORES if name in audit["scores"])
-    return (f"leak audit, test {task} AUC / GAUC of model-free scores: {cells} "
+        for name in SCORES if name in audit["scores"] and name != "base_rate_oracle")
+    oracle = audit["scores"].get("base_rate_oracle")
+    ceiling = (f"; knowing each request's positive rate alone: {_shown(oracle[task]['auc'])}"
+               if oracle else "")
+    return (f"leak audit, test {task} AUC / GAUC of model-free scores: {cells}{ceiling} "
             "(metadata.json: leak_audit)")
 
 
@@ -176,10 +188,10 @@ def _shown(value):
 
 
 def format_leak_audit(audit, tasks=None):
-    """A Markdown table of an audit: one row per model-free score, pooled AUC / GAUC per
-    task."""
+    """A Markdown table of an audit: one row per score (the model-free ones, then the base
+    rate oracle), pooled AUC / GAUC per task."""
     tasks = list(tasks or next(iter(audit["scores"].values())))
-    lines = ["| model-free score | " + " | ".join(f"{t} AUC / GAUC" for t in tasks) + " |",
+    lines = ["| score | " + " | ".join(f"{t} AUC / GAUC" for t in tasks) + " |",
              "|---" * (len(tasks) + 1) + "|"]
     for name in [s for s in SCORES if s in audit["scores"]]:
         by_task = audit["scores"][name]
