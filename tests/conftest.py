@@ -23,3 +23,18 @@ def write_tiny_dataset():
         return directory
 
     return write
+
+
+@pytest.fixture(scope="session")
+def stateful_export(tmp_path_factory):
+    """`(keras model, version dir, loaded signatures)` of a decay (stateful) IFA, shared by
+    the stateful export and state store tests."""
+    import tensorflow as tf
+
+    from ifa_tf import export
+    from test_stateful import SCHEMA, build
+
+    model = build()
+    export_dir = export.export_saved_model(model, tmp_path_factory.mktemp("stateful") / "ifa",
+                                           schema=SCHEMA, warmup_shapes=((1, 4, 6),))
+    return model, export_dir, tf.saved_model.load(export_dir).signatures

@@ -22,12 +22,8 @@ NOW = np.array([1_700_000_000, 1_700_000_100, 1_700_050_000], np.int64)
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """`(keras model, version dir, loaded signatures)` of a decay model."""
-    model = build()
-    export_dir = export.export_saved_model(model, tmp_path_factory.mktemp("stateful") / "ifa",
-                                           schema=SCHEMA, warmup_shapes=((1, 4, 6),))
-    return model, export_dir, tf.saved_model.load(export_dir).signatures
+def exported(stateful_export):
+    return stateful_export
 
 
 def call(signature, inputs):
@@ -197,4 +193,36 @@ def test_ifa_serve_predicts_with_state(exported, server, protocol):
         client.predict(rank_inputs(model, features, bad, NOW[:2]),
                        signature_name="rank_with_state")
     assert error.value.code.name == "INVALID_ARGUMENT" and "state_model" in error.value.message
+    client.close()
+
+
+def test_client_ranks_a_user_from_the_store_in_one_call(exported, server, tmp_path):
+    from ifa_tf.data import records
+    from ifa_tf.serving import state_store
+    from test_stateful import events_of
+
+    model, _, signatures = exported
+    features = request(1, 6, 16, seed=6)
+    features["cand_author_id"][0, :2] = features["seq_author_id"][0, :2]
+    one = {k: v[0] for k, v in features.items()}
+    features.update({k: v[None] for k, v in records.cross_counts(one, SCHEMA).items()})
+    client = GrpcClient(server.target, "ifa")
+    state_model = state_store.StateModel(client=client)
+    with state_store.open_store(tmp_path / "states.db") as store:
+        state_store.apply_events(store, state_model, 42,
+                                 {k: v[0] for k, v in events_of(features, NOW[:1]).items()},
+                                 SCHEMA.cross_features)
+        candidates = {k: one[k] for k in (*SCHEMA.user_features, *SCHEMA.candidate_features)}
+        ranking, record = state_store.rank_user(client, store, 42, candidates,
+                                                now=int(NOW[0]) + 30, model=state_model)
+        # An unknown user is ranked as a new one, not refused.
+        new_user, empty = state_store.rank_user(client, store, 43, candidates,
+                                                now=int(NOW[0]), model=state_model)
+    assert empty.events == 0 and len(new_user.item_ids) == len(ranking.item_ids)
+    aged = dict(features, seq_time_delta=features["seq_time_delta"] + 30)
+    expected = call(signatures["serving_default"], aged)
+    valid = int(np.count_nonzero(one["cand_item_id"]))
+    np.testing.assert_array_equal(ranking.item_ids, expected["ranked_item_ids"][0, :valid])
+    np.testing.assert_allclose(ranking.scores["score"], np.sort(expected["score"][0, :valid])[::-1],
+                               atol=1e-5)
     client.close()
