@@ -1,5 +1,5 @@
 """The console scripts' entry points (`ifa-data`, `ifa-train`, `ifa-export`, `ifa-serve`,
-`ifa-bench`): quiet TensorFlow's start-up, then run the command's `ifa_tf.cli` module.
+`ifa-bench`, `ifa-state`): quiet TensorFlow's start-up, then run the command's `ifa_tf.cli` module.
 
 This module sits outside the `ifa_tf` package on purpose: importing anything under `ifa_tf`
 imports Keras and with it TensorFlow, and TensorFlow's C++ log level must be set before that.
@@ -34,6 +34,7 @@ COMMANDS = {
     "ifa-export": "ifa_tf.cli.export",
     "ifa-serve": "ifa_tf.cli.serve",
     "ifa-bench": "ifa_tf.cli.bench",
+    "ifa-state": "ifa_tf.cli.state",
     # The quick start's client: asks a server for one ranked list.
     "ifa-query": "ifa_tf.serving.query",
 }
@@ -165,6 +166,10 @@ def serve():
 
 def bench():
     run_command("ifa-bench")
+
+
+def state():
+    run_command("ifa-state")
 
 
 def main():

@@ -26,6 +26,10 @@ The signature checks at run time that all features agree on the batch size, all 
 features on m and all sequence features on n, so an inconsistent request fails with
 INVALID_ARGUMENT instead of broadcasting silently. Ties in score keep candidate order.
 
+A model built with `time_encoding="decay"` (stateful IFA) gets three more signatures, which
+read and write a user's state (a few KB, whatever the history's length) instead of the
+sequence (see `add_state_endpoints`): `user_state`, `update_state` and `rank_with_state`.
+
 `assets.extra/` holds TF Serving warm-up requests (`tf_serving_warmup_requests`, replayed by
 the server before a version is marked AVAILABLE) and `ifa_export_metadata.json` (model name,
 feature schema, signature, TensorFlow / Keras versions).
@@ -37,6 +41,7 @@ overwritten. Export knows the model only through its inputs and outputs.
 
 import datetime
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -65,6 +70,17 @@ METADATA_FORMAT = "ifa_tf.export/1"
 DEFAULT_WARMUP_SHAPES = ((1, 8, 32), (1, 200, 2000))
 # The smallest padded m and n of an XLA export (see `bucket_size`).
 MIN_BUCKET = 64
+
+# Stateful IFA: signatures and the names of their state inputs and outputs.
+USER_STATE_SIGNATURE = "user_state"
+UPDATE_STATE_SIGNATURE = "update_state"
+RANK_WITH_STATE_SIGNATURE = "rank_with_state"
+STATE_SIGNATURES = (USER_STATE_SIGNATURE, UPDATE_STATE_SIGNATURE, RANK_WITH_STATE_SIGNATURE)
+STATE = "state"
+STATE_TIME = "state_time"
+STATE_MODEL = "state_model"
+NOW = "now"
+EVENT_TIME = "seq_event_time"
 
 _TEMP_PREFIX = ".tmp-export-"
 # TF Serving's version numbers are int64.
@@ -347,6 +363,8 @@ def export_saved_model(model, base_dir, version=None, schema=None, model_name=No
     if schema is None:
         schema = infer_schema(specs, probe)
     vocabulary_paths = resolve_vocabularies(vocabularies)
+    stateful = add_state_endpoints(archive, model, specs) if getattr(
+        model, "stateful", False) else None
 
     os.makedirs(base_dir, exist_ok=True)
     temp_dir = tempfile.mkdtemp(prefix=f"{_TEMP_PREFIX}{version}-", dir=base_dir)
@@ -362,6 +380,7 @@ def export_saved_model(model, base_dir, version=None, schema=None, model_name=No
         metadata["raw_signature_name"] = RAW_SIGNATURE_NAME
         metadata["raw_id_inputs"] = raw_id_features(specs, schema)
         metadata["vocabularies"] = vocabulary_counts
+        metadata["stateful"] = stateful
         with open(os.path.join(extra_dir, METADATA_FILE), "w") as f:
             json.dump(metadata, f, indent=2, sort_keys=True)
         try:
@@ -376,6 +395,149 @@ def export_saved_model(model, base_dir, version=None, schema=None, model_name=No
     finally:
         shutil.rmtree(temp_dir, ignore_errors=True)
     return final_dir
+
+
+def state_model_id(model):
+    """The model's weights' fingerprint, a positive int63: every state carries the id of the
+    model that made it, and a state of other weights (another version) is refused."""
+    digest = hashlib.sha256()
+    for variable in model.weights:
+        digest.update(variable.path.encode())
+        digest.update(np.ascontiguousarray(keras.ops.convert_to_numpy(variable)).tobytes())
+    return int.from_bytes(digest.digest()[:8], "big") & MAX_VERSION or 1
+
+
+def add_state_endpoints(archive, model, specs):
+    """Adds stateful IFA's signatures to `archive`; returns their description (metadata).
+
+    - `user_state`: the `seq_*` features and `now` [B] (the time `seq_time_delta` counts
+      back from, int64 seconds) -> `state` float32 [B, heads, feature_dim, value_dim + 1],
+      `state_time` int64 [B] (= now, its reference time) and `state_model` int64 [B] (the
+      model's id, `state_model_id`).
+    - `update_state`: `state`, `state_time`, `state_model` and new events, the `seq_*` ids
+      and action [B, e] with `seq_event_time` [B, e] (seconds, in any order, older than the
+      state or not) -> the state with them added; its time moves to the newest event when
+      that is later.
+    - `rank_with_state`: `state`, `state_time`, `state_model`, `now` [B] and the user,
+      candidate and cross features -> what `serving_default` returns. No sequence input.
+
+    Refused with INVALID_ARGUMENT, naming the input and its value: a state of another shape,
+    of another model (`state_model`), holding NaN or infinity, or with negative weights
+    (z < 0); `now` before `state_time` (the state holds events the request's time has not
+    seen: clocks disagree or the state is another user's; rank at `state_time` or later);
+    a negative `seq_time_delta`; batch sizes that disagree. An empty state (zeros, time 0)
+    is a user with no history.
+    """
+    model_id = state_model_id(model)
+    state_shape = model.state_shape
+    int_spec = tf.TensorSpec([None], tf.int64)
+    state_specs = {STATE: tf.TensorSpec([None] * 4, tf.float32, name=STATE),
+                   STATE_TIME: tf.TensorSpec([None], tf.int64, name=STATE_TIME),
+                   STATE_MODEL: tf.TensorSpec([None], tf.int64, name=STATE_MODEL)}
+    sequence_specs = {n: s for n, s in specs.items()
+                      if n.startswith(schema_lib.SEQUENCE_PREFIX)}
+    event_specs = {n: specs[n] for n in model.event_features}
+    event_specs[EVENT_TIME] = tf.TensorSpec([None, None], tf.int64, name=EVENT_TIME)
+    rank_specs = {n: specs[n] for n in model.rank_features}
+
+    def out(state, state_time):
+        batch = tf.shape(state_time)[0]
+        return {STATE: state, STATE_TIME: state_time,
+                STATE_MODEL: tf.fill([batch], tf.constant(model_id, tf.int64))}
+
+    def user_state(inputs):
+        now = inputs[NOW]
+        checks = _batch_checks(inputs, NOW) + _length_checks(inputs, "seq_item_id",
+                                                             "sequence length n")
+        delta = inputs[schema_lib.SEQUENCE_PREFIX + "time_delta"]
+        valid = tf.not_equal(inputs[schema_lib.SEQUENCE_PREFIX + "item_id"], 0)
+        checks.append(tf.debugging.assert_non_negative(
+            tf.where(valid, delta, tf.zeros_like(delta)),
+            message="seq_time_delta must be >= 0 (seconds before `now`) at valid events"))
+        with tf.control_dependencies(checks):
+            made = model.user_state(inputs, tf.identity(now))
+        return out(made[STATE], made[STATE_TIME])
+
+    def update_state(inputs):
+        checks = (_batch_checks(inputs, STATE_TIME)
+                  + _length_checks(inputs, "seq_item_id", "event count")
+                  + _state_checks(inputs, model_id, state_shape))
+        with tf.control_dependencies(checks):
+            state = tf.identity(inputs[STATE])
+        made = model.update_state(state, inputs[STATE_TIME], inputs)
+        return out(made[STATE], made[STATE_TIME])
+
+    def rank_with_state(inputs):
+        checks = (_batch_checks(inputs, NOW) + _length_checks(inputs, "cand_item_id",
+                                                              "candidate count m")
+                  + _state_checks(inputs, model_id, state_shape))
+        checks.append(tf.debugging.assert_greater_equal(
+            inputs[NOW], inputs[STATE_TIME],
+            message="`now` is earlier than `state_time`, the reference time of the state: the "
+                    "state holds events after the time of the request. Rank at state_time or "
+                    "later (now, state_time)"))
+        with tf.control_dependencies(checks):
+            state = tf.identity(inputs[STATE])
+        outputs = model.rank_with_state(inputs, state, inputs[STATE_TIME], inputs[NOW])
+        result = {name: tf.cast(value, tf.float32) for name, value in outputs.items()}
+        result[RANKED_INDICES], result[RANKED_ITEM_IDS] = rank_candidates(
+            result[SCORE], inputs["cand_item_id"])
+        return result
+
+    archive.add_endpoint(USER_STATE_SIGNATURE, user_state,
+                         input_signature=[{**sequence_specs, NOW: _named(int_spec, NOW)}])
+    archive.add_endpoint(UPDATE_STATE_SIGNATURE, update_state,
+                         input_signature=[{**state_specs, **event_specs}])
+    archive.add_endpoint(RANK_WITH_STATE_SIGNATURE, rank_with_state,
+                         input_signature=[{**state_specs, NOW: _named(int_spec, NOW),
+                                           **rank_specs}])
+    return {"signatures": list(STATE_SIGNATURES), "state_model": model_id,
+            "state_shape": list(state_shape), "event_features": [*event_specs],
+            "rank_features": [*rank_specs]}
+
+
+def _named(spec, name):
+    return tf.TensorSpec(spec.shape, spec.dtype, name=name)
+
+
+def _batch_checks(inputs, reference):
+    """Every input has `inputs[reference]`'s batch size (INVALID_ARGUMENT)."""
+    batch = tf.shape(inputs[reference], out_type=tf.int64)[0]
+    return [tf.debugging.assert_equal(
+        tf.shape(value, out_type=tf.int64)[0], batch,
+        message=f"Inconsistent batch size: `{name}` and `{reference}` must have the same "
+                "first dimension") for name, value in sorted(inputs.items())]
+
+
+def _length_checks(inputs, reference, axis_name):
+    """Every rank-2 input has `inputs[reference]`'s second dimension (INVALID_ARGUMENT)."""
+    length = tf.shape(inputs[reference], out_type=tf.int64)[1]
+    return [tf.debugging.assert_equal(
+        tf.shape(value, out_type=tf.int64)[1], length,
+        message=f"Inconsistent {axis_name}: `{name}` and `{reference}` must have the same "
+                "second dimension")
+        for name, value in sorted(inputs.items()) if value.shape.rank == 2]
+
+
+def _state_checks(inputs, model_id, state_shape):
+    """A state of this model: its shape, its model id, finite values, z >= 0."""
+    state = inputs[STATE]
+    expected = tf.constant(state_shape, tf.int64)
+    return [
+        tf.debugging.assert_equal(
+            tf.shape(state, out_type=tf.int64)[1:], expected,
+            message=f"`state` must have shape [B, {', '.join(map(str, state_shape))}] for "
+                    "this model; the state sent has shape (after B)"),
+        tf.debugging.assert_equal(
+            inputs[STATE_MODEL], tf.constant(model_id, tf.int64),
+            message=f"`state_model` is not this model's ({model_id}): the state was made by "
+                    "another model version. Rebuild the states for this version (ifa-state "
+                    "build) or rank with the version that made them. state_model"),
+        tf.debugging.assert_all_finite(state, message="`state` holds NaN or infinity"),
+        tf.debugging.assert_non_negative(
+            state[..., -1], message="`state` has a negative normaliser (its last column): "
+                                    "it is not a state this model made"),
+    ]
 
 
 def check_finite_weights(model):

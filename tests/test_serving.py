@@ -123,13 +123,13 @@ model_config_list {{
         self.model_stub = model_service_pb2_grpc.ModelServiceStub(self.channel)
         self._wait_ready()
 
-    def _wait_ready(self, timeout=180):
+    def _wait_ready(self, timeout=180, names=("ifa", "reload")):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 pytest.fail(f"ifa-serve exited with {self.process.returncode}:\n{self.logs()}")
             try:
-                for name in ("ifa", "reload"):
+                for name in names:
                     request = get_model_status_pb2.GetModelStatusRequest()
                     request.model_spec.name = name
                     self.model_stub.GetModelStatus(request, timeout=2)

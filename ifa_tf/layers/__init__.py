@@ -1,6 +1,7 @@
 """ifa_tf layers: written with `keras.ops`, so they run on TensorFlow, JAX and PyTorch."""
 
 from ifa_tf.layers.candidate_self_attention import CandidateSelfAttention
+from ifa_tf.layers.decayed_linear_attention import DecayedLinearAttention
 from ifa_tf.layers.din_activation_unit import DINActivationUnit
 from ifa_tf.layers.eta_search import ETASearch
 from ifa_tf.layers.exact_matches import ExactMatches
@@ -20,6 +21,7 @@ from ifa_tf.layers.twin_attention import TWINAttention
 
 __all__ = [
     "CandidateSelfAttention",
+    "DecayedLinearAttention",
     "DINActivationUnit",
     "ETASearch",
     "ExactMatches",

@@ -9,6 +9,10 @@ from ifa_tf.layers.validation import (check_dtype_policy, check_positive_int, ch
 from ifa_tf.models.training_defaults import TrainingDefaultsMixin
 from ifa_tf.schema import CANDIDATE_PREFIX, SEQUENCE_PREFIX, resolve_schema
 
+_TIME_DELTA = SEQUENCE_PREFIX + "time_delta"
+# What `update_state` takes for each new event in place of its age: its time, in seconds.
+EVENT_TIME = SEQUENCE_PREFIX + "event_time"
+
 # Action bit sets (1 click, 2 long view, 4 like) and their combinations fit in 8 buckets;
 # counts and durations take log2 buckets (LOG2_BUCKETS cover every int64 magnitude).
 _ACTION_BUCKETS = 8
@@ -109,13 +113,21 @@ class CandidateSetRanker(TrainingDefaultsMixin, keras.Model):
             for name in schema.user_features
         }
         # Context (action bits, log2 time delta) embeddings are summed into the sequence
-        # items; with few buckets per feature the sum is a single lookup.
+        # items; with few buckets per feature the sum is a single lookup. A decayed FSM
+        # (stateful IFA) weighs events by their age instead: their keys carry no time.
+        stateful = getattr(interest, "time_encoding", None) == "decay"
+        if stateful and _TIME_DELTA not in schema.sequence_context:
+            raise ValueError("time_encoding='decay' weighs events by their age: the schema "
+                             f"must declare {_TIME_DELTA!r}. Received: sequence_context="
+                             f"{schema.sequence_context}")
+        context_features = _context_features(schema, stateful)
         context_buckets = [(_ACTION_BUCKETS, "clip") if name == "seq_action"
-                           else (LOG2_BUCKETS, "log2") for name in schema.sequence_context]
+                           else (LOG2_BUCKETS, "log2") for name in context_features]
         context_embedding = layers.SummedHashedEmbedding(
             [buckets for buckets, _ in context_buckets], [mode for _, mode in context_buckets],
-            item_dim, names=[f"{name}_embedding" for name in schema.sequence_context],
-            embeddings_initializer=initializer(), name="sequence_context_embedding") if schema.sequence_context else None
+            item_dim, names=[f"{name}_embedding" for name in context_features],
+            embeddings_initializer=initializer(),
+            name="sequence_context_embedding") if context_features else None
         cross_embeddings = {
             name: layers.HashedEmbedding(LOG2_BUCKETS, embedding_dim, mode="log2",
                                          embeddings_initializer=initializer(),
@@ -143,45 +155,24 @@ class CandidateSetRanker(TrainingDefaultsMixin, keras.Model):
         candidate_mask = ops.not_equal(candidate_ids, 0)
         sequence_mask = ops.not_equal(sequence_ids, 0)
 
-        def item_embeddings(prefix):
-            return item_embedding([inputs[prefix + a] for a in schema.item_attributes])
-
-        candidates = item_embeddings(CANDIDATE_PREFIX)  # F_can [B, m, item_dim]
-        sequence_items = item_embeddings(SEQUENCE_PREFIX)
-        sequence = sequence_items  # F_seq [B, n, item_dim]
-        if context_embedding is not None:
-            sequence = sequence + context_embedding(
-                [inputs[name] for name in schema.sequence_context])
-        module_inputs = {
-            "candidates": candidates,
+        candidates = item_embedding(
+            [inputs[CANDIDATE_PREFIX + a] for a in schema.item_attributes])  # F_can
+        sequence_items, sequence = _embed_events(schema, item_embedding, context_embedding,
+                                                 inputs, stateful)  # F_seq [B, n, item_dim]
+        module_inputs = _module_inputs(schema, inputs, candidates, candidate_mask)
+        module_inputs.update({
             "sequence": sequence,
             "sequence_items": sequence_items,
-            "candidate_mask": candidate_mask,
             "sequence_mask": sequence_mask,
-        }
-        for attribute in schema.item_attributes:  # candidate_item_ids, sequence_item_ids, ...
-            module_inputs[f"candidate_{attribute}s"] = inputs[CANDIDATE_PREFIX + attribute]
+        })
+        for attribute in schema.item_attributes:  # sequence_item_ids, ...
             module_inputs[f"sequence_{attribute}s"] = inputs[SEQUENCE_PREFIX + attribute]
-        if SEQUENCE_PREFIX + "time_delta" in schema.sequence_context:
-            module_inputs["sequence_time_deltas"] = inputs[SEQUENCE_PREFIX + "time_delta"]
-        parts = [candidates, interest(module_inputs)]  # F_can, F_c-s
-        if ram is not None:
-            parts.append(ram(candidates, candidate_mask=candidate_mask))  # F_c-c
-        if user_embeddings:
-            user = ops.concatenate(
-                [user_embeddings[n](inputs[n]) for n in schema.user_features], axis=-1)
-            # F_u, repeated m times (a product with ones: symbolic shapes are unknown here).
-            parts.append(user[:, None, :] * ops.ones_like(candidates[..., :1]))
-        parts.extend(cross_embeddings[n](inputs[n]) for n in schema.cross_features)  # F_cro
-        # In the towers' compute dtype: one cast per part, not one per tower.
-        tower_compute_dtype = towers[schema.gate_task].compute_dtype
-        features = ops.concatenate([ops.cast(p, tower_compute_dtype) for p in parts], axis=-1)
-
-        valid = ops.cast(candidate_mask, "float32")
-        gate = ops.sigmoid(ops.cast(towers[schema.gate_task](features), "float32")) * valid
-        outputs = {schema.gate_task: gate}
-        for task in schema.action_tasks:
-            outputs[task] = gate * ops.sigmoid(ops.cast(towers[task](features), "float32"))
+        if _TIME_DELTA in schema.sequence_context:
+            module_inputs["sequence_time_deltas"] = inputs[_TIME_DELTA]
+        outputs = _score_candidates(
+            schema, {"ram": ram, "user": user_embeddings, "cross": cross_embeddings,
+                     "towers": towers}, inputs, candidates, candidate_mask,
+            interest(module_inputs))
         outputs = {task: keras.layers.Identity(name=task)(p) for task, p in outputs.items()}
         outputs["score"] = keras.layers.Identity(name="score")(outputs[schema.score_task])
         super().__init__(inputs=inputs, outputs=outputs, **kwargs)
@@ -206,6 +197,121 @@ class CandidateSetRanker(TrainingDefaultsMixin, keras.Model):
         # Checked here, before Keras converts inputs: it would silently cast float ids and
         # report mismatched lengths from deep inside the graph.
         return super().__call__(self.schema.validate_features(inputs), *args, **kwargs)
+
+    # === Stateful serving (time_encoding="decay") ===
+    # The decayed FSM reads the sequence only through a fixed-size state per user; these
+    # run the model's own layers on it, so they equal `call` up to float rounding. Times are
+    # int64 seconds on one clock; a state holds its reference time, at which it was made.
+    @property
+    def stateful(self):
+        """Whether the model reads the sequence through a state (`time_encoding="decay"`)."""
+        return getattr(self.interest, "time_encoding", None) == "decay"
+
+    @property
+    def state_shape(self):
+        """One user's state, (heads, feature_dim, value_dim + 1) float32."""
+        self._check_stateful()
+        return tuple(self.interest.state_shape)
+
+    @property
+    def event_features(self):
+        """The features of an event: `seq_<attribute>` of every item attribute, the context
+        but its age (`seq_action`), in the schema's order."""
+        return (*[SEQUENCE_PREFIX + a for a in self.schema.item_attributes],
+                *_context_features(self.schema, stateful=True))
+
+    @property
+    def rank_features(self):
+        """What `rank_with_state` reads besides the state: user, candidate, cross features.
+        No sequence feature: the sequence reaches it only through the state."""
+        return (*self.schema.user_features, *self.schema.candidate_features,
+                *self.schema.cross_features)
+
+    def user_state(self, features, now):
+        """A user's state from the sequence, at `now`.
+
+        Args:
+            features: the `seq_*` features, [B, n], `seq_time_delta` counted back from
+                `now` (as in a request). Others are ignored.
+            now: int64 [B], the time the deltas are counted from, seconds.
+
+        Returns:
+            `{"state": [B, *state_shape] float32, "state_time": now}`.
+        """
+        self._check_stateful()
+        return {"state": self._events_state(features, features[_TIME_DELTA]),
+                "state_time": ops.cast(now, "int64")}
+
+    def update_state(self, state, state_time, events):
+        """`state` with new events added, exactly as if they had been in the sequence.
+
+        Args:
+            state, state_time: a state and its reference time ([B]).
+            events: `event_features` and `seq_event_time` (int64 [B, e], seconds), padded
+                with `seq_item_id` 0. Events may be older than the state and come in any
+                order or chunks.
+
+        Returns:
+            `{"state", "state_time"}`: the reference time moves to the newest event when it
+            is later than the state's.
+        """
+        self._check_stateful()
+        event_time = ops.cast(events[EVENT_TIME], "int64")
+        valid = ops.not_equal(events[SEQUENCE_PREFIX + "item_id"], 0)
+        state_time = ops.cast(state_time, "int64")
+        newest = ops.max(ops.where(valid, event_time, ops.zeros_like(event_time)), axis=1,
+                         initial=0)
+        new_time = ops.maximum(state_time, newest)
+        ages = new_time[:, None] - event_time
+        moved = self.interest.advance_state(state, new_time - state_time)
+        return {"state": moved + self._events_state(events, ages), "state_time": new_time}
+
+    def rank_with_state(self, features, state, state_time, now):
+        """What `call` returns for the user whose sequence `state` summarises, from the
+        state: `features` hold `rank_features` (no sequence), `now` [B] the request's time,
+        not earlier than `state_time` (the exported signature refuses that)."""
+        self._check_stateful()
+        parts = self._stateful_parts()
+        candidates = parts["item"]([features[CANDIDATE_PREFIX + a]
+                                    for a in self.schema.item_attributes])
+        candidate_mask = ops.not_equal(features[CANDIDATE_PREFIX + "item_id"], 0)
+        elapsed = ops.cast(now, "int64") - ops.cast(state_time, "int64")
+        interest = self.interest.read_state(
+            _module_inputs(self.schema, features, candidates, candidate_mask),
+            self.interest.advance_state(state, elapsed))
+        outputs = _score_candidates(self.schema, parts, features, candidates,
+                                    candidate_mask, interest)
+        outputs["score"] = outputs[self.schema.score_task]
+        return outputs
+
+    def _events_state(self, events, ages):
+        parts = self._stateful_parts()
+        _, embedded = _embed_events(self.schema, parts["item"], parts["context"], events,
+                                    stateful=True)
+        return self.interest.sequence_state({
+            "sequence": embedded,
+            "sequence_mask": ops.not_equal(events[SEQUENCE_PREFIX + "item_id"], 0),
+            "sequence_time_deltas": ages})
+
+    def _stateful_parts(self):
+        """The model's layers by role, found by name (the functional graph owns them)."""
+        def layer(name):
+            try:
+                return self.get_layer(name)
+            except ValueError:
+                return None
+
+        schema = self.schema
+        return {"item": layer("item_embedding"), "context": layer("sequence_context_embedding"),
+                "ram": layer("candidate_self_attention"),
+                "user": {n: layer(f"{n}_embedding") for n in schema.user_features},
+                "cross": {n: layer(f"{n}_embedding") for n in schema.cross_features},
+                "towers": {t: layer(f"{t}_tower") for t in schema.tasks}}
+
+    def _check_stateful(self):
+        if not self.stateful:
+            raise ValueError(f"Model {self.name!r} reads the raw sequence; stateful serving "
+                             "needs the decayed FSM: build it with time_encoding='decay'.")
 
     def get_config(self):
         return {
@@ -236,3 +342,50 @@ class CandidateSetRanker(TrainingDefaultsMixin, keras.Model):
             if old_name in config:
                 config["ram_" + old_name] = config.pop(old_name)
         return cls(**config)
+
+
+def _context_features(schema, stateful):
+    """The context features embedded into each event: all of the schema's, but the age for
+    a decayed (stateful) FSM."""
+    return tuple(n for n in schema.sequence_context if not (stateful and n == _TIME_DELTA))
+
+
+def _embed_events(schema, item_embedding, context_embedding, events, stateful):
+    """`(items, events)` [B, n, item_dim]: the events' item embeddings, and those plus their
+    context's (`_context_features`)."""
+    items = item_embedding([events[SEQUENCE_PREFIX + a] for a in schema.item_attributes])
+    if context_embedding is None:
+        return items, items
+    return items, items + context_embedding(
+        [events[n] for n in _context_features(schema, stateful)])
+
+
+def _module_inputs(schema, features, candidates, candidate_mask):
+    """The candidate side of the sequence module's dict."""
+    inputs = {"candidates": candidates, "candidate_mask": candidate_mask}
+    for attribute in schema.item_attributes:  # candidate_item_ids, ...
+        inputs[f"candidate_{attribute}s"] = features[CANDIDATE_PREFIX + attribute]
+    return inputs
+
+
+def _score_candidates(schema, parts, features, candidates, candidate_mask, interest):
+    """F_can, F_c-s (`interest`), F_c-c, F_u, F_cro -> towers -> ESMM: `{task: [B, m]}`."""
+    parts_list = [candidates, interest]
+    if parts["ram"] is not None:
+        parts_list.append(parts["ram"](candidates, candidate_mask=candidate_mask))  # F_c-c
+    if parts["user"]:
+        user = ops.concatenate([parts["user"][n](features[n]) for n in schema.user_features],
+                               axis=-1)
+        # F_u, repeated m times (a product with ones: symbolic shapes are unknown here).
+        parts_list.append(user[:, None, :] * ops.ones_like(candidates[..., :1]))
+    parts_list.extend(parts["cross"][n](features[n]) for n in schema.cross_features)  # F_cro
+    towers = parts["towers"]
+    # In the towers' compute dtype: one cast per part, not one per tower.
+    tower_compute_dtype = towers[schema.gate_task].compute_dtype
+    inputs = ops.concatenate([ops.cast(p, tower_compute_dtype) for p in parts_list], axis=-1)
+    valid = ops.cast(candidate_mask, "float32")
+    gate = ops.sigmoid(ops.cast(towers[schema.gate_task](inputs), "float32")) * valid
+    outputs = {schema.gate_task: gate}
+    for task in schema.action_tasks:
+        outputs[task] = gate * ops.sigmoid(ops.cast(towers[task](inputs), "float32"))
+    return outputs

@@ -22,7 +22,11 @@ from ifa_tf import layers
 from ifa_tf.layers.feature_maps import check_feature_map
 from ifa_tf.layers.top_k import gather_positions, most_recent_positions
 from ifa_tf.layers.hashed_embedding import LOG2_BUCKETS
-from ifa_tf.layers.validation import check_bool, check_positive_int
+from ifa_tf.layers.validation import check_bool, check_choice, check_positive_int
+
+# How an event's age reaches the FSM: an embedding added to its key (the paper's), or a
+# per-head exponential decay of its weight (stateful serving).
+TIME_ENCODINGS = ("embedding", "decay")
 
 
 class InterestModule(keras.layers.Layer):
@@ -321,18 +325,43 @@ class LinearAttentionInterest(FullTargetAttentionInterest):
     Inputs (the module dict, see above): with `exact_matches`, `candidate_<a>s` and
     `sequence_<a>s` of every id attribute `<a>` present (`item_id` at least), and
     `sequence_time_deltas` when the schema has `seq_time_delta` (without it, counts only).
+
+    `time_encoding="decay"` (stateful IFA, `ifa_tf.layers.DecayedLinearAttention`): an
+    event's age no longer enters its key (the ranker leaves `seq_time_delta` out of the
+    context embedding); it weighs `exp(-lambda_h * age)` per head instead, rates learnt
+    from `decay_time_scales` (seconds per head; default: an hour to a year). The sequence is
+    then read only through a fixed-size per-user state (`sequence_state`, `advance_state`,
+    `read_state`) that new events update exactly, so a server can keep the state instead
+    of the sequence. Needs `sequence_time_deltas`; `exact_matches`, `k` and the Hedgehog
+    map read the raw sequence (or all of it at once) and are refused with it.
     """
 
     def __init__(self, num_heads=2, key_dim=16, feature_map="elu_plus_one",
                  focusing_factor=None, k=None, learnable_temperature=False,
                  learnable_focusing_factor=False, exact_matches=False, exact_match_dim=8,
-                 **kwargs):
+                 time_encoding="embedding", decay_time_scales=None, **kwargs):
         super().__init__(num_heads=num_heads, key_dim=key_dim, k=k, **kwargs)
         # Checked here: the attention layer is only made in `build`.
         check_feature_map(feature_map, focusing_factor, learnable_temperature,
                           learnable_focusing_factor)
         check_bool("exact_matches", exact_matches)
         check_positive_int("exact_match_dim", exact_match_dim)
+        check_choice("time_encoding", time_encoding, TIME_ENCODINGS)
+        if time_encoding == "decay":
+            refused = {"exact_matches": exact_matches or None, "k": k,
+                       "feature_map": "hedgehog" if feature_map == "hedgehog" else None}
+            refused = {name: value for name, value in refused.items() if value is not None}
+            if refused:
+                raise ValueError(
+                    "time_encoding='decay' keeps a fixed-size state of the sequence, which "
+                    f"{sorted(refused)} cannot be computed from (they read the raw "
+                    f"sequence). Received: {', '.join(f'{n}={v!r}' for n, v in refused.items())}")
+        elif decay_time_scales is not None:
+            raise ValueError("`decay_time_scales` needs time_encoding='decay'. Received: "
+                             f"decay_time_scales={decay_time_scales!r}")
+        self.time_encoding = time_encoding
+        self.decay_time_scales = (None if decay_time_scales is None
+                                  else [float(t) for t in decay_time_scales])
         self.feature_map = feature_map
         self.focusing_factor = focusing_factor
         self.learnable_temperature = learnable_temperature
@@ -344,6 +373,19 @@ class LinearAttentionInterest(FullTargetAttentionInterest):
                                     "sequence_item_ids")
 
     def build(self, input_shape):
+        if self.time_encoding == "decay":
+            if "sequence_time_deltas" not in input_shape:
+                raise ValueError("time_encoding='decay' needs the events' ages: the schema "
+                                 "must declare `seq_time_delta`.")
+            self._attention = layers.DecayedLinearAttention(
+                self.num_heads, self.key_dim, time_scales=self.decay_time_scales,
+                feature_map=self.feature_map, focusing_factor=self.focusing_factor,
+                learnable_temperature=self.learnable_temperature,
+                learnable_focusing_factor=self.learnable_focusing_factor,
+                use_output_projection=False, dtype=self.dtype_policy, name="attention")
+            self._attention.build(input_shape["candidates"], input_shape["sequence"])
+            self.built = True
+            return
         self._attention = layers.NormalizedLinearAttention(
             self.num_heads, self.key_dim, feature_map=self.feature_map,
             focusing_factor=self.focusing_factor,
@@ -368,10 +410,32 @@ class LinearAttentionInterest(FullTargetAttentionInterest):
         self.built = True
 
     def call(self, inputs):
+        if self.time_encoding == "decay":
+            return self.read_state(inputs, self.sequence_state(inputs))
         attended = super().call(inputs)
         if not self.exact_matches:
             return attended
         return ops.concatenate([attended, self._match_features(inputs)], axis=-1)
+
+    # Stateful reading (time_encoding="decay"): all the candidates need of the sequence.
+    @property
+    def state_shape(self):
+        """One user's state shape, (heads, feature_dim, value_dim + 1)."""
+        return self._attention.state_shape
+
+    def sequence_state(self, inputs):
+        """The state of `inputs["sequence"]` (masked by `sequence_mask`) at the ages
+        `sequence_time_deltas`, [B, heads, feature_dim, value_dim + 1]."""
+        return self._attention.key_state(inputs["sequence"], inputs["sequence_time_deltas"],
+                                         key_mask=inputs["sequence_mask"])
+
+    def advance_state(self, state, elapsed):
+        return self._attention.advance_state(state, elapsed)
+
+    def read_state(self, inputs, state):
+        """The candidates' interest from a state at the request's time."""
+        return self._attention.read_state(inputs["candidates"], state,
+                                          query_mask=inputs["candidate_mask"])
 
     def _match_features(self, inputs):
         """[B, m, attributes * (1 or 2) * exact_match_dim]: per attribute, the embeddings
@@ -412,7 +476,9 @@ class LinearAttentionInterest(FullTargetAttentionInterest):
                 "focusing_factor": self.focusing_factor,
                 "learnable_temperature": self.learnable_temperature,
                 "learnable_focusing_factor": self.learnable_focusing_factor,
-                "exact_matches": self.exact_matches, "exact_match_dim": self.exact_match_dim}
+                "exact_matches": self.exact_matches, "exact_match_dim": self.exact_match_dim,
+                "time_encoding": self.time_encoding,
+                "decay_time_scales": self.decay_time_scales}
 
 
 def _match_attributes(input_shape):

@@ -27,11 +27,12 @@ from tensorflow_serving.apis import (get_model_status_pb2, model_service_pb2_grp
                                      prediction_service_pb2_grpc)
 
 from ifa_tf.export import (RANKED_INDICES, RANKED_ITEM_IDS, RANKED_RAW_ITEM_IDS,
-                           RAW_SIGNATURE_NAME, SIGNATURE_NAME)
+                           RAW_SIGNATURE_NAME, SIGNATURE_NAME, STATE_MODEL, STATE_TIME)
 from ifa_tf.serving.errors import ServingError, code_for_http_status
 
 _RANKING_OUTPUTS = (RANKED_INDICES, RANKED_ITEM_IDS, RANKED_RAW_ITEM_IDS)
-_ID_OUTPUTS = (RANKED_INDICES, RANKED_ITEM_IDS)
+# int64 outputs (REST answers them as JSON numbers): the ranking and a state's time and model.
+_ID_OUTPUTS = (RANKED_INDICES, RANKED_ITEM_IDS, STATE_TIME, STATE_MODEL)
 
 
 @dataclasses.dataclass

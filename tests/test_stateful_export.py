@@ -1,0 +1,228 @@
+"""Stateful IFA's signatures (user_state, update_state, rank_with_state): parity with
+serving_default and Keras through the Python and C++ loaders and ifa-serve (gRPC and REST),
+and the refusals of bad states."""
+
+import os
+import subprocess
+import sys
+
+import grpc
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow_serving.apis import model_service_pb2_grpc
+
+from ifa_tf import export
+from ifa_tf.serving import GrpcClient, RestClient, ServingError
+from test_export import cpp_runner, run_cpp  # noqa: F401 (a fixture)
+from test_serving import REPO, Server, free_port
+from test_stateful import SCHEMA, build, events_of, request
+
+NOW = np.array([1_700_000_000, 1_700_000_100, 1_700_050_000], np.int64)
+
+
+@pytest.fixture(scope="module")
+def exported(stateful_export):
+    return stateful_export
+
+
+def call(signature, inputs):
+    return {k: v.numpy() for k, v in signature(**{k: tf.constant(v) for k, v in
+                                                  inputs.items()}).items()}
+
+
+def rank_inputs(model, features, state, now):
+    inputs = {k: features[k] for k in model.rank_features}
+    inputs.update({k: state[k] for k in (export.STATE, export.STATE_TIME,
+                                         export.STATE_MODEL)})
+    inputs[export.NOW] = now
+    return inputs
+
+
+def user_state_inputs(features, now):
+    return {**{k: v for k, v in features.items() if k.startswith("seq_")}, export.NOW: now}
+
+
+def assert_same_ranking(actual, expected):
+    for name in (*SCHEMA.tasks, "score"):
+        np.testing.assert_allclose(actual[name], expected[name], atol=1e-5, rtol=0,
+                                   err_msg=name)
+    np.testing.assert_array_equal(actual["ranked_item_ids"], expected["ranked_item_ids"])
+
+
+def test_signatures_and_metadata(exported):
+    model, export_dir, signatures = exported
+    assert set(export.STATE_SIGNATURES) | {"serving_default", "serving_raw"} <= set(signatures)
+    _, inputs = signatures["rank_with_state"].structured_input_signature
+    # Nothing on the stateful path reads the raw sequence: it is not even an input.
+    assert not [name for name in inputs if name.startswith("seq_")]
+    assert set(inputs) == {*model.rank_features, "state", "state_time", "state_model", "now"}
+    stateful = export.read_metadata(export_dir)["stateful"]
+    assert stateful["state_model"] == export.state_model_id(model)
+    assert stateful["state_shape"] == [2, 16, 17]
+
+
+def test_rank_with_state_equals_serving_default(exported):
+    model, _, signatures = exported
+    features = request(3, 9, 20, seed=1)
+    state = call(signatures["user_state"], user_state_inputs(features, NOW))
+    assert state["state"].shape == (3, 2, 16, 17) and state["state"].nbytes == 3 * 2176
+    np.testing.assert_array_equal(state["state_time"], NOW)
+    later = 7200
+    aged = dict(features, seq_time_delta=features["seq_time_delta"] + later)
+    expected = call(signatures["serving_default"], aged)
+    actual = call(signatures["rank_with_state"], rank_inputs(model, features, state,
+                                                            NOW + later))
+    assert_same_ranking(actual, expected)
+    keras_scores = np.asarray(model(aged)["score"])
+    np.testing.assert_allclose(actual["score"], keras_scores, atol=1e-5, rtol=0)
+
+
+def test_update_state_chunks_equal_user_state(exported):
+    model, _, signatures = exported
+    features = request(3, 5, 24, seed=2)
+    events = events_of(features, NOW)
+    state = call(signatures["user_state"], user_state_inputs(
+        {k: v[:, :0] for k, v in features.items() if k.startswith("seq_")},
+        np.zeros(3, np.int64)))  # new users
+    assert not state["state"].any()
+    for chunk in np.split(np.random.default_rng(1).permutation(24), [5, 6, 17]):
+        state = call(signatures["update_state"], {
+            **{k: state[k] for k in ("state", "state_time", "state_model")},
+            **{k: v[:, chunk] for k, v in events.items()}})
+    expected = call(signatures["serving_default"], features)
+    assert_same_ranking(call(signatures["rank_with_state"],
+                             rank_inputs(model, features, state, NOW)), expected)
+
+
+def test_cpp_loader_runs_the_state_signatures(exported, cpp_runner, tmp_path):
+    model, export_dir, signatures = exported
+    features = request(2, 6, 12, seed=3)
+    now = NOW[:2]
+    [state] = run_cpp(cpp_runner, export_dir, [user_state_inputs(features, now)],
+                      tmp_path / "user", signature_name="user_state")
+    assert isinstance(state, dict), state
+    python_state = call(signatures["user_state"], user_state_inputs(features, now))
+    np.testing.assert_allclose(state["state"], python_state["state"], rtol=1e-6, atol=1e-6)
+    events = events_of(features, now + 60)
+    [updated] = run_cpp(cpp_runner, export_dir, [{
+        **{k: state[k] for k in ("state", "state_time", "state_model")}, **events}],
+        tmp_path / "update", signature_name="update_state")
+    assert isinstance(updated, dict), updated
+    [ranked] = run_cpp(cpp_runner, export_dir, [rank_inputs(model, features, updated,
+                                                            now + 600)],
+                       tmp_path / "rank", signature_name="rank_with_state")
+    assert isinstance(ranked, dict), ranked
+    # The same events twice: the sequence, and its copy 60 s later.
+    twice = {k: np.concatenate([v, v], axis=1) if k.startswith("seq_") else v
+             for k, v in features.items()}
+    twice["seq_time_delta"] = np.concatenate([features["seq_time_delta"] + 600,
+                                              features["seq_time_delta"] + 540], axis=1)
+    assert_same_ranking(ranked, call(signatures["serving_default"], twice))
+
+
+def bad_states(model, state):
+    wrong_model = dict(state, state_model=state["state_model"] + 1)
+    nan_state = dict(state, state=state["state"].copy())
+    nan_state["state"][0, 0, 0, 0] = np.nan
+    shape = dict(state, state=state["state"][:, :, :8])
+    negative = dict(state, state=-np.abs(state["state"]) - 1)
+    return [(wrong_model, "state_model"), (nan_state, "NaN or infinity"),
+            (shape, "must have shape"), (negative, "negative normaliser")]
+
+
+def test_bad_states_and_times_are_refused(exported):
+    model, _, signatures = exported
+    features = request(1, 4, 6, seed=4)
+    state = call(signatures["user_state"], user_state_inputs(features, NOW[:1]))
+    cases = bad_states(model, state)
+    for bad, message in cases:
+        with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+            call(signatures["rank_with_state"], rank_inputs(model, features, bad, NOW[:1]))
+        with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+            call(signatures["update_state"], {**bad, **events_of(features, NOW[:1])})
+    with pytest.raises(tf.errors.InvalidArgumentError, match="earlier than `state_time`"):
+        call(signatures["rank_with_state"], rank_inputs(model, features, state, NOW[:1] - 1))
+    negative_age = dict(features, seq_time_delta=features["seq_time_delta"] - 10**9)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="seq_time_delta"):
+        call(signatures["user_state"], user_state_inputs(negative_age, NOW[:1]))
+
+
+class StatefulServer(Server):
+    """`ifa-serve --model_name=ifa` over the decay model's base directory."""
+
+    def __init__(self, base_path, log_path):
+        self.port, self.rest_port = free_port(), free_port()
+        self.log_path = log_path
+        self.log = open(log_path, "w")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "ifa_tf.cli.serve", f"--port={self.port}",
+             f"--rest_api_port={self.rest_port}", "--model_name=ifa",
+             f"--model_base_path={base_path}"],
+            stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO)
+        self.target = f"127.0.0.1:{self.port}"
+        self.rest_target = f"127.0.0.1:{self.rest_port}"
+        self.channel = grpc.insecure_channel(self.target)
+        self.model_stub = model_service_pb2_grpc.ModelServiceStub(self.channel)
+        self._wait_ready(names=("ifa",))
+
+
+@pytest.fixture(scope="module")
+def server(exported, tmp_path_factory):
+    _, export_dir, _ = exported
+    server = StatefulServer(os.path.dirname(export_dir),
+                            tmp_path_factory.mktemp("serve") / "ifa-serve.log")
+    yield server
+    assert server.stop() == 0, server.logs()
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "rest"])
+def test_ifa_serve_predicts_with_state(exported, server, protocol):
+    model, _, signatures = exported
+    client = (GrpcClient(server.target, "ifa") if protocol == "grpc"
+              else RestClient(server.rest_target, "ifa"))
+    features = request(2, 6, 10, seed=5)
+    state, _ = client.predict(user_state_inputs(features, NOW[:2]), signature_name="user_state")
+    np.testing.assert_array_equal(state["state_model"], [export.state_model_id(model)] * 2)
+    outputs, _ = client.predict(rank_inputs(model, features, state, NOW[:2] + 5),
+                                signature_name="rank_with_state")
+    aged = dict(features, seq_time_delta=features["seq_time_delta"] + 5)
+    assert_same_ranking(outputs, call(signatures["serving_default"], aged))
+    bad = dict(state, state_model=state["state_model"] + 1)
+    with pytest.raises(ServingError) as error:
+        client.predict(rank_inputs(model, features, bad, NOW[:2]),
+                       signature_name="rank_with_state")
+    assert error.value.code.name == "INVALID_ARGUMENT" and "state_model" in error.value.message
+    client.close()
+
+
+def test_client_ranks_a_user_from_the_store_in_one_call(exported, server, tmp_path):
+    from ifa_tf.data import records
+    from ifa_tf.serving import state_store
+    from test_stateful import events_of
+
+    model, _, signatures = exported
+    features = request(1, 6, 16, seed=6)
+    features["cand_author_id"][0, :2] = features["seq_author_id"][0, :2]
+    one = {k: v[0] for k, v in features.items()}
+    features.update({k: v[None] for k, v in records.cross_counts(one, SCHEMA).items()})
+    client = GrpcClient(server.target, "ifa")
+    state_model = state_store.StateModel(client=client)
+    with state_store.open_store(tmp_path / "states.db") as store:
+        state_store.apply_events(store, state_model, 42,
+                                 {k: v[0] for k, v in events_of(features, NOW[:1]).items()},
+                                 SCHEMA.cross_features)
+        candidates = {k: one[k] for k in (*SCHEMA.user_features, *SCHEMA.candidate_features)}
+        ranking, record = state_store.rank_user(client, store, 42, candidates,
+                                                now=int(NOW[0]) + 30, model=state_model)
+        # An unknown user is ranked as a new one, not refused.
+        new_user, empty = state_store.rank_user(client, store, 43, candidates,
+                                                now=int(NOW[0]), model=state_model)
+    assert empty.events == 0 and len(new_user.item_ids) == len(ranking.item_ids)
+    aged = dict(features, seq_time_delta=features["seq_time_delta"] + 30)
+    expected = call(signatures["serving_default"], aged)
+    valid = int(np.count_nonzero(one["cand_item_id"]))
+    np.testing.assert_array_equal(ranking.item_ids, expected["ranked_item_ids"][0, :valid])
+    np.testing.assert_allclose(ranking.scores["score"], np.sort(expected["score"][0, :valid])[::-1],
+                               atol=1e-5)
+    client.close()
