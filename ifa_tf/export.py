@@ -31,7 +31,8 @@ read and write a user's state (a few KB, whatever the history's length) instead 
 sequence (see `add_state_endpoints`): `user_state`, `update_state` and `rank_with_state`.
 
 `assets.extra/` holds TF Serving warm-up requests (`tf_serving_warmup_requests`, replayed by
-the server before a version is marked AVAILABLE) and `ifa_export_metadata.json` (model name,
+the server before a version is marked AVAILABLE: `serving_default` at each warm-up shape and,
+for a stateful model, `user_state`, `update_state` and `rank_with_state` too) and `ifa_export_metadata.json` (model name,
 feature schema, signature, TensorFlow / Keras versions).
 
 A version is written to a hidden temporary directory beside it and renamed into place, so a
@@ -355,7 +356,7 @@ def export_saved_model(model, base_dir, version=None, schema=None, model_name=No
     serve = archive.add_endpoint(SIGNATURE_NAME,
                                  make_serving_function(model, specs, jit_compile),
                                  input_signature=[specs])
-    warmup = [random_features(specs, *shape, seed=seed + i)
+    warmup = [(SIGNATURE_NAME, random_features(specs, *shape, seed=seed + i))
               for i, shape in enumerate(warmup_shapes)]
     # Running the signature before writing anything catches a broken model early, and tells
     # which task is the ranking score when the schema is read off the model.
@@ -365,6 +366,8 @@ def export_saved_model(model, base_dir, version=None, schema=None, model_name=No
     vocabulary_paths = resolve_vocabularies(vocabularies)
     stateful = add_state_endpoints(archive, model, specs) if getattr(
         model, "stateful", False) else None
+    if stateful is not None:
+        warmup += state_warmup_requests(stateful, specs, warmup_shapes, seed)
 
     os.makedirs(base_dir, exist_ok=True)
     temp_dir = tempfile.mkdtemp(prefix=f"{_TEMP_PREFIX}{version}-", dir=base_dir)
@@ -494,6 +497,37 @@ def add_state_endpoints(archive, model, specs):
     return {"signatures": list(STATE_SIGNATURES), "state_model": model_id,
             "state_shape": list(state_shape), "event_features": [*event_specs],
             "rank_features": [*rank_specs]}
+
+
+def state_warmup_requests(stateful, specs, shapes, seed=0, now=1_700_000_000):
+    """Warm-up `(signature name, features)` of the state signatures, one of each per
+    `(batch, m, n)` of `shapes`, so a version's first stateful request does not pay for
+    tracing and kernel selection: `user_state` of n events, `update_state` of an empty
+    state (a new user, what ifa-state build starts from) with n events, `rank_with_state`
+    of an empty state and m candidates. `stateful`: what `add_state_endpoints` returned."""
+    state_shape, model_id = tuple(stateful["state_shape"]), stateful["state_model"]
+    sequence_specs = {n: s for n, s in specs.items()
+                      if n.startswith(schema_lib.SEQUENCE_PREFIX)}
+    event_specs = {n: specs.get(n, tf.TensorSpec([None, None], tf.int64, name=n))
+                   for n in stateful["event_features"]}
+    rank_specs = {n: specs[n] for n in stateful["rank_features"]}
+    requests = []
+    for index, (batch, m, n) in enumerate(shapes):
+        batch, m, n = int(batch), int(m), int(n)
+        times = np.full(batch, now, np.int64)
+        empty = {STATE: np.zeros((batch, *state_shape), np.float32),
+                 STATE_TIME: np.zeros(batch, np.int64),
+                 STATE_MODEL: np.full(batch, model_id, np.int64)}
+        sequence = random_features(sequence_specs, batch, m, n, seed=seed + index)
+        events = random_features(event_specs, batch, m, n, seed=seed + index)
+        # Events up to about a day before `now` (random_features' ids are small ints).
+        events[EVENT_TIME] = now - 100 * events[EVENT_TIME]
+        requests += [
+            (USER_STATE_SIGNATURE, {**sequence, NOW: times}),
+            (UPDATE_STATE_SIGNATURE, {**empty, **events}),
+            (RANK_WITH_STATE_SIGNATURE, {**empty, NOW: times, **random_features(
+                rank_specs, batch, m, n, seed=seed + index)})]
+    return requests
 
 
 def _named(spec, name):
@@ -635,15 +669,20 @@ def make_predict_request(features, model_name, signature_name=SIGNATURE_NAME, ve
     return request
 
 
-def write_warmup_requests(path, feature_dicts, model_name):
-    """Writes TF Serving's warm-up file: a TFRecord of `PredictionLog`s."""
+def write_warmup_requests(path, requests, model_name):
+    """Writes TF Serving's warm-up file: a TFRecord of `PredictionLog`s.
+
+    `requests`: feature dicts (for `serving_default`) or `(signature name, feature dict)`
+    pairs; TF Serving and `ifa-serve` replay each on the signature it names."""
     from tensorflow_serving.apis import prediction_log_pb2
 
     with tf.io.TFRecordWriter(path) as writer:
-        for features in feature_dicts:
+        for request in requests:
+            signature_name, features = (request if isinstance(request, tuple)
+                                        else (SIGNATURE_NAME, request))
             log = prediction_log_pb2.PredictionLog(
                 predict_log=prediction_log_pb2.PredictLog(
-                    request=make_predict_request(features, model_name)))
+                    request=make_predict_request(features, model_name, signature_name)))
             writer.write(log.SerializeToString())
 
 
