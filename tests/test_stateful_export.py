@@ -182,6 +182,10 @@ def test_ifa_serve_predicts_with_state(exported, server, protocol):
     client = (GrpcClient(server.target, "ifa") if protocol == "grpc"
               else RestClient(server.rest_target, "ifa"))
     features = request(2, 6, 10, seed=5)
+    # What StateModel reads to drive a model of any schema (GetModelMetadata / metadata).
+    assert client.signature_inputs("user_state") == sorted(user_state_inputs(features, NOW[:2]))
+    assert client.signature_inputs("rank_with_state") == sorted(
+        rank_inputs(model, features, {"state": 0, "state_time": 0, "state_model": 0}, 0))
     state, _ = client.predict(user_state_inputs(features, NOW[:2]), signature_name="user_state")
     np.testing.assert_array_equal(state["state_model"], [export.state_model_id(model)] * 2)
     outputs, _ = client.predict(rank_inputs(model, features, state, NOW[:2] + 5),

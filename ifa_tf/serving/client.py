@@ -23,7 +23,8 @@ import urllib.request
 import grpc
 import numpy as np
 import tensorflow as tf
-from tensorflow_serving.apis import (get_model_status_pb2, model_service_pb2_grpc, predict_pb2,
+from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2,
+                                     model_service_pb2_grpc, predict_pb2,
                                      prediction_service_pb2_grpc)
 
 from ifa_tf.export import (RANKED_INDICES, RANKED_ITEM_IDS, RANKED_RAW_ITEM_IDS,
@@ -121,6 +122,21 @@ class ServingClient:
         batched = {name: np.asarray(value)[np.newaxis] for name, value in features.items()}
         return self.rank(batched, timeout=timeout)[0]
 
+    def signature_inputs(self, signature_name=None, timeout=None):
+        """The input names of a served signature (default: the client's), as the server
+        lists them in GetModelMetadata: what a request to it must send."""
+        signature_name = signature_name or self.signature_name
+        signatures = self.signature_defs(timeout)
+        if signature_name not in signatures:
+            raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f'Serving signature key "{signature_name}" not found. The '
+                               f"model serves {sorted(signatures)}.")
+        return signatures[signature_name]
+
+    def signature_defs(self, timeout=None):
+        """`{signature name: [input names]}` of the served version (GetModelMetadata)."""
+        raise NotImplementedError
+
     def close(self):
         pass
 
@@ -176,6 +192,16 @@ class GrpcClient(ServingClient):
         return [(s.version, states.Name(s.state), s.status.error_message)
                 for s in response.model_version_status]
 
+    def signature_defs(self, timeout=None):
+        request = get_model_metadata_pb2.GetModelMetadataRequest()
+        self._fill_model_spec(request.model_spec, signature=False)
+        request.metadata_field.append("signature_def")
+        response = self._call(self.prediction_stub.GetModelMetadata, request, timeout)
+        signature_map = get_model_metadata_pb2.SignatureDefMap()
+        response.metadata["signature_def"].Unpack(signature_map)
+        return {name: sorted(signature.inputs)
+                for name, signature in signature_map.signature_def.items()}
+
     def _call(self, method, request, timeout):
         try:
             return method(request, timeout=self.timeout if timeout is None else timeout)
@@ -216,6 +242,12 @@ class RestClient(ServingClient):
         result = self._request(self._model_url(), None, timeout)
         return [(int(s["version"]), s["state"], s.get("status", {}).get("error_message", ""))
                 for s in result["model_version_status"]]
+
+    def signature_defs(self, timeout=None):
+        result = self._request(self._model_url() + "/metadata", None, timeout)
+        signature_map = result["metadata"]["signature_def"].get("signature_def", {})
+        return {name: sorted(signature.get("inputs", {}))
+                for name, signature in signature_map.items()}
 
     def _request(self, url, body, timeout):
         data = None if body is None else json.dumps(body).encode()

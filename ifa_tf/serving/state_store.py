@@ -253,20 +253,23 @@ class StateModel:
         self.refresh()
 
     def refresh(self):
-        """Reads the model's id, state shape and inputs (again, after a new version)."""
+        """Reads the model's inputs, id and state shape (again, after a new version)."""
+        self.sequence_features = [n for n in self.signature_inputs("user_state") if n != NOW]
+        self.cross_features = [n for n in self.signature_inputs("rank_with_state")
+                               if n.startswith(schema_lib.CROSS_PREFIX)]
         empty = self.user_state({name: np.zeros((1, 0), np.int64) for name in
-                                 self._sequence_inputs()}, np.zeros(1, np.int64))
+                                 self.sequence_features}, np.zeros(1, np.int64))
         self.model = int(empty[STATE_MODEL][0])
         self.state_shape = tuple(empty[STATE].shape[1:])
 
-    def _sequence_inputs(self):
+    def signature_inputs(self, signature):
+        """The input names of one of the model's signatures: from the SavedModel, or from
+        what the server lists for it (GetModelMetadata), so that a model of any schema is
+        driven by its own feature names."""
         if self.signatures is not None:
-            _, inputs = self.signatures["user_state"].structured_input_signature
-            return [n for n in inputs if n != NOW]
-        # Predict does not list a signature's inputs: the default schema's sequence
-        # features (for a model of another schema the server answers INVALID_ARGUMENT
-        # naming the inputs it expects).
-        return list(schema_lib.default_schema().sequence_features)
+            _, inputs = self.signatures[signature].structured_input_signature
+            return list(inputs)
+        return self.client.signature_inputs(signature)
 
     def run(self, signature, inputs):
         if self.signatures is not None:
@@ -367,8 +370,8 @@ def rank_user(client, store, user, features, now=None, model=None, cross_feature
             when that is later (clocks of the writer and the ranker may disagree by a
             little; a request never ranks before its state's time).
         model: the client's `StateModel`, kept between calls to skip reading its id.
-        cross_features: the cross features to compute; default the default schema's ones
-            that `features` does not hold.
+        cross_features: the cross features to compute; default the ones the served
+            `rank_with_state` takes (`model.cross_features`) that `features` does not hold.
 
     Returns:
         `(Ranking, UserState)`. A new model version answers the old id with
@@ -379,8 +382,7 @@ def rank_user(client, store, user, features, now=None, model=None, cross_feature
 
     model = model or StateModel(client=client)
     if cross_features is None:
-        cross_features = [n for n in schema_lib.default_schema().cross_features
-                          if n not in features]
+        cross_features = [n for n in model.cross_features if n not in features]
     for attempt in range(2):
         record = load_state(store, model, user, cross_features)
         when = max(int(time.time()), record.time) if now is None else int(now)
