@@ -211,6 +211,7 @@ def test_ifa_state_builds_applies_and_shows(stateful_export, state_model, tmp_pa
             writer.write(records.encode_example(one, SCHEMA))
     values = types.SimpleNamespace(model=export_dir, store=f"sqlite://{tmp_path / 's.db'}",
                                    records=str(tmp_path / "train.tfrecord"), events=None,
+                                   log=None, dataset=None,
                                    now=int(NOW[0]), user="6", batch_size=64)
     quiet = dict(out=lambda _: None)
     assert state_cli.run_command("build", values, **quiet)["users"] == 2

@@ -1,20 +1,32 @@
 """`ifa-state`: per-user states of a stateful IFA (`time_encoding="decay"`) in a store.
 
 Subcommands:
-    build   make every user's state from TFRecords or an events CSV (after a new model
-            version: states are keyed by the model's id, so the old version's stay)
-    apply   add new events (a CSV) to the users' stored states
+    build   make every user's state from TFRecords, a raw log or an events CSV (after a new
+            model version: states are keyed by the model's id, so the old version's stay)
+    apply   add new events (a raw log or an events CSV) to the users' stored states
     show    one user's state: its model, events, reference time and age
 
     ifa-state build --model=models/ifa/3 --store=sqlite:///states.db \\
         --records='data/sim/train-*.tfrecord.gz' --now=1700000000
+    ifa-state build --model=models/ifa/3 --store=sqlite:///states.db \\
+        --log=log.csv --dataset=data/log
     ifa-state apply --model=models/ifa/3 --store=redis://cache:6379/0 --events=new.csv
+    ifa-state apply --model=models/ifa/3 --store=sqlite:///states.db \\
+        --log=today.csv --dataset=data/log
     ifa-state show --model=models/ifa/3 --store=sqlite:///states.db --user=42
+    ifa-state show --model=models/ifa/3 --store=sqlite:///states.db --user=alice \\
+        --dataset=data/log
+
+--log is a raw interaction log in the format `ifa-data from-log` read to write --dataset
+(string ids allowed; the same columns, delimiter, header, actions and item table, read
+from the dataset's metadata.json), mapped to ids exactly as that converter mapped them.
+Every event of the log goes into the state (no max_seq_len cut). States are keyed by the
+converter's int64 user id; with --dataset, `show --user` takes the raw user id.
 
 Events CSVs have the header `user_id,item_id,category_id,author_id,action,time` (int64
-ids as the model was trained on, time in seconds). --model is a SavedModel version
-directory written by ifa-export; the states are computed in-process by its signatures.
-Thin over `ifa_tf.serving.state_store`.
+ids as the model was trained on, time in seconds; columns of attributes the model lacks
+may be left out). --model is a SavedModel version directory written by ifa-export; the
+states are computed in-process by its signatures. Thin over `ifa_tf.serving.state_store`.
 """
 
 import json
@@ -31,7 +43,12 @@ flags.DEFINE_string("model", None, "SavedModel version directory of the decay mo
 flags.DEFINE_string("store", "sqlite:///tmp/ifa_states.db",
                     "sqlite:///path/to/states.db (embedded) or redis://host:port/db.")
 flags.DEFINE_string("records", None, "build: TFRecord file pattern (ifa-data output).")
-flags.DEFINE_string("events", None, "build / apply: events CSV.")
+flags.DEFINE_string("events", None, "build / apply: events CSV (int64 ids).")
+flags.DEFINE_string("log", None, "build / apply: a raw interaction log (string ids allowed) "
+                    "in the format ifa-data from-log read for --dataset.")
+flags.DEFINE_string("dataset", None, "The directory ifa-data from-log wrote (its "
+                    "metadata.json gives --log's format and id mapping); with it, show "
+                    "--user is a raw user id.")
 flags.DEFINE_integer("now", None, "build --records: the time the records' seq_time_delta "
                      "counts back from (seconds; default the wall clock).")
 flags.DEFINE_string("user", None, "show: the user's id.")
@@ -48,39 +65,47 @@ def check(argv):
     if not os.path.isdir(values.model):
         raise FileNotFoundError(f"--model={values.model} is not a directory.")
     command = argv[1]
-    if command == "build" and (values.records is None) == (values.events is None):
-        raise app.UsageError("build needs exactly one of --records and --events.")
-    if command == "apply" and values.events is None:
-        raise app.UsageError("apply needs --events.")
+    sources = [name for name in ("records", "events", "log")
+               if getattr(values, name) is not None]
+    if command == "build" and len(sources) != 1:
+        raise app.UsageError("build needs exactly one of --records, --events and --log. "
+                             f"Received: {sources}")
+    if command == "apply" and sorted(sources) not in (["events"], ["log"]):
+        raise app.UsageError("apply needs exactly one of --events and --log. Received: "
+                             f"{sources}")
     if command == "show" and values.user is None:
         raise app.UsageError("show needs --user.")
-    if values.events and not os.path.exists(values.events):
-        raise FileNotFoundError(f"--events={values.events} does not exist.")
+    if values.log is not None and values.dataset is None:
+        raise app.UsageError("--log needs --dataset: the directory ifa-data from-log wrote "
+                             "from a log of this format (it says how to read and map it).")
+    for name in ("events", "log", "dataset"):
+        path = getattr(values, name)
+        if path is not None and not os.path.exists(path):
+            raise FileNotFoundError(f"--{name}={path} does not exist.")
 
 
-def run_command(command, values=flags.FLAGS, out=print):
-    """Runs one subcommand; returns what it printed as a dict."""
+def run_command(command, values=flags.FLAGS, out=print, model=None):
+    """Runs one subcommand; returns what it printed as a dict. `model`: the `StateModel`
+    of `values.model` when already loaded."""
     from ifa_tf.serving import state_store
 
-    model = state_store.StateModel(export_dir=values.model)
-    cross = _cross_features(values.model)
+    model = model or state_store.StateModel(export_dir=values.model)
+    schema = _schema(values.model)
+    cross = schema.cross_features if schema else ()
     with state_store.open_store(values.store) as store:
         if command == "show":
-            record, _ = store.get(model.model, _user(values.user))
+            record, _ = store.get(model.model, _user(values.user, values.dataset))
             result = ({"user": values.user, "known": False, "model": model.model}
                       if record is None else {"user": values.user, "known": True,
                                               **state_store.describe(record)})
         elif command == "build":
-            events = (state_store.read_events(values.events) if values.events else
-                      state_store.events_from_records(
-                          values.records, values.now if values.now is not None
-                          else int(time.time())))
             started = time.perf_counter()
-            users = state_store.build_states(store, model, events, cross, values.batch_size)
+            users = state_store.build_states(store, model, _events(values, schema), cross,
+                                             values.batch_size)
             result = {"users": users, "model": model.model,
                       "seconds": round(time.perf_counter() - started, 2)}
         else:
-            events = state_store.read_events(values.events)
+            events = _events(values, schema)
             for user, user_events in events.items():
                 state_store.apply_events(store, model, user, user_events, cross)
             result = {"users": len(events), "events": int(sum(
@@ -89,15 +114,34 @@ def run_command(command, values=flags.FLAGS, out=print):
     return result
 
 
-def _user(text):
+def _events(values, schema):
+    """`{user: events}` of build / apply from the one source flag given."""
+    from ifa_tf.serving import state_store
+
+    if values.log is not None:
+        return state_store.events_from_log(values.log, values.dataset)
+    if values.events is not None:
+        return state_store.read_events(values.events, schema)
+    return state_store.events_from_records(
+        values.records, values.now if values.now is not None else int(time.time()))
+
+
+def _user(text, dataset=None):
+    """The store key of `--user`: with --dataset, the converter's id of a raw user id."""
+    if dataset is not None:
+        from ifa_tf.data import log_converter
+
+        return int(log_converter.encode_ids([text.strip()])[0][0])
     return int(text) if text.lstrip("-").isdigit() else text
 
 
-def _cross_features(export_dir):
+def _schema(export_dir):
+    """The model's `FeatureSchema`, recorded by ifa-export (None in an older export)."""
     from ifa_tf import export
+    from ifa_tf import schema as schema_lib
 
-    metadata = export.read_metadata(export_dir) or {}
-    return tuple(metadata.get("schema", {}).get("cross_features", ()))
+    recorded = (export.read_metadata(export_dir) or {}).get("schema")
+    return schema_lib.FeatureSchema.from_dict(recorded) if recorded else None
 
 
 def main(argv):

@@ -463,6 +463,53 @@ def events_from_records(file_pattern, now, schema=None):
     return latest
 
 
+def events_from_log(path, dataset):
+    """`{user: events}` from a raw interaction log (string ids allowed), read and mapped
+    exactly as `ifa-data from-log` read and mapped the log of `dataset` (the directory it
+    wrote, or its metadata.json): the converter's columns, delimiter, header, action rules,
+    item table and bad-row policy (`RequestBuilder`'s settings), its parser
+    (`log_converter.read_log`), its id rule (`encode_ids`: a positive integer is kept, any
+    other value `string_id`), its merge of rows of one (user, item, time), and its category
+    rule (an item's first category in the log, or the item table's).
+
+    Users are keyed by their int64 id (the converter's `user_id`), as `events_from_records`
+    keys them. Every event of the log is kept: a state has no length limit (the converter's
+    `max_seq_len` cut only bounds a training sequence). `path` may be a preset's directory
+    (`ifa-data from-log --preset=... --input=<directory>`)."""
+    from ifa_tf.data import log_converter, records
+    from ifa_tf.serving.request_builder import RequestBuilder
+
+    builder = RequestBuilder(dataset)
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        preset = records.read_metadata(os.fspath(dataset)).get("preset")
+        if preset not in log_converter.PRESETS:
+            raise ValueError(f"{path} is a directory; pass the log file (only a preset's "
+                             "dataset names the file in its directory).")
+        path = os.path.join(path, log_converter.PRESETS[preset].log_file)
+    log = log_converter.read_log(path, builder.config)
+    if not log.user:
+        return {}
+    users, _ = log_converter.encode_ids(log.user)
+    items, _ = log_converter.encode_ids(log.item)
+    timeline = log_converter._merge_and_sort(users, items, log.timestamp, log.action_bits,
+                                             log.line)
+    columns = {"seq_item_id": timeline.item}
+    if "category_id" in builder.schema.item_attributes:
+        categories, _ = log_converter.encode_ids(log.category)
+        first = {}
+        for item, category in zip(items.tolist(), categories.tolist()):
+            first.setdefault(item, category)
+        columns["seq_category_id"] = np.array([first[i] for i in timeline.item.tolist()],
+                                              np.int64)
+    if "seq_action" in builder.schema.sequence_context:
+        columns["seq_action"] = timeline.bits
+    columns[EVENT_TIME] = timeline.time
+    starts = timeline.user_start
+    return {int(timeline.user[begin]): {k: v[begin:end] for k, v in columns.items()}
+            for begin, end in zip(starts[:-1], starts[1:])}
+
+
 def build_states(store, model, events_by_user, cross_features=(), batch_size=64,
                  progress=None):
     """Writes every user's state made from their events alone (a rebuild, e.g. for a new
