@@ -41,8 +41,8 @@ def log_rows():
     return rows
 
 
-def write_log(path, rows):
-    path.write_text(HEADER + "".join(",".join(map(str, row)) + "\n" for row in rows))
+def write_log(path, rows, header=HEADER):
+    path.write_text(header + "".join(",".join(map(str, row)) + "\n" for row in rows))
     return str(path)
 
 
@@ -92,6 +92,21 @@ def test_log_events_are_mapped_as_the_converter_mapped_them(converted):
                 np.testing.assert_array_equal(request[name], user[name][:n], err_msg=name)
             checked += 1
     assert checked >= 6
+
+
+def test_a_relative_item_table_is_found_beside_the_log(tmp_path, monkeypatch):
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "items.csv").write_text("item_id,category\nB001,Drama\nB002,Noir\n")
+    write_log(source / "log.csv", [("alice", "B001", T0), ("alice", "B002", T0 + DAY),
+                                   ("alice", "B001", T0 + 2 * DAY)], "user,item,ts\n")
+    monkeypatch.chdir(source)  # the converter records the item table as given: relative
+    log_converter.convert_log("log.csv", str(tmp_path / "data"), log_converter.LogConfig(
+        item_table="items.csv", num_negatives=1, max_candidates=2, test_fraction=0.0))
+    monkeypatch.chdir(tmp_path)
+    [events] = state_store.events_from_log(source / "log.csv", tmp_path / "data").values()
+    np.testing.assert_array_equal(events["seq_category_id"], log_converter.encode_ids(
+        ["Drama", "Noir", "Drama"])[0])
 
 
 def test_ifa_state_builds_and_applies_a_raw_log(converted, log_model, tmp_path):

@@ -198,7 +198,9 @@ class RequestBuilder:
 def _beside_source(item_table, metadata):
     """A preset's item table recorded by a relative path: the same file name in the
     directory the converter read (recorded absolute), when it is there."""
-    source = (metadata.get("source") or {}).get("log")
+    # The converter records the log's absolute path at the metadata's top level ("source"
+    # holds the word "log").
+    source = metadata.get("log")
     if not source:
         return item_table
     directory = source if os.path.isdir(source) else os.path.dirname(source)
