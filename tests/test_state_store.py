@@ -213,7 +213,7 @@ def test_ifa_state_builds_applies_and_shows(stateful_export, state_model, tmp_pa
                                    records=str(tmp_path / "train.tfrecord"), events=None,
                                    log=None, dataset=None,
                                    now=int(NOW[0]), user="6", batch_size=64)
-    quiet = dict(out=lambda _: None)
+    quiet = dict(out=lambda _: None, model=state_model)
     assert state_cli.run_command("build", values, **quiet)["users"] == 2
     shown = state_cli.run_command("show", values, **quiet)
     assert shown["known"] and shown["events"] == np.count_nonzero(features["seq_item_id"][1])
