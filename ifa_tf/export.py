@@ -32,8 +32,9 @@ sequence (see `add_state_endpoints`): `user_state`, `update_state` and `rank_wit
 
 `assets.extra/` holds TF Serving warm-up requests (`tf_serving_warmup_requests`, replayed by
 the server before a version is marked AVAILABLE: `serving_default` at each warm-up shape and,
-for a stateful model, `user_state`, `update_state` and `rank_with_state` too) and `ifa_export_metadata.json` (model name,
-feature schema, signature, TensorFlow / Keras versions).
+for a stateful model, `user_state`, `update_state` and `rank_with_state` too) and
+`ifa_export_metadata.json` (model name, feature schema, signature, TensorFlow / Keras
+versions).
 
 A version is written to a hidden temporary directory beside it and renamed into place, so a
 server polling `base_dir` never sees a half-written version; an existing version is never
