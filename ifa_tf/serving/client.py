@@ -29,6 +29,7 @@ from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb
 
 from ifa_tf.export import (RANKED_INDICES, RANKED_ITEM_IDS, RANKED_RAW_ITEM_IDS,
                            RAW_SIGNATURE_NAME, SIGNATURE_NAME, STATE_MODEL, STATE_TIME)
+from ifa_tf.serving.closeable import Closeable
 from ifa_tf.serving.errors import ServingError, code_for_http_status
 
 _RANKING_OUTPUTS = (RANKED_INDICES, RANKED_ITEM_IDS, RANKED_RAW_ITEM_IDS)
@@ -74,7 +75,7 @@ def rankings_from_outputs(outputs, version):
     return rankings
 
 
-class ServingClient:
+class ServingClient(Closeable):
     """Shared logic of the gRPC and REST clients.
 
     Args:
@@ -136,15 +137,6 @@ class ServingClient:
     def signature_defs(self, timeout=None):
         """`{signature name: [input names]}` of the served version (GetModelMetadata)."""
         raise NotImplementedError
-
-    def close(self):
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info):
-        self.close()
 
 
 class GrpcClient(ServingClient):

@@ -36,6 +36,7 @@ import time
 import numpy as np
 
 from ifa_tf import schema as schema_lib
+from ifa_tf.serving.closeable import Closeable
 
 STATE, STATE_TIME, STATE_MODEL, NOW = "state", "state_time", "state_model", "now"
 EVENT_TIME = "seq_event_time"
@@ -113,7 +114,7 @@ def cross_attribute(cross_feature):
     return stem[:-len("_count")] + "_id"
 
 
-class StateStore:
+class StateStore(Closeable):
     """The contract of the backends (see the module docstring)."""
 
     def get(self, model, user):
@@ -124,15 +125,6 @@ class StateStore:
         """Writes `record` if the stored revision is still `revision`; True when written
         (durably), False when someone wrote in between."""
         raise NotImplementedError
-
-    def close(self):
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info):
-        self.close()
 
 
 class SQLiteStateStore(StateStore):
