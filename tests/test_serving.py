@@ -79,51 +79,26 @@ def build_model(name, seed):
     return ifa_tf.zoo.build(name, schema=SCHEMA)
 
 
-class Server:
-    """An `ifa-serve` subprocess and what the tests need to talk to it."""
+class ServeProcess:
+    """An `ifa-serve` subprocess: `start(log_path, flags, names)` runs it with `flags` (ports
+    added) and waits until the models `names` answer over gRPC and `ifa` over REST."""
 
-    def __init__(self, tmp_path):
-        self.base = tmp_path / "models"
-        self.models = {"ifa": build_model("ifa", 0), "reload_v1": build_model("avg_pooling", 1)}
-        export.export_saved_model(self.models["ifa"], self.base / "ifa", schema=SCHEMA,
-                                  warmup_shapes=((1, 8, 16),))
-        export.export_saved_model(self.models["reload_v1"], self.base / "reload",
-                                  schema=SCHEMA, warmup_shapes=())
-        self.config_file = tmp_path / "models.config"
-        self.config_file.write_text(f"""
-model_config_list {{
-  config {{
-    name: "ifa"
-    base_path: "{self.base / 'ifa'}"
-    model_platform: "tensorflow"
-    version_labels {{ key: "stable" value: 1 }}
-  }}
-  config {{
-    name: "reload"
-    base_path: "{self.base / 'reload'}"
-    model_platform: "tensorflow"
-  }}
-}}
-""")
+    def start(self, log_path, flags, names=("ifa",)):
         self.port, self.rest_port = free_port(), free_port()
-        self.log_path = tmp_path / "ifa-serve.log"
-        self.log = open(self.log_path, "w")
+        self.log_path = log_path
+        self.log = open(log_path, "w")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "ifa_tf.cli.serve", f"--port={self.port}",
-             f"--rest_api_port={self.rest_port}", f"--model_config_file={self.config_file}",
-             "--file_system_poll_wait_seconds=0.2", f"--max_candidates={MAX_CANDIDATES}",
-             f"--max_sequence_length={MAX_SEQUENCE_LENGTH}",
-             f"--max_request_bytes={MAX_REQUEST_BYTES}", "--grpc_max_threads=8",
-             f"--monitoring_config_file={os.path.join(REPO, 'serving', 'monitoring.config')}"],
+             f"--rest_api_port={self.rest_port}", *flags],
             stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO)
         self.target = f"127.0.0.1:{self.port}"
         self.rest_target = f"127.0.0.1:{self.rest_port}"
         self.channel = grpc.insecure_channel(self.target)
         self.predict_stub = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
         self.model_stub = model_service_pb2_grpc.ModelServiceStub(self.channel)
-        self._wait_ready()
+        self._wait_ready(names=names)
 
-    def _wait_ready(self, timeout=180, names=("ifa", "reload")):
+    def _wait_ready(self, timeout=180, names=("ifa",)):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -153,6 +128,40 @@ model_config_list {{
                 self.process.kill()
             self.log.close()
         return returncode
+
+
+class Server(ServeProcess):
+    """An `ifa-serve` subprocess and what the tests need to talk to it."""
+
+    def __init__(self, tmp_path):
+        self.base = tmp_path / "models"
+        self.models = {"ifa": build_model("ifa", 0), "reload_v1": build_model("avg_pooling", 1)}
+        export.export_saved_model(self.models["ifa"], self.base / "ifa", schema=SCHEMA,
+                                  warmup_shapes=((1, 8, 16),))
+        export.export_saved_model(self.models["reload_v1"], self.base / "reload",
+                                  schema=SCHEMA, warmup_shapes=())
+        self.config_file = tmp_path / "models.config"
+        self.config_file.write_text(f"""
+model_config_list {{
+  config {{
+    name: "ifa"
+    base_path: "{self.base / 'ifa'}"
+    model_platform: "tensorflow"
+    version_labels {{ key: "stable" value: 1 }}
+  }}
+  config {{
+    name: "reload"
+    base_path: "{self.base / 'reload'}"
+    model_platform: "tensorflow"
+  }}
+}}
+""")
+        self.start(tmp_path / "ifa-serve.log", [
+            f"--model_config_file={self.config_file}", "--file_system_poll_wait_seconds=0.2",
+            f"--max_candidates={MAX_CANDIDATES}", f"--max_sequence_length={MAX_SEQUENCE_LENGTH}",
+            f"--max_request_bytes={MAX_REQUEST_BYTES}", "--grpc_max_threads=8",
+            f"--monitoring_config_file={os.path.join(REPO, 'serving', 'monitoring.config')}"],
+            names=("ifa", "reload"))
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,6 @@ metrics cannot be forged or grown by clients, and a model computing NaN never an
 Servers listen on loopback only."""
 
 import json
-import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -21,7 +18,6 @@ import pytest
 import tensorflow as tf
 from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 from tensorflow.core.protobuf import meta_graph_pb2
-from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
 from ifa_tf import export
@@ -29,8 +25,8 @@ from ifa_tf.serving import errors, grpc_service, metrics
 from ifa_tf.serving.model_manager import (Limits, ModelManager, Signature,
                                           tensor_proto_spec, to_ndarray)
 from ifa_tf.serving.server import ModelServer, ServerOptions
-from test_serving import (REPO, SCHEMA, build_model, free_port, make_features,
-                          predict_request, rest)
+from test_serving import (REPO, SCHEMA, ServeProcess, build_model, free_port,
+                          make_features, predict_request, rest)
 
 # What one refused request may add to the server's peak RSS: the request itself is a few KB,
 # so this is allocator and thread noise. serving/README.md ("Limits") quotes it.
@@ -44,42 +40,13 @@ def model_base(tmp_path_factory):
     return base
 
 
-class ServerProcess:
+class ServerProcess(ServeProcess):
     """`ifa-serve` with its default limits in a subprocess, serving `ifa` from `base`."""
 
     def __init__(self, base, log_path):
-        self.port, self.rest_port = free_port(), free_port()
-        self.log_path = log_path
-        self.log = open(log_path, "w")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "ifa_tf.cli.serve", f"--port={self.port}",
-             f"--rest_api_port={self.rest_port}", "--model_name=ifa",
-             f"--model_base_path={base}", "--file_system_poll_wait_seconds=0",
-             f"--monitoring_config_file={REPO}/serving/monitoring.config"],
-            stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO)
-        self.rest_target = f"127.0.0.1:{self.rest_port}"
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
-        self.predict_stub = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
-        self._wait_ready()
-
-    def _wait_ready(self, timeout=180):
-        stub = model_service_pb2_grpc.ModelServiceStub(self.channel)
-        request = get_model_status_pb2.GetModelStatusRequest()
-        request.model_spec.name = "ifa"
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                pytest.fail(f"ifa-serve exited with {self.process.returncode}:\n{self.logs()}")
-            try:
-                stub.GetModelStatus(request, timeout=2)
-                return
-            except grpc.RpcError:
-                time.sleep(0.3)
-        pytest.fail(f"ifa-serve not ready after {timeout}s:\n{self.logs()}")
-
-    def logs(self):
-        self.log.flush()
-        return self.log_path.read_text()[-5000:]
+        self.start(log_path, [
+            "--model_name=ifa", f"--model_base_path={base}", "--file_system_poll_wait_seconds=0",
+            f"--monitoring_config_file={REPO}/serving/monitoring.config"])
 
     def peak_rss(self):
         """VmHWM, the process's peak resident set, in bytes."""
@@ -97,16 +64,6 @@ class ServerProcess:
                 f.write("5")
         except OSError:
             pass
-
-    def stop(self):
-        self.channel.close()
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout=60)
-        finally:
-            if self.process.poll() is None:
-                self.process.kill()
-            self.log.close()
 
 
 @pytest.fixture(scope="module")

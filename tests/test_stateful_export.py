@@ -3,20 +3,16 @@ serving_default and Keras through the Python and C++ loaders and ifa-serve (gRPC
 and the refusals of bad states."""
 
 import os
-import subprocess
-import sys
 
-import grpc
 import numpy as np
 import pytest
 import tensorflow as tf
-from tensorflow_serving.apis import model_service_pb2_grpc
 
 from ifa_tf import export
 from ifa_tf.serving import GrpcClient, RestClient, ServingError
 from test_export import cpp_runner, run_cpp  # noqa: F401 (a fixture)
-from test_serving import REPO, Server, free_port
-from test_stateful import SCHEMA, build, events_of, request
+from test_serving import ServeProcess
+from test_stateful import SCHEMA, events_of, request
 
 NOW = np.array([1_700_000_000, 1_700_000_100, 1_700_050_000], np.int64)
 
@@ -148,23 +144,11 @@ def test_bad_states_and_times_are_refused(exported):
         call(signatures["user_state"], user_state_inputs(negative_age, NOW[:1]))
 
 
-class StatefulServer(Server):
+class StatefulServer(ServeProcess):
     """`ifa-serve --model_name=ifa` over the decay model's base directory."""
 
     def __init__(self, base_path, log_path):
-        self.port, self.rest_port = free_port(), free_port()
-        self.log_path = log_path
-        self.log = open(log_path, "w")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "ifa_tf.cli.serve", f"--port={self.port}",
-             f"--rest_api_port={self.rest_port}", "--model_name=ifa",
-             f"--model_base_path={base_path}"],
-            stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO)
-        self.target = f"127.0.0.1:{self.port}"
-        self.rest_target = f"127.0.0.1:{self.rest_port}"
-        self.channel = grpc.insecure_channel(self.target)
-        self.model_stub = model_service_pb2_grpc.ModelServiceStub(self.channel)
-        self._wait_ready(names=("ifa",))
+        self.start(log_path, ["--model_name=ifa", f"--model_base_path={base_path}"])
 
 
 @pytest.fixture(scope="module")
