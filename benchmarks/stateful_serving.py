@@ -28,14 +28,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
 def timed(function, repeats, warmup=3):
-    for _ in range(warmup):
-        function()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return np.array(times) * 1000.0
+    """Each call's time, milliseconds (`ifa_tf.benchmark.worker.time_samples`)."""
+    from ifa_tf.benchmark.worker import time_samples
+
+    return np.array(time_samples(function, repeats, warmup))
 
 
 def summary(times_ms):

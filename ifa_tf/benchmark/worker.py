@@ -13,8 +13,8 @@ import time
 import numpy as np
 
 
-def time_callable(fn, repeats, warmup):
-    """Runs `fn` `warmup` times, then `repeats` timed times; milliseconds."""
+def time_samples(fn, repeats, warmup):
+    """Runs `fn` `warmup` times, then `repeats` timed times: each time, in milliseconds."""
     for _ in range(warmup):
         fn()
     samples = []
@@ -22,7 +22,12 @@ def time_callable(fn, repeats, warmup):
         start = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - start) * 1e3)
-    return summarize(samples)
+    return samples
+
+
+def time_callable(fn, repeats, warmup):
+    """`summarize` of `time_samples(fn, repeats, warmup)`."""
+    return summarize(time_samples(fn, repeats, warmup))
 
 
 def summarize(samples_ms):
