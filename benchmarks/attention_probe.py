@@ -17,10 +17,13 @@ Prints a Markdown table (and writes it to `--output` if given).
 """
 
 import math
+import os
+import sys
 
 import numpy as np
 from absl import app, flags
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("model", [], "label=path of a trained .keras model.")
 flags.DEFINE_string("data", None, "Glob of the TFRecord requests to probe (e.g. the test split).")
@@ -116,6 +119,8 @@ def probe(model, dataset, signal_categories=()):
                     np.where(members, 1, -1), mask)["lift"]
                 stats[f"{name}_lift"].append(lift[~np.isnan(lift)])
             for attribute in ("item", "author", "category"):
+                if f"cand_{attribute}_id" not in features:
+                    continue  # a log without it (MovieLens has no authors)
                 lift = diagnostics.weight_on_matches(
                     weights, ops.convert_to_numpy(features[f"cand_{attribute}_id"]),
                     ops.convert_to_numpy(features[f"seq_{attribute}_id"]), mask)["lift"]
@@ -154,6 +159,7 @@ def main(argv):
     del argv
     import keras
 
+    from ifa_tf.benchmark import runner
     from ifa_tf.data import make_dataset, records
 
     if not FLAGS.model or not FLAGS.data:
@@ -182,7 +188,10 @@ def main(argv):
                     f"{_median(stats['logit_std'])} | {_median(stats['ram_entropy_ratio'])} | "
                     f"{_sharpness(model)} |")
     table = "\n".join(
-        [f"Medians over (candidate, head) pairs of the first {FLAGS.requests} requests of "
+        ["Written by `benchmarks/attention_probe.py`; do not edit by hand.", "",
+         "- Command: `python benchmarks/attention_probe.py " + " ".join(sys.argv[1:]) + "`",
+         f"- Commit: `{runner.git_commit(REPO)}`", "",
+         f"Medians over (candidate, head) pairs of the first {FLAGS.requests} requests of "
          f"`{FLAGS.data}`; lift = the weight's share on the matching events / their share "
          "of the events (1: blind to them; in brackets, the pairs that have matches); "
          "engaged events: a long view or a like (seq_action > 1); signal events: those in "
