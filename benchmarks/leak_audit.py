@@ -134,13 +134,12 @@ def main(argv):
         "",
         f"- Command: `{command}`",
         f"- Commit: `{commit}`",
-        "- Each table: model-free scores on the test split and the pooled AUC / GAUC they "
-        "reach per task (`ifa_tf.data.leak_audit`): `set_size` (the request's m), "
-        "`popularity` (how often the item is a positive in the train split), `in_history` "
-        "(the candidate is in the user's sequence), `cooccurrence` (similarity to the other "
-        "candidates of the set, from train co-occurrence). 0.5 = the score tells nothing; "
-        "under 0.5 tells as much, inverted. GAUC is per request: no request-level signal "
-        "(set size, a user's activity) moves it.",
+        "- Each table: the scores of `ifa_tf.data.leak_audit` on the test split and the "
+        "pooled AUC / GAUC they reach per task: the model-free ones (`set_size`, "
+        "`popularity`, `set_popularity`, `in_history`, `cooccurrence`) and the "
+        "`base_rate_oracle` ceiling; that module's docstring defines each. 0.5 = the score "
+        "tells nothing; under 0.5 tells as much, inverted. GAUC is per request: no "
+        "request-level signal (set size, a user's activity) moves it.",
         "",
     ]
     with open(os.path.join(FLAGS.output_dir, "README.md"), "w") as f:
