@@ -18,7 +18,6 @@ Prints a Markdown table (and writes it to `--output` if given).
 
 import math
 import os
-import sys
 
 import numpy as np
 from absl import app, flags
@@ -189,7 +188,7 @@ def main(argv):
                     f"{_sharpness(model)} |")
     table = "\n".join(
         ["Written by `benchmarks/attention_probe.py`; do not edit by hand.", "",
-         "- Command: `python benchmarks/attention_probe.py " + " ".join(sys.argv[1:]) + "`",
+         f"- Command: `{runner.script_command(__file__)}`",
          f"- Commit: `{runner.git_commit(REPO)}`", "",
          f"Medians over (candidate, head) pairs of the first {FLAGS.requests} requests of "
          f"`{FLAGS.data}`; lift = the weight's share on the matching events / their share "

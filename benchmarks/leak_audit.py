@@ -13,7 +13,6 @@ while the script runs. Writes `README.md` (tables, command, commit) and `audit.j
 import json
 import os
 import shutil
-import sys
 import time
 
 from absl import app, flags
@@ -107,7 +106,7 @@ def main(argv):
     from ifa_tf.benchmark import runner
 
     commit = runner.git_commit(REPO)
-    command = "python benchmarks/leak_audit.py " + " ".join(sys.argv[1:])
+    command = runner.script_command(__file__)
     sections, record = [], {}
     datasets = [("MovieLens-1M (`--preset=movielens_1m`)", "movielens_1m",
                  FLAGS.movielens_1m_dir, LOG_ROWS),

@@ -18,7 +18,6 @@ largest m and n of one user (B = 2); B alone at its bound; and the request of is
 import json
 import os
 import platform
-import shlex
 import signal
 import socket
 import subprocess
@@ -153,7 +152,7 @@ def main(argv):
 
     import ifa_tf
     from ifa_tf import export
-    from ifa_tf.benchmark.runner import git_commit
+    from ifa_tf.benchmark.runner import git_commit, script_command
     from ifa_tf.schema import default_schema
 
     shapes = [tuple(int(d) for d in shape.split("x")) for shape in FLAGS.shapes]
@@ -169,7 +168,7 @@ def main(argv):
                           os.path.join(workdir, f"serve-{batch}x{m}x{n}.log"))
             print(json.dumps(row), flush=True)
             rows.append(row)
-    command = "python benchmarks/serving_memory.py " + shlex.join(sys.argv[1:])
+    command = script_command(__file__)
     header = (f"Model `ifa` (default schema), gRPC, one request per fresh `ifa-serve` with its "
               f"default limits; {platform.machine()}, {os.cpu_count()} CPU cores, "
               f"TF {tf.__version__}, 1-min load average {load_before:.1f} before the run.")

@@ -22,7 +22,6 @@ Whatever ordering comes out is reported.
 
 import json
 import os
-import sys
 import time
 
 import numpy as np
@@ -480,7 +479,9 @@ def write_report(results, metadata, runs, seeds, mn, wall_time, commit):
     os.makedirs(FLAGS.output_dir, exist_ok=True)
     run_time = sum(r["wall_time_s"] for by_model in results.values()
                    for runs in by_model.values() for r in runs)
-    command = "python benchmarks/zoo_results.py " + " ".join(sys.argv[1:])
+    from ifa_tf.benchmark import runner
+
+    command = runner.script_command(__file__)
     lines = [
         "# Zoo results",
         "",

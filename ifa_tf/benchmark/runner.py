@@ -5,6 +5,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -205,6 +206,12 @@ def pool_rounds(records):
         merged.pop("round", None)
         out.append(merged)
     return out
+
+
+def script_command(script):
+    """`python benchmarks/<script's file name> <its arguments, shell-quoted>`: the command
+    line a benchmark script's results file records, to be run from the repository root."""
+    return f"python benchmarks/{os.path.basename(script)} " + shlex.join(sys.argv[1:])
 
 
 def git_commit(cwd=None):
