@@ -38,9 +38,9 @@ from ifa_tf.models import (AveragePoolingInterest, CandidateSetRanker, ETAIntere
 _REGISTRY = {}
 
 # The linear attentions of the zoo's `ifa` and `ifa_no_ram` where `feature_map` is not
-# given: the focused map with a learned power in the FSM (sharp where the history holds the
-# candidate's own events, flat elsewhere), the paper's elu+1 in RAM (a sharp RAM learns how
-# many positives a request holds instead of ranking; see the module docstring).
+# given: the focused map with a learned power in the FSM (it concentrates on the events that
+# tell a user's tastes, where elu+1 attends almost uniformly, as a mean does), the paper's
+# elu+1 in RAM (a sharp RAM learns how many positives a request holds instead of ranking).
 IFA_DEFAULTS = {"feature_map": "focused", "learnable_focusing_factor": True,
                 "ram_feature_map": "elu_plus_one"}
 
