@@ -177,7 +177,7 @@ def run_one(model_name, seed, data_dir, run_dir, epochs, model_overrides=()):
             # By value, the run's file read with today's defaults: a setting added since,
             # at its default, is the same config (the run trained as that default does).
             ran = training.Config.from_dict(yaml.safe_load(f))
-            if ran.to_yaml() != config.to_yaml():
+            if ran.to_dict() != config.to_dict():
                 raise app.UsageError(f"{run_dir} holds a finished run of another config "
                                      "(settings changed since): use a new --work_dir.")
         with open(metrics_path) as f:

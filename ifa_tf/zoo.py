@@ -10,10 +10,17 @@
 `ifa` and `ifa_no_ram` take the FSM's `feature_map`, `focusing_factor`,
 `learnable_temperature`, `learnable_focusing_factor` and `exact_matches`; the models with
 RAM take RAM's `ram_feature_map`, `ram_focusing_factor`, `ram_learnable_temperature` and
-`ram_learnable_focusing_factor`. RAM's map follows `feature_map` unless `ram_feature_map`
-is given:
+`ram_learnable_focusing_factor`.
 
->>> model = ifa_tf.zoo.build("ifa", feature_map="relu")            # relu FSM and RAM
+The zoo's `ifa` is not the paper's map everywhere: its FSM uses the focused map with a
+learned power per head (starting at 3) and its RAM the paper's elu+1 (`IFA_DEFAULTS`; the
+evidence: `benchmarks/results/ifa_variants/`). Those defaults hold as a whole until
+`feature_map` is given; from then on RAM's map follows `feature_map` unless
+`ram_feature_map` is given too:
+
+>>> model = ifa_tf.zoo.build("ifa")                                  # focused FSM, elu+1 RAM
+>>> model = ifa_tf.zoo.build("ifa", feature_map="elu_plus_one")      # the paper's IFA
+>>> model = ifa_tf.zoo.build("ifa", feature_map="relu")              # relu FSM and RAM
 >>> model = ifa_tf.zoo.build("ifa", feature_map="relu", ram_feature_map="elu_plus_one")
 
 Register your own with `@ifa_tf.zoo.register("name")` on a function
@@ -29,6 +36,13 @@ from ifa_tf.models import (AveragePoolingInterest, CandidateSetRanker, ETAIntere
                            TWINInterest)
 
 _REGISTRY = {}
+
+# The linear attentions of the zoo's `ifa` and `ifa_no_ram` where `feature_map` is not
+# given: the focused map with a learned power in the FSM (it concentrates on the events that
+# tell a user's tastes, where elu+1 attends almost uniformly, as a mean does), the paper's
+# elu+1 in RAM (a sharp RAM learns how many positives a request holds instead of ranking).
+IFA_DEFAULTS = {"feature_map": "focused", "learnable_focusing_factor": True,
+                "ram_feature_map": "elu_plus_one"}
 
 
 def register(name):
@@ -77,6 +91,16 @@ def build(name, schema=None, **overrides):
     return builder(schema=None if schema is None else resolve_schema(schema), **overrides)
 
 
+def resolve_overrides(name, overrides):
+    """`overrides` with the defaults `build(name, ...)` would apply made explicit (the zoo's
+    `ifa` and `ifa_no_ram`: `IFA_DEFAULTS`, where `feature_map` is not given): what a
+    saved config records, so that it still names the same model after a default changes."""
+    defaults = getattr(_REGISTRY[name], "defaults", None)
+    if defaults and "feature_map" not in overrides:
+        return {**overrides, **{k: v for k, v in defaults.items() if k not in overrides}}
+    return dict(overrides)
+
+
 def valid_overrides(name):
     """The override names `build(name, ...)` accepts, or None if the builder takes any."""
     builder = _REGISTRY[name]
@@ -98,14 +122,25 @@ _RANKER_OPTIONS = _keyword_parameters(CandidateSetRanker.__init__,
                                       exclude={"self", "interest", "schema", "use_ram"})
 
 
-def _register_ranker(name, interest_class, use_ram):
+def _register_ranker(name, interest_class, use_ram, defaults=None):
     """Registers a `CandidateSetRanker` with `interest_class` as its sequence module. Its
-    overrides are the ranker's options plus the module's constructor arguments."""
+    overrides are the ranker's options plus the module's constructor arguments; `defaults`
+    (linear attention settings) apply as a whole unless `feature_map` is overridden."""
     module_options = _keyword_parameters(interest_class.__init__, exclude={"self"})
 
     def builder(schema=None, **overrides):
-        interest = interest_class(
-            **{k: v for k, v in overrides.items() if k in module_options}, name="interest")
+        given = overrides
+        overrides = resolve_overrides(name, overrides)
+        try:
+            interest = interest_class(
+                **{k: v for k, v in overrides.items() if k in module_options},
+                name="interest")
+        except ValueError as error:
+            if overrides == given:
+                raise
+            raise ValueError(f"{error} ({name}'s defaults {defaults} apply where "
+                             "`feature_map` is not given; pass feature_map= to choose "
+                             "another map.)") from error
         ranker_options = {k: v for k, v in overrides.items() if k in _RANKER_OPTIONS}
         if "feature_map" in module_options and "ram_feature_map" not in overrides:
             # RAM follows the FSM's map unless `ram_feature_map` sets it apart: what
@@ -117,6 +152,7 @@ def _register_ranker(name, interest_class, use_ram):
                                   **ranker_options)
 
     builder.valid_overrides = (*_RANKER_OPTIONS, *module_options)
+    builder.defaults = dict(defaults or {})
     builder.__name__ = name
     builder.__doc__ = f"Builds `{name}`: {interest_class.__doc__.splitlines()[0]}"
     register(name)(builder)
@@ -131,5 +167,6 @@ _register_ranker("twin", TWINInterest, use_ram=False)
 _register_ranker("eta", ETAInterest, use_ram=False)
 _register_ranker("sdim", SDIMInterest, use_ram=False)
 _register_ranker("twin_ram", TWINInterest, use_ram=True)  # IFA - FSM (paper Table 3)
-_register_ranker("ifa_no_ram", LinearAttentionInterest, use_ram=False)  # IFA - RAM
-_register_ranker("ifa", LinearAttentionInterest, use_ram=True)
+_register_ranker("ifa_no_ram", LinearAttentionInterest, use_ram=False,  # IFA - RAM
+                 defaults=IFA_DEFAULTS)
+_register_ranker("ifa", LinearAttentionInterest, use_ram=True, defaults=IFA_DEFAULTS)

@@ -200,8 +200,9 @@ def test_export_of_ifa_with_its_options_matches_keras(jit_compile, tmp_path):
     # Separate FSM and RAM maps, learnable sharpness on both (moved off their start, as
     # after training) and exact matches: SavedModel and XLA, any m and n.
     keras.utils.set_random_seed(8)
-    model = ifa_tf.zoo.build("ifa", schema=SCHEMA, learnable_temperature=True,
-                             exact_matches=True, ram_feature_map="focused",
+    model = ifa_tf.zoo.build("ifa", schema=SCHEMA, feature_map="elu_plus_one",
+                             learnable_temperature=True, exact_matches=True,
+                             ram_feature_map="focused",
                              ram_learnable_focusing_factor=True)
     for variable in model.weights:
         if variable.path.endswith(("log_temperature", "focusing_factor")):

@@ -598,8 +598,9 @@ def test_zoo_passes_the_new_maps_and_focusing_factor_to_fsm_and_ram(tmp_path):
 
     assert "focusing_factor" in zoo.valid_overrides("ifa")
     assert "focusing_factor" in zoo.valid_overrides("ifa_no_ram")
-    # The default stays elu+1 until a comparison says otherwise (issue 15).
-    assert zoo_model("ifa").get_layer("interest").feature_map == "elu_plus_one"
+    # The zoo's default FSM map is focused with a learned power (issue 27's comparison).
+    default = zoo_model("ifa").get_layer("interest")
+    assert (default.feature_map, default.learnable_focusing_factor) == ("focused", True)
     features = zoo_batch()
     for name, overrides in (("ifa", {"feature_map": "focused", "focusing_factor": 2}),
                             ("ifa", {"feature_map": "hedgehog"}),
@@ -672,7 +673,12 @@ def test_ram_follows_the_fsm_map_unless_set_apart():
 
     # As before RAM had its own options: feature_map sets both, so earlier configs (e.g.
     # zoo/RESULTS.md's `ifa_relu=ifa:feature_map=relu`) build the same model.
-    assert maps(zoo_model("ifa")) == ("elu_plus_one", "elu_plus_one", None)
+    # The defaults (focused FSM with a learned power, elu+1 RAM) hold as a whole until
+    # feature_map is given.
+    assert maps(zoo_model("ifa")) == ("focused", "elu_plus_one", None)
+    assert maps(zoo_model("ifa", ram_feature_map="relu")) == ("focused", "relu", None)
+    assert maps(zoo_model("ifa", feature_map="elu_plus_one")) == (
+        "elu_plus_one", "elu_plus_one", None)
     assert maps(zoo_model("ifa", feature_map="relu")) == ("relu", "relu", None)
     assert maps(zoo_model("ifa", feature_map="focused", focusing_factor=2)) == (
         "focused", "focused", 2)
@@ -707,9 +713,9 @@ def test_models_saved_before_ram_had_its_own_options_still_load():
 def test_zoo_learnable_sharpness_starts_where_the_model_without_it_is(tmp_path):
     # The FSM's temperature and RAM's focusing power: the only new weights, and at the
     # start the model's outputs are those of the model without them.
-    base = zoo_model("ifa", ram_feature_map="focused")
-    learnable = zoo_model("ifa", ram_feature_map="focused", learnable_temperature=True,
-                          ram_learnable_focusing_factor=True)
+    base = zoo_model("ifa", feature_map="elu_plus_one", ram_feature_map="focused")
+    learnable = zoo_model("ifa", feature_map="elu_plus_one", ram_feature_map="focused",
+                          learnable_temperature=True, ram_learnable_focusing_factor=True)
     known = {w.path for w in base.weights}
     added = [w for w in learnable.weights if w.path not in known]
     assert sorted(w.path for w in added) == ["candidate_self_attention/focusing_factor",
@@ -749,6 +755,21 @@ def test_config_overrides_reach_both_modules():
     assert model.get_layer("interest").exact_matches is True
     with pytest.raises(ValueError, match="ram_featuremap"):
         training.load_config("ifa", overrides=["model.ram_featuremap=relu"])
+
+
+def test_saved_configs_name_the_defaults_they_ran_with():
+    # A run's config.yaml writes the zoo's defaults out, so a config saved before a default
+    # changed (no map keys) no longer matches today's: zoo_results refuses to reuse it.
+    from ifa_tf import training, zoo
+
+    overrides = training.load_config("ifa").model.overrides
+    assert {k: overrides[k] for k in zoo.IFA_DEFAULTS} == zoo.IFA_DEFAULTS
+    assert "ram_feature_map" not in training.load_config(
+        "ifa_no_ram", overrides=["model.feature_map=relu"]).model.overrides
+    old = training.Config.from_dict({"model": {"name": "ifa"}})
+    assert old.to_yaml() != training.load_config("ifa", config_dir="/nonexistent").to_yaml()
+    with pytest.raises(ValueError, match="ifa's defaults .* pass feature_map="):
+        zoo_model("ifa", learnable_temperature=True)
 
 
 def test_zoo_rejects_bad_feature_map_options_by_name():
@@ -889,8 +910,9 @@ def test_weight_on_matches_by_hand():
 
 
 def test_learned_sharpness_reads_every_attentions_heads():
-    model = zoo_model("ifa", learnable_temperature=True, ram_feature_map="focused",
-                      ram_focusing_factor=2, ram_learnable_focusing_factor=True)
+    model = zoo_model("ifa", feature_map="elu_plus_one", learnable_temperature=True,
+                      ram_feature_map="focused", ram_focusing_factor=2,
+                      ram_learnable_focusing_factor=True)
     got = diagnostics.learned_sharpness(model)
     assert sorted(got) == ["candidate_self_attention", "interest/attention"]
     np.testing.assert_array_equal(got["interest/attention"]["temperature"], [1.0, 1.0])
@@ -906,4 +928,7 @@ def test_learned_sharpness_reads_every_attentions_heads():
                                rtol=1e-6)
     np.testing.assert_array_equal(got["candidate_self_attention"]["focusing_factor"],
                                   [1.0, 4.0])
-    assert diagnostics.learned_sharpness(zoo_model("ifa")) == {}
+    assert diagnostics.learned_sharpness(zoo_model("ifa", feature_map="elu_plus_one")) == {}
+    np.testing.assert_array_equal(  # the default: the FSM's power, from 3
+        diagnostics.learned_sharpness(zoo_model("ifa"))["interest/attention"][
+            "focusing_factor"], [3.0, 3.0])

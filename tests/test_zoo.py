@@ -21,9 +21,11 @@ OVERRIDES = {"din": {"k": 4}, "sim_hard": {"k": 4}, "sim_soft": {"k": 4, "search
              "twin": {"k": 4}, "twin_ram": {"k": 4}, "eta": {"k": 4}}
 SMALL = {"embedding_dim": 4, "tower_units": [16, 8]}
 # IFA's options that add to what the model computes, run through every test below as if
-# they were models of their own: exact matches, and separate maps with learnable sharpness.
+# they were models of their own: exact matches, and separate maps with learnable sharpness
+# (the paper's elu+1 FSM with a temperature; `ifa` itself is the focused FSM's learned power).
 VARIANTS = {"ifa+exact_matches": ("ifa", {"exact_matches": True}),
-            "ifa+sharpness": ("ifa", {"learnable_temperature": True,
+            "ifa+sharpness": ("ifa", {"feature_map": "elu_plus_one",
+                                      "learnable_temperature": True,
                                       "ram_feature_map": "focused",
                                       "ram_learnable_focusing_factor": True})}
 MODELS = [*zoo.list_models(), *VARIANTS]

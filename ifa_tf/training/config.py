@@ -326,7 +326,14 @@ def load_config(model_name=None, config_file=None, overrides=(), config_dir=None
     for key, value in pairs:
         set_value(config, key, value)
     config.model.name = model_name
-    return config.validate(check_model=check_model)
+    config.validate(check_model=check_model)
+    if check_model:
+        from ifa_tf import zoo
+
+        # The model's defaults written out: a run's saved config names the same model even
+        # after a zoo default changes (and a run of the old default no longer matches it).
+        config.model.overrides = zoo.resolve_overrides(model_name, config.model.overrides)
+    return config
 
 
 def zoo_config_names(config_dir=None):
