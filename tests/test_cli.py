@@ -192,6 +192,8 @@ _MISTAKES = {
     "ifa-export": ["--model_dir=/nonexistent/run", "--export_base=/nonexistent/export"],
     "ifa-serve": ["--port=70000", "--model_base_path=/nonexistent"],
     "ifa-bench": ["--n_values=ten"],
+    "ifa-query": ["--nonexistent_flag"],
+    "ifa-state": ["frobnicate"],
 }
 
 
