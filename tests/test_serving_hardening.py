@@ -2,7 +2,8 @@
 before anything is materialised, B, B·m and B·n are bounded by default and the server's peak
 memory stays within the bound `serving/README.md` documents, REST ids beyond int64 are
 refused, a call whose client is gone runs no model, errors never echo a request's bulk,
-metrics cannot be forged or grown by clients, and a model computing NaN never answers OK.
+metrics cannot be forged or grown by clients, and a model computing NaN never answers OK
+nor passes its warm-up.
 Servers listen on loopback only."""
 
 import json
@@ -22,8 +23,8 @@ from tensorflow_serving.apis import prediction_service_pb2_grpc
 
 from ifa_tf import export
 from ifa_tf.serving import errors, grpc_service, metrics
-from ifa_tf.serving.model_manager import (Limits, ModelManager, Signature,
-                                          tensor_proto_spec, to_ndarray)
+from ifa_tf.serving.model_manager import (Limits, ModelConfig, ModelManager, Signature,
+                                          State, tensor_proto_spec, to_ndarray)
 from ifa_tf.serving.server import ModelServer, ServerOptions
 from test_serving import (REPO, SCHEMA, ServeProcess, build_model, free_port,
                           make_features, predict_request, rest)
@@ -144,7 +145,8 @@ def test_malicious_grpc_request_is_refused_within_the_memory_bound(server, case)
 
 def test_rest_request_over_the_total_is_refused_before_any_array(server):
     """B = 3, m = 70k: each user within --max_candidates, B·m = 210k over the total. Its
-    3 MB body parses to about 10 MB of JSON lists, and nothing more may be built."""
+    3.2 MB body parses to JSON lists that raised the peak by 14.6 MB
+    (benchmarks/results/serving_memory), and nothing more may be built."""
     body = {key: np.ones([3] if SCHEMA.rank(key) == 1 else
                          [3, 1 if key.startswith("seq_") else 70_000], np.int64).tolist()
             for key in SCHEMA.feature_names}
@@ -468,3 +470,26 @@ def test_a_model_computing_nan_never_answers_ok(tmp_path):
     finally:
         channel.close()
         server.stop()
+
+
+def test_a_model_computing_nan_fails_its_warm_up_and_is_never_served(tmp_path):
+    """A diverged model exported as it is: its warm-up request computes NaN, so the version
+    ends in END with a message naming it and the output, and nothing is served."""
+    model = build_model("avg_pooling", 0)
+    always_nan = keras.Model(model.input, {name: value * np.float32("nan")
+                                           for name, value in model(model.input).items()})
+    export.export_saved_model(always_nan, tmp_path / "nan", schema=SCHEMA,
+                              warmup_shapes=((1, 3, 4),))
+    manager = ModelManager([ModelConfig("nan", str(tmp_path / "nan"))], poll_wait_seconds=0,
+                           max_load_retries=0)
+    manager.start()
+    manager.poll()  # no retries left: a later poll leaves it alone
+    [(version, state, message)] = manager.status("nan")
+    assert (version, state) == (1, State.END)
+    assert message.startswith(
+        "Failed to load servable version 1 of nan: INTERNAL: Model nan version 1 computed "
+        "non-finite values: output click holds 3 NaN or infinite values of 3"), message
+    with pytest.raises(errors.ServingError) as raised:
+        manager.resolve("nan")
+    assert raised.value.code == grpc.StatusCode.NOT_FOUND
+    manager.stop()

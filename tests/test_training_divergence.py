@@ -1,11 +1,13 @@
 """A diverged run never reaches serving (issue 24): a NaN or infinite loss or weight ends
 `ifa-train` with one line and a non-zero exit, writes no model.keras, metrics.json or
-checkpoint from the diverged weights, and `ifa-export` refuses such weights. Also: a resume
+checkpoint from the diverged weights, the streaming protocol stops at the step that
+diverged, and `ifa-export` (API and command) refuses such weights. Also: a resume
 refused for a changed config leaves config.yaml alone, and a resumed run's metrics.json
 holds the history of every epoch."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -17,6 +19,9 @@ import yaml
 
 import ifa_tf
 from ifa_tf import export, training
+from ifa_tf.metrics import CandidateSetEvaluator
+from ifa_tf.schema import FeatureSchema
+from test_training import make_batch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [("data.batch_size", 8), ("train.verbose", 0), ("train.epochs", 2),
@@ -81,6 +86,26 @@ def test_weights_that_turn_nan_without_a_nan_loss_are_not_saved(six_step_data, t
     assert not (workdir / "metrics.json").exists()
 
 
+def test_streaming_protocol_stops_at_the_first_non_finite_loss():
+    """The streaming protocol checks each step's loss and stops at the one that diverged,
+    before training on the rest of the stream."""
+    schema = FeatureSchema(embedding_buckets={"user_id": 40, "item_id": 64, "category_id": 8,
+                                              "author_id": 16})
+    keras.utils.set_random_seed(0)
+    model = ifa_tf.zoo.build("avg_pooling", schema=schema, embedding_dim=4, tower_units=[8])
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate=1e30))
+    stream = [make_batch(schema, seed) for seed in range(6)]
+    with pytest.raises(training.TrainingDivergedError) as raised:
+        training.streaming_train_and_evaluate(model, stream, CandidateSetEvaluator(schema.tasks))
+    match = re.fullmatch(r"Training diverged: the loss became (nan|inf) at step (\d+); nothing "
+                         r"trained was written\. Lower train\.learning_rate \(--learning_rate\) "
+                         r"and train again\.", str(raised.value))
+    assert match, raised.value
+    step = int(match.group(2))
+    assert step < len(stream)
+    assert int(model.optimizer.iterations) == step  # no step after the one that diverged
+
+
 def test_export_refuses_non_finite_weights(tmp_path):
     model = ifa_tf.zoo.build("avg_pooling", embedding_dim=4, tower_units=[8])
     variable = model.weights[0]
@@ -93,6 +118,29 @@ def test_export_refuses_non_finite_weights(tmp_path):
         export.export_saved_model(model, tmp_path / "base", warmup_shapes=())
     assert not (tmp_path / "base").exists() or not os.listdir(tmp_path / "base")
 
+
+def test_ifa_export_refuses_non_finite_weights_in_one_line(tmp_path):
+    model = ifa_tf.zoo.build("avg_pooling", embedding_dim=4, tower_units=[8])
+    variable = model.weights[0]
+    value = np.asarray(variable).copy()
+    value.flat[0] = np.inf
+    variable.assign(value)
+    model.save(tmp_path / "model.keras")
+    export_base = tmp_path / "export"
+    # The console script, as a user runs it: it also keeps TensorFlow's C++ logs quiet.
+    command = [sys.executable, "-m", "ifa_tf_console", "ifa-export",
+               f"--model_dir={tmp_path}", f"--export_base={export_base}"]
+    env = {name: value for name, value in os.environ.items() if name != "TF_CPP_MIN_LOG_LEVEL"}
+    env["PYTHONPATH"] = os.pathsep.join([REPO, env.get("PYTHONPATH", "")])
+    process = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+                             timeout=300)
+    assert process.returncode == 1, process.stdout + process.stderr
+    assert process.stderr.count("\n") == 1, process.stderr
+    assert process.stderr.startswith(
+        f"ifa-export: Refusing to export model 'avg_pooling': 1 of its {len(model.weights)} "
+        f"weights hold NaN or infinite values ({variable.path}: 1 of "), process.stderr
+    assert process.stdout == ""
+    assert not export_base.exists()
 
 class Interrupted(Exception):
     pass

@@ -16,9 +16,12 @@ class ServerOptions:
     model_config_file: str = ""
     file_system_poll_wait_seconds: float = 1.0
     grpc_max_threads: int = 16
-    max_request_bytes: int = 64 * 1024 * 1024  # parsing costs up to ~25x: ~1.6 GB
-    # Every user costs a fixed amount besides its m and n (IFA on CPU: about 19 KB; 200,000
-    # users of m = n = 1 took 3.76 GB), so B is bounded alone too.
+    # Parsing a body takes many times its size before any check can run (up to 34.0x over
+    # gRPC and 49.8x over REST, benchmarks/results/serving_memory), so this bounds the memory
+    # of any one request.
+    max_request_bytes: int = 64 * 1024 * 1024
+    # Every user costs a fixed amount besides its m and n (IFA on CPU: 21.0 KB in those
+    # results; 200,000 users of m = n = 1 took 3.76 GB in issue 24), so B is bounded alone too.
     max_batch_size: int = 1000
     max_candidates: int = 100_000
     max_sequence_length: int = 100_000
@@ -30,10 +33,10 @@ class ServerOptions:
     load_retry_interval_micros: int = 60_000_000  # the longest wait between retries
     rest_read_timeout_seconds: float = 60.0
     rest_request_timeout_seconds: float = 60.0  # a request's line, headers and body, whole
-    # A thread each; a connection may hold up to ~6.5 MB of headers (http.server's 100 lines
-    # of 64 KiB), so 64 connections bound that at ~0.4 GB.
+    # A thread each; a connection may send 6.4 MB of headers (http.server's 100 lines of
+    # 64 KiB), and 64 connections holding that much took 1,011 MB (same results).
     rest_max_connections: int = 64
-    # One body at --max_request_bytes at a time (parsed JSON takes up to ~25x its bytes).
+    # One body at --max_request_bytes at a time (parsed JSON takes up to 49.8x its bytes).
     rest_max_body_bytes_in_flight: int = 64 * 1024 * 1024
     shutdown_grace_seconds: float = 30.0
     monitoring_config_file: str = ""
