@@ -60,6 +60,9 @@ flags.DEFINE_list("mn_seeds", None, "Seeds of the O(mn) models "
                   "report marks their cells.")
 flags.DEFINE_list("mn_rows", None, "The rows (model names or --extra_run labels) that run "
                   "--mn_seeds only (default: the O(mn) models and extra rows built on them).")
+flags.DEFINE_list("mn_datasets", None, "The datasets on which --mn_rows run --mn_seeds "
+                  "only (default: every dataset); on the others they run --seeds, e.g. "
+                  "when one dataset's runs of every seed exist already.")
 flags.DEFINE_multi_string("row_datasets", [], "label=dataset[+dataset]: the only datasets "
                           "a row runs on (default: all of --datasets), e.g. "
                           "din_all=movielens_1m for a row too costly on the others; the "
@@ -336,6 +339,10 @@ def main(argv):
         if mn_rows - set(labels):
             raise app.UsageError(f"--mn_rows: unknown rows {sorted(mn_rows - set(labels))}; "
                                  f"rows: {labels}.")
+    mn_datasets = set(FLAGS.mn_datasets if FLAGS.mn_datasets is not None else FLAGS.datasets)
+    if mn_datasets - set(FLAGS.datasets):
+        raise app.UsageError(f"--mn_datasets: {sorted(mn_datasets - set(FLAGS.datasets))} "
+                             f"not in --datasets={FLAGS.datasets}.")
     row_datasets = {}
     for spec in FLAGS.row_datasets:
         label, _, names = spec.partition("=")
@@ -355,7 +362,8 @@ def main(argv):
         for dataset, data_dir in datasets.items():
             epochs = FLAGS.epochs if dataset in SIMULATED else FLAGS.ml_epochs
             for label, model, overrides in runs:
-                if (seed not in (mn_seeds if label in mn_rows else seeds)
+                fewer = label in mn_rows and dataset in mn_datasets
+                if (seed not in (mn_seeds if fewer else seeds)
                         or dataset not in row_datasets.get(label, [dataset])):
                     continue
                 run_dir = os.path.join(FLAGS.work_dir, "runs", dataset, label, f"seed{seed}")
@@ -366,7 +374,8 @@ def main(argv):
                                  for t, v in metrics["eval"]["tasks"].items())
                       + f" ({metrics['wall_time_s']:.0f}s)", flush=True)
     write_report(results, metadata, runs, seeds,
-                 (mn_seeds, [label for label in labels if label in mn_rows]),
+                 (mn_seeds, [label for label in labels if label in mn_rows],
+                  [dataset for dataset in datasets if dataset in mn_datasets]),
                  time.time() - started, commit)
 
 
@@ -470,12 +479,12 @@ def range_and_mechanism(runs):
 
 def write_report(results, metadata, runs, seeds, mn, wall_time, commit):
     """`runs`: the rows as (label, model, overrides); `mn`: (`--mn_seeds`, the rows that ran
-    them)."""
+    them, the datasets where they did)."""
     from ifa_tf.data import format_ceiling_ladder, read_ceiling_ladder
 
     models = [label for label, _, _ in runs]
     reads = range_and_mechanism(runs)
-    mn_seeds, mn_rows = mn
+    mn_seeds, mn_rows, mn_datasets = mn
     os.makedirs(FLAGS.output_dir, exist_ok=True)
     run_time = sum(r["wall_time_s"] for by_model in results.values()
                    for runs in by_model.values() for r in runs)
@@ -494,8 +503,10 @@ def write_report(results, metadata, runs, seeds, mn, wall_time, commit):
         f"are read back from `work_dir`); the runs themselves took {run_time / 60:.1f} min "
         f"(CPU, {os.cpu_count()} cores)",
         f"- Seeds: {seeds}"
-        + (f" ({mn_seeds} for the rows {', '.join(mn_rows)}: time forced fewer runs "
-           "of them)" if mn_rows and mn_seeds != seeds else "")
+        + (f" ({mn_seeds} for the rows {', '.join(mn_rows)}"
+           + (f" on {', '.join(mn_datasets)}" if len(mn_datasets) < len(results) else "")
+           + ": time forced fewer runs of them)"
+           if mn_rows and mn_datasets and mn_seeds != seeds else "")
         + f"; every model: {FLAGS.epochs} epoch(s) on simulated data, "
         f"{FLAGS.ml_epochs} on MovieLens, batch {FLAGS.batch_size}"
         + (f" (requests of like length batched together, {FLAGS.group_by_length} batches "
