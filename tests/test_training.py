@@ -69,6 +69,7 @@ def test_every_zoo_model_has_a_valid_yaml():
     ("data.batch_size=0", r"data.batch_size must be a positive integer"),
     ("data.group_by_length=1", r"data.group_by_length must be 0 \(off\) or an int >= 2"),
     ("train.verbose=3", r"train.verbose must be 0, 1, 2 or 'auto'"),
+    ("train.deterministic=maybe", r"train.deterministic must be true or false.*'maybe'"),
 ])
 def test_config_typos_are_errors_naming_the_key(override, message):
     with pytest.raises(ValueError, match=message):
@@ -280,3 +281,18 @@ def test_ifa_train_resumes_after_sigkill(tiny_data, tmp_path):
     assert len(metrics["history"]["loss"]) == epochs  # both processes' epochs
     assert (model_dir / "model.keras").exists()
     assert not (model_dir / "backup").exists()
+
+
+def test_ifa_train_deterministic_repeats_a_run_bit_for_bit(tiny_data, tmp_path):
+    # Two processes: op determinism, once enabled, holds for the rest of a process.
+    runs = [ifa_train(tiny_data, tmp_path / name, "--deterministic", "--epochs=2", "--seed=5")
+            for name in ("first", "second")]
+    for process in runs:
+        output, _ = process.communicate(timeout=300)
+        assert process.returncode == 0, output[-3000:]
+    first, second = (json.loads((tmp_path / name / "metrics.json").read_text())
+                     for name in ("first", "second"))
+    assert first["history"]["loss"] == second["history"]["loss"]
+    assert first["eval"]["tasks"] == second["eval"]["tasks"]
+    config = yaml.safe_load((tmp_path / "first" / "config.yaml").read_text())
+    assert config["train"]["deterministic"] is True

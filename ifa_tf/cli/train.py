@@ -35,6 +35,7 @@ _FLAG_KEYS = {
     "steps": "train.steps",
     "learning_rate": "train.learning_rate",
     "seed": "train.seed",
+    "deterministic": "train.deterministic",
     "strategy": "train.strategy",
     "verbose": "train.verbose",
     "protocol": "eval.protocol",
@@ -64,6 +65,9 @@ def define_flags(flag_values=flags.FLAGS):
                          flag_values=f)
     flags.DEFINE_float("learning_rate", None, "Optimizer learning rate.", flag_values=f)
     flags.DEFINE_integer("seed", None, "Random seed.", flag_values=f)
+    flags.DEFINE_boolean("deterministic", None, "Same seed, same data: the same weights and "
+                         "metrics, bit for bit (slower input; train.deterministic).",
+                         flag_values=f)
     flags.DEFINE_enum("strategy", None, list(config_lib.STRATEGIES), "Distribution strategy.",
                       flag_values=f)
     flags.DEFINE_enum("protocol", None, list(config_lib.PROTOCOLS), "Evaluation protocol.",

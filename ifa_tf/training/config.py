@@ -115,6 +115,14 @@ class TrainConfig:
         optimizer: a Keras optimizer name.
         learning_rate: its learning rate.
         seed: seeds weights, dropout and shuffling (`keras.utils.set_random_seed`).
+        deterministic: a run repeated with the same seed, data, config and machine gives the
+            same weights and metrics, bit for bit: the files are read in a fixed order and
+            TensorFlow's ops are made deterministic for the rest of the process
+            (`tf.config.experimental.enable_op_determinism`). Off (the default), parallel
+            reads interleave records in whatever order they finish, so two runs of one seed
+            differ. Costs input speed; a GPU op with no deterministic kernel raises
+            `UnimplementedError`. A run resumed from its backup and `multi_worker` runs are
+            not covered.
         strategy: `default` (one device), `mirrored` (all local GPUs) or `multi_worker`
             (`MultiWorkerMirroredStrategy` from `TF_CONFIG`).
         checkpoint_every_epochs: chief writes `checkpoints/epoch-XXXX.weights.h5` this often
@@ -129,6 +137,7 @@ class TrainConfig:
     optimizer: str = "adam"
     learning_rate: float = 1e-3
     seed: int = 0
+    deterministic: bool = False
     strategy: str = "default"
     checkpoint_every_epochs: int = 1
     verbose: Union[int, str] = "auto"
@@ -140,6 +149,9 @@ class TrainConfig:
         if not isinstance(self.learning_rate, (int, float)) or self.learning_rate <= 0:
             raise ValueError("train.learning_rate must be a positive number. Received: "
                              f"train.learning_rate={self.learning_rate!r}")
+        if not isinstance(self.deterministic, bool):
+            raise ValueError("train.deterministic must be true or false. Received: "
+                             f"train.deterministic={self.deterministic!r}")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"train.strategy must be one of {list(STRATEGIES)}. Received: "
                              f"train.strategy={self.strategy!r}")

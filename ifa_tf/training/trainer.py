@@ -130,6 +130,8 @@ def train_and_evaluate(config, workdir, callbacks=()):
     # MultiWorkerMirroredStrategy must exist before other TensorFlow ops run.
     strategy = strategies.make_strategy(config.train.strategy)
     keras.utils.set_random_seed(config.train.seed)
+    if config.train.deterministic:
+        tf.config.experimental.enable_op_determinism()
     schema = load_schema(config)
     with strategy.scope():
         model = build_model(config, schema)
@@ -168,6 +170,7 @@ def _split(config, model, schema, strategy, workdir, write_dir, chief, extra_cal
         return make_dataset(data.train_data, schema=schema, batch_size=data.batch_size,
                             shuffle=True, shuffle_buffer=data.shuffle_buffer,
                             seed=train.seed, repeat=steps_per_epoch is not None,
+                            deterministic=train.deterministic,
                             max_seq_len=data.max_seq_len, max_candidates=data.max_candidates,
                             max_record_bytes=data.max_record_bytes,
                             group_by_length=data.group_by_length, input_context=input_context)
