@@ -189,6 +189,36 @@ def run_one(model_name, seed, data_dir, run_dir, epochs, model_overrides=()):
     return training.train_and_evaluate(config, run_dir)
 
 
+ORDERING_NOTE = (
+    "`≈` joins a row to the first of its group when their means differ by no more than the "
+    "larger of the two rows' spreads over seeds (max - min): a difference the seeds alone "
+    "make is not a finding. A row of one seed has no spread of its own.")
+
+
+def per_seed(by_model, tasks, metric):
+    """`{row: [value per seed]}`, each the mean of `metric` over `tasks`."""
+    return {m: [float(np.mean([r["eval"]["tasks"][t][metric] for t in tasks])) for r in runs]
+            for m, runs in by_model.items()}
+
+
+def ordering(values, first_only=False):
+    """The rows best first, in groups: a row joins the group of the best row not yet
+    placed when the two means differ by no more than the larger spread (max - min over
+    seeds) of the two; groups joined by ` > `, rows within one by ` ≈ `. `first_only`:
+    the first group alone."""
+    mean = {m: float(np.mean(v)) for m, v in values.items()}
+    spread = {m: max(v) - min(v) for m, v in values.items()}
+    left, groups = sorted(values, key=lambda m: -mean[m]), []
+    while left:
+        lead = left[0]
+        group = [m for m in left
+                 if mean[lead] - mean[m] <= max(spread[lead], spread[m])]
+        groups.append(group)
+        left = [m for m in left if m not in group]
+    shown = groups[:1] if first_only else groups
+    return " > ".join(" ≈ ".join(f"`{m}`" for m in group) for group in shown)
+
+
 def summarise(results, tasks, metric):
     """`{model: {task: (mean, std, n)}}` of one metric over seeds."""
     table = {}
@@ -597,16 +627,15 @@ def write_report(results, metadata, runs, seeds, mn, wall_time, commit):
             lines += [f"| {m} | " + " | ".join(f"{gap[m][t][0]:.4f}" for t in tasks) + " |"
                       for m in rows]
             lines.append("")
-        leaders = {t: max(rows, key=lambda m: table[m][t][0]) for t in tasks}
-        lines += ["### Ordering found", "",
-                  "Best mean AUC per task: " + ", ".join(f"{t}: `{m}`"
-                                                         for t, m in leaders.items()) + ".",
-                  "Ranking by mean AUC over tasks: " + " > ".join(
-                      f"`{m}`" for m in sorted(rows, key=lambda m: -np.mean(
-                          [table[m][t][0] for t in tasks]))) + ".",
-                  "Ranking by mean GAUC over tasks: " + " > ".join(
-                      f"`{m}`" for m in sorted(rows, key=lambda m: -np.mean(
-                          [gauc[m][t][0] for t in tasks]))) + ".", ""]
+        lines += ["### Ordering found", "", ORDERING_NOTE, ""]
+        for metric in ("gauc", "auc"):
+            name = metric.upper()
+            lines.append(f"- Best by {name} per task: " + ", ".join(
+                f"{t}: {ordering(per_seed(by_model, [t], metric), first_only=True)}"
+                for t in tasks) + ".")
+            lines.append(f"- By mean {name} over tasks: "
+                         + ordering(per_seed(by_model, tasks, metric)) + ".")
+        lines.append("")
     plot(plots, models, os.path.join(FLAGS.output_dir, "results_auc.png"))
     if by_length:
         plot_by_length(by_length, os.path.join(FLAGS.output_dir, "results_auc_by_length.png"))

@@ -132,3 +132,21 @@ def test_report_headline_and_tables(tmp_path):
     assert (f"`ifa-bench --output_dir={tmp_path} --models=ifa,avg_pooling --paths=keras "
             "--m_values=10,100 --n_values=10,100`") in text
     assert os.path.exists(tmp_path / "time_vs_n_keras.png")
+
+
+def test_zoo_ordering_groups_rows_the_seeds_cannot_tell_apart():
+    # In a subprocess: the script defines its flags on absl's global FLAGS.
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = (
+        "import runpy\n"
+        "ordering = runpy.run_path('benchmarks/zoo_results.py', run_name='zoo')['ordering']\n"
+        # a: mean 0.91, spread 0.02; b is 0.004 under it, within a's spread.
+        "values = {'d': [0.80], 'b': [0.905, 0.906, 0.907], 'a': [0.90, 0.91, 0.92],\n"
+        "          'c': [0.850, 0.851, 0.852], 'e': [0.80]}\n"
+        "print(ordering(values)); print(ordering(values, first_only=True))\n")
+    output = subprocess.run([sys.executable, "-c", code], cwd=repo, check=True,
+                            capture_output=True, text=True).stdout.splitlines()
+    assert output == ["`a` ≈ `b` > `c` > `d` ≈ `e`", "`a` ≈ `b`"]
