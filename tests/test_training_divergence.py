@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 
 import h5py
 import keras
@@ -167,8 +168,11 @@ def test_resume_keeps_history_and_a_refused_one_keeps_config_yaml(six_step_data,
 
     changed = tiny_config(six_step_data, ("train.epochs", 3), ("data.eval_data", ""),
                           ("model.embedding_dim", 8))
-    with pytest.raises(ValueError, match="does not fit this model"):
-        training.train_and_evaluate(changed, workdir)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(ValueError, match="does not fit this model"):
+            training.train_and_evaluate(changed, workdir)
+    assert not [w for w in caught if "Skipping nested container" in str(w.message)]
     with open(config_yaml) as f:
         assert f.read() == written
 
@@ -180,3 +184,25 @@ def test_resume_keeps_history_and_a_refused_one_keeps_config_yaml(six_step_data,
         assert [json.loads(line)["epoch"] for line in f] == [0, 1, 2]
     with open(config_yaml) as f:
         assert training.Config.from_dict(yaml.safe_load(f)) == config
+
+
+class _WarningModel:
+    """Loads by warning, as Keras does when a file lacks a nested layer's weights."""
+
+    def __init__(self, message):
+        self.message = message
+
+    def load_weights(self, path):
+        warnings.warn(self.message, UserWarning)
+
+
+def test_a_file_keras_loads_only_in_part_does_not_fit():
+    from ifa_tf.training import checkpointing
+
+    skipped = ("Skipping nested container at '_operations_by_depth/container_12': no "
+               "matching group found in the saved file.")
+    with pytest.raises(ValueError, match=r"backup.weights.h5 does not fit this model.*"
+                                         r"container_12"):
+        checkpointing._load_weights(_WarningModel(skipped), "backup.weights.h5")
+    with pytest.warns(UserWarning, match="something else"):  # other warnings pass through
+        checkpointing._load_weights(_WarningModel("something else"), "backup.weights.h5")

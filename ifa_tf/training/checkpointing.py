@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import time
+import warnings
 import zlib
 
 import keras
@@ -235,13 +236,31 @@ class _UnreadableError(Exception):
 
 
 def _load_weights(model, path):
-    try:
-        model.load_weights(path)
-    except OSError as error:  # h5py: missing, truncated or not an HDF5 file
-        raise _UnreadableError(path, str(error)) from error
-    except ValueError as error:
-        raise ValueError(f"{path} does not fit this model (was its config changed? Use "
-                         f"another model_dir or delete the file): {error}") from error
+    """Loads the file's weights into `model`, or raises: Keras only warns when the file
+    lacks a nested layer's weights and leaves that layer as initialised, which here is a
+    file that does not fit (a resume would go on with part of the model untrained)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            model.load_weights(path)
+        except OSError as error:  # h5py: missing, truncated or not an HDF5 file
+            raise _UnreadableError(path, str(error)) from error
+        except ValueError as error:
+            raise _does_not_fit(path, error) from error
+    skipped = [w for w in caught if _SKIPPED_LAYER in str(w.message)]
+    if skipped:
+        raise _does_not_fit(path, skipped[0].message)
+    for warning in caught:
+        warnings.warn_explicit(warning.message, warning.category, warning.filename,
+                               warning.lineno)
+
+
+_SKIPPED_LAYER = "Skipping nested container"  # keras.src.saving.saving_lib's warning
+
+
+def _does_not_fit(path, reason):
+    return ValueError(f"{path} does not fit this model (was its config changed? Use another "
+                      f"model_dir or delete the file): {reason}")
 
 
 def _checkpoints_newest_first(directory):
