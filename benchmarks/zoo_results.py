@@ -36,7 +36,7 @@ MECHANISMS = {"din": "DIN MLP unit", "din_full": "softmax dot-product attention"
               "ifa_no_ram": "linear attention, {fsm}",
               "ifa": "linear attention, {fsm}, + RAM ({ram})"}
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SIMULATED = ("lifelong", "simulator")
+SIMULATED = ("lifelong", "short", "simulator")
 # The models whose search or attention costs O(mn) (README's model table); `--mn_seeds`.
 MN_MODELS = ("din_full", "sim_hard", "sim_soft", "twin", "twin_ram", "eta")
 DATASETS = (*SIMULATED, "movielens_1m", "movielens_100k")
@@ -67,7 +67,7 @@ flags.DEFINE_multi_string("row_datasets", [], "label=dataset[+dataset]: the only
                           "a row runs on (default: all of --datasets), e.g. "
                           "din_all=movielens_1m for a row too costly on the others; the "
                           "report names the rows a dataset lacks.")
-flags.DEFINE_integer("lifelong_requests", None, "Requests of the lifelong preset (default: "
+flags.DEFINE_integer("lifelong_requests", None, "Requests of the lifelong and short presets (default: "
                      "the preset's).")
 flags.DEFINE_integer("sim_requests", 12000, "Default-simulator requests (10% are the test "
                      "split).")
@@ -130,6 +130,9 @@ def prepare_data():
         raise app.UsageError(f"--datasets: unknown {unknown}; known: {list(DATASETS)}.")
     writers = {
         "lifelong": lambda path: simulator.write_synthetic(path, simulator.lifelong_config(
+            seed=FLAGS.sim_seed, **({"num_requests": FLAGS.lifelong_requests}
+                                    if FLAGS.lifelong_requests else {})), num_shards=4),
+        "short": lambda path: simulator.write_synthetic(path, simulator.short_config(
             seed=FLAGS.sim_seed, **({"num_requests": FLAGS.lifelong_requests}
                                     if FLAGS.lifelong_requests else {})), num_shards=4),
         "simulator": lambda path: simulator.write_synthetic(path, simulator.SimulatorConfig(

@@ -28,7 +28,7 @@ COMMANDS = ("synthetic", "from-log")
 # `log_converter.PRESETS` and `simulator.PRESETS` (tested equal): named here so that the
 # flags are defined and checked before those modules, and TensorFlow, load.
 PRESETS = ("movielens_100k", "movielens_1m")
-SYNTHETIC_PRESETS = ("lifelong",)
+SYNTHETIC_PRESETS = ("lifelong", "short")
 NEGATIVE_SAMPLERS = ("popularity_matched", "exposure", "popularity")  # and its samplers
 
 _COMMON = ("output_dir", "seed", "max_seq_len", "max_candidates", "min_seq_len",

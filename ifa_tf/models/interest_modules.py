@@ -10,6 +10,12 @@ only in this module, so comparisons isolate it. A module is a layer called with 
     schema (candidate_item_ids, and e.g. candidate_category_ids, candidate_author_ids),
     and sequence_time_deltas [B, n] when the schema has `seq_time_delta`
 
+and, where the ranker decouples attention from representation (`decoupled_embeddings`),
+attention_candidates [B, m, d_a], attention_sequence [B, n, d_a] and
+attention_sequence_items [B, n, d_a]: the same items and events from the attention tables,
+which a module that attends (`supports_decoupled_embeddings`) reads for its queries, keys
+and searches, while its values stay the representation's,
+
 and returns the candidates' interest vectors [B, m, d]. These classes are thin adapters
 from that dict to the layers of `ifa_tf.layers`; they live together because each is a few
 lines.
@@ -33,6 +39,8 @@ class InterestModule(keras.layers.Layer):
     """Base of the sequence modules: checks the dict and stores no state of its own."""
 
     required_inputs = ("candidates", "sequence", "candidate_mask", "sequence_mask")
+    # Whether the module reads queries and keys apart from values (`attention_*` inputs).
+    supports_decoupled_embeddings = False
 
     def __call__(self, inputs, **kwargs):
         # Checked here rather than in `call`: symbolic calls never reach `call`.
@@ -44,6 +52,21 @@ class InterestModule(keras.layers.Layer):
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape["candidates"])
+
+
+def attention_views(inputs):
+    """`(queries, keys, key_items)`: the candidates, events and events' items a module
+    attends with: from the attention tables where the ranker decouples them, else the
+    shared embeddings (which are then the values too)."""
+    return (inputs.get("attention_candidates", inputs["candidates"]),
+            inputs.get("attention_sequence", inputs["sequence"]),
+            inputs.get("attention_sequence_items", inputs.get("sequence_items")))
+
+
+def attention_shapes(input_shape):
+    """The shapes of `attention_views`' first two, from a module's input shape dict."""
+    return (input_shape.get("attention_candidates", input_shape["candidates"]),
+            input_shape.get("attention_sequence", input_shape["sequence"]))
 
 
 def _check_optional_k(k):
@@ -58,12 +81,16 @@ def _read_shape(sequence_shape, k):
 
 
 def _most_recent(inputs, k):
-    """`(sequence, sequence_mask)` of the k most recent valid items, most recent first; the
-    whole sequence when k is None."""
+    """`(keys, values, mask)` of the k most recent valid events, most recent first (keys
+    from `attention_views`); the whole sequence when k is None."""
+    _, keys, _ = attention_views(inputs)
     if k is None:
-        return inputs["sequence"], inputs["sequence_mask"]
+        return keys, inputs["sequence"], inputs["sequence_mask"]
     indices, recent_mask = most_recent_positions(inputs["sequence_mask"], k)
-    return gather_positions(inputs["sequence"], indices), recent_mask  # [B, k, d]
+    values = gather_positions(inputs["sequence"], indices)  # [B, k, d]
+    if keys is inputs["sequence"]:
+        return values, values, recent_mask
+    return gather_positions(keys, indices), values, recent_mask
 
 
 @keras.saving.register_keras_serializable(package="ifa_tf")
@@ -84,6 +111,8 @@ class RecentDINInterest(InterestModule):
     """`din`: DIN's activation unit over the k most recent valid sequence items; `k=None`
     reads every item, O(m n) through the unit's MLP (DIN at the full length)."""
 
+    supports_decoupled_embeddings = True
+
     def __init__(self, k=100, hidden_units=(80, 40), **kwargs):
         super().__init__(**kwargs)
         _check_optional_k(k)
@@ -91,16 +120,20 @@ class RecentDINInterest(InterestModule):
         self.hidden_units = list(hidden_units)
 
     def build(self, input_shape):
-        shape = input_shape["candidates"]
+        query_shape, key_shape = attention_shapes(input_shape)
         self._unit = layers.DINActivationUnit(self.hidden_units, dtype=self.dtype_policy,
                                               name="activation_unit")
-        self._unit.build(shape, _read_shape(input_shape["sequence"], self.k))
+        self._unit.build(query_shape, _read_shape(key_shape, self.k))
         self.built = True
 
     def call(self, inputs):
-        sequence, sequence_mask = _most_recent(inputs, self.k)
-        return self._unit(inputs["candidates"], sequence,
-                          query_mask=inputs["candidate_mask"], key_mask=sequence_mask)
+        queries, _, _ = attention_views(inputs)
+        keys, values, sequence_mask = _most_recent(inputs, self.k)
+        return self._unit(queries, keys, values, query_mask=inputs["candidate_mask"],
+                          key_mask=sequence_mask)
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape["candidates"][:-1], input_shape["sequence"][-1])
 
     def get_config(self):
         return {**super().get_config(), "k": self.k, "hidden_units": self.hidden_units}
@@ -113,6 +146,8 @@ class FullTargetAttentionInterest(InterestModule):
     attention instead of DIN's MLP unit): one change at a time between `din` and
     `din_full`."""
 
+    supports_decoupled_embeddings = True
+
     def __init__(self, num_heads=2, key_dim=16, k=None, **kwargs):
         super().__init__(**kwargs)
         _check_optional_k(k)
@@ -121,16 +156,20 @@ class FullTargetAttentionInterest(InterestModule):
         self.k = k
 
     def build(self, input_shape):
+        query_shape, key_shape = attention_shapes(input_shape)
+        # The output keeps the representation's width, whatever the attention's.
         self._attention = layers.MaskedTargetAttention(
-            self.num_heads, self.key_dim, dtype=self.dtype_policy, name="attention")
-        self._attention.build(input_shape["candidates"],
+            self.num_heads, self.key_dim, output_dim=input_shape["candidates"][-1],
+            dtype=self.dtype_policy, name="attention")
+        self._attention.build(query_shape, _read_shape(key_shape, self.k),
                               _read_shape(input_shape["sequence"], self.k))
         self.built = True
 
     def call(self, inputs):
-        sequence, sequence_mask = _most_recent(inputs, self.k)
-        return self._attention(inputs["candidates"], sequence,
-                               query_mask=inputs["candidate_mask"], key_mask=sequence_mask)
+        queries, _, _ = attention_views(inputs)
+        keys, values, sequence_mask = _most_recent(inputs, self.k)
+        return self._attention(queries, keys, values, query_mask=inputs["candidate_mask"],
+                               key_mask=sequence_mask)
 
     def get_config(self):
         return {**super().get_config(), "num_heads": self.num_heads, "key_dim": self.key_dim,
@@ -143,6 +182,8 @@ class SIMHardInterest(FullTargetAttentionInterest):
 
     required_inputs = (*InterestModule.required_inputs, "candidate_category_ids",
                        "sequence_category_ids")
+    # Its search matches categories, not embeddings: there is no attention table to learn.
+    supports_decoupled_embeddings = False
 
     def __init__(self, k=100, num_heads=2, key_dim=16, **kwargs):
         check_positive_int("k", k)  # the search's size: required here
@@ -172,6 +213,7 @@ class SIMSoftInterest(SIMHardInterest):
 
     required_inputs = (*InterestModule.required_inputs, "candidate_item_ids",
                        "sequence_item_ids")
+    supports_decoupled_embeddings = True  # the ESU's queries and keys; the GSU has its own
 
     def __init__(self, k=100, num_heads=2, key_dim=16, search_dim=16,
                  search_buckets=200_003, **kwargs):
@@ -187,9 +229,12 @@ class SIMSoftInterest(SIMHardInterest):
             name="search_embedding")
         self._search_embedding.build(input_shape["candidate_item_ids"])
         self._search = layers.SIMSoftSearch(self.k, dtype=self.dtype_policy, name="search")
+        query_shape, key_shape = attention_shapes(input_shape)
         self._attention = layers.MaskedTargetAttention(
-            self.num_heads, self.key_dim, dtype=self.dtype_policy, name="attention")
-        self._attention.build(shape, (*shape[:2], self.k, input_shape["sequence"][-1]))
+            self.num_heads, self.key_dim, output_dim=shape[-1], dtype=self.dtype_policy,
+            name="attention")
+        self._attention.build(query_shape, (*shape[:2], self.k, key_shape[-1]),
+                              (*shape[:2], self.k, input_shape["sequence"][-1]))
         self.built = True
 
     def call(self, inputs):
@@ -197,8 +242,11 @@ class SIMSoftInterest(SIMHardInterest):
             self._search_embedding(inputs["candidate_item_ids"]),
             self._search_embedding(inputs["sequence_item_ids"]),
             inputs["sequence_mask"])
-        selected = gather_positions(inputs["sequence"], indices)
-        return self._attention(inputs["candidates"], selected,
+        queries, keys, _ = attention_views(inputs)
+        selected = gather_positions(inputs["sequence"], indices)  # [B, m, k, d]
+        selected_keys = selected if keys is inputs["sequence"] else gather_positions(
+            keys, indices)
+        return self._attention(queries, selected_keys, selected,
                                query_mask=inputs["candidate_mask"], key_mask=selected_mask,
                                attention_bias=scores)
 
@@ -213,6 +261,7 @@ class ETAInterest(SIMHardInterest):
     (ETA); ESU = target attention over them."""
 
     required_inputs = (*InterestModule.required_inputs, "sequence_items")
+    supports_decoupled_embeddings = True  # hashes and attends with the attention tables
 
     def __init__(self, k=100, num_heads=2, key_dim=16, hash_bits=64, hash_seed=None,
                  **kwargs):
@@ -224,19 +273,21 @@ class ETAInterest(SIMHardInterest):
         self.hash_seed = hash_seed
 
     def build(self, input_shape):
-        shape = input_shape["candidates"]
-        self._search.build(shape, input_shape["sequence_items"])
+        query_shape, key_shape = attention_shapes(input_shape)
+        self._search.build(query_shape, input_shape.get("attention_sequence_items",
+                                                        input_shape["sequence_items"]))
         self._attention = layers.MaskedTargetAttention(
-            self.num_heads, self.key_dim, dtype=self.dtype_policy, name="attention")
-        self._attention.build(shape, input_shape["sequence"])
+            self.num_heads, self.key_dim, output_dim=input_shape["candidates"][-1],
+            dtype=self.dtype_policy, name="attention")
+        self._attention.build(query_shape, key_shape, input_shape["sequence"])
         self.built = True
 
     def call(self, inputs):
         # Items are compared without their action and time context (a candidate has none);
         # the ESU then reads the selected events with it, each projected once.
-        indices, selected_mask = self._search(inputs["candidates"], inputs["sequence_items"],
-                                              inputs["sequence_mask"])
-        return self._attention(inputs["candidates"], inputs["sequence"],
+        queries, keys, key_items = attention_views(inputs)
+        indices, selected_mask = self._search(queries, key_items, inputs["sequence_mask"])
+        return self._attention(queries, keys, inputs["sequence"],
                                query_mask=inputs["candidate_mask"], key_mask=selected_mask,
                                key_indices=indices)
 
@@ -290,14 +341,17 @@ class TWINInterest(FullTargetAttentionInterest):
         super().__init__(num_heads=num_heads, key_dim=key_dim, k=k, **kwargs)
 
     def build(self, input_shape):
+        query_shape, key_shape = attention_shapes(input_shape)
         self._attention = layers.TWINAttention(
-            self.k, self.num_heads, self.key_dim, dtype=self.dtype_policy, name="attention")
-        self._attention.build(input_shape["candidates"], input_shape["sequence"])
+            self.k, self.num_heads, self.key_dim, output_dim=input_shape["candidates"][-1],
+            dtype=self.dtype_policy, name="attention")
+        self._attention.build(query_shape, key_shape, input_shape["sequence"])
         self.built = True
 
     def call(self, inputs):
         # The whole sequence: TWIN's own search picks the k events per candidate.
-        return self._attention(inputs["candidates"], inputs["sequence"],
+        queries, keys, _ = attention_views(inputs)
+        return self._attention(queries, keys, inputs["sequence"],
                                query_mask=inputs["candidate_mask"],
                                key_mask=inputs["sequence_mask"])
 
@@ -322,6 +376,13 @@ class LinearAttentionInterest(FullTargetAttentionInterest):
     when there is none), each `exact_match_dim` wide, concatenated after the heads. It
     costs O((m + n) log n) per attribute, no [m, n] comparison. Off by default.
 
+    `short_term_k` adds a short-term module beside the long-term FSM, the production
+    pattern of one long-term and one short-term reader: exact softmax target attention
+    (`MaskedTargetAttention`, the module's heads) over the `short_term_k` most recent valid
+    events, its output (the representation's width) concatenated after the heads. Softmax
+    is sharp where linear attention is not, and the last events are where sharpness pays.
+    O(m * short_term_k): linear in m + n for a fixed k. Off (None) by default.
+
     Inputs (the module dict, see above): with `exact_matches`, `candidate_<a>s` and
     `sequence_<a>s` of every id attribute `<a>` present (`item_id` at least), and
     `sequence_time_deltas` when the schema has `seq_time_delta` (without it, counts only).
@@ -339,8 +400,10 @@ class LinearAttentionInterest(FullTargetAttentionInterest):
     def __init__(self, num_heads=2, key_dim=16, feature_map="elu_plus_one",
                  focusing_factor=None, k=None, learnable_temperature=False,
                  learnable_focusing_factor=False, exact_matches=False, exact_match_dim=8,
-                 time_encoding="embedding", decay_time_scales=None, **kwargs):
+                 time_encoding="embedding", decay_time_scales=None, short_term_k=None,
+                 **kwargs):
         super().__init__(num_heads=num_heads, key_dim=key_dim, k=k, **kwargs)
+        _check_optional_k(short_term_k)
         # Checked here: the attention layer is only made in `build`.
         check_feature_map(feature_map, focusing_factor, learnable_temperature,
                           learnable_focusing_factor)
@@ -349,6 +412,7 @@ class LinearAttentionInterest(FullTargetAttentionInterest):
         check_choice("time_encoding", time_encoding, TIME_ENCODINGS)
         if time_encoding == "decay":
             refused = {"exact_matches": exact_matches or None, "k": k,
+                       "short_term_k": short_term_k,
                        "feature_map": "hedgehog" if feature_map == "hedgehog" else None}
             refused = {name: value for name, value in refused.items() if value is not None}
             if refused:
@@ -368,6 +432,7 @@ class LinearAttentionInterest(FullTargetAttentionInterest):
         self.learnable_focusing_factor = learnable_focusing_factor
         self.exact_matches = exact_matches
         self.exact_match_dim = exact_match_dim
+        self.short_term_k = short_term_k
         if exact_matches:
             self.required_inputs = (*self.required_inputs, "candidate_item_ids",
                                     "sequence_item_ids")
@@ -392,8 +457,15 @@ class LinearAttentionInterest(FullTargetAttentionInterest):
             learnable_temperature=self.learnable_temperature,
             learnable_focusing_factor=self.learnable_focusing_factor,
             use_output_projection=False, dtype=self.dtype_policy, name="attention")
-        self._attention.build(input_shape["candidates"],
+        query_shape, key_shape = attention_shapes(input_shape)
+        self._attention.build(query_shape, _read_shape(key_shape, self.k),
                               _read_shape(input_shape["sequence"], self.k))
+        if self.short_term_k is not None:
+            self._short_term = layers.MaskedTargetAttention(
+                self.num_heads, self.key_dim, output_dim=input_shape["candidates"][-1],
+                dtype=self.dtype_policy, name="short_term_attention")
+            self._short_term.build(query_shape, _read_shape(key_shape, self.short_term_k),
+                                   _read_shape(input_shape["sequence"], self.short_term_k))
         if self.exact_matches:
             self._match_attributes = _match_attributes(input_shape)
             self._with_recency = "sequence_time_deltas" in input_shape
@@ -412,10 +484,17 @@ class LinearAttentionInterest(FullTargetAttentionInterest):
     def call(self, inputs):
         if self.time_encoding == "decay":
             return self.read_state(inputs, self.sequence_state(inputs))
-        attended = super().call(inputs)
-        if not self.exact_matches:
-            return attended
-        return ops.concatenate([attended, self._match_features(inputs)], axis=-1)
+        parts = [super().call(inputs)]
+        if self.short_term_k is not None:
+            # Softmax over the last events: sharp where a linear kernel cannot be.
+            queries, _, _ = attention_views(inputs)
+            keys, values, recent_mask = _most_recent(inputs, self.short_term_k)
+            parts.append(self._short_term(queries, keys, values,
+                                          query_mask=inputs["candidate_mask"],
+                                          key_mask=recent_mask))
+        if self.exact_matches:
+            parts.append(self._match_features(inputs))
+        return parts[0] if len(parts) == 1 else ops.concatenate(parts, axis=-1)
 
     # Stateful reading (time_encoding="decay"): all the candidates need of the sequence.
     @property
@@ -466,6 +545,8 @@ class LinearAttentionInterest(FullTargetAttentionInterest):
 
     def compute_output_shape(self, input_shape):
         width = self.num_heads * self.key_dim
+        if self.short_term_k is not None:
+            width += input_shape["candidates"][-1]
         if self.exact_matches:
             kinds = 2 if "sequence_time_deltas" in input_shape else 1
             width += len(_match_attributes(input_shape)) * kinds * self.exact_match_dim
@@ -478,7 +559,8 @@ class LinearAttentionInterest(FullTargetAttentionInterest):
                 "learnable_focusing_factor": self.learnable_focusing_factor,
                 "exact_matches": self.exact_matches, "exact_match_dim": self.exact_match_dim,
                 "time_encoding": self.time_encoding,
-                "decay_time_scales": self.decay_time_scales}
+                "decay_time_scales": self.decay_time_scales,
+                "short_term_k": self.short_term_k}
 
 
 def _match_attributes(input_shape):
