@@ -1,6 +1,7 @@
 """ifa_tf layers: written with `keras.ops`, so they run on TensorFlow, JAX and PyTorch."""
 
 from ifa_tf.layers.candidate_self_attention import CandidateSelfAttention
+from ifa_tf.layers.dare_attention import DAREAttention
 from ifa_tf.layers.decayed_linear_attention import DecayedLinearAttention
 from ifa_tf.layers.din_activation_unit import DINActivationUnit
 from ifa_tf.layers.eta_search import ETASearch
@@ -12,6 +13,7 @@ from ifa_tf.layers.hashed_embedding import (
 )
 from ifa_tf.layers.masked_average_pooling import MaskedAveragePooling
 from ifa_tf.layers.masked_target_attention import MaskedTargetAttention
+from ifa_tf.layers.mirrn import MIRRNAttention
 from ifa_tf.layers.mlp_tower import MLPTower
 from ifa_tf.layers.normalized_linear_attention import NormalizedLinearAttention
 from ifa_tf.layers.sdim_attention import SDIMAttention
@@ -21,6 +23,7 @@ from ifa_tf.layers.twin_attention import TWINAttention
 
 __all__ = [
     "CandidateSelfAttention",
+    "DAREAttention",
     "DecayedLinearAttention",
     "DINActivationUnit",
     "ETASearch",
@@ -28,6 +31,7 @@ __all__ = [
     "HashedEmbedding",
     "MaskedAveragePooling",
     "MaskedTargetAttention",
+    "MIRRNAttention",
     "MLPTower",
     "NormalizedLinearAttention",
     "SDIMAttention",

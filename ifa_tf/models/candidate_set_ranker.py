@@ -174,7 +174,8 @@ class CandidateSetRanker(TrainingDefaultsMixin, keras.Model):
                 attention_dim * len(schema.item_attributes),
                 names=[f"attention_{name}_embedding" for name in context_features],
                 embeddings_initializer=initializer(),
-                name="attention_sequence_context_embedding") if context_features else None
+                name="attention_sequence_context_embedding"
+            ) if context_features and getattr(interest, "attention_context", True) else None
         cross_embeddings = {
             name: layers.HashedEmbedding(LOG2_BUCKETS, embedding_dim, mode="log2",
                                          embeddings_initializer=initializer(),

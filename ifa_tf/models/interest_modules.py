@@ -14,9 +14,11 @@ and, where the ranker decouples attention from representation (`decoupled_embedd
 attention_candidates [B, m, d_a], attention_sequence [B, n, d_a] and
 attention_sequence_items [B, n, d_a]: the same items and events from the attention tables,
 which a module that attends (`supports_decoupled_embeddings`) reads for its queries, keys
-and searches, while its values stay the representation's,
+and searches, while its values stay the representation's
 
-and returns the candidates' interest vectors [B, m, d]. These classes are thin adapters
+(a module whose class sets `attention_context = False` gets no attention embedding of the
+events' context: `attention_sequence` is then `attention_sequence_items`), and returns the
+candidates' interest vectors [B, m, d]. These classes are thin adapters
 from that dict to the layers of `ifa_tf.layers`; they live together because each is a few
 lines.
 """
@@ -569,3 +571,122 @@ def _match_attributes(input_shape):
     return sorted(key[len("candidate_"):-1] for key in input_shape
                   if key.startswith("candidate_") and key.endswith("_ids")
                   and f"sequence_{key[len('candidate_'):]}" in input_shape)
+
+
+@keras.saving.register_keras_serializable(package="ifa_tf")
+class DAREInterest(InterestModule):
+    """`dare`: DARE's model (Feng et al., ICLR 2025): attention and representation from
+    separate tables (the ranker's `decoupled_embeddings`, which the zoo's `dare` always
+    sets). Each candidate scores every event by the attention tables' items plus a time
+    term (`ifa_tf.layers.DAREAttention`), keeps the top k, and pools the events'
+    representation by the softmax of those scores: h. The towers then read
+    `[r, h, r * h]` (r, the candidate's representation, is every model's first tower
+    input; this module returns `[h, r * h]`).
+
+    The time term: DARE embeds each event's position from the end in the attention space
+    and scores it against the target's (position 0), scaled apart from the items. Here
+    the position is the event's age, log2-bucketed like every model's time context
+    (`time_dim` wide, its own table), and the candidate's age is 0; without
+    `sequence_time_deltas` in the schema there is no time term. The events' action and time
+    context reach the pooled representation, as in every zoo model. Left out: the official
+    code's auxiliary loss over full (not top-k) attention, which the paper does not have.
+    """
+
+    required_inputs = (*InterestModule.required_inputs, "attention_candidates",
+                       "attention_sequence_items")
+    supports_decoupled_embeddings = True
+    # Scores read the attention tables' items and a time term of its own: the ranker
+    # makes no attention tables for the events' context.
+    attention_context = False
+
+    def __init__(self, k=100, time_dim=16, **kwargs):
+        super().__init__(**kwargs)
+        check_positive_int("k", k)
+        check_positive_int("time_dim", time_dim)
+        self.k = k
+        self.time_dim = time_dim
+        self._attention = layers.DAREAttention(k, dtype=self.dtype_policy, name="attention")
+
+    def build(self, input_shape):
+        self._with_time = "sequence_time_deltas" in input_shape
+        if self._with_time:
+            self._time_embedding = layers.HashedEmbedding(
+                LOG2_BUCKETS, self.time_dim, mode="log2", dtype=self.dtype_policy,
+                name="attention_time_embedding")
+            self._time_embedding.build(input_shape["sequence_time_deltas"])
+        self.built = True
+
+    def call(self, inputs):
+        query_time = key_time = None
+        if self._with_time:
+            deltas = inputs["sequence_time_deltas"]
+            key_time = self._time_embedding(deltas)  # [B, n, time_dim]
+            # A candidate is shown now: age 0, one embedding for all of them.
+            query_time = self._time_embedding(
+                ops.zeros((ops.shape(deltas)[0], 1), dtype=deltas.dtype))
+        pooled = self._attention(inputs["attention_candidates"],
+                                 inputs["attention_sequence_items"], inputs["sequence"],
+                                 query_time, key_time, query_mask=inputs["candidate_mask"],
+                                 key_mask=inputs["sequence_mask"])
+        # DARE's target representation (TR): the candidate's own times what it pooled.
+        return ops.concatenate([pooled, inputs["candidates"] * pooled], axis=-1)
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape["candidates"][:-1], 2 * input_shape["sequence"][-1])
+
+    def get_config(self):
+        return {**super().get_config(), "k": self.k, "time_dim": self.time_dim}
+
+
+@keras.saving.register_keras_serializable(package="ifa_tf")
+class MIRRNInterest(InterestModule):
+    """`mirrn`: MIRRN (Xu et al., KDD 2025, `ifa_tf.layers.MIRRNAttention`): the target, the
+    last 16 events and the whole sequence each retrieve their top k events by SimHash
+    (re-sorted oldest first), a Fourier filter refines each retrieved sub-sequence, and
+    multi-head target attention fuses the three interests. Items are hashed without their
+    action and time context (a candidate has none) and the events are retrieved with it.
+    The official code hashes item and category fields as separate pairs; here an item is
+    its attributes' embeddings concatenated, as in the FuxiCTR port and every zoo model.
+    `fourier_filter="released"` reproduces the official code's filter (its einsum keeps
+    one gain per channel); the default is the paper's per-frequency filter."""
+
+    required_inputs = (*InterestModule.required_inputs, "sequence_items")
+
+    def __init__(self, k=100, hash_bits=32, hash_seed=None, local_window=16,
+                 num_filter_heads=4, fourier_filter="paper", dropout=0.1, num_heads=4,
+                 key_dim=8, **kwargs):
+        super().__init__(**kwargs)
+        # Built here, so its own argument checks run when the model is configured.
+        self._attention = layers.MIRRNAttention(
+            k, hash_bits, hash_seed, local_window, num_filter_heads, fourier_filter,
+            dropout, num_heads=num_heads, key_dim=key_dim, dtype=self.dtype_policy,
+            name="attention")
+        self.k = k
+        self.hash_bits = hash_bits
+        self.hash_seed = hash_seed
+        self.local_window = local_window
+        self.num_filter_heads = num_filter_heads
+        self.fourier_filter = fourier_filter
+        self.dropout = dropout
+        self.num_heads = num_heads
+        self.key_dim = key_dim
+
+    def build(self, input_shape):
+        self._attention.build(input_shape["candidates"], input_shape["sequence_items"],
+                              input_shape["sequence"])
+        self.built = True
+
+    def call(self, inputs, training=None):
+        return self._attention(inputs["candidates"], inputs["sequence_items"],
+                               inputs["sequence"], candidate_mask=inputs["candidate_mask"],
+                               sequence_mask=inputs["sequence_mask"], training=training)
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape["candidates"][:-1], input_shape["sequence"][-1])
+
+    def get_config(self):
+        return {**super().get_config(), "k": self.k, "hash_bits": self.hash_bits,
+                "hash_seed": self.hash_seed, "local_window": self.local_window,
+                "num_filter_heads": self.num_filter_heads,
+                "fourier_filter": self.fourier_filter, "dropout": self.dropout,
+                "num_heads": self.num_heads, "key_dim": self.key_dim}
