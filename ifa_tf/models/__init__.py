@@ -4,8 +4,8 @@ from ifa_tf.models.candidate_set_ranker import CandidateSetRanker
 from ifa_tf.models.interest_modules import (AveragePoolingInterest, ETAInterest,
                                             FullTargetAttentionInterest,
                                             LinearAttentionInterest, RecentDINInterest,
-                                            SDIMInterest, SIMHardInterest, SIMSoftInterest,
-                                            TWINInterest)
+                                            SAMInterest, SDIMInterest, SIMHardInterest,
+                                            SIMSoftInterest, TWINInterest)
 
 __all__ = [
     "AveragePoolingInterest",
@@ -14,6 +14,7 @@ __all__ = [
     "FullTargetAttentionInterest",
     "LinearAttentionInterest",
     "RecentDINInterest",
+    "SAMInterest",
     "SDIMInterest",
     "SIMHardInterest",
     "SIMSoftInterest",
