@@ -480,7 +480,8 @@ def test_build_reads_the_schema_of_a_dataset(tmp_path):
 
 
 # Every model whose sequence module attends, and the options that make it small here.
-DECOUPLED = ["din", "din_full", "sim_soft", "twin", "eta", "ifa", "ifa_no_ram", "twin_ram"]
+DECOUPLED = ["din", "din_full", "sim_soft", "twin", "eta", "ifa", "ifa_no_ram", "twin_ram",
+             "sam"]
 
 
 def copy_shared_weights(source, target):

@@ -16,6 +16,7 @@ from ifa_tf.layers.masked_target_attention import MaskedTargetAttention
 from ifa_tf.layers.mirrn import MIRRNAttention
 from ifa_tf.layers.mlp_tower import MLPTower
 from ifa_tf.layers.normalized_linear_attention import NormalizedLinearAttention
+from ifa_tf.layers.sam_memory import SAMMemory
 from ifa_tf.layers.sdim_attention import SDIMAttention
 from ifa_tf.layers.sim_hard_search import SIMHardSearch
 from ifa_tf.layers.sim_soft_search import SIMSoftSearch
@@ -34,6 +35,7 @@ __all__ = [
     "MIRRNAttention",
     "MLPTower",
     "NormalizedLinearAttention",
+    "SAMMemory",
     "SDIMAttention",
     "SIMHardSearch",
     "SIMSoftSearch",

@@ -4,9 +4,8 @@ from ifa_tf.models.candidate_set_ranker import CandidateSetRanker
 from ifa_tf.models.interest_modules import (AveragePoolingInterest, DAREInterest, ETAInterest,
                                             FullTargetAttentionInterest,
                                             LinearAttentionInterest, MIRRNInterest,
-                                            RecentDINInterest,
-                                            SDIMInterest, SIMHardInterest, SIMSoftInterest,
-                                            TWINInterest)
+                                            RecentDINInterest, SAMInterest, SDIMInterest,
+                                            SIMHardInterest, SIMSoftInterest, TWINInterest)
 
 __all__ = [
     "AveragePoolingInterest",
@@ -17,6 +16,7 @@ __all__ = [
     "LinearAttentionInterest",
     "MIRRNInterest",
     "RecentDINInterest",
+    "SAMInterest",
     "SDIMInterest",
     "SIMHardInterest",
     "SIMSoftInterest",

@@ -690,3 +690,54 @@ class MIRRNInterest(InterestModule):
                 "num_filter_heads": self.num_filter_heads,
                 "fourier_filter": self.fourier_filter, "dropout": self.dropout,
                 "num_heads": self.num_heads, "key_dim": self.key_dim}
+class SAMInterest(InterestModule):
+    """`sam`: SAM's sparse attentive memory (`ifa_tf.layers.SAMMemory`): each candidate
+    reads the whole sequence `num_passes` times with point-wise sigmoid weights from an MLP
+    of the candidate, its memory and each event, a GRU refines the memory after each pass,
+    and Memory Enhancement refines it again; O(num_passes * m * n * attention_units) per
+    request.
+
+    The memory starts as the candidate's representation and reads the events' values; with
+    decoupled embeddings the weights compare the attention tables' candidate and events
+    (`SAMMemory` maps the memory into their width where it differs). The output is
+    `summary_units` wide plus the representation's width.
+    """
+
+    supports_decoupled_embeddings = True
+
+    def __init__(self, num_passes=3, attention_units=8, summary_units=16,
+                 enhancement_steps=3, memory_query="paper", **kwargs):
+        super().__init__(**kwargs)
+        # Built here, so its own argument checks run when the model is configured.
+        self._memory = layers.SAMMemory(num_passes, attention_units, summary_units,
+                                        enhancement_steps, memory_query,
+                                        dtype=self.dtype_policy, name="memory")
+        self.num_passes = num_passes
+        self.attention_units = attention_units
+        self.summary_units = summary_units
+        self.enhancement_steps = enhancement_steps
+        self.memory_query = memory_query
+
+    def build(self, input_shape):
+        query_shape, key_shape = attention_shapes(input_shape)
+        self._memory.build(query_shape, key_shape, input_shape["sequence"],
+                           input_shape["candidates"])
+        self.built = True
+
+    def call(self, inputs):
+        queries, keys, _ = attention_views(inputs)
+        return self._memory(queries, keys, inputs["sequence"],
+                            initial_memory=inputs["candidates"],
+                            query_mask=inputs["candidate_mask"],
+                            key_mask=inputs["sequence_mask"])
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape["candidates"][:-1],
+                self.summary_units + input_shape["candidates"][-1])
+
+    def get_config(self):
+        return {**super().get_config(), "num_passes": self.num_passes,
+                "attention_units": self.attention_units,
+                "summary_units": self.summary_units,
+                "enhancement_steps": self.enhancement_steps,
+                "memory_query": self.memory_query}
