@@ -690,6 +690,9 @@ class MIRRNInterest(InterestModule):
                 "num_filter_heads": self.num_filter_heads,
                 "fourier_filter": self.fourier_filter, "dropout": self.dropout,
                 "num_heads": self.num_heads, "key_dim": self.key_dim}
+
+
+@keras.saving.register_keras_serializable(package="ifa_tf")
 class SAMInterest(InterestModule):
     """`sam`: SAM's sparse attentive memory (`ifa_tf.layers.SAMMemory`): each candidate
     reads the whole sequence `num_passes` times with point-wise sigmoid weights from an MLP
