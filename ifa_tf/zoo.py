@@ -1,11 +1,11 @@
-"""The model zoo: every model of the IFA paper, plus ETA and SDIM, built by name.
+"""The model zoo: every model of the IFA paper, plus ETA, SDIM and TWIN-V2, built by name.
 
 >>> import ifa_tf
 >>> model = ifa_tf.zoo.build("ifa")               # default schema
 >>> model = ifa_tf.zoo.build("twin", k=50)        # overrides are checked
 >>> ifa_tf.zoo.list_models()
 ['avg_pooling', 'din', 'din_full', 'eta', 'ifa', 'ifa_no_ram', 'sdim', 'sim_hard', 'sim_soft',
- 'twin', 'twin_ram']
+ 'twin', 'twin_ram', 'twin_v2']
 
 `ifa` and `ifa_no_ram` take the FSM's `feature_map`, `focusing_factor`,
 `learnable_temperature`, `learnable_focusing_factor` and `exact_matches`; the models with
@@ -33,7 +33,7 @@ import inspect
 from ifa_tf.models import (AveragePoolingInterest, CandidateSetRanker, ETAInterest,
                            FullTargetAttentionInterest, LinearAttentionInterest,
                            RecentDINInterest, SDIMInterest, SIMHardInterest, SIMSoftInterest,
-                           TWINInterest)
+                           TWINInterest, TWINV2Interest)
 
 _REGISTRY = {}
 
@@ -167,6 +167,7 @@ _register_ranker("twin", TWINInterest, use_ram=False)
 _register_ranker("eta", ETAInterest, use_ram=False)
 _register_ranker("sdim", SDIMInterest, use_ram=False)
 _register_ranker("twin_ram", TWINInterest, use_ram=True)  # IFA - FSM (paper Table 3)
+_register_ranker("twin_v2", TWINV2Interest, use_ram=False)
 _register_ranker("ifa_no_ram", LinearAttentionInterest, use_ram=False,  # IFA - RAM
                  defaults=IFA_DEFAULTS)
 _register_ranker("ifa", LinearAttentionInterest, use_ram=True, defaults=IFA_DEFAULTS)

@@ -5,7 +5,7 @@ from ifa_tf.models.interest_modules import (AveragePoolingInterest, ETAInterest,
                                             FullTargetAttentionInterest,
                                             LinearAttentionInterest, RecentDINInterest,
                                             SDIMInterest, SIMHardInterest, SIMSoftInterest,
-                                            TWINInterest)
+                                            TWINInterest, TWINV2Interest)
 
 __all__ = [
     "AveragePoolingInterest",
@@ -18,4 +18,5 @@ __all__ = [
     "SIMHardInterest",
     "SIMSoftInterest",
     "TWINInterest",
+    "TWINV2Interest",
 ]
