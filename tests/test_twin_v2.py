@@ -187,7 +187,8 @@ def test_padding_and_where_it_lies_change_nothing():
     # ...and the valid events moved to the front, then 5 more padded slots: same clusters.
     order = np.argsort(~mask, axis=1, kind="stable")
     moved = [np.pad(np.take_along_axis(x, order[..., None] if x.ndim == 3 else order, 1),
-                    ((0, 0), (0, 5)) + ((0, 0),) * (x.ndim - 2)) for x in (items, events, groups)]
+                    ((0, 0), (0, 5)) + ((0, 0),) * (x.ndim - 2))
+             for x in (items, events, groups)]
     moved_mask = np.pad(np.take_along_axis(mask, order, 1), ((0, 0), (0, 5)))
     for got, want in zip(call(layer, *moved, moved_mask), base):
         np.testing.assert_allclose(got, want, atol=1e-6)
@@ -283,11 +284,14 @@ def test_log_size_bias_weighs_a_cluster_as_its_size_in_identical_keys():
     plain = layers.MaskedTargetAttention(2, 4)
     plain.build((None, None, depth), (None, None, depth))
     plain.set_weights(layer.get_weights())
-    for row in range(batch):
-        repeated = np.repeat(keys[row][cluster_mask[row]], sizes[row][cluster_mask[row]],
-                             axis=0)[None]
-        expected = np_(plain(query[row:row + 1], repeated))
-        np.testing.assert_allclose(out[row:row + 1], expected, rtol=1e-5, atol=1e-6)
+    # Each valid cluster's key repeated size times, the rows padded to one length.
+    repeated = [np.repeat(keys[row][cluster_mask[row]], sizes[row][cluster_mask[row]], axis=0)
+                for row in range(batch)]
+    length = max(len(r) for r in repeated)
+    repeated_mask = np.array([[i < len(r) for i in range(length)] for r in repeated])
+    repeated = np.stack([np.pad(r, ((0, length - len(r)), (0, 0))) for r in repeated])
+    expected = np_(plain(query, repeated, key_mask=repeated_mask))
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
     # Without the bias the clusters weigh alike: a different output.
     unbiased = np_(layer(query, keys, key_mask=cluster_mask))
     assert np.abs(unbiased - out).max() > 1e-3
@@ -319,7 +323,8 @@ def test_gsu_ranks_by_the_mean_scaled_logit_plus_the_bias():
     weights = np.exp(logits - logits.max(-1, keepdims=True))
     weights /= weights.sum(-1, keepdims=True)
     heads = np.einsum("bmhn,bnhc->bmhc", weights, v)
-    expected = np.tensordot(heads, w["attention_output/kernel"], axes=([-2, -1], [0, 1])) +         w["attention_output/bias"]
+    expected = (np.tensordot(heads, w["attention_output/kernel"], axes=([-2, -1], [0, 1]))
+                + w["attention_output/bias"])
     out = np_(layer(query, keys, key_mask=key_mask, key_bias=bias))
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
 

@@ -47,10 +47,10 @@ class TWINV2Clustering(keras.layers.Layer):
     schema or the TFRecords, and TF Serving receives the same request). The price is the
     clustering's cost on every request, O(n (d + L) + n log n) for L = `cluster_bits`
     (one sort, L + 1 passes over the sorted events, a few segment sums), where TWIN-V2
-    amortises it over a day. The clustering reads the item embeddings through a stop
-    gradient: it moves with the embeddings as they train (the paper re-clusters with the
-    latest embeddings periodically) but is not itself trained; the clusters' embeddings
-    keep their gradients.
+    re-clusters periodically and shares the cost among many requests. The clustering
+    reads the item embeddings through a stop gradient: it follows the embeddings as they
+    train (as the paper re-clusters with the latest ones) but is not itself trained; the
+    clusters' embeddings keep their gradients.
 
     Static shapes: the cluster axis has n slots, the C clusters of a request first (in the
     order of group, signature, then oldest member) and C <= n; `max_clusters` keeps only
@@ -58,9 +58,10 @@ class TWINV2Clustering(keras.layers.Layer):
     what reads the clusters (TWIN's GSU) costs O(max_clusters) per candidate instead of
     O(n): that is where TWIN-V2 saves time.
 
-    Masking: padded events (`sequence_mask` False) join no cluster, and neither their embeddings nor
-    their groups change anything; a request without valid events has no cluster. The
-    result does not depend on where the padding lies (only on the valid events' order).
+    Masking: padded events (`sequence_mask` False) join no cluster, and neither their
+    embeddings nor their groups change anything; a request without valid events has no
+    cluster. The result does not depend on where the padding lies, only on the valid
+    events' order.
 
     Args:
         max_cluster_size: gamma, the most events in one cluster (20: the paper's value as
