@@ -1,12 +1,12 @@
-"""The model zoo: every model of the IFA paper, plus ETA, SDIM, SAM, DARE and MIRRN, built by
-name.
+"""The model zoo: every model of the IFA paper, plus ETA, SDIM, SAM, TWIN-V2, DARE and
+MIRRN, built by name.
 
 >>> import ifa_tf
 >>> model = ifa_tf.zoo.build("ifa")               # default schema
 >>> model = ifa_tf.zoo.build("twin", k=50)        # overrides are checked
 >>> ifa_tf.zoo.list_models()
 ['avg_pooling', 'dare', 'din', 'din_full', 'eta', 'ifa', 'ifa_no_ram', 'mirrn', 'sam',
- 'sdim', 'sim_hard', 'sim_soft', 'twin', 'twin_ram']
+ 'sdim', 'sim_hard', 'sim_soft', 'twin', 'twin_ram', 'twin_v2']
 
 `ifa` and `ifa_no_ram` take the FSM's `feature_map`, `focusing_factor`,
 `learnable_temperature`, `learnable_focusing_factor` and `exact_matches`; the models with
@@ -34,7 +34,7 @@ import inspect
 from ifa_tf.models import (AveragePoolingInterest, CandidateSetRanker, DAREInterest,
                            ETAInterest, FullTargetAttentionInterest, LinearAttentionInterest,
                            MIRRNInterest, RecentDINInterest, SAMInterest, SDIMInterest,
-                           SIMHardInterest, SIMSoftInterest, TWINInterest)
+                           SIMHardInterest, SIMSoftInterest, TWINInterest, TWINV2Interest)
 
 _REGISTRY = {}
 
@@ -179,6 +179,7 @@ _register_ranker("dare", DAREInterest, use_ram=False, fixed={"decoupled_embeddin
 _register_ranker("mirrn", MIRRNInterest, use_ram=False)
 _register_ranker("sam", SAMInterest, use_ram=False)
 _register_ranker("twin_ram", TWINInterest, use_ram=True)  # IFA - FSM (paper Table 3)
+_register_ranker("twin_v2", TWINV2Interest, use_ram=False)
 _register_ranker("ifa_no_ram", LinearAttentionInterest, use_ram=False,  # IFA - RAM
                  defaults=IFA_DEFAULTS)
 _register_ranker("ifa", LinearAttentionInterest, use_ram=True, defaults=IFA_DEFAULTS)

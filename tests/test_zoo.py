@@ -19,7 +19,8 @@ SCHEMA = FeatureSchema(embedding_buckets={"user_id": 40, "item_id": 64, "categor
 # Small sub-sequences so that n = 12 is "long" for the sampling baselines.
 OVERRIDES = {"din": {"k": 4}, "sim_hard": {"k": 4}, "sim_soft": {"k": 4, "search_buckets": 64},
              "dare": {"k": 4}, "mirrn": {"k": 4, "local_window": 3, "num_filter_heads": 2},
-             "twin": {"k": 4}, "twin_ram": {"k": 4}, "eta": {"k": 4}}
+             "twin": {"k": 4}, "twin_ram": {"k": 4}, "eta": {"k": 4},
+             "twin_v2": {"k": 4, "max_cluster_size": 2}}
 SMALL = {"embedding_dim": 4, "tower_units": [16, 8]}
 # IFA's options that add to what the model computes, run through every test below as if
 # they were models of their own: exact matches, and separate maps with learnable sharpness

@@ -21,6 +21,7 @@ from ifa_tf.layers.sdim_attention import SDIMAttention
 from ifa_tf.layers.sim_hard_search import SIMHardSearch
 from ifa_tf.layers.sim_soft_search import SIMSoftSearch
 from ifa_tf.layers.twin_attention import TWINAttention
+from ifa_tf.layers.twin_v2_clustering import TWINV2Clustering
 
 __all__ = [
     "CandidateSelfAttention",
@@ -42,4 +43,5 @@ __all__ = [
     "StackedHashedEmbedding",
     "SummedHashedEmbedding",
     "TWINAttention",
+    "TWINV2Clustering",
 ]

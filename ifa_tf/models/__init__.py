@@ -5,7 +5,8 @@ from ifa_tf.models.interest_modules import (AveragePoolingInterest, DAREInterest
                                             FullTargetAttentionInterest,
                                             LinearAttentionInterest, MIRRNInterest,
                                             RecentDINInterest, SAMInterest, SDIMInterest,
-                                            SIMHardInterest, SIMSoftInterest, TWINInterest)
+                                            SIMHardInterest, SIMSoftInterest, TWINInterest,
+                                            TWINV2Interest)
 
 __all__ = [
     "AveragePoolingInterest",
@@ -21,4 +22,5 @@ __all__ = [
     "SIMHardInterest",
     "SIMSoftInterest",
     "TWINInterest",
+    "TWINV2Interest",
 ]

@@ -227,6 +227,8 @@ class CandidateSetRanker(TrainingDefaultsMixin, keras.Model):
             module_inputs[f"sequence_{attribute}s"] = inputs[SEQUENCE_PREFIX + attribute]
         if _TIME_DELTA in schema.sequence_context:
             module_inputs["sequence_time_deltas"] = inputs[_TIME_DELTA]
+        if "seq_action" in schema.sequence_context:  # e.g. TWIN-V2's groups
+            module_inputs["sequence_actions"] = inputs["seq_action"]
         outputs = _score_candidates(
             schema, {"ram": ram, "user": user_embeddings, "cross": cross_embeddings,
                      "towers": towers}, inputs, candidates, candidate_mask,

@@ -9,6 +9,7 @@ only in this module, so comparisons isolate it. A module is a layer called with 
     candidate_<a>s / sequence_<a>s [B, m] / [B, n] for every id attribute <a> of the
     schema (candidate_item_ids, and e.g. candidate_category_ids, candidate_author_ids),
     and sequence_time_deltas [B, n] when the schema has `seq_time_delta`
+    (sequence_actions [B, n] when it has `seq_action`)
 
 and, where the ranker decouples attention from representation (`decoupled_embeddings`),
 attention_candidates [B, m, d_a], attention_sequence [B, n, d_a] and
@@ -744,3 +745,72 @@ class SAMInterest(InterestModule):
                 "summary_units": self.summary_units,
                 "enhancement_steps": self.enhancement_steps,
                 "memory_query": self.memory_query}
+
+
+@keras.saving.register_keras_serializable(package="ifa_tf")
+class TWINV2Interest(TWINInterest):
+    """`twin_v2`: TWIN's GSU (top k) and ESU over the user's history compressed into
+    clusters of at most `max_cluster_size` events, each scored with ln(its size) added
+    (TWIN-V2, Si et al., CIKM 2024).
+
+    The clustering (`ifa_tf.layers.TWINV2Clustering`) runs in the model, per request, on
+    the stop-gradient item embeddings: a request carries the raw sequence alone, as for
+    every other model, and no offline job or cluster feature is needed. It groups events
+    by their action bits (`group_by_action`; the paper's play-completion groups), splits
+    each group by up to `cluster_bits` SimHash hyperplanes until no cell holds more than
+    `max_cluster_size` events (the paper's recursive k-means), and cuts what is still
+    larger oldest first. A cluster is read as the item closest to its centroid plus its
+    members' mean context (action, time). `max_clusters` keeps only the clusters with the
+    most recent events, so the GSU costs O(m * max_clusters) instead of O(m n).
+
+    Inputs (the module dict): `sequence_items`, and `sequence_actions` when the schema has
+    `seq_action` (without it, or with `group_by_action=False`, one group).
+    """
+
+    required_inputs = (*InterestModule.required_inputs, "sequence_items")
+    # It clusters, attends and reads values from one set of embeddings.
+    supports_decoupled_embeddings = False
+
+    def __init__(self, k=100, num_heads=2, key_dim=16, max_cluster_size=20, cluster_bits=8,
+                 max_clusters=None, group_by_action=True, hash_seed=None, **kwargs):
+        super().__init__(k=k, num_heads=num_heads, key_dim=key_dim, **kwargs)
+        check_bool("group_by_action", group_by_action)
+        # Built here, so its own argument checks run when the model is configured. Groups
+        # are the ranker's action buckets (bit sets of click, long view, like).
+        from ifa_tf.models.candidate_set_ranker import _ACTION_BUCKETS
+
+        self._clustering = layers.TWINV2Clustering(
+            max_cluster_size, cluster_bits, num_groups=_ACTION_BUCKETS,
+            max_clusters=max_clusters,
+            hash_seed=hash_seed, dtype=self.dtype_policy, name="clustering")
+        self.max_cluster_size = max_cluster_size
+        self.cluster_bits = cluster_bits
+        self.max_clusters = max_clusters
+        self.group_by_action = group_by_action
+        self.hash_seed = hash_seed
+
+    def build(self, input_shape):
+        self._clustering.build(input_shape["sequence_items"], input_shape["sequence"])
+        clusters_shape, _, _ = self._clustering.compute_output_shape(
+            input_shape["sequence_items"], input_shape["sequence"])
+        self._attention = layers.TWINAttention(
+            self.k, self.num_heads, self.key_dim, output_dim=input_shape["candidates"][-1],
+            dtype=self.dtype_policy, name="attention")
+        self._attention.build(input_shape["candidates"], clusters_shape)
+        self.built = True
+
+    def call(self, inputs):
+        groups = inputs.get("sequence_actions") if self.group_by_action else None
+        clusters, sizes, cluster_mask = self._clustering(
+            inputs["sequence_items"], inputs["sequence"], groups=groups,
+            sequence_mask=inputs["sequence_mask"])
+        # ln(n_c) in both stages: a cluster weighs as its n_c events would.
+        size_bias = ops.log(ops.cast(ops.maximum(sizes, 1), "float32"))
+        return self._attention(inputs["candidates"], clusters,
+                               query_mask=inputs["candidate_mask"], key_mask=cluster_mask,
+                               key_bias=size_bias)
+
+    def get_config(self):
+        return {**super().get_config(), "max_cluster_size": self.max_cluster_size,
+                "cluster_bits": self.cluster_bits, "max_clusters": self.max_clusters,
+                "group_by_action": self.group_by_action, "hash_seed": self.hash_seed}
