@@ -86,6 +86,9 @@ flags.DEFINE_integer("k", 100, "Sub-sequence length k of the sampling baselines.
 flags.DEFINE_string("length_reference", "twin", "The model whose AUC each model's is "
                     "compared with per sequence-length group.")
 flags.DEFINE_multi_string("set", [], "Extra config overrides for every run.")
+flags.DEFINE_bool("read_only", False, "Train nothing: report the runs already finished in "
+                  "--work_dir (a row, seed or dataset without one is left out and the table "
+                  "says how many seeds each cell has).")
 
 
 def parse_extra_run(spec):
@@ -234,8 +237,12 @@ def summarise(results, tasks, metric):
 
 
 def format_mean_std(mean, std, num_seeds):
-    """`mean ± std` over seeds; a single run says so instead of showing a zero std."""
-    return f"{mean:.4f} ± {std:.4f}" if num_seeds > 1 else f"{mean:.4f} (1 seed)"
+    """`mean ± std` over seeds; a single run says so instead of showing a zero std, and a
+    cell of fewer seeds than `--seeds` says how many it has."""
+    if num_seeds == 1:
+        return f"{mean:.4f} (1 seed)"
+    fewer = f" ({num_seeds} seeds)" if num_seeds < len(FLAGS.seeds) else ""
+    return f"{mean:.4f} ± {std:.4f}{fewer}"
 
 
 def markdown_table(table, tasks, rows, names=None, truth=None, lower_is_better=False,
@@ -400,6 +407,9 @@ def main(argv):
                         or dataset not in row_datasets.get(label, [dataset])):
                     continue
                 run_dir = os.path.join(FLAGS.work_dir, "runs", dataset, label, f"seed{seed}")
+                if FLAGS.read_only and not os.path.exists(os.path.join(run_dir,
+                                                                       "metrics.json")):
+                    continue
                 metrics = run_one(model, seed, data_dir, run_dir, epochs, overrides)
                 results[dataset][label].append(metrics)
                 print(f"{dataset} {label} seed={seed}: "
@@ -578,8 +588,8 @@ def write_report(results, metadata, runs, seeds, mn, wall_time, commit):
                   f"{split['test']['num_requests']} requests; mean n "
                   f"{split['test'].get('mean_seq_len', float('nan')):.0f}, mean m "
                   f"{split['test'].get('mean_candidates', float('nan')):.0f} (test split)."
-                  + (f" Not run here (`--row_datasets`): {', '.join(absent)}." if absent
-                     else ""), ""]
+                  + (f" Not run here ({'no finished run' if FLAGS.read_only else '`--row_datasets`'}):"
+                     f" {', '.join(absent)}." if absent else ""), ""]
         ladder = read_ceiling_ladder(meta)
         if ladder:
             lines += ["### Ceiling ladder (test split)", "",
