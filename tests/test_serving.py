@@ -81,7 +81,7 @@ def build_model(name, seed):
 
 class ServeProcess:
     """An `ifa-serve` subprocess: `start(log_path, flags, names)` runs it with `flags` (ports
-    added) and waits until the models `names` answer over gRPC and `ifa` over REST."""
+    added) and waits until the models `names` answer over gRPC and the first over REST."""
 
     def start(self, log_path, flags, names=("ifa",)):
         self.port, self.rest_port = free_port(), free_port()
@@ -108,7 +108,8 @@ class ServeProcess:
                     request = get_model_status_pb2.GetModelStatusRequest()
                     request.model_spec.name = name
                     self.model_stub.GetModelStatus(request, timeout=2)
-                urllib.request.urlopen(f"http://{self.rest_target}/v1/models/ifa", timeout=2)
+                urllib.request.urlopen(f"http://{self.rest_target}/v1/models/{names[0]}",
+                                       timeout=2)
                 return
             except (grpc.RpcError, OSError):
                 time.sleep(0.3)
