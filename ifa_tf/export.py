@@ -429,8 +429,13 @@ def add_state_endpoints(archive, model, specs):
     of another model (`state_model`), holding NaN or infinity, or with negative weights
     (z < 0); `now` before `state_time` (the state holds events the request's time has not
     seen: clocks disagree or the state is another user's; rank at `state_time` or later);
-    a negative `seq_time_delta`; batch sizes that disagree. An empty state (zeros, time 0)
-    is a user with no history.
+    a time (`now`, `state_time`, a valid event's `seq_event_time`) or age (a valid event's
+    `seq_time_delta`) outside [0, `schema.MAX_TIME`], int64 seconds from 1970 to 2106: a
+    time in milliseconds, far in the future or negative would move a state's reference
+    time so far that it decays to nothing, or overflow a time difference; batch sizes that
+    disagree. Every check passes before anything is computed, and `update_state` never
+    returns a state holding NaN or infinity. An empty state (zeros, time 0) is a user with
+    no history.
     """
     model_id = state_model_id(model)
     state_shape = model.state_shape
@@ -449,40 +454,46 @@ def add_state_endpoints(archive, model, specs):
         return {STATE: state, STATE_TIME: state_time,
                 STATE_MODEL: tf.fill([batch], tf.constant(model_id, tf.int64))}
 
-    def user_state(inputs):
-        now = inputs[NOW]
-        checks = _batch_checks(inputs, NOW) + _length_checks(inputs, "seq_item_id",
-                                                             "sequence length n")
-        delta = inputs[schema_lib.SEQUENCE_PREFIX + "time_delta"]
-        valid = tf.not_equal(inputs[schema_lib.SEQUENCE_PREFIX + "item_id"], 0)
-        checks.append(tf.debugging.assert_non_negative(
-            tf.where(valid, delta, tf.zeros_like(delta)),
-            message="seq_time_delta must be >= 0 (seconds before `now`) at valid events"))
+    def checked(inputs, checks):
+        """`inputs` once `checks` passed: nothing computes with a refused value."""
         with tf.control_dependencies(checks):
-            made = model.user_state(inputs, tf.identity(now))
+            return {name: tf.identity(value) for name, value in inputs.items()}
+
+    def user_state(inputs):
+        valid = tf.not_equal(inputs[schema_lib.SEQUENCE_PREFIX + "item_id"], 0)
+        inputs = checked(inputs, _batch_checks(inputs, NOW)
+                         + _length_checks(inputs, "seq_item_id", "sequence length n")
+                         + [_time_check(inputs, NOW),
+                            _time_check(inputs, schema_lib.SEQUENCE_PREFIX + "time_delta",
+                                        valid, "seconds before `now`, at a valid event")])
+        made = model.user_state(inputs, inputs[NOW])
         return out(made[STATE], made[STATE_TIME])
 
     def update_state(inputs):
-        checks = (_batch_checks(inputs, STATE_TIME)
-                  + _length_checks(inputs, "seq_item_id", "event count")
-                  + _state_checks(inputs, model_id, state_shape))
-        with tf.control_dependencies(checks):
-            state = tf.identity(inputs[STATE])
-        made = model.update_state(state, inputs[STATE_TIME], inputs)
-        return out(made[STATE], made[STATE_TIME])
+        valid = tf.not_equal(inputs[schema_lib.SEQUENCE_PREFIX + "item_id"], 0)
+        inputs = checked(inputs, _batch_checks(inputs, STATE_TIME)
+                         + _length_checks(inputs, "seq_item_id", "event count")
+                         + _state_checks(inputs, model_id, state_shape)
+                         + [_time_check(inputs, STATE_TIME),
+                            _time_check(inputs, EVENT_TIME, valid, "at a valid event")])
+        made = model.update_state(inputs[STATE], inputs[STATE_TIME], inputs)
+        with tf.control_dependencies([_finite_check(
+                made[STATE], "update_state made a state holding NaN or infinity ({} of {} "
+                "values) from a finite one: the state sent is not one this model made")]):
+            return out(tf.identity(made[STATE]), made[STATE_TIME])
 
     def rank_with_state(inputs):
-        checks = (_batch_checks(inputs, NOW) + _length_checks(inputs, "cand_item_id",
-                                                              "candidate count m")
-                  + _state_checks(inputs, model_id, state_shape))
-        checks.append(tf.debugging.assert_greater_equal(
-            inputs[NOW], inputs[STATE_TIME],
-            message="`now` is earlier than `state_time`, the reference time of the state: the "
-                    "state holds events after the time of the request. Rank at state_time or "
-                    "later (now, state_time)"))
-        with tf.control_dependencies(checks):
-            state = tf.identity(inputs[STATE])
-        outputs = model.rank_with_state(inputs, state, inputs[STATE_TIME], inputs[NOW])
+        inputs = checked(inputs, _batch_checks(inputs, NOW)
+                         + _length_checks(inputs, "cand_item_id", "candidate count m")
+                         + _state_checks(inputs, model_id, state_shape)
+                         + [_time_check(inputs, NOW), _time_check(inputs, STATE_TIME),
+                            tf.debugging.assert_greater_equal(
+                                inputs[NOW], inputs[STATE_TIME],
+                                message="`now` is earlier than `state_time`, the reference "
+                                        "time of the state: the state holds events after "
+                                        "the time of the request. Rank at state_time or "
+                                        "later (now, state_time)")])
+        outputs = model.rank_with_state(inputs, inputs[STATE], inputs[STATE_TIME], inputs[NOW])
         result = {name: tf.cast(value, tf.float32) for name, value in outputs.items()}
         result[RANKED_INDICES], result[RANKED_ITEM_IDS] = rank_candidates(
             result[SCORE], inputs["cand_item_id"])
@@ -554,6 +565,34 @@ def _length_checks(inputs, reference, axis_name):
         for name, value in sorted(inputs.items()) if value.shape.rank == 2]
 
 
+def _time_check(inputs, name, valid=None, where=""):
+    """`inputs[name]` (int64 seconds) lies in [0, MAX_TIME] (where `valid`, if given):
+    INVALID_ARGUMENT naming the input, its first value outside and that value's position."""
+    value = inputs[name]
+    outside = tf.logical_or(value < 0, value > schema_lib.MAX_TIME)
+    if valid is not None:
+        outside = tf.logical_and(outside, valid)
+    # Empty when nothing is outside (no index to fail on): one value and its position.
+    first_value = tf.strings.reduce_join(tf.strings.as_string(
+        tf.boolean_mask(value, outside)[:1]))
+    first_position = tf.strings.reduce_join(tf.strings.as_string(
+        tf.reshape(tf.where(outside)[:1], [-1])), separator=", ")
+    unit = f" ({where})" if where else ""
+    return tf.debugging.Assert(tf.logical_not(tf.reduce_any(outside)), [tf.strings.join([
+        f"`{name}`{unit} is ", first_value, " at [", first_position,
+        f"], outside [0, {schema_lib.MAX_TIME}]: times are int64 seconds from 1970 to 2106 "
+        "(milliseconds, or a time far in the future or before 1970, are refused)"])])
+
+
+def _finite_check(value, message):
+    """An assert that `value` holds no NaN or infinity; `message` has two `{}` for the
+    count of such values and the size. Its text is one line (unlike `assert_all_finite`'s,
+    which carries TensorFlow's graph context)."""
+    bad = tf.logical_not(tf.math.is_finite(value))
+    return tf.debugging.Assert(tf.logical_not(tf.reduce_any(bad)), [tf.strings.format(
+        message, (tf.math.count_nonzero(bad), tf.size(value, out_type=tf.int64)))])
+
+
 def _state_checks(inputs, model_id, state_shape):
     """A state of this model: its shape, its model id, finite values, z >= 0."""
     state = inputs[STATE]
@@ -568,7 +607,8 @@ def _state_checks(inputs, model_id, state_shape):
             message=f"`state_model` is not this model's ({model_id}): the state was made by "
                     "another model version. Rebuild the states for this version (ifa-state "
                     "build) or rank with the version that made them. state_model"),
-        tf.debugging.assert_all_finite(state, message="`state` holds NaN or infinity"),
+        _finite_check(state, "`state` holds NaN or infinity ({} of {} values): it is not a "
+                             "state this model made"),
         tf.debugging.assert_non_negative(
             state[..., -1], message="`state` has a negative normaliser (its last column): "
                                     "it is not a state this model made"),

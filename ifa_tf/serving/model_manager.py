@@ -270,11 +270,14 @@ def _type_name(dtype):
 
 
 def _op_error_message(error):
-    """The useful line of a TF runtime error (drops Python-side 'Graph execution' framing)."""
+    """The useful line of a TF runtime error: drops the Python side's 'Graph execution'
+    framing and the graph context TensorFlow appends (`[[{{node ...}}]]`, `[Op:...]`)."""
     message = error.message
     marker = message.find("assertion failed:")
     if marker >= 0:
         message = message[marker:]
+    for context in ("\n\t [[", " [Op:"):
+        message = message.split(context)[0]
     return message.strip()
 
 
