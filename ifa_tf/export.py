@@ -16,7 +16,8 @@ batch size, n and m is served without re-export) and returns:
 `serving_raw` takes the same features with raw string ids in place of the int64 ids (user
 features and every item attribute, sequence and candidates: `user_id`, `seq_item_id`,
 `cand_item_id`, `*_category_id`, `*_author_id`; `seq_action`, `seq_time_delta` and the
-cross counts stay int64), maps them in the graph exactly as `ifa-data from-log` maps a
+cross counts stay int64), refuses an id longer than `raw_ids.MAX_ID_BYTES` (1,024 bytes)
+before anything else runs (INVALID_ARGUMENT naming the input), maps them in the graph exactly as `ifa-data from-log` maps a
 log's ids (`ifa_tf.data.raw_ids`: the vocabularies it wrote, carried as SavedModel assets,
 then the converter's own rule for ids it never saw; `""` is padding), and returns what
 `serving_default` returns plus `ranked_raw_item_ids`, string [B, m]: the candidates' raw ids
@@ -272,10 +273,16 @@ class RawIdTables(tf.Module):
 
 
 def make_raw_serving_function(serve, raw_names, tables):
-    """The function behind `serving_raw`: raw ids -> int64 ids, `serve`, raw ranked ids."""
+    """The function behind `serving_raw`: raw ids -> int64 ids, `serve`, raw ranked ids.
+
+    Every raw id's length is checked first (`raw_id_length_checks`): nothing else runs on a
+    request holding a longer one."""
     from ifa_tf.data import raw_ids
 
     def serve_raw(features):
+        checks = raw_id_length_checks({name: features[name] for name in raw_names})
+        with tf.control_dependencies(checks):
+            features = {name: tf.identity(value) for name, value in features.items()}
         mapped = dict(features)
         encoded = raw_ids.encode_ids_tensors(
             [features[name] for name in raw_names],
@@ -287,6 +294,35 @@ def make_raw_serving_function(serve, raw_names, tables):
         return result
 
     return serve_raw
+
+
+def raw_id_length_checks(raw_inputs, max_bytes=None):
+    """Asserts that no raw id (`{name: string tensor}`) holds more than `max_bytes` (default
+    `raw_ids.MAX_ID_BYTES`) bytes: INVALID_ARGUMENT naming the input, the first longer id's
+    length and its position. One length per id: cheap beside the mapping, whose time grows
+    with the ids' bytes."""
+    from ifa_tf.data import raw_ids
+
+    max_bytes = raw_ids.MAX_ID_BYTES if max_bytes is None else max_bytes
+    checks = []
+    for name, value in sorted(raw_inputs.items()):
+        lengths = tf.strings.length(value, unit="BYTE")
+        too_long = lengths > max_bytes
+        length, position = _first_where(lengths, too_long)
+        checks.append(tf.debugging.Assert(tf.logical_not(tf.reduce_any(too_long)), [
+            tf.strings.join([f"Input {name}: a raw id of ", length, " bytes at [", position,
+                             f"], over the limit of {max_bytes} bytes per raw id"])]))
+    return checks
+
+
+def _first_where(value, mask):
+    """`(value, position)` as strings of the first element of `value` where `mask` holds,
+    both empty when it holds nowhere (nothing is indexed that may not exist)."""
+    first_value = tf.strings.reduce_join(tf.strings.as_string(
+        tf.boolean_mask(value, mask)[:1]))
+    position = tf.strings.reduce_join(tf.strings.as_string(
+        tf.reshape(tf.where(mask)[:1], [-1])), separator=", ")
+    return first_value, position
 
 
 def resolve_vocabularies(vocabularies):
@@ -370,6 +406,8 @@ def export_saved_model(model, base_dir, version=None, schema=None, model_name=No
     if stateful is not None:
         warmup += state_warmup_requests(stateful, specs, warmup_shapes, seed)
 
+    from ifa_tf.data import raw_ids
+
     os.makedirs(base_dir, exist_ok=True)
     temp_dir = tempfile.mkdtemp(prefix=f"{_TEMP_PREFIX}{version}-", dir=base_dir)
     try:
@@ -383,6 +421,7 @@ def export_saved_model(model, base_dir, version=None, schema=None, model_name=No
         metadata = _metadata(model_name, version, schema, specs, probe, jit_compile)
         metadata["raw_signature_name"] = RAW_SIGNATURE_NAME
         metadata["raw_id_inputs"] = raw_id_features(specs, schema)
+        metadata["raw_id_max_bytes"] = raw_ids.MAX_ID_BYTES
         metadata["vocabularies"] = vocabulary_counts
         metadata["stateful"] = stateful
         with open(os.path.join(extra_dir, METADATA_FILE), "w") as f:
@@ -572,11 +611,7 @@ def _time_check(inputs, name, valid=None, where=""):
     outside = tf.logical_or(value < 0, value > schema_lib.MAX_TIME)
     if valid is not None:
         outside = tf.logical_and(outside, valid)
-    # Empty when nothing is outside (no index to fail on): one value and its position.
-    first_value = tf.strings.reduce_join(tf.strings.as_string(
-        tf.boolean_mask(value, outside)[:1]))
-    first_position = tf.strings.reduce_join(tf.strings.as_string(
-        tf.reshape(tf.where(outside)[:1], [-1])), separator=", ")
+    first_value, first_position = _first_where(value, outside)
     unit = f" ({where})" if where else ""
     return tf.debugging.Assert(tf.logical_not(tf.reduce_any(outside)), [tf.strings.join([
         f"`{name}`{unit} is ", first_value, " at [", first_position,
