@@ -285,6 +285,26 @@ print(code, "tensorflow" in sys.modules)
             process.stderr), process.stderr
 
 
+def test_a_record_that_is_not_a_state_is_one_line_naming_the_store(tmp_path):
+    path = tmp_path / "s.db"
+    with state_store.open_store(path) as store:
+        store._connection().execute("INSERT INTO states VALUES (7, 'u', 1, ?)",
+                                    (b'{"format": "ifa_tf.state/1"}',))
+        with pytest.raises(state_store.StoreError,
+                           match=f"State store {path}: the record of user 'u' \\(model 7\\) is "
+                                 "not a state record \\(KeyError"):
+            store.get(7, "u")
+
+
+def test_an_events_file_that_is_not_utf8_costs_its_rows_not_a_traceback(tmp_path):
+    csv = tmp_path / "events.csv"
+    csv.write_bytes(HEADER.encode() + b"1,11,2,3,1,1700000000\n2,1\xff,2,3,1,1700000000\n")
+    with pytest.raises(records.DataFormatError, match=f"^{csv}: 1 malformed rows: line 3: "
+                                                      "item_id '1\\\\udcff' is not an integer"):
+        state_store.read_events(str(csv))
+    assert list(state_store.read_events(str(csv), skip_bad_rows=True)) == [1]
+
+
 # ------------------------------------------------------------------------- backoff
 class ContendedStore(state_store.StateStore):
     """A store whose first `conflicts` writes find that someone else wrote first."""

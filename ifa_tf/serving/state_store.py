@@ -225,7 +225,7 @@ class SQLiteStateStore(StateStore):
                 (int(model), str(user))).fetchone()
         if row is None:
             return None, 0
-        return UserState.from_bytes(row[1]), row[0]
+        return _decode(self.path, model, user, row[1]), row[0]
 
     def compare_and_set(self, model, user, record, revision):
         with self._errors():
@@ -289,7 +289,7 @@ class RedisStateStore(StateStore):
             revision, value = self.client.hmget(self._key(model, user), "revision", "value")
         if value is None:
             return None, 0
-        return UserState.from_bytes(value), int(revision)
+        return _decode(self.url, model, user, value), int(revision)
 
     def compare_and_set(self, model, user, record, revision):
         with self._errors():
@@ -298,6 +298,15 @@ class RedisStateStore(StateStore):
 
     def close(self):
         self.client.close()
+
+
+def _decode(store, model, user, data):
+    """`UserState.from_bytes(data)`, or a `StoreError` naming the store and the record."""
+    try:
+        return UserState.from_bytes(data)
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise StoreError(f"State store {store}: the record of user {user!r} (model {model}) is "
+                         f"not a state record ({type(error).__name__}: {error}).") from error
 
 
 def open_store(url):
@@ -617,7 +626,9 @@ def read_events(path, schema=None, skip_bad_rows=False, skipped=None):
         ["action"] if "seq_action" in schema.sequence_context else [])
     columns, bad = {}, []
     wall_clock = time.time()
-    with open(path, newline="", encoding="utf-8") as f:
+    # Bytes that are not UTF-8 are kept as surrogate escapes: they cost their row (not an
+    # integer), not the file.
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
         reader = csv.DictReader(f)
         try:
             fieldnames = reader.fieldnames or []
