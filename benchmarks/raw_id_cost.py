@@ -172,12 +172,12 @@ def main(argv):
     if unknown:
         raise app.UsageError(f"--cases: unknown {unknown}; choose from {list(CASES)}")
     load_before = os.getloadavg()[0]
-    commit = git_commit(REPO)
+    commit = git_commit(REPO)  # measured as extracted now: later commits do not change it
     results = {}
     with tempfile.TemporaryDirectory(prefix="raw_id_cost_") as workdir:
         # Each commit's code, extracted: what is measured is what the commit holds.
         for label, revision in ((f"before ({FLAGS.before_commit})", FLAGS.before_commit),
-                                (f"after ({commit})", "HEAD")):
+                                (f"after ({commit})", commit)):
             if revision is None:
                 continue
             source_dir = os.path.join(workdir, revision)
