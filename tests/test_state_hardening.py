@@ -195,6 +195,17 @@ def test_a_batch_is_remembered_among_the_last_ones_applied(state_model, tmp_path
     assert state_store.UserState.from_bytes(record.to_bytes()).batches == record.batches
 
 
+def test_applying_the_file_a_state_was_built_from_adds_nothing(
+        stateful_export, state_model, tmp_path):  # noqa: F811 (a fixture)
+    _, export_dir, _ = stateful_export
+    csv = many_users_events(tmp_path / "events.csv", users=3)
+    values = cli_values(export_dir, f"sqlite://{tmp_path / 's.db'}", events=csv, user="2")
+    assert run_state("build", values, state_model)["users"] == 3
+    applied = run_state("apply", values, state_model)
+    assert (applied["users"], applied["skipped_users"]) == (0, 3)
+    assert run_state("show", values, state_model)["events"] == 2
+
+
 def stored_users(path):
     try:
         with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as connection:

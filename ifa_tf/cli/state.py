@@ -37,7 +37,8 @@ logged with --skip_bad_rows (or when the dataset's converter skipped malformed r
 to it (a batch is the --events or --log file, by its content), written with the events in
 one atomic write. Running the same command again after a crash skips the users the first
 run reached ("skipped_users") and applies the rest: no event counts twice. A file with
-more events appended is a new batch: write new events to a new file.
+more events appended is a new batch: write new events to a new file. `build` from a file
+records it too, so applying the file a state was built from adds nothing.
 
 The store is opened and checked first, before the model loads; what is wrong with it (not
 a state store, a directory, a missing directory, a read-only or full disk, Redis down) is
@@ -131,7 +132,7 @@ def run_command(command, values=flags.FLAGS, out=print, model=None):
             started = time.perf_counter()
             skipped = []
             users = state_store.build_states(store, model, _events(values, schema, skipped),
-                                             cross, values.batch_size)
+                                             cross, values.batch_size, batch=_batch(values))
             result = {"users": users, "model": model.model, "skipped_rows": len(skipped),
                       "seconds": round(time.perf_counter() - started, 2)}
         else:
@@ -158,10 +159,12 @@ def _events(values, schema, skipped):
 
 
 def _batch(values):
-    """The id of apply's batch: its source file's content (`state_store.batch_id`)."""
+    """The id of the batch of build / apply: its --log or --events file's content
+    (`state_store.batch_id`); None for --records."""
     from ifa_tf.serving import state_store
 
-    return state_store.batch_id(values.log if values.log is not None else values.events)
+    source = values.log if values.log is not None else values.events
+    return None if source is None else state_store.batch_id(source)
 
 
 def _user(text, dataset=None):

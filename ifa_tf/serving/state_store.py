@@ -786,15 +786,18 @@ def _without_bad_times(path, log, skip_bad_rows, skipped):
 
 
 def build_states(store, model, events_by_user, cross_features=(), batch_size=64,
-                 progress=None):
+                 progress=None, batch=None):
     """Writes every user's state made from their events alone (a rebuild, e.g. for a new
     model version: states are keyed by model, so the old ones stay for the old version);
-    returns the number of users."""
+    returns the number of users. `batch` (`batch_id` of the source), when given, is
+    recorded as applied: `apply_batch` of the same events then adds nothing."""
     users = sorted(events_by_user)
     attributes = [cross_attribute(n) for n in cross_features]
     for start in range(0, len(users), batch_size):
         chunk = users[start:start + batch_size]
         empty = [UserState.empty(model.model, model.state_shape, attributes) for _ in chunk]
+        for record in empty:
+            record.batches = [batch] if batch is not None else []
         for user, record in zip(chunk, model.update_states(
                 empty, [events_by_user[u] for u in chunk])):
             put_state(store, user, record)
