@@ -20,6 +20,7 @@ from absl import app, flags
 
 from ifa_tf.cli import run_app
 from ifa_tf.training import config as config_lib
+from ifa_tf.training import run_directory
 
 METRICS_FILENAME = "metrics.json"  # trainer.METRICS_FILENAME (tested equal)
 
@@ -118,6 +119,7 @@ def check(argv, flag_values=flags.FLAGS):
                              f"{names}")
     if not config.data.train_data:
         raise app.UsageError("--train_data (or data.train_data) is required.")
+    run_directory.check_not_finished(flag_values["model_dir"].value)
     for flag, pattern in (("train_data", config.data.train_data),
                           ("eval_data", config.data.eval_data)):
         patterns = [pattern] if isinstance(pattern, str) else list(pattern or [])
