@@ -101,9 +101,9 @@ started = time.perf_counter()
 try:
     serve(**features)["score"].numpy()
     answer = "answered"
-except tf.errors.InvalidArgumentError as error:
-    message = error.message[error.message.find("assertion failed:"):].split("\\n")[0]
-    answer = "INVALID_ARGUMENT: " + message
+except tf.errors.OpError as error:  # a refusal, or the mapping running out of memory
+    message = error.message[max(error.message.find("assertion failed:"), 0):]
+    answer = type(error).__name__ + ": " + message.strip().split("\\n")[0][:300]
 seconds = time.perf_counter() - started
 print(json.dumps({"answer": answer, "seconds": round(seconds, 3), "body_bytes": body,
                   "peak_growth_mb": round((peak_kb() - before) / 1024, 1)}))
@@ -115,7 +115,9 @@ def run_python(source_dir, code, args, timeout):
     process = subprocess.run([sys.executable, "-c", code, *map(str, args)], env=env,
                              cwd=source_dir, capture_output=True, text=True, timeout=timeout)
     if process.returncode != 0:
-        raise RuntimeError(f"exit {process.returncode}: {process.stderr[-2000:]}")
+        raise RuntimeError(f"exit {process.returncode}" + (" (killed: out of memory?)" if
+                                                           process.returncode == -9 else "")
+                           + f": {process.stderr[-2000:]}")
     return process.stdout.strip().splitlines()[-1]
 
 
@@ -132,7 +134,7 @@ def measure(source_dir, workdir):
                 [export_dir, m, json.dumps(one_long), json.dumps(all_long), N],
                 FLAGS.timeout_s))
         except (RuntimeError, subprocess.TimeoutExpired) as error:
-            results[name] = {"error": str(error).splitlines()[-1][:200]}
+            results[name] = {"error": str(error).splitlines()[0][:200]}
         print(source_dir, name, results[name], flush=True)
     return results
 
@@ -140,7 +142,7 @@ def measure(source_dir, workdir):
 def cell(row):
     if "error" in row:
         return f"failed: {row['error']} | | "
-    answer = row["answer"].split(":")[0]
+    answer = row["answer"].split(":")[0].replace("InvalidArgumentError", "INVALID_ARGUMENT")
     return f"{answer} | {row['peak_growth_mb']:,.0f} MB | {row['seconds']:.2f} s"
 
 
@@ -157,10 +159,9 @@ def markdown(results):
                      if "body_bytes" in r[name]), 0)
         lines.append(f"| {name} | {m:,} | {long_id} | {body / 1e6:.2f} MB | "
                      + " | ".join(cell(results[code][name]) for code in codes) + " |")
-    refused = {row["answer"] for r in results.values() for row in r.values()
-               if row.get("answer", "").startswith("INVALID_ARGUMENT")}
-    return "\n".join(lines) + "".join(f"\n\nRefused with: `{answer}`" for answer in
-                                      sorted(refused)[:1])
+    failures = sorted({row["answer"] for r in results.values() for row in r.values()
+                       if row.get("answer", "answered") != "answered"})
+    return "\n".join(lines) + "\n" + "".join(f"\n- `{answer}`" for answer in failures)
 
 
 def main(argv):
