@@ -134,6 +134,33 @@ def test_user_ids_are_ascii_digits_or_names(stateful_export, state_model,
         assert run_state("show", values, state_model)["known"] is known, text
 
 
+class OldExportClient:
+    """A server of an export made before issue 34: `update_state` answers a time of -2^63
+    with a state of infinities."""
+
+    def signature_inputs(self, signature):
+        return {"user_state": ["now", "seq_item_id"],
+                "rank_with_state": ["cand_item_id", "now", "state"]}[signature]
+
+    def predict(self, inputs, signature_name):
+        batch = len(next(iter(inputs.values())))
+        state = np.zeros((batch, 2, 3, 4), np.float32)
+        if signature_name == "update_state":
+            state[:] = np.inf
+        return {"state": state, "state_time": np.zeros(batch, np.int64),
+                "state_model": np.full(batch, 7, np.int64)}, 1
+
+
+def test_a_non_finite_state_is_never_stored(tmp_path):
+    model = state_store.StateModel(client=OldExportClient())
+    events = {"seq_item_id": np.array([5]), "seq_event_time": np.array([-2**63])}
+    with state_store.open_store(tmp_path / "s.db") as store:
+        with pytest.raises(ValueError, match="update_state returned a state holding NaN or "
+                                             "infinity for 1 of 1 users"):
+            state_store.apply_events(store, model, "u", events)
+        assert store.get(7, "u") == (None, 0)
+
+
 # ----------------------------------------------------------------- re-running apply
 def many_users_events(path, users, per_user=2):
     rng = np.random.default_rng(5)

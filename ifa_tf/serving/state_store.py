@@ -388,6 +388,15 @@ class StateModel:
             STATE: np.stack([r.state for r in records]),
             STATE_TIME: np.array([r.time for r in records], np.int64),
             STATE_MODEL: np.array([r.model for r in records], np.int64), **batch})
+        # Exports before issue 34 returned a state of infinities for a time of -2^63: such a
+        # state must never reach a store.
+        finite = np.isfinite(outputs[STATE]).reshape(len(records), -1).all(axis=1)
+        if not finite.all():
+            raise ValueError(f"update_state returned a state holding NaN or infinity for "
+                             f"{int((~finite).sum())} of {len(records)} users (the first: "
+                             f"events at times {events[int(np.argmin(finite))][EVENT_TIME][:5]}"
+                             "); nothing was stored. Re-export the model with this ifa_tf, "
+                             "which refuses such times.")
         updated = []
         for index, (record, user_events) in enumerate(zip(records, events)):
             valid = np.asarray(user_events["seq_item_id"]) != 0
