@@ -126,6 +126,25 @@ def test_updates_in_any_order_and_chunks_equal_one_user_state():
             "score"]), atol=1e-5, rtol=0)
 
 
+def test_no_time_overflows_or_makes_a_state_infinite():
+    """The model's own methods (the exported signatures refuse such times first) clip times
+    to [0, MAX_TIME]: -2^63 used to overflow `new_time - state_time` into a state of
+    infinities, and an age at padding could be anything."""
+    model = build()
+    features = request(2, 5, 8, seed=12)
+    events = events_of(features, np.array([1_700_000_000, 1_700_000_000]))
+    events[EVENT_TIME][0, 0] = -2**63
+    events[EVENT_TIME][1, -1] = 2**63 - 1  # row 1's last events are padding
+    empty = np.zeros((2, *model.state_shape), "float32")
+    updated = model.update_state(empty, np.array([-2**63, 2**63 - 1]), events)
+    assert np.isfinite(np.asarray(updated["state"])).all()
+    assert (0 <= np.asarray(updated["state_time"])).all()
+    ranked = model.rank_with_state({k: features[k] for k in model.rank_features},
+                                   updated["state"], np.array([-10**18, -2**63]),
+                                   np.array([2**63 - 1, -2**63]))
+    assert np.isfinite(np.asarray(ranked["score"])).all()
+
+
 def test_stateful_path_reads_no_sequence_feature():
     model = build()
     assert not [name for name in model.rank_features if name.startswith("seq_")]

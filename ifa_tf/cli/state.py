@@ -27,10 +27,27 @@ Events CSVs have the header `user_id,item_id,category_id,author_id,action,time` 
 ids as the model was trained on, time in seconds; columns of attributes the model lacks
 may be left out). --model is a SavedModel version directory written by ifa-export; the
 states are computed in-process by its signatures. Thin over `ifa_tf.serving.state_store`.
+
+Times are int64 seconds from 1970 to 2106 ([0, 2^32 - 1]) and no more than 5 minutes
+after this machine's clock: a row with another time (milliseconds, the far future, a
+negative one) is refused like any malformed row, with its line number, or skipped and
+logged with --skip_bad_rows (or when the dataset's converter skipped malformed rows).
+
+`apply` is safe to re-run: each user's record keeps the ids of the last 32 batches applied
+to it (a batch is the --events or --log file, by its content), written with the events in
+one atomic write. Running the same command again after a crash skips the users the first
+run reached ("skipped_users") and applies the rest: no event counts twice. A file with
+more events appended is a new batch: write new events to a new file. `build` from a file
+records it too, so applying the file a state was built from adds nothing.
+
+The store is opened and checked first, before the model loads; what is wrong with it (not
+a state store, a directory, a missing directory, a read-only or full disk, Redis down) is
+one line naming it.
 """
 
 import json
 import os
+import re
 import time
 
 from absl import app, flags
@@ -53,6 +70,9 @@ flags.DEFINE_integer("now", None, "build --records: the time the records' seq_ti
                      "counts back from (seconds; default the wall clock).")
 flags.DEFINE_string("user", None, "show: the user's id.")
 flags.DEFINE_integer("batch_size", 64, "Users per update_state call.")
+flags.DEFINE_boolean("skip_bad_rows", False, "build / apply: skip malformed events (each "
+                     "logged with its line number) instead of refusing the file: fields "
+                     "that are not integers, times outside 1970-2106 or in the future.")
 
 
 def check(argv):
@@ -82,6 +102,15 @@ def check(argv):
         path = getattr(values, name)
         if path is not None and not os.path.exists(path):
             raise FileNotFoundError(f"--{name}={path} does not exist.")
+    from ifa_tf.serving import state_store
+
+    if values.now is not None and command == "build":
+        problem = state_store.event_time_problem(values.now)
+        if problem:
+            raise app.UsageError(f"--now={values.now}: {problem}")
+    # Opened and checked here, before TensorFlow and the model load: a store that cannot be
+    # used answers at once.
+    state_store.open_store(values.store).close()
 
 
 def run_command(command, values=flags.FLAGS, out=print, model=None):
@@ -89,10 +118,11 @@ def run_command(command, values=flags.FLAGS, out=print, model=None):
     of `values.model` when already loaded."""
     from ifa_tf.serving import state_store
 
-    model = model or state_store.StateModel(export_dir=values.model)
-    schema = _schema(values.model)
-    cross = schema.cross_features if schema else ()
+    # The store first: a store that cannot be used is reported before the model loads.
     with state_store.open_store(values.store) as store:
+        model = model or state_store.StateModel(export_dir=values.model)
+        schema = _schema(values.model)
+        cross = schema.cross_features if schema else ()
         if command == "show":
             record, _ = store.get(model.model, _user(values.user, values.dataset))
             result = ({"user": values.user, "known": False, "model": model.model}
@@ -100,39 +130,52 @@ def run_command(command, values=flags.FLAGS, out=print, model=None):
                                               **state_store.describe(record)})
         elif command == "build":
             started = time.perf_counter()
-            users = state_store.build_states(store, model, _events(values, schema), cross,
-                                             values.batch_size)
-            result = {"users": users, "model": model.model,
+            skipped = []
+            users = state_store.build_states(store, model, _events(values, schema, skipped),
+                                             cross, values.batch_size, batch=_batch(values))
+            result = {"users": users, "model": model.model, "skipped_rows": len(skipped),
                       "seconds": round(time.perf_counter() - started, 2)}
         else:
-            events = _events(values, schema)
-            for user, user_events in events.items():
-                state_store.apply_events(store, model, user, user_events, cross)
-            result = {"users": len(events), "events": int(sum(
-                len(e["seq_item_id"]) for e in events.values())), "model": model.model}
+            skipped = []
+            events = _events(values, schema, skipped)
+            counts = state_store.apply_batch(store, model, events, _batch(values), cross)
+            result = {**counts, "model": model.model, "skipped_rows": len(skipped)}
     out(json.dumps(result, sort_keys=True))
     return result
 
 
-def _events(values, schema):
-    """`{user: events}` of build / apply from the one source flag given."""
+def _events(values, schema, skipped):
+    """`{user: events}` of build / apply from the one source flag given; `skipped` receives
+    `(line, reason)` of the malformed rows skipped."""
     from ifa_tf.serving import state_store
 
+    skip = getattr(values, "skip_bad_rows", False)
     if values.log is not None:
-        return state_store.events_from_log(values.log, values.dataset)
+        return state_store.events_from_log(values.log, values.dataset, skip, skipped)
     if values.events is not None:
-        return state_store.read_events(values.events, schema)
+        return state_store.read_events(values.events, schema, skip, skipped)
     return state_store.events_from_records(
         values.records, values.now if values.now is not None else int(time.time()))
 
 
+def _batch(values):
+    """The id of the batch of build / apply: its --log or --events file's content
+    (`state_store.batch_id`); None for --records."""
+    from ifa_tf.serving import state_store
+
+    source = values.log if values.log is not None else values.events
+    return None if source is None else state_store.batch_id(source)
+
+
 def _user(text, dataset=None):
-    """The store key of `--user`: with --dataset, the converter's id of a raw user id."""
+    """The store key of `--user`: with --dataset, the converter's id of a raw user id; an
+    integer in ASCII digits is that integer (not "²", nor "١٢٣" read as 123: those are
+    names, as is any other text)."""
     if dataset is not None:
         from ifa_tf.data import log_converter
 
         return int(log_converter.encode_ids([text.strip()])[0][0])
-    return int(text) if text.lstrip("-").isdigit() else text
+    return int(text) if re.fullmatch(r"-?[0-9]+", text) else text
 
 
 def _schema(export_dir):

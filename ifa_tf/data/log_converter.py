@@ -47,8 +47,8 @@ The test split's `leak_audit` in the metadata (`ifa_tf.data.leak_audit`) shows w
 choice leaves: model-free scores (set size, popularity, in the history, co-occurrence among
 the candidates) and their pooled AUC and GAUC.
 
-Malformed rows (wrong number of fields, empty ids, bad timestamps or action values, text
-that is not UTF-8, CSV that cannot be parsed) are an error naming the file and listing their
+Malformed rows (wrong number of fields, empty ids, ids longer than `MAX_ID_BYTES`, bad
+timestamps or action values, text that is not UTF-8, CSV that cannot be parsed) are an error naming the file and listing their
 line numbers; with `skip_bad_rows` they are skipped, each logged with its line number and
 counted in the metadata.
 
@@ -96,6 +96,10 @@ _INT64_MAX = 2**63 - 1
 # Timestamps are int64 seconds from the epoch on: any two then differ by a valid int64 (a
 # sequence event's time delta), and request seeds take no negative number.
 TIMESTAMP_RANGE = (0, _INT64_MAX)
+# The longest raw id (user, item, category), in UTF-8 bytes: `serving_raw` and `ifa-serve`
+# refuse longer ones (an id's cost in the graph grows with its length), so the converter
+# takes none either.
+MAX_ID_BYTES = 1024
 _MAX_LISTED_BAD_ROWS = 20
 _MAX_SHOWN_BYTES = 20
 _UNDECODED = re.compile("[\udc80-\udcff]")  # how surrogateescape keeps bytes >= 0x80
@@ -369,6 +373,7 @@ def read_log(path, config):
                         raise ValueError(f"item {values['item']!r} is not in "
                                          f"{config.item_table}")
                     values["category"] = item_category[values["item"]]
+                _check_id_lengths(values)
                 time = parse_timestamp(values["timestamp"])
                 action = rules(values.get("action", ""))
             except ValueError as fault:
@@ -456,6 +461,17 @@ def _check_text(values):
             shown = repr(raw[:_MAX_SHOWN_BYTES]) + ("..." if len(raw) > _MAX_SHOWN_BYTES
                                                      else "")
             raise ValueError(f"{name} is not UTF-8 text: {shown}")
+
+
+def _check_id_lengths(values):
+    """Raises ValueError naming the first id of `values` longer than `MAX_ID_BYTES`."""
+    for role in ("user", "item", "category"):
+        size = len(values.get(role) or "")
+        if size > MAX_ID_BYTES // 4:  # UTF-8 takes at most 4 bytes a character
+            size = len(values[role].encode("utf-8", "surrogateescape"))
+            if size > MAX_ID_BYTES:
+                raise ValueError(f"{role} id of {size} bytes is longer than {MAX_ID_BYTES} "
+                                 "bytes, the most a raw id may hold")
 
 
 def report_bad_rows(path, bad_rows, skip):

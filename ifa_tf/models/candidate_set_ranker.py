@@ -7,7 +7,7 @@ from ifa_tf.layers.hashed_embedding import LOG2_BUCKETS
 from ifa_tf.layers.validation import (check_bool, check_dtype_policy, check_positive_int,
                                       check_units, clone_initializer)
 from ifa_tf.models.training_defaults import TrainingDefaultsMixin
-from ifa_tf.schema import CANDIDATE_PREFIX, SEQUENCE_PREFIX, resolve_schema
+from ifa_tf.schema import CANDIDATE_PREFIX, MAX_TIME, SEQUENCE_PREFIX, resolve_schema
 
 _TIME_DELTA = SEQUENCE_PREFIX + "time_delta"
 # What `update_state` takes for each new event in place of its age: its time, in seconds.
@@ -264,6 +264,9 @@ class CandidateSetRanker(TrainingDefaultsMixin, keras.Model):
     # The decayed FSM reads the sequence only through a fixed-size state per user; these
     # run the model's own layers on it, so they equal `call` up to float rounding. Times are
     # int64 seconds on one clock; a state holds its reference time, at which it was made.
+    # Times and ages are taken within [0, MAX_TIME] (`ifa_tf.schema`; the exported
+    # signatures refuse others): a value outside is clipped to it, so no time subtraction
+    # overflows int64 and no input makes a state infinite.
     @property
     def stateful(self):
         """Whether the model reads the sequence through a state (`time_encoding="decay"`)."""
@@ -301,8 +304,8 @@ class CandidateSetRanker(TrainingDefaultsMixin, keras.Model):
             `{"state": [B, *state_shape] float32, "state_time": now}`.
         """
         self._check_stateful()
-        return {"state": self._events_state(features, features[_TIME_DELTA]),
-                "state_time": ops.cast(now, "int64")}
+        return {"state": self._events_state(features, _clip_time(features[_TIME_DELTA])),
+                "state_time": _clip_time(now)}
 
     def update_state(self, state, state_time, events):
         """`state` with new events added, exactly as if they had been in the sequence.
@@ -318,26 +321,26 @@ class CandidateSetRanker(TrainingDefaultsMixin, keras.Model):
             is later than the state's.
         """
         self._check_stateful()
-        event_time = ops.cast(events[EVENT_TIME], "int64")
         valid = ops.not_equal(events[SEQUENCE_PREFIX + "item_id"], 0)
-        state_time = ops.cast(state_time, "int64")
-        newest = ops.max(ops.where(valid, event_time, ops.zeros_like(event_time)), axis=1,
-                         initial=0)
-        new_time = ops.maximum(state_time, newest)
-        ages = new_time[:, None] - event_time
+        state_time = _clip_time(state_time)
+        # Padding's times are never read: they might be anything.
+        event_time = ops.where(valid, _clip_time(events[EVENT_TIME]), 0)
+        new_time = ops.maximum(state_time, ops.max(event_time, axis=1, initial=0))
+        ages = ops.where(valid, new_time[:, None] - event_time, 0)  # in [0, MAX_TIME]
         moved = self.interest.advance_state(state, new_time - state_time)
         return {"state": moved + self._events_state(events, ages), "state_time": new_time}
 
     def rank_with_state(self, features, state, state_time, now):
         """What `call` returns for the user whose sequence `state` summarises, from the
         state: `features` hold `rank_features` (no sequence), `now` [B] the request's time,
-        not earlier than `state_time` (the exported signature refuses that)."""
+        not earlier than `state_time` (the exported signature refuses that; here an earlier
+        `now` ranks at `state_time`)."""
         self._check_stateful()
         parts = self._stateful_parts()
         candidates = parts["item"]([features[CANDIDATE_PREFIX + a]
                                     for a in self.schema.item_attributes])
         candidate_mask = ops.not_equal(features[CANDIDATE_PREFIX + "item_id"], 0)
-        elapsed = ops.cast(now, "int64") - ops.cast(state_time, "int64")
+        elapsed = ops.maximum(_clip_time(now) - _clip_time(state_time), 0)
         interest = self.interest.read_state(
             _module_inputs(self.schema, features, candidates, candidate_mask),
             self.interest.advance_state(state, elapsed))
@@ -406,6 +409,11 @@ class CandidateSetRanker(TrainingDefaultsMixin, keras.Model):
             if old_name in config:
                 config["ram_" + old_name] = config.pop(old_name)
         return cls(**config)
+
+
+def _clip_time(value):
+    """int64 seconds clipped to the stateful times' range, [0, MAX_TIME]."""
+    return ops.clip(ops.cast(value, "int64"), 0, MAX_TIME)
 
 
 def _context_features(schema, stateful):
