@@ -77,7 +77,7 @@ class _Protocol(HttpToolsProtocol):
         self._receiving = False
         self._in_head = False
         self._head_received = 0  # bytes received while the head was incomplete
-        self._head_parsed = 0  # bytes of the target and header lines parsed
+        self._head_parsed = 0  # bytes of the request line and header lines parsed
         self._deadline = None  # the request timeout's timer
         self._stall = None  # the read timeout's timer while a request is receiving
         self._abort = None  # the last resort of a close whose answer is not taken
@@ -154,6 +154,8 @@ class _Protocol(HttpToolsProtocol):
 
     def on_url(self, url):
         super().on_url(url)
+        if not self._head_parsed:  # the method, a space, " HTTP/1.1\r\n", the closing "\r\n"
+            self._head_parsed = len(self.parser.get_method()) + len(" HTTP/1.1\r\n") + 3
         self._head_parsed += len(url)
         self._check_head_bytes(self._head_parsed, raise_refusal=True)
 
