@@ -23,9 +23,11 @@ The groups (`--groups`):
   nested as deep as --rest_max_json_depth allows, or nested 100 deep (refused from its bytes).
   Each declares a shape no limit allows, so it is refused once parsed: what it costs is its
   parsing and the checks.
-- `concurrent`: --max_bytes_in_flight at work: `CONCURRENT_BODIES` gRPC messages of 16 MiB
-  (one-byte varints, the costliest body parsing still takes) sent at once to a fresh server;
-  those that fit in the budget are parsed side by side, the others refused UNAVAILABLE.
+- `concurrent`: --max_bytes_in_flight at work: `CONCURRENT_BODIES` gRPC requests of the
+  largest m and n (B = 2, m = n = 100,000: 16.0 MB, the accepted request that costs most per
+  byte) sent at once, a channel each, to a fresh server at the default cap and to one whose
+  cap holds them all (as before the cap): those that fit are answered side by side, the
+  others refused UNAVAILABLE before they are parsed.
 - `refused`: requests refused for their declared shape or size, all to one fresh server:
   gRPC requests of a few hundred bytes declaring huge shapes in one value per input, a gRPC
   message and a REST body over --max_request_bytes, and a REST body over B·m (B = 3,
@@ -65,8 +67,8 @@ HEADER_LINE_BYTES = 8 * 1024
 PREDICT_METHOD = "/tensorflow.serving.PredictionService/Predict"
 REST_PATH = "/v1/models/ifa:predict"
 NESTED_DEPTH = 100  # well within Python's recursion limit, which json.loads meets
-CONCURRENT_BODIES = 8
-CONCURRENT_BODY_BYTES = 16 * 2**20
+CONCURRENT_BODIES = 6
+CONCURRENT_SHAPE = (2, 100_000, 100_000)
 
 
 def define_flags(flag_values=flags.FLAGS):
@@ -109,7 +111,7 @@ class Server:
     """`ifa-serve` with its default limits in a subprocess, serving `ifa` over gRPC and
     REST; `measure(send)` is how far one call of `send` raises its peak RSS."""
 
-    def __init__(self, base, log_path, schema):
+    def __init__(self, base, log_path, schema, flags=()):
         import grpc
         from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
@@ -119,7 +121,7 @@ class Server:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "ifa_tf.cli.serve", f"--port={self.grpc_port}",
                  f"--rest_api_port={self.rest_port}", "--model_name=ifa",
-                 f"--model_base_path={base}", "--file_system_poll_wait_seconds=0"],
+                 f"--model_base_path={base}", "--file_system_poll_wait_seconds=0", *flags],
                 stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.grpc_port}", options=[
             ("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)])
@@ -380,21 +382,28 @@ def over_header_cap(server):
 
 
 def concurrent_bodies(server, bodies, timeout_s):
-    """`send` of `bodies` (gRPC message bytes) at once, a thread each; its answer counts
-    the outcomes by status, and its error is one refusal's message."""
+    """`send` of `bodies` (gRPC message bytes) at once, a thread and a channel each; its
+    answer counts the outcomes by status, and its error is one refusal's message."""
     import grpc
+    from tensorflow_serving.apis import predict_pb2
 
     def send():
         outcomes, lock = [], threading.Lock()
         start = threading.Barrier(len(bodies))
 
         def call(body):
-            start.wait()
-            try:
-                server.predict_bytes(body, timeout=timeout_s)
-                outcome = ("answered", "")
-            except grpc.RpcError as error:
-                outcome = (error.code().name, f"{error.code().name}: {error.details()}")
+            with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}", options=[
+                    ("grpc.max_send_message_length", -1),
+                    ("grpc.max_receive_message_length", -1)]) as channel:
+                predict = channel.unary_unary(
+                    PREDICT_METHOD, response_deserializer=predict_pb2.PredictResponse.FromString)
+                grpc.channel_ready_future(channel).result(timeout=60)
+                start.wait()
+                try:
+                    predict(body, timeout=timeout_s)
+                    outcome = ("answered", "")
+                except grpc.RpcError as error:
+                    outcome = (error.code().name, f"{error.code().name}: {error.details()}")
             with lock:
                 outcomes.append(outcome)
 
@@ -500,16 +509,23 @@ def refused(base, schema, workdir):
 
 
 def concurrent(base, schema, workdir):
-    bodies = [wire_request(schema, CONCURRENT_BODY_BYTES, packed_ones)
-              for _ in range(CONCURRENT_BODIES)]
-    server = Server(base, os.path.join(workdir, "serve-concurrent.log"), schema)
-    try:
-        row = {"bodies": CONCURRENT_BODIES, "body_bytes": len(bodies[0]),
-               **server.measure(concurrent_bodies(server, bodies, FLAGS.timeout_s))}
-    finally:
-        server.close()
-    print(json.dumps(row), flush=True)
-    return row
+    """The requests against the default --max_bytes_in_flight, and against a cap that holds
+    them all (what a server without the cap takes on at once)."""
+    bodies = [random_request(schema, *CONCURRENT_SHAPE, seed=index).SerializeToString()
+              for index in range(CONCURRENT_BODIES)]
+    rows = []
+    for cap in (MAX_BYTES_IN_FLIGHT, sum(map(len, bodies))):
+        server = Server(base, os.path.join(workdir, f"serve-concurrent-{cap}.log"), schema,
+                        [f"--max_bytes_in_flight={cap}"])
+        try:
+            row = {"requests": CONCURRENT_BODIES, "request_bytes": len(bodies[0]),
+                   "max_bytes_in_flight": cap,
+                   **server.measure(concurrent_bodies(server, bodies, FLAGS.timeout_s))}
+        finally:
+            server.close()
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
 
 
 def connections(base, schema, workdir):
@@ -590,14 +606,22 @@ def markdown(results):
                          f"{row['peak_growth_mb']:.1f} MB |")
         sections.append("\n".join(lines))
     if "concurrent" in results:
-        row = results["concurrent"]
-        sections.append("\n".join([
-            "## Concurrent bodies", "",
-            f"{row['bodies']} gRPC messages of {row['body_bytes']:,} bytes (`cand_item_id` as "
-            "one-byte varints, packed) sent at once, against --max_bytes_in_flight "
-            f"({MAX_BYTES_IN_FLIGHT:,} bytes): {row['answer']}; the peak RSS rose by "
-            f"**{row['peak_growth_mb']:,.0f} MB** in {row['seconds']:.1f} s. A refusal: "
-            f"`{row['error']}`."]))
+        rows = results["concurrent"]
+        batch, m, n = CONCURRENT_SHAPE
+        lines = ["## Concurrent requests", "",
+                 f"{rows[0]['requests']} gRPC requests of random ids (B = {batch}, m = n = "
+                 f"{m:,}: {rows[0]['request_bytes']:,} bytes each) sent at once, a channel "
+                 "each, to a fresh server per row: at the default --max_bytes_in_flight, and "
+                 "at a cap that holds them all (as without the cap).", "",
+                 "| --max_bytes_in_flight | answers | peak RSS growth | time |",
+                 "|---:|---|---:|---:|"]
+        for row in rows:
+            lines.append(f"| {row['max_bytes_in_flight']:,} | {row['answer']} | "
+                         f"{row['peak_growth_mb']:,.0f} MB | {row['seconds']:.1f} s |")
+        refusal = next((row["error"] for row in rows if row["error"]), "")
+        if refusal:
+            lines += ["", f"A refusal: `{refusal}`."]
+        sections.append("\n".join(lines))
     if "connections" in results:
         row = results["connections"]
         over = row["over_header_cap"]
