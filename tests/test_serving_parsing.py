@@ -16,7 +16,7 @@ from tensorflow.core.framework import tensor_shape_pb2
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from ifa_tf import export
-from ifa_tf.serving import errors, parsing
+from ifa_tf.serving import errors, parsing, rest
 from ifa_tf.serving.model_manager import Signature
 from ifa_tf.serving.server import ModelServer, ServerOptions
 from test_serving import free_port
@@ -307,3 +307,34 @@ def test_the_old_name_of_the_bytes_in_flight_flag_still_sets_it():
     for name in ("max_bytes_in_flight", "max_input_dims", "rest_max_json_depth",
                  "rest_max_header_bytes", "rest_api_num_threads"):
         assert values[name].default == getattr(ServerOptions, name), name
+
+
+def test_rest_string_among_numbers_is_refused_before_numpy_pads_it(model_base, tmp_path,
+                                                                    features):
+    """NumPy makes `[1, "x" * 2000, ...]` an array of 2,000-character strings, one per
+    element (1.6 GB for 200,000 elements): the string is found first, leaf by leaf."""
+    server = start_server(model_base, tmp_path)
+    port = server.rest_port
+    try:
+        for leaf, shown in (("x" * 100, '"' + "x" * 28 + "..."), ("7", '"7"')):
+            payload = json.loads(json_body(features))
+            payload["inputs"]["cand_item_id"][0][2] = leaf
+            body = json.dumps(payload).encode()
+            assert exchange(port, post_head(port, Content_Length=len(body)), body) == (
+                400, {"error": f"Input cand_item_id expects int64 values; received {shown}, "
+                               "not a number"})
+        # Strings where they belong (keys, the signature name) need no look at the leaves.
+        payload = json.loads(json_body(features))
+        payload["signature_name"] = "serving_default"
+        body = json.dumps(payload).encode()
+        assert exchange(port, post_head(port, Content_Length=len(body)), body)[0] == 200
+    finally:
+        server.stop()
+
+
+def test_strings_expected_counts_keys_and_the_signature_name():
+    assert rest._strings_expected({"inputs": {"a": [1], "b": [2]}}) == 3
+    assert rest._strings_expected({"signature_name": "s", "instances": [{"a": 1}, {"a": 2}]}) \
+        == 2 + 1 + 2
+    body = b'{"signature_name": "s", "instances": [{"a": 1}, {"a": 2}]}'
+    assert body.count(b'"') == 2 * rest._strings_expected(json.loads(body))

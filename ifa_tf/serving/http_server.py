@@ -4,9 +4,12 @@ thread.
 Why uvicorn: it is the most used ASGI server, maintained, and its httptools protocol parses
 HTTP/1.1 with llhttp (Node.js's parser), so framing (Content-Length, chunked bodies, malformed
 requests), keep-alive, pipelining and graceful shutdown are a widely used library's, and one
-event loop holds thousands of connections where `http.server` held a thread each.
-(hypercorn and aiohttp parse in Python or hold the same gaps below; granian runs its workers
-in processes of its own, apart from the models this process has loaded.)
+event loop holds thousands of connections where `http.server` held a thread each. Its
+protocol class is a setting (`Config(http=...)`), which is where the limits it lacks go, and
+the API is a plain ASGI app (`rest.RestApp`). hypercorn parses with h11, in Python; aiohttp
+(llhttp too) is a client and server framework whose request handler would need the same
+additions; granian runs its workers in processes of their own, apart from the models this
+process holds.
 
 uvicorn leaves a few things to its user, which `_Protocol` adds, each a method over uvicorn's
 `HttpToolsProtocol` (`uvicorn` and `httptools` are pinned in setup.cfg for this):

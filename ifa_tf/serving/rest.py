@@ -62,10 +62,13 @@ def handle_predict(manager, name, version, label, body, max_json_depth=0):
     else:
         columns = _columns_from_inputs(payload["inputs"], signature)
     signature.check_inputs(_declared(columns, signature), manager.limits)
-    # NumPy reads `[1, false]` as the integers [1, 0]: look for booleans only when the body
-    # spells one (a string may, too; the look is then exact, leaf by leaf).
+    # NumPy reads `[1, false]` as the integers [1, 0], and makes `[1, "x" * 10000]` an array
+    # of 10,000-character strings, one per element (1.6 GB for 200,000 elements of a 2,000
+    # character string): look leaf by leaf for booleans and strings where numbers belong,
+    # but only when the body spells `true` or `false`, or holds more quotes than its keys.
     may_hold_booleans = _BOOLEAN_TOKEN.search(body) is not None
-    inputs = {key: _to_array(value, key, signature, may_hold_booleans)
+    may_hold_strings = body.count(b'"') > 2 * _strings_expected(payload)
+    inputs = {key: _to_array(value, key, signature, may_hold_booleans, may_hold_strings)
               for key, value in columns.items()}
     outputs = signature.run(inputs, (), manager.limits)
     if row_format:
@@ -144,18 +147,22 @@ def _json_shape(value, key):
     return tuple(shape)
 
 
-def _to_array(value, key, signature, may_hold_booleans=True):
+def _to_array(value, key, signature, may_hold_booleans=True, may_hold_strings=True):
     """A JSON column as an array of its input's dtype (call it once `_declared` passed the
     limits). An integer outside the dtype's range is refused, not wrapped; `true` and
-    `false` are refused where a number belongs (NumPy would read them as 1 and 0)."""
+    `false` are refused where a number belongs (NumPy would read them as 1 and 0), and so is
+    a string, before NumPy pads every element to its width."""
     dtype, _ = signature.inputs[key]
     if dtype.name == "string":
         return _string_array(value, key)
-    boolean = _a_boolean(value) if may_hold_booleans and not dtype.is_bool else None
-    if boolean is not None:
-        raise errors.invalid_argument(
-            f"Input {key} expects {dtype.name} values; received {json.dumps(boolean)}, not a "
-            "number")
+    booleans = may_hold_booleans and not dtype.is_bool
+    if booleans or may_hold_strings:
+        leaf = _not_a_number(value, booleans)
+        if leaf is not None:
+            text = json.dumps(leaf)
+            raise errors.invalid_argument(
+                f"Input {key} expects {dtype.name} values; received "
+                f"{text if len(text) <= 32 else text[:29] + '...'}, not a number")
     try:
         array = np.asarray(value)
     except ValueError as error:  # a list where a number belongs (NumPy 2 refuses it)
@@ -173,16 +180,29 @@ def _to_array(value, key, signature, may_hold_booleans=True):
     return array.astype(dtype.as_numpy_dtype)
 
 
-def _a_boolean(value):
-    """A `True` or `False` that nested lists hold, or None."""
+def _not_a_number(value, booleans):
+    """The first string that nested lists hold, or boolean with `booleans`; None if none."""
     pending = [value]
     while pending:
         item = pending.pop()
         if isinstance(item, list):
-            pending.extend(item)
-        elif isinstance(item, bool):
+            pending.extend(reversed(item))
+        elif isinstance(item, str) or (booleans and isinstance(item, bool)):
             return item
     return None
+
+
+def _strings_expected(payload):
+    """How many JSON strings a body of no string values spells: its objects' keys (the top
+    level, `inputs`, each instance) and the signature name."""
+    count = len(payload) + isinstance(payload.get("signature_name"), str)
+    for key in ("inputs", "instances"):
+        value = payload.get(key)
+        if isinstance(value, dict):
+            count += len(value)
+        elif isinstance(value, list):
+            count += sum(len(item) for item in value if isinstance(item, dict))
+    return count
 
 
 def _string_array(value, key):
