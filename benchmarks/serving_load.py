@@ -63,6 +63,8 @@ def define_flags(flag_values=flags.FLAGS):
     flags.DEFINE_float("warmup_s", 3.0, "Unmeasured seconds of load before each measurement.",
                        flag_values=f)
     flags.DEFINE_string("output_json", "", "Write the results here as JSON.", flag_values=f)
+    flags.DEFINE_string("output_dir", "", "Write results.json and results.md (with the command "
+                        "and the commit) here.", flag_values=f)
     flags.DEFINE_bool("markdown", False, "Print a Markdown table.", flag_values=f)
     flags.DEFINE_string("note", "", "A line about the conditions (other work on the machine), "
                         "kept in the JSON.", flag_values=f)
@@ -236,7 +238,7 @@ def main(argv):
     import tensorflow as tf
 
     from ifa_tf.benchmark.requests import random_request
-    from ifa_tf.benchmark.runner import git_commit
+    from ifa_tf.benchmark.runner import git_commit, script_command
     from ifa_tf.schema import default_schema
     from ifa_tf.serving import connect
 
@@ -300,7 +302,7 @@ def main(argv):
             for process in processes:
                 process.send_signal(signal.SIGTERM)
                 process.wait(timeout=120)
-    report = {"command": " ".join(sys.argv), "git_commit": git_commit(REPO),
+    report = {"command": script_command(__file__), "git_commit": git_commit(REPO),
               "model": FLAGS.model, "protocols": FLAGS.protocols,
               "baseline_checkout": FLAGS.baseline_checkout, "note": FLAGS.note,
               "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
@@ -308,8 +310,16 @@ def main(argv):
               "load_average_1min_before": load_before,
               "load_average_1min_after": os.getloadavg()[0], "tensorflow": tf.__version__,
               "results": rows}
-    if FLAGS.output_json:
-        with open(FLAGS.output_json, "w") as f:
+    outputs = [FLAGS.output_json] if FLAGS.output_json else []
+    if FLAGS.output_dir:
+        os.makedirs(FLAGS.output_dir, exist_ok=True)
+        outputs.append(os.path.join(FLAGS.output_dir, "results.json"))
+        with open(os.path.join(FLAGS.output_dir, "results.md"), "w") as f:
+            f.write(f"# Serving load\n\nCommand: `{report['command']}`, at commit "
+                    f"{report['git_commit']}.\n\n" + (f"{FLAGS.note}\n\n" if FLAGS.note else "")
+                    + markdown(report, FLAGS) + "\n")
+    for path in outputs:
+        with open(path, "w") as f:
             json.dump(report, f, indent=2)
             f.write("\n")
     if FLAGS.markdown:
