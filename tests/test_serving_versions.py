@@ -9,13 +9,14 @@ import logging
 import os
 import shutil
 import socket
+import threading
 import time
 
 import pytest
 
 from ifa_tf import export
 from ifa_tf.serving import http_server, parsing, rest
-from ifa_tf.serving.model_manager import ModelConfig, ModelManager, State
+from ifa_tf.serving.model_manager import ModelConfig, ModelManager, Signature, State
 from ifa_tf.serving.server import ModelServer, ServerOptions
 from test_serving import free_port
 from test_serving_config import SCHEMA, tiny_model  # noqa: F401 (a fixture used by name)
@@ -297,6 +298,37 @@ def test_stop_does_not_wait_for_a_client_stalled_mid_body(good_version, tmp_path
         began = time.monotonic()
         server.stop()
         assert time.monotonic() - began < 4
+
+
+def test_stop_lets_a_rest_request_being_answered_finish(good_version, tmp_path, predict_body,
+                                                       monkeypatch):
+    """What SIGTERM runs: a REST request whose body has arrived is answered; the port then
+    refuses connections."""
+    shutil.copytree(good_version, tmp_path / "m" / "1")
+    port = free_port()
+    server = ModelServer(ServerOptions(model_name="m", model_base_path=str(tmp_path / "m"),
+                                       port=0, rest_api_port=port,
+                                       file_system_poll_wait_seconds=0,
+                                       shutdown_grace_seconds=10)).start()
+    running = threading.Event()
+    original_run = Signature.run
+
+    def slow_run(self, *args, **kwargs):
+        running.set()
+        time.sleep(1.0)
+        return original_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(Signature, "run", slow_run)
+    answers = []
+    client = threading.Thread(target=lambda: answers.append(exchange(
+        port, post_head(port, Content_Length=len(predict_body)), predict_body, timeout=30)))
+    client.start()
+    assert running.wait(30)
+    server.stop()
+    client.join()
+    assert [status for status, _ in answers] == [200]
+    with pytest.raises(OSError):
+        connect(port, timeout=2)
 
 
 # ------------------------------------------------------------- REST caps (issue 24)

@@ -198,6 +198,10 @@ class _Protocol(HttpToolsProtocol):
 
     def _stalled(self):
         self._stall = None
+        if self.flow.read_paused:  # the server holds the bytes back (flow control, a
+            # pipelined request waiting for the one before), not the client
+            self._stall = self._restart(None, self.limits.read_timeout, self._stalled)
+            return
         self._answer_and_close(408, f"Request not received: nothing arrived for "
                                     f"{self.limits.read_timeout:g}s")
 

@@ -16,11 +16,11 @@ class ServerOptions:
     model_config_file: str = ""
     file_system_poll_wait_seconds: float = 1.0
     grpc_max_threads: int = 16
-    # Parsing a body takes many times its size before any check can run (up to 34.0x over
-    # gRPC and 49.8x over REST, benchmarks/results/serving_memory), so this bounds the memory
-    # of any one request.
+    # Parsing a body takes many times its size before the checks on its content can run (up
+    # to 19.1x over gRPC and 47.7x over REST, benchmarks/results/serving_memory), so this
+    # bounds the memory of any one request.
     max_request_bytes: int = 64 * 1024 * 1024
-    # Every user costs a fixed amount besides its m and n (IFA on CPU: 21.0 KB in those
+    # Every user costs a fixed amount besides its m and n (IFA on CPU: 26.2 KB in those
     # results; 200,000 users of m = n = 1 took 3.76 GB in issue 24), so B is bounded alone too.
     max_batch_size: int = 1000
     max_candidates: int = 100_000

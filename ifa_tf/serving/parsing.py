@@ -1,9 +1,9 @@
 """Bounded parsing of request bodies, shared by `ifa-serve`'s gRPC and REST transports.
 
 Parsing costs many times a body's size before any check on its content can run (JSON lists
-nested 100 deep took 49.8x over REST, a tensor_shape of empty dims 34.0x over gRPC;
-benchmarks/results/serving_memory). So what a body may make the parser build is refused from
-the bytes, before the parse:
+nested 100 deep took 49.8x over REST, a tensor_shape of empty dims 34.0x over gRPC, before
+these checks; benchmarks/results/serving_memory). So what a body may make the parser build
+is refused from the bytes, before the parse:
 
 - `ByteBudget`: the bytes of request bodies being received, parsed or answered at once, over
   both transports together (`--max_bytes_in_flight`). Concurrent bodies no longer add up:
