@@ -66,7 +66,9 @@ def handle_predict(manager, name, version, label, body, max_json_depth=0):
     # of 10,000-character strings, one per element (1.6 GB for 200,000 elements of a 2,000
     # character string): look leaf by leaf for booleans and strings where numbers belong,
     # but only when the body spells `true` or `false`, or holds more quotes than its keys.
-    may_hold_booleans = _BOOLEAN_TOKEN.search(body) is not None
+    # (`in` first: the regex alone took 2.5 ms of a 74 KB body, a tenth of its answer.)
+    may_hold_booleans = ((b"true" in body or b"false" in body)
+                         and _BOOLEAN_TOKEN.search(body) is not None)
     may_hold_strings = body.count(b'"') > 2 * _strings_expected(payload)
     inputs = {key: _to_array(value, key, signature, may_hold_booleans, may_hold_strings)
               for key, value in columns.items()}
