@@ -429,9 +429,11 @@ def test_rest_other_methods_get_a_json_error(rest_server, method):
         assert json.loads(body) == {"error": f"Malformed request: {method} /v1/models/m"}
 
 
-def test_rest_malformed_request_line_gets_a_json_error(rest_server):
+@pytest.mark.parametrize("request_line", [b"GARBAGE", b"GET /v1/models/\xff HTTP/1.1"],
+                         ids=["no method", "target not ASCII"])
+def test_rest_malformed_request_line_gets_a_json_error(rest_server, request_line):
     with connect(rest_server) as sock:
-        sock.sendall(b"GARBAGE\r\n\r\n")
+        sock.sendall(request_line + b"\r\n\r\n")
         response = http.client.HTTPResponse(sock)
         response.begin()
         assert response.status == 400

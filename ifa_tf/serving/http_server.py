@@ -120,10 +120,11 @@ class _Protocol(HttpToolsProtocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as error:
-            refusal = error.__context__
-            if not isinstance(refusal, _Refusal):
-                raise
-            self._answer_and_close(refusal.status, refusal.message)
+            cause = error.__context__  # a limit of ours, or what uvicorn's callback refused
+            if isinstance(cause, _Refusal):
+                self._answer_and_close(cause.status, cause.message)
+            else:  # e.g. a request target that is not ASCII
+                self._answer_and_close(400, f"Malformed request: {cause or error}")
             return
         except httptools.HttpParserUpgrade:
             pass  # no protocol upgrade is served: the request is answered as plain HTTP
