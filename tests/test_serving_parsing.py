@@ -13,7 +13,8 @@ import grpc
 import pytest
 import tensorflow as tf
 from tensorflow.core.framework import tensor_shape_pb2
-from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2,
+                                     predict_pb2, prediction_service_pb2_grpc)
 
 from ifa_tf import export
 from ifa_tf.serving import errors, parsing, rest
@@ -175,6 +176,14 @@ def test_grpc_input_of_too_many_dims_is_refused_by_the_server(model_base, tmp_pa
     try:
         stub = stub_of(server)
         assert stub.Predict(predict_request(features), timeout=30).outputs
+        # The service registered by hand keeps the generated one's other methods.
+        metadata = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=[
+            "signature_def"])
+        metadata.model_spec.name = "m"
+        assert stub.GetModelMetadata(metadata, timeout=30).model_spec.name == "m"
+        with pytest.raises(grpc.RpcError) as raised:
+            stub.Classify(classification_pb2.ClassificationRequest(), timeout=30)
+        assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
         data = with_dims(features, "cand_item_id",
                          [tensor_shape_pb2.TensorShapeProto.Dim(size=1)] * 4)
         with pytest.raises(grpc.RpcError) as raised:
