@@ -19,6 +19,7 @@ What every command shares (`run_app`):
   before parsing, so --helpfull does not list them and the command does not accept them.
 """
 
+import difflib
 import functools
 import os
 import shutil
@@ -162,6 +163,12 @@ def remove_if_empty(path):
             return False
     shutil.rmtree(path, ignore_errors=True)
     return True
+
+
+def did_you_mean(value, choices):
+    """`" (did you mean 'x'?)"` for the choice closest to a mistyped `value`, or `""`."""
+    close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _sentence(error):

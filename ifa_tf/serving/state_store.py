@@ -478,7 +478,7 @@ def events_from_log(path, dataset):
         if preset not in log_converter.PRESETS:
             raise ValueError(f"{path} is a directory; pass the log file (only a preset's "
                              "dataset names the file in its directory).")
-        path = os.path.join(path, log_converter.PRESETS[preset].log_file)
+        path = log_converter.preset_log_file(preset, path, builder.config)
     log = log_converter.read_log(path, builder.config)
     if not log.user:
         return {}
