@@ -278,7 +278,8 @@ import ifa_tf_console
 try:
     ifa_tf_console.run_command("ifa-data", sys.argv[1:])
 except SystemExit as exit_info:
-    print(exit_info.code, "tensorflow" in sys.modules)
+    from ifa_tf import _deferred
+    print(exit_info.code, _deferred.is_loaded("tensorflow"))
 """
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}
     for argv, status, message in (
