@@ -24,6 +24,7 @@ The presets read either layout. Thin over `ifa_tf.data.write_synthetic`, `conver
 
 import logging
 import os
+import re
 
 from absl import app, flags
 
@@ -222,6 +223,39 @@ def check_command(command, flag_values=flags.FLAGS, arguments=()):
             movielens.find_layout(preset, source)
         except FileNotFoundError as error:
             raise app.UsageError(f"--input={error}") from None
+    elif os.path.isdir(source):
+        raise app.UsageError(f"--input={source} is a directory; pass the log file (a "
+                             "directory holds a --preset's files).")
+    item_table = flag_values["item_table"].value
+    if item_table and not os.path.isfile(item_table):
+        raise app.UsageError(f"--item_table={item_table} does not exist.")
+    check_log(flag_values)
+
+
+def check_log(flag_values=flags.FLAGS):
+    """from-log's config (the library's own rules) and what the first and last lines of the
+    files tell (`log_checks.check_files`): a mistake is an `app.UsageError` naming the flag."""
+    from ifa_tf.data import log_checks, log_converter, movielens
+
+    source, preset = flag_values["input"].value, flag_values["preset"].value
+    try:
+        if preset:
+            config = log_converter.preset_config(preset, source, **log_overrides(flag_values))
+            path = os.path.join(source, movielens.find_layout(preset, source).log_file)
+        else:
+            config = log_converter.LogConfig(**log_overrides(flag_values))
+            path = source
+        log_checks.check_files(path, config)
+    except log_checks.LogCheckError as error:
+        raise app.UsageError(f"--{error.field}: {error.message}") from None
+    except ValueError as error:
+        raise app.UsageError(_as_flags(str(error))) from None
+    return config
+
+
+def _as_flags(message):
+    """A `LogConfig` message in the words of the command line (its fields are the flags)."""
+    return re.sub(r"\bLogConfig\.(\w+)", r"--\1", message.replace("LogConfig: ", ""))
 
 
 def check_fetch(arguments, flag_values=flags.FLAGS):
@@ -331,7 +365,7 @@ def main(argv, flag_values=flags.FLAGS):
 
 def run():
     define_flags()
-    run_app(main, __name__, "ifa-data", check=check, creates=("output_dir",),
+    run_app(main, __name__, "ifa-data", check=check, discards=("output_dir",),
             library=needs_library)
 
 

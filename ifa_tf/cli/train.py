@@ -18,7 +18,7 @@ import os
 
 from absl import app, flags
 
-from ifa_tf.cli import run_app
+from ifa_tf.cli import did_you_mean, run_app
 from ifa_tf.training import config as config_lib
 
 METRICS_FILENAME = "metrics.json"  # trainer.METRICS_FILENAME (tested equal)
@@ -114,8 +114,13 @@ def check(argv, flag_values=flags.FLAGS):
     config = config_from_flags(flag_values, check_model=False)
     names = config_lib.zoo_config_names()
     if names and config.model.name not in names:
-        raise app.UsageError(f"Unknown model {config.model.name!r}. Registered models: "
+        raise app.UsageError(f"Unknown model {config.model.name!r}"
+                             f"{did_you_mean(config.model.name, names)}. Registered models: "
                              f"{names}")
+    try:
+        config_lib.check_model_keys_early(config)
+    except ValueError as error:
+        raise app.UsageError(str(error)) from None
     if not config.data.train_data:
         raise app.UsageError("--train_data (or data.train_data) is required.")
     for flag, pattern in (("train_data", config.data.train_data),

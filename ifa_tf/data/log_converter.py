@@ -82,6 +82,7 @@ import re
 import numpy as np
 
 from ifa_tf import schema as schema_lib
+from ifa_tf._suggest import did_you_mean
 from ifa_tf.data import leak_audit, movielens, records
 
 ROLES = ("user", "item", "category", "timestamp", "action", "_")
@@ -187,7 +188,8 @@ class LogConfig:
         object.__setattr__(self, "columns", tuple(columns))
         unknown = [c for c in self.columns if c not in ROLES]
         if unknown:
-            raise ValueError(f"LogConfig.columns: unknown roles {unknown}; valid roles: "
+            raise ValueError(f"LogConfig.columns: unknown roles {unknown}"
+                             f"{did_you_mean(unknown[0], ROLES)}; valid roles: "
                              f"{list(ROLES)}. Received: columns={self.columns!r}")
         for role in ROLES[:-1]:
             if self.columns.count(role) > 1:
@@ -557,14 +559,13 @@ def convert_events(events, output_dir, config, num_shards=1, compression="gzip",
         item_attributes=("item_id", "category_id") if has_category else ("item_id",),
         cross_features=("cand_cross_category_count",) if has_category else (),
         tasks=config.tasks, score_task=config.tasks[1])
-    os.makedirs(output_dir, exist_ok=True)
-    ids, id_ranges, vocab_files, collisions = {}, {}, {}, {}
+    ids, id_ranges, tables, collisions = {}, {}, {}, {}
     for role in ("user", "item", "category") if has_category else ("user", "item"):
         ids[role], table = encode_ids(getattr(events, role))
         id_ranges[f"{role}_id"] = [int(ids[role].min()), int(ids[role].max())]
         collisions[role] = _count_collisions(role, table)
         if any(not _POSITIVE_INT.match(value) for value in table):
-            vocab_files[role] = _write_vocabulary(output_dir, role, table)
+            tables[role] = table
     item_category = {}
     if has_category:  # an item's category is the first one the log gives it
         for item, category in zip(ids["item"][::-1], ids["category"][::-1]):
@@ -573,8 +574,12 @@ def convert_events(events, output_dir, config, num_shards=1, compression="gzip",
                                events.line)
     requests = list(_request_points(timeline, config))
     if not requests:
-        raise records.DataFormatError(
-            f"No request has at least min_seq_len={config.min_seq_len} earlier events.")
+        raise records.DataFormatError(_no_request_message(timeline, config))
+    # Nothing is written before the requests are known: a log that gives none leaves no
+    # output directory behind.
+    os.makedirs(output_dir, exist_ok=True)
+    vocab_files = {role: _write_vocabulary(output_dir, role, table)
+                   for role, table in tables.items()}
     times = np.array([r.time for r in requests])
     split_time = (int(np.quantile(times, 1.0 - config.test_fraction, method="lower"))
                   if config.test_fraction > 0 else int(times.max()) + 1)
@@ -643,6 +648,22 @@ def convert_events(events, output_dir, config, num_shards=1, compression="gzip",
         _logger.warning("%s", warning)
     records.write_metadata(output_dir, metadata)
     return metadata
+
+
+def _no_request_message(timeline, config):
+    """Why no request was cut: too few earlier events, and, when every user's events lie
+    within one window, the timestamps that put them there."""
+    message = f"No request has at least min_seq_len={config.min_seq_len} earlier events"
+    starts, ends = timeline.user_start[:-1], timeline.user_start[1:] - 1
+    spans = timeline.time[ends] - timeline.time[starts]
+    if int(spans.max()) >= config.window_seconds:
+        return message + "."
+    low, high = int(timeline.time.min()), int(timeline.time.max())
+    return message + (f": every user's events lie within one window of window_seconds="
+                      f"{config.window_seconds} (the longest user spans {int(spans.max())} "
+                      f"s; the timestamps run {low} to {high}). Is the timestamp column a "
+                      "time in seconds (or ISO 8601), and the window shorter than a user's "
+                      "history?")
 
 
 def string_id(value):
