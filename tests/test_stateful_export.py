@@ -188,17 +188,17 @@ def test_warmup_covers_the_state_signatures_and_ifa_serve_replays_them(exported,
     model, export_dir, signatures = exported
     requests = export.read_warmup_requests(export_dir)
     assert [r.model_spec.signature_name for r in requests] == [
-        "serving_default", "user_state", "update_state", "rank_with_state"]
-    for request in requests[1:]:
+        "serving_default", "serving_raw", "user_state", "update_state", "rank_with_state"]
+    for request in requests[2:]:
         outputs = call(signatures[request.model_spec.signature_name],
                        {k: tf.make_ndarray(v) for k, v in request.inputs.items()})
         if request.model_spec.signature_name != "rank_with_state":
             np.testing.assert_array_equal(outputs["state_model"],
                                           [export.state_model_id(model)])
-    # ifa-serve replayed all four before marking the version AVAILABLE.
+    # ifa-serve replayed all five before marking the version AVAILABLE.
     with GrpcClient(server.target, "ifa") as client:
         assert client.model_status() == [(1, "AVAILABLE", "")]
-    assert "(4 warm-up requests)" in server.log_path.read_text()
+    assert "(5 warm-up requests)" in server.log_path.read_text()
 
 
 def test_client_ranks_a_user_from_the_store_in_one_call(exported, server, tmp_path):
