@@ -222,7 +222,8 @@ def test_client_ranks_a_user_from_the_store_in_one_call(exported, server, tmp_pa
                                                 now=int(NOW[0]) + 30, model=state_model)
         # An unknown user is ranked as a new one, not refused.
         new_user, empty = state_store.rank_user(client, store, 43, candidates,
-                                                now=int(NOW[0]), model=state_model)
+                                                now=int(NOW[0]), model=state_model,
+                                                missing="new")
     assert empty.events == 0 and len(new_user.item_ids) == len(ranking.item_ids)
     aged = dict(features, seq_time_delta=features["seq_time_delta"] + 30)
     expected = call(signatures["serving_default"], aged)
