@@ -142,6 +142,10 @@ def defer_package_import(min_level):
     def finish():
         def load():
             spec.loader.exec_module(package)
+            # TensorFlow first, on its own: Keras imports parts of TensorFlow directly, and
+            # those must not start before TensorFlow's __init__ has enabled TF2 behaviour
+            # (else training fails: "defined in ... Graph ... which is out of scope").
+            importlib.import_module("ifa_tf._deferred").load("tensorflow")
             importlib.import_module("keras")  # the zoo registers with it (ifa_tf.__init__)
 
         run_quietly(load, min_level)

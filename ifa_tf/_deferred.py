@@ -20,7 +20,10 @@ module it would have had.
 longer does).
 
 A deferred package stays so until used: right for a process whose imports this project
-controls (the console scripts, `ifa-query`). In a user's process, `imported_alone` defers it
+controls (the console scripts, `ifa-query`), where only protos import before it runs. Any
+other part of TensorFlow imported directly before its `__init__` would start without what
+the `__init__` sets up first (TF2 behaviour): `load(name)` runs it before such imports
+(the console scripts do, before Keras). In a user's process, `imported_alone` defers it
 only while the protos import, then takes it back out of `sys.modules`: a later `import
 tensorflow` runs TensorFlow's `__init__` as usual (its API modules such as
 `tensorflow.compat` exist only after it), finds the protos already imported, and gets them
@@ -45,17 +48,20 @@ class _DeferredPackage(types.ModuleType):
 
     def __getattr__(self, name):
         with _LOCK:
-            state = self.__dict__
-            if state.get("_deferred_loading"):  # the __init__ itself probing its names
+            if self.__dict__.get("_deferred_loading"):  # the __init__ probing its names
                 raise AttributeError(f"module {self.__name__!r} has no attribute {name!r}")
-            if type(self) is _DeferredPackage:
-                state["_deferred_loading"] = True
-                try:
-                    self.__spec__.loader.exec_module(self)
-                finally:
-                    del state["_deferred_loading"]
-                    self.__class__ = types.ModuleType
+            self._deferred_run()
         return getattr(self, name)
+
+    def _deferred_run(self):
+        if type(self) is not _DeferredPackage:
+            return
+        self.__dict__["_deferred_loading"] = True
+        try:
+            self.__spec__.loader.exec_module(self)
+        finally:
+            del self.__dict__["_deferred_loading"]
+            self.__class__ = types.ModuleType
 
 
 def defer(name):
@@ -71,6 +77,15 @@ def defer(name):
         module.__class__ = _DeferredPackage
         sys.modules[name] = module
         return True
+
+
+def load(name):
+    """Runs a deferred package's `__init__` now (nothing when it is loaded or absent): before
+    importing what uses it, so that its start-up runs with no other import half done."""
+    module = sys.modules.get(name)
+    if isinstance(module, _DeferredPackage):
+        with _LOCK:
+            module._deferred_run()
 
 
 def is_loaded(name):

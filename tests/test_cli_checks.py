@@ -165,3 +165,20 @@ def test_config_keys_suggest_the_closest():
         config_lib.check_model_keys_early(config)
     with pytest.raises(ValueError, match="\\(did you mean 'data.batch_size'\\?\\)"):
         config_lib.load_config("ifa", overrides=["data.batchsize=3"], check_model=False)
+
+
+def test_a_console_command_runs_whole_after_its_checks(six_step_data, tmp_path):
+    """The checks ran with TensorFlow's __init__ held back (its protos imported alone);
+    then the command loads it before Keras and trains as a plain import would (loaded from
+    inside Keras' import, after Keras had imported parts of TensorFlow directly, it had
+    left training in a graph scope that was gone). As a user's shell runs it: without the
+    TF2_BEHAVIOR=1 that TensorFlow sets in this test process's environment."""
+    env = {name: value for name, value in os.environ.items() if name != "TF2_BEHAVIOR"}
+    env["PYTHONPATH"] = os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])
+    process = subprocess.run(
+        [sys.executable, "-m", "ifa_tf_console", "ifa-train", "--model=avg_pooling",
+         f"--train_data={six_step_data}/train-*", f"--schema={six_step_data}/schema.json",
+         f"--model_dir={tmp_path / 'run'}", "--epochs=1", "--steps=2", "--verbose=2"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert process.returncode == 0, process.stderr[-3000:]
+    assert "trained avg_pooling: 2 steps" in process.stdout, process.stdout

@@ -286,6 +286,7 @@ except SystemExit as exit_info:
             (["fetch", "movielens_1m", str(tmp_path / "ml-1m"), f"--url={url}"], 1,
              "expected 0b500e62"),
             (["fetch", "movielens_1n"], 2, "did you mean 'movielens_1m'?"),
+            (["fech", "movielens_1m"], 2, "did you mean 'fetch'?"),
             (["fetch", "movielens_1m", "--output_dir=x"], 2, "do not apply")):
         process = subprocess.run([sys.executable, "-c", script, "ifa-data", *argv], cwd=REPO,
                                  env=env, capture_output=True, text=True, timeout=120)

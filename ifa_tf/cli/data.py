@@ -329,6 +329,8 @@ def check(argv, flag_values=flags.FLAGS):
     """What `main` checks before TensorFlow loads."""
     if len(argv) >= 2 and argv[1] == "fetch":
         return check_fetch(argv[2:], flag_values)
+    if len(argv) >= 2 and argv[1] not in COMMANDS:
+        check_command(argv[1], flag_values)  # unknown: says which command was meant
     if len(argv) != 2:
         raise app.UsageError(f"Usage: ifa-data {{{'|'.join(COMMANDS)}}} [flags]. "
                              f"Received: {argv[1:]}")
