@@ -32,8 +32,9 @@ read and write a user's state (a few KB, whatever the history's length) instead 
 sequence (see `add_state_endpoints`): `user_state`, `update_state` and `rank_with_state`.
 
 `assets.extra/` holds TF Serving warm-up requests (`tf_serving_warmup_requests`, replayed by
-the server before a version is marked AVAILABLE: `serving_default` at each warm-up shape and,
-for a stateful model, `user_state`, `update_state` and `rank_with_state` too) and
+the server before a version is marked AVAILABLE: `serving_default` and `serving_raw` at each
+warm-up shape and, for a stateful model, `user_state`, `update_state` and `rank_with_state`
+too, so that no signature's first request pays for its start-up) and
 `ifa_export_metadata.json` (model name, feature schema, signature, TensorFlow / Keras
 versions).
 
@@ -57,33 +58,21 @@ import tensorflow as tf
 from ifa_tf import diagnostics
 from ifa_tf import schema as schema_lib
 
-SIGNATURE_NAME = "serving_default"
-RAW_SIGNATURE_NAME = "serving_raw"
-SCORE = "score"
-RANKED_INDICES = "ranked_indices"
-RANKED_ITEM_IDS = "ranked_item_ids"
-RANKED_RAW_ITEM_IDS = "ranked_raw_item_ids"
+# The names the clients read without TensorFlow, and `read_metadata`: one definition each.
+from ifa_tf.signatures import (ASSETS_EXTRA, EVENT_TIME, METADATA_FILE, NOW,  # noqa: F401
+                               RANK_WITH_STATE_SIGNATURE, RANKED_INDICES, RANKED_ITEM_IDS,
+                               RANKED_RAW_ITEM_IDS, RAW_SIGNATURE_NAME, SCORE, SIGNATURE_NAME,
+                               STATE, STATE_MODEL, STATE_SIGNATURES, STATE_TIME,
+                               UPDATE_STATE_SIGNATURE, USER_STATE_SIGNATURE, read_metadata)
+
 VOCABULARY_ASSET = "vocab_{role}.tsv"
-ASSETS_EXTRA = "assets.extra"
 WARMUP_FILE = "tf_serving_warmup_requests"
-METADATA_FILE = "ifa_export_metadata.json"
 METADATA_FORMAT = "ifa_tf.export/1"
 # (batch, m, n) of the recorded warm-up requests: a tiny one, and one near the paper's
 # operating point so the first real request does not pay for kernel selection.
 DEFAULT_WARMUP_SHAPES = ((1, 8, 32), (1, 200, 2000))
 # The smallest padded m and n of an XLA export (see `bucket_size`).
 MIN_BUCKET = 64
-
-# Stateful IFA: signatures and the names of their state inputs and outputs.
-USER_STATE_SIGNATURE = "user_state"
-UPDATE_STATE_SIGNATURE = "update_state"
-RANK_WITH_STATE_SIGNATURE = "rank_with_state"
-STATE_SIGNATURES = (USER_STATE_SIGNATURE, UPDATE_STATE_SIGNATURE, RANK_WITH_STATE_SIGNATURE)
-STATE = "state"
-STATE_TIME = "state_time"
-STATE_MODEL = "state_model"
-NOW = "now"
-EVENT_TIME = "seq_event_time"
 
 _TEMP_PREFIX = ".tmp-export-"
 # TF Serving's version numbers are int64.
@@ -325,6 +314,20 @@ def _first_where(value, mask):
     return first_value, position
 
 
+def raw_warmup_features(features, raw_names):
+    """A `serving_raw` warm-up request made from a `serving_default` one: its ids as text,
+    every other one non-numeric (the hashed path beside the integer one and the table
+    lookup), 0 as "" (padding)."""
+    raw = dict(features)
+    for name in raw_names:
+        ids = np.asarray(features[name])
+        text = np.empty(ids.shape, dtype=object)
+        for index, value in np.ndenumerate(ids):
+            text[index] = ("" if value == 0 else str(value) if value % 2 else f"warm-up {value}")
+        raw[name] = text
+    return raw
+
+
 def resolve_vocabularies(vocabularies):
     """`{role: vocabulary path}` from a converted dataset (directory or metadata.json), a
     dict, or None (none)."""
@@ -400,6 +403,9 @@ def export_saved_model(model, base_dir, version=None, schema=None, model_name=No
     probe = serve(random_features(specs, 2, 5, 7, seed=seed))
     if schema is None:
         schema = infer_schema(specs, probe)
+    raw_names = raw_id_features(specs, schema)
+    warmup += [(RAW_SIGNATURE_NAME, raw_warmup_features(features, raw_names))
+               for _, features in list(warmup)]
     vocabulary_paths = resolve_vocabularies(vocabularies)
     stateful = add_state_endpoints(archive, model, specs) if getattr(
         model, "stateful", False) else None
@@ -720,15 +726,6 @@ def infer_schema(specs, outputs):
         raise ValueError(f"Model inputs {sorted(leftover)} follow no schema naming rule; "
                          "pass schema= explicitly.")
     return schema
-
-
-def read_metadata(export_dir):
-    """The export metadata of a version directory, or None when it has none."""
-    path = os.path.join(export_dir, ASSETS_EXTRA, METADATA_FILE)
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
 
 
 def make_predict_request(features, model_name, signature_name=SIGNATURE_NAME, version=None):

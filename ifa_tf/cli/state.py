@@ -21,7 +21,8 @@ Subcommands:
 (string ids allowed; the same columns, delimiter, header, actions and item table, read
 from the dataset's metadata.json), mapped to ids exactly as that converter mapped them.
 Every event of the log goes into the state (no max_seq_len cut). States are keyed by the
-converter's int64 user id; with --dataset, `show --user` takes the raw user id.
+converter's int64 user id; with --dataset, `show --user` takes the raw user id, and show
+lists the state's most frequent categories (and other table ids) as the log names them.
 
 Events CSVs have the header `user_id,item_id,category_id,author_id,action,time` (int64
 ids as the model was trained on, time in seconds; columns of attributes the model lacks
@@ -124,10 +125,13 @@ def run_command(command, values=flags.FLAGS, out=print, model=None):
         schema = _schema(values.model)
         cross = schema.cross_features if schema else ()
         if command == "show":
-            record, _ = store.get(model.model, _user(values.user, values.dataset))
-            result = ({"user": values.user, "known": False, "model": model.model}
-                      if record is None else {"user": values.user, "known": True,
+            key = _user(values.user, values.dataset)
+            record, _ = store.get(model.model, key)
+            result = ({"user": values.user, "key": key, "known": False, "model": model.model}
+                      if record is None else {"user": values.user, "key": key, "known": True,
                                               **state_store.describe(record)})
+            if record is not None and values.dataset is not None:
+                result["top"] = _raw_tables(record, values.dataset)
         elif command == "build":
             started = time.perf_counter()
             skipped = []
@@ -176,6 +180,21 @@ def _user(text, dataset=None):
 
         return int(log_converter.encode_ids([text.strip()])[0][0])
     return int(text) if re.fullmatch(r"-?[0-9]+", text) else text
+
+
+def _raw_tables(record, dataset, top=10):
+    """`{role: [[raw id, count, last event time], ...]}`: each table's `top` ids by count,
+    in the log's own ids (the dataset's vocabularies)."""
+    from ifa_tf.data import log_converter
+
+    shown = {}
+    for attribute, table in record.tables.items():
+        role = attribute[:-len("_id")]
+        path = os.path.join(dataset, f"vocab_{role}.tsv")
+        names = log_converter.read_vocabulary(dataset, role) if os.path.exists(path) else {}
+        ranked = sorted(table.items(), key=lambda entry: (-entry[1][0], entry[0]))[:top]
+        shown[role] = [[names.get(i, str(i)), count, last] for i, (count, last) in ranked]
+    return shown
 
 
 def _schema(export_dir):

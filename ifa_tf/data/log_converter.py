@@ -64,8 +64,8 @@ vanishingly rare (about V^2 / 2^64 for V ids). For each role holding a hashed va
 map ids back (`read_vocabulary`).
 
 Categories come from a log column or from a side table of items (`LogConfig.item_table`).
-`PRESETS` (`convert_preset`) read MovieLens-100K and -1M as the
-`shared/data/fetch_movielens_*.sh` scripts write them.
+`PRESETS` (`convert_preset`) read MovieLens-100K and -1M in either layout `ifa-data fetch`
+writes: RecBole's atomic files or GroupLens's own (`ifa_tf.data.movielens`).
 """
 
 import contextlib
@@ -82,10 +82,13 @@ import re
 import numpy as np
 
 from ifa_tf import schema as schema_lib
-from ifa_tf.data import leak_audit, records
+from ifa_tf._suggest import did_you_mean
+from ifa_tf.data import leak_audit, movielens, records
 
 ROLES = ("user", "item", "category", "timestamp", "action", "_")
 _REQUIRED_ROLES = ("user", "item", "timestamp")
+# How the log and item table are read: plain CSV/TSV, or a GroupLens MovieLens layout.
+LAYOUTS = ("csv", *movielens.GROUPLENS_LAYOUTS)
 _KNOWN_ACTION_BITS = {"click": 1, "long_view": 2, "like": 4}
 NEGATIVE_SAMPLERS = ("popularity_matched", "exposure", "popularity")
 _COMPARISONS = {">=": operator.ge, "<=": operator.le, "==": operator.eq, ">": operator.gt,
@@ -154,6 +157,11 @@ class LogConfig:
         item_table_category: the table's category column.
         item_table_separator: splits a multi-valued category field (e.g. `" "` for
             MovieLens genres); the first value is the category. Empty: the whole field.
+        layout: `"csv"`: the log and item table are CSV/TSV as the fields above describe.
+            A GroupLens MovieLens layout (`"grouplens_ml-1m"`, `"grouplens_ml-100k"`,
+            which the presets set): the log is GroupLens's ratings file and `item_table`
+            its movie table, read by `ifa_tf.data.movielens` into rows of `columns` =
+            user, item, action, timestamp; the CSV fields then only describe them.
     """
 
     columns: tuple = ("user", "item", "timestamp")
@@ -175,6 +183,7 @@ class LogConfig:
     item_table_key: str = "item_id"
     item_table_category: str = "category"
     item_table_separator: str = ""
+    layout: str = "csv"
 
     def __post_init__(self):
         columns = self.columns
@@ -183,7 +192,8 @@ class LogConfig:
         object.__setattr__(self, "columns", tuple(columns))
         unknown = [c for c in self.columns if c not in ROLES]
         if unknown:
-            raise ValueError(f"LogConfig.columns: unknown roles {unknown}; valid roles: "
+            raise ValueError(f"LogConfig.columns: unknown roles {unknown}"
+                             f"{did_you_mean(unknown[0], ROLES)}; valid roles: "
                              f"{list(ROLES)}. Received: columns={self.columns!r}")
         for role in ROLES[:-1]:
             if self.columns.count(role) > 1:
@@ -193,9 +203,18 @@ class LogConfig:
         if missing:
             raise ValueError(f"LogConfig.columns must name {list(_REQUIRED_ROLES)}; missing "
                              f"{missing}. Received: columns={self.columns!r}")
-        if len(self.delimiter) != 1:
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"LogConfig.layout must be one of {list(LAYOUTS)}. "
+                             f"Received: layout={self.layout!r}")
+        if self.layout == "csv" and len(self.delimiter) != 1:
             raise ValueError("LogConfig.delimiter must be one character. "
                              f"Received: delimiter={self.delimiter!r}")
+        if self.layout != "csv" and (self.columns != movielens.ROW_COLUMNS
+                                     or not self.item_table):
+            raise ValueError(f"LogConfig: layout {self.layout!r} reads columns "
+                             f"{list(movielens.ROW_COLUMNS)} and needs its item_table. "
+                             f"Received: columns={self.columns!r}, "
+                             f"item_table={self.item_table!r}")
         for name in ("window_seconds", "max_seq_len", "max_candidates"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -346,12 +365,19 @@ class Events:
 
 # --------------------------------------------------------------------------------- reading
 def read_log(path, config):
-    """Parses a CSV/TSV log into `Events`; malformed rows raise (or are skipped and logged)."""
+    """Parses a log (CSV/TSV, or a GroupLens ratings file by `config.layout`) into `Events`;
+    malformed rows raise (or are skipped and logged)."""
     rules = config.action_rules
     column = {role: config.columns.index(role) for role in ROLES[:-1] if role in config.columns}
-    item_category = read_item_table(config) if config.item_table else None
+    if config.layout == "csv":
+        item_category = read_item_table(config) if config.item_table else None
+        reader = _csv_rows(path, config.delimiter)
+    else:
+        items = _grouplens_items(config)
+        item_category = items.category_of
+        reader = movielens.rating_rows(config.layout, path, items.item_of)
     user, item, category, timestamp, bits, lines, bad = [], [], [], [], [], [], []
-    with contextlib.closing(_csv_rows(path, config.delimiter)) as rows:
+    with contextlib.closing(reader) as rows:
         for line, row, error in rows:
             if line == 1 and config.header:
                 continue
@@ -392,8 +418,10 @@ def read_log(path, config):
 
 
 def read_item_table(config):
-    """`{raw item id: raw category}` from `config.item_table`; malformed rows raise (or are
-    skipped and logged with `skip_bad_rows`)."""
+    """`{raw item id: raw category}` from `config.item_table` (in `config.layout`); malformed
+    rows raise (or are skipped and logged with `skip_bad_rows`)."""
+    if config.layout != "csv":
+        return _grouplens_items(config).category_of
     path = config.item_table
     item_category, first_line, bad = {}, {}, []
     with contextlib.closing(_csv_rows(path, config.delimiter)) as rows:
@@ -431,6 +459,13 @@ def read_item_table(config):
             first_line[item] = line
     report_bad_rows(path, bad, config.skip_bad_rows)
     return item_category
+
+
+def _grouplens_items(config):
+    """The `movielens.Items` of a GroupLens layout's item table, its bad rows reported."""
+    items = movielens.read_items(config.layout, config.item_table)
+    report_bad_rows(config.item_table, items.bad_rows, config.skip_bad_rows)
+    return items
 
 
 def _csv_rows(path, delimiter, quoting=csv.QUOTE_MINIMAL):
@@ -540,14 +575,13 @@ def convert_events(events, output_dir, config, num_shards=1, compression="gzip",
         item_attributes=("item_id", "category_id") if has_category else ("item_id",),
         cross_features=("cand_cross_category_count",) if has_category else (),
         tasks=config.tasks, score_task=config.tasks[1])
-    os.makedirs(output_dir, exist_ok=True)
-    ids, id_ranges, vocab_files, collisions = {}, {}, {}, {}
+    ids, id_ranges, tables, collisions = {}, {}, {}, {}
     for role in ("user", "item", "category") if has_category else ("user", "item"):
         ids[role], table = encode_ids(getattr(events, role))
         id_ranges[f"{role}_id"] = [int(ids[role].min()), int(ids[role].max())]
         collisions[role] = _count_collisions(role, table)
         if any(not _POSITIVE_INT.match(value) for value in table):
-            vocab_files[role] = _write_vocabulary(output_dir, role, table)
+            tables[role] = table
     item_category = {}
     if has_category:  # an item's category is the first one the log gives it
         for item, category in zip(ids["item"][::-1], ids["category"][::-1]):
@@ -556,8 +590,12 @@ def convert_events(events, output_dir, config, num_shards=1, compression="gzip",
                                events.line)
     requests = list(_request_points(timeline, config))
     if not requests:
-        raise records.DataFormatError(
-            f"No request has at least min_seq_len={config.min_seq_len} earlier events.")
+        raise records.DataFormatError(_no_request_message(timeline, config))
+    # Nothing is written before the requests are known: a log that gives none leaves no
+    # output directory behind.
+    os.makedirs(output_dir, exist_ok=True)
+    vocab_files = {role: _write_vocabulary(output_dir, role, table)
+                   for role, table in tables.items()}
     times = np.array([r.time for r in requests])
     split_time = (int(np.quantile(times, 1.0 - config.test_fraction, method="lower"))
                   if config.test_fraction > 0 else int(times.max()) + 1)
@@ -626,6 +664,22 @@ def convert_events(events, output_dir, config, num_shards=1, compression="gzip",
         _logger.warning("%s", warning)
     records.write_metadata(output_dir, metadata)
     return metadata
+
+
+def _no_request_message(timeline, config):
+    """Why no request was cut: too few earlier events, and, when every user's events lie
+    within one window, the timestamps that put them there."""
+    message = f"No request has at least min_seq_len={config.min_seq_len} earlier events"
+    starts, ends = timeline.user_start[:-1], timeline.user_start[1:] - 1
+    spans = timeline.time[ends] - timeline.time[starts]
+    if int(spans.max()) >= config.window_seconds:
+        return message + "."
+    low, high = int(timeline.time.min()), int(timeline.time.max())
+    return message + (f": every user's events lie within one window of window_seconds="
+                      f"{config.window_seconds} (the longest user spans {int(spans.max())} "
+                      f"s; the timestamps run {low} to {high}). Is the timestamp column a "
+                      "time in seconds (or ISO 8601), and the window shorter than a user's "
+                      "history?")
 
 
 def string_id(value):
@@ -937,14 +991,16 @@ _RECBOLE_COLUMNS = ("user_id", "item_id", "rating", "timestamp")  # checked in t
 
 @dataclasses.dataclass(frozen=True)
 class Preset:
-    """A known log: its files in one directory (RecBole atomic files, as the
-    `shared/data/fetch_movielens_*.sh` scripts write them: tab-separated, a typed header
-    line, ids as tokens) and the `LogConfig` fields that suit it.
+    """A known log: its files in one directory, in either layout of `movielens.LAYOUTS`
+    (RecBole's atomic files: tab-separated, a typed header line, ids as tokens; or
+    GroupLens's own, which `ifa_tf.data.movielens` reads to the same rows), and the
+    `LogConfig` fields that suit it.
 
     Args:
-        log_file: the interactions (`user_id`, `item_id`, `rating`, `timestamp`).
-        item_file: the item table; an event's category is the first of its item's genres.
-        category_column: the item table's genre column.
+        log_file: RecBole's interactions (`user_id`, `item_id`, `rating`, `timestamp`).
+        item_file: RecBole's item table; an event's category is the first of its item's
+            genres.
+        category_column: RecBole's item table's genre column.
         defaults: `LogConfig` fields the preset sets (the caller may override them).
     """
 
@@ -988,13 +1044,15 @@ PRESETS = {
 
 
 def preset_config(name, data_dir, **overrides):
-    """The `LogConfig` of preset `name` over the files in `data_dir`: the preset's layout
-    (columns, delimiter, header, item table), its defaults, then `overrides`. Ratings map to
-    tasks by `MOVIELENS_ACTIONS` (>= 4: click, 5: like) unless `actions` is overridden."""
+    """The `LogConfig` of preset `name` over the files in `data_dir`: the layout of the
+    files found there (columns, delimiter, header, item table; FileNotFoundError naming the
+    files looked for when neither layout is complete), the preset's defaults, then
+    `overrides`. Ratings map to tasks by `MOVIELENS_ACTIONS` (>= 4: click, 5: like) unless
+    `actions` is overridden."""
     if name not in PRESETS:
         raise ValueError(f"Unknown preset {name!r}; valid presets: {sorted(PRESETS)}")
     preset = PRESETS[name]
-    layout = _preset_layout(preset, data_dir)
+    layout = _preset_layout(preset, movielens.find_layout(name, data_dir), data_dir)
     fixed = sorted(set(overrides) & set(layout))
     if fixed:
         raise ValueError(f"Preset {name!r} sets {fixed} itself (the layout of its files); "
@@ -1003,28 +1061,51 @@ def preset_config(name, data_dir, **overrides):
                         **layout})
 
 
-def _preset_layout(preset, data_dir):
-    """The `LogConfig` fields that describe the preset's files."""
-    return {"columns": ("user", "item", "action", "timestamp"), "delimiter": "\t",
-            "header": True, "item_table": os.path.join(data_dir, preset.item_file),
-            "item_table_key": "item_id", "item_table_category": preset.category_column,
-            "item_table_separator": " "}
+def _preset_layout(preset, layout, data_dir):
+    """The `LogConfig` fields that describe the preset's files in `layout`."""
+    if layout.name == "csv":
+        return {"columns": movielens.ROW_COLUMNS, "delimiter": "\t", "header": True,
+                "item_table": os.path.join(data_dir, preset.item_file),
+                "item_table_key": "item_id", "item_table_category": preset.category_column,
+                "item_table_separator": " ", "layout": "csv"}
+    # GroupLens's files, named as GroupLens's README names their fields (only `layout`,
+    # `columns` and `item_table` are read; the rest describe the files).
+    one_m = layout.name == "grouplens_ml-1m"
+    return {"columns": movielens.ROW_COLUMNS, "delimiter": "::" if one_m else "\t",
+            "header": False, "item_table": os.path.join(data_dir, layout.item_file),
+            "item_table_key": "MovieID" if one_m else "movie id",
+            "item_table_category": "Genres" if one_m else "genre",
+            "item_table_separator": "|" if one_m else "", "layout": layout.name}
+
+
+def preset_log_file(name, data_dir, config):
+    """The log file of preset `name` in `data_dir` in the layout `config` reads (a dataset's
+    recorded `LogConfig`): one line naming it when it is not there."""
+    layout = next(layout for layout in movielens.LAYOUTS[name] if layout.name == config.layout)
+    path = os.path.join(data_dir, layout.log_file)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: not there; the dataset was converted from "
+                                f"{layout.source}'s files ({', '.join(layout.files)})")
+    return path
 
 
 def convert_preset(name, data_dir, output_dir, num_shards=1, compression="gzip",
                    progress=None, **overrides):
     """Converts the files of preset `name` in `data_dir` (`preset_config(name, data_dir,
-    **overrides)`) into `output_dir`; returns the metadata. `progress` as in
+    **overrides)`; either layout) into `output_dir`; returns the metadata. `progress` as in
     `convert_log`."""
     config = preset_config(name, data_dir, **overrides)
-    log = os.path.join(data_dir, PRESETS[name].log_file)
-    with contextlib.closing(_csv_rows(log, "\t")) as rows:
-        columns = _header(log, rows)
-    if tuple(columns) != _RECBOLE_COLUMNS:
-        raise records.DataFormatError(f"{log}: columns {columns}, expected "
-                                      f"{list(_RECBOLE_COLUMNS)} (preset {name!r})")
+    layout = movielens.find_layout(name, data_dir)
+    log = os.path.join(data_dir, layout.log_file)
+    if layout.name == "csv":
+        with contextlib.closing(_csv_rows(log, "\t")) as rows:
+            columns = _header(log, rows)
+        if tuple(columns) != _RECBOLE_COLUMNS:
+            raise records.DataFormatError(f"{log}: columns {columns}, expected "
+                                          f"{list(_RECBOLE_COLUMNS)} (preset {name!r})")
     return convert_log(log, output_dir, config, num_shards, compression,
-                       source={"preset": name, "log": os.path.abspath(data_dir)},
+                       source={"preset": name, "layout": layout.source,
+                               "log": os.path.abspath(data_dir)},
                        progress=progress)
 
 
@@ -1032,7 +1113,8 @@ def convert_movielens_100k(data_dir, output_dir, config=None, num_shards=1,
                            compression="gzip"):
     """`convert_preset("movielens_100k", ...)` with the request cutting and `actions` of
     `config` (its other fields are the preset's)."""
-    layout = _preset_layout(PRESETS["movielens_100k"], data_dir)
+    layout = _preset_layout(PRESETS["movielens_100k"],
+                            movielens.find_layout("movielens_100k", data_dir), data_dir)
     overrides = {} if config is None else {
         field: value for field, value in config.to_dict().items()
         if field not in layout and (field != "actions" or value)}

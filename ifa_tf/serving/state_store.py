@@ -51,6 +51,7 @@ import re
 import sqlite3
 import threading
 import time
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -343,7 +344,8 @@ class StateModel:
     def refresh(self):
         """Reads the model's inputs, id and state shape (again, after a new version)."""
         self.sequence_features = [n for n in self.signature_inputs("user_state") if n != NOW]
-        self.cross_features = [n for n in self.signature_inputs("rank_with_state")
+        self.rank_inputs = self.signature_inputs("rank_with_state")
+        self.cross_features = [n for n in self.rank_inputs
                                if n.startswith(schema_lib.CROSS_PREFIX)]
         empty = self.user_state({name: np.zeros((1, 0), np.int64) for name in
                                  self.sequence_features}, np.zeros(1, np.int64))
@@ -520,38 +522,97 @@ def put_state(store, user, record, max_attempts=100):
                                "tries to write it.")
 
 
-def rank_user(client, store, user, features, now=None, model=None, cross_features=None):
+class MissingStateError(LookupError):
+    """`rank_user(..., missing="refuse")` of a user the store holds no state of."""
+
+
+class StateWarning(UserWarning):
+    """`rank_user` ranks from a state that may not be the one meant: none stored (a new
+    user, or an id the store does not know), or one far older than the wall clock."""
+
+
+def rank_user(client, store, user, features, now=None, model=None, cross_features=None,
+              dataset=None, missing="warn", stale_after_s=365 * 86_400):
     """One call: `user`'s ranking of the candidates in `features` from the stored state.
+
+        ranking, record = rank_user(client, store, "1m_1", ["Heat (1995)", "Babe (1995)"],
+                                    dataset="data/ml-1m", now="2001-01-01")
+        ranking.raw_item_ids          # the titles, best first
 
     Args:
         client: a `ServingClient` of the served decay model.
         store: a `StateStore`.
-        user: the user's id (as stored).
-        features: one user's user features (scalars) and candidate features (1-D).
+        user: with `dataset`, the log's own user id (`"1m_1"`, `42`), mapped to the store's
+            key as `ifa-data from-log` maps it (`ifa-state build --log` keys states so);
+            without, the store's key itself (the converter's int64 user id).
+        features: the candidates. With `dataset`, their raw item ids (a list), whose
+            features (item, category) the dataset gives as `RequestBuilder` does; or one
+            user's user features (scalars) and candidate features (1-D int64 ids).
             Cross features (`cand_cross_*`) the model reads and `features` lacks are
             computed from the stored tables.
-        now: the request's time, int seconds; default the wall clock, or the state's time
-            when that is later by at most `MAX_CLOCK_SKEW_S` (clocks of the writer and the
-            ranker may disagree by a little; a request never ranks before its state's
-            time). A state further ahead is refused (ValueError): its time came from a
-            wrong clock, and ranking at it would hide that.
+        now: the request's time, int seconds or an ISO 8601 date; default the wall clock,
+            or the state's time when that is later by at most `MAX_CLOCK_SKEW_S` (clocks of
+            the writer and the ranker may disagree by a little; a request never ranks before
+            its state's time). A state further ahead is refused (ValueError): its time came
+            from a wrong clock, and ranking at it would hide that. A state older than
+            `stale_after_s` then warns (`StateWarning`): its events decay by all that time,
+            which is not what ranking a past log (MovieLens) means.
         model: the client's `StateModel`, kept between calls to skip reading its id.
         cross_features: the cross features to compute; default the ones the served
             `rank_with_state` takes (`model.cross_features`) that `features` does not hold.
+        dataset: the directory `ifa-data from-log` wrote (or a `RequestBuilder` of it):
+            raw ids in, and the ranking's `raw_item_ids` out.
+        missing: a user the store holds no state of: `"warn"` (ranked as a new user, with
+            a `StateWarning` naming the user and the key looked up), `"refuse"`
+            (`MissingStateError`), or `"new"` (ranked as a new user, silently: for a
+            service where new users are expected).
+        stale_after_s: the state age that warns when `now` is not given; None: never.
 
     Returns:
         `(Ranking, UserState)`. A new model version answers the old id with
         INVALID_ARGUMENT; the model's id is then read again and the call retried once.
     """
+    import warnings
+
     from ifa_tf.serving import errors
     from ifa_tf.serving.client import rankings_from_outputs
 
+    if missing not in ("warn", "refuse", "new"):
+        raise ValueError(f"missing must be 'warn', 'refuse' or 'new'. Received: "
+                         f"missing={missing!r}")
     model = model or StateModel(client=client)
+    key, raw_of = user, None
+    if dataset is not None:
+        key, features, raw_of = _raw_request(dataset, user, features, model)
+    if isinstance(now, str):
+        from ifa_tf.data import log_converter
+
+        now = log_converter.parse_timestamp(now.strip())
     if cross_features is None:
         cross_features = [n for n in model.cross_features if n not in features]
     for attempt in range(2):
-        record = load_state(store, model, user, cross_features)
+        record, _ = store.get(model.model, key)
+        if record is None:
+            named = f"user {user!r}" + (f" (key {key})" if key != user else "")
+            if missing == "refuse":
+                raise MissingStateError(f"No stored state of {named} for model "
+                                        f"{model.model}: build it with `ifa-state build`, "
+                                        "or pass missing='new' to rank new users.")
+            if missing == "warn":
+                warnings.warn(f"No stored state of {named} for model {model.model}: "
+                              "ranked as a new user, from no history (missing='new' "
+                              "ranks new users silently, 'refuse' refuses them).",
+                              StateWarning, stacklevel=2)
+            record = UserState.empty(model.model, model.state_shape,
+                                     [cross_attribute(n) for n in cross_features])
         when = _default_now(user, record) if now is None else int(now)
+        if now is None and stale_after_s is not None and record.time and (
+                when - record.time > stale_after_s):
+            warnings.warn(f"User {user!r}'s state is {(when - record.time) / 86_400:,.0f} "
+                          f"days older than the wall clock (state time {record.time}): its "
+                          "events are decayed by all that time. Pass now= (e.g. the "
+                          "time of a past log) to rank at another time.", StateWarning,
+                          stacklevel=2)
         inputs = {name: np.asarray(value)[None] for name, value in features.items()}
         inputs.update({name: value[None] for name, value in
                        record.cross_features(features, cross_features).items()})
@@ -564,7 +625,33 @@ def rank_user(client, store, user, features, now=None, model=None, cross_feature
                 model.refresh()
                 continue
             raise
-        return rankings_from_outputs(outputs, version)[0], record
+        ranking = rankings_from_outputs(outputs, version)[0]
+        if raw_of is not None:
+            ranking.raw_item_ids = [raw_of[int(i)] for i in ranking.item_ids]
+        return ranking, record
+
+
+def _raw_request(dataset, user, candidates, model):
+    """`(store key, features, {item id: raw id})` of a raw user id and raw candidates (or
+    int64 candidate features, then no raw ids), mapped as the dataset's converter maps
+    them (`RequestBuilder`)."""
+    from ifa_tf.serving.request_builder import RequestBuilder
+
+    builder = dataset if isinstance(dataset, RequestBuilder) else RequestBuilder(dataset)
+    raw_user = str(user).strip()
+    key = int(builder.encode_user(raw_user))
+    if isinstance(candidates, Mapping):
+        return key, dict(candidates), None
+    if isinstance(candidates, str):
+        raise ValueError("features: pass the raw candidate ids as a list, not one string. "
+                         f"Received: {candidates!r}")
+    raw = [str(c).strip() for c in candidates]
+    built = builder.build([], raw, time=0, user=raw_user)
+    features = {name: value[0] for name, value in built.items()
+                if name in model.rank_inputs
+                and not name.startswith(schema_lib.CROSS_PREFIX)}
+    raw_of = dict(zip(built["cand_item_id"][0].tolist(), raw))
+    return key, features, raw_of
 
 
 def _default_now(user, record):
@@ -741,7 +828,7 @@ def events_from_log(path, dataset, skip_bad_rows=False, skipped=None):
         if preset not in log_converter.PRESETS:
             raise ValueError(f"{path} is a directory; pass the log file (only a preset's "
                              "dataset names the file in its directory).")
-        path = os.path.join(path, log_converter.PRESETS[preset].log_file)
+        path = log_converter.preset_log_file(preset, path, builder.config)
     config = builder.config
     if skip_bad_rows and not config.skip_bad_rows:
         config = dataclasses.replace(config, skip_bad_rows=True)
