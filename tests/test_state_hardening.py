@@ -309,7 +309,8 @@ try:
     ifa_tf_console.run_command("ifa-state", ["ifa-state", *sys.argv[1:]])
 except SystemExit as exit_info:
     code = exit_info.code
-print(code, "tensorflow" in sys.modules)
+from ifa_tf import _deferred
+print(code, _deferred.is_loaded("tensorflow") or "keras" in sys.modules)
 """
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}
     for path, reason in bad_stores(tmp_path):
