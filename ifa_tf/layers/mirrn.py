@@ -3,7 +3,8 @@ from keras import ops
 
 from ifa_tf.layers.masked_target_attention import MaskedTargetAttention
 from ifa_tf.layers.simhash import add_hyperplanes, simhash_bits
-from ifa_tf.layers.top_k import gather_positions, select_top_k
+from ifa_tf.layers.masked_average_pooling import MaskedAveragePooling
+from ifa_tf.layers.top_k import gather_positions, most_recent_mask, select_top_k
 from ifa_tf.layers.validation import check_choice, check_positive_int, check_seed
 
 # How MHFT mixes each frequency's channels: "paper", a complex block matrix per frequency
@@ -121,6 +122,7 @@ class MIRRNAttention(keras.layers.Layer):
             norm.build((None, None, self.k, width))
             self.norms[granularity] = norm
         self._dropout = keras.layers.Dropout(self.dropout, dtype=self.dtype_policy)
+        self._pooling = MaskedAveragePooling(dtype=self.dtype_policy, name="query_pooling")
         self._fusion = MaskedTargetAttention(self.num_heads, self.key_dim, output_dim=width,
                                              dtype=self.dtype_policy, name="fusion")
         self._fusion.build(candidates_shape, (*candidates_shape[:-1], 3, width))
@@ -149,11 +151,9 @@ class MIRRNAttention(keras.layers.Layer):
     def user_queries(self, sequence_items, sequence_mask):
         """The local and global queries, [B, 1, d] each: masked means of the last
         `local_window` valid events' items and of every valid event's."""
-        valid = ops.cast(sequence_mask, "int32")
-        from_end = ops.flip(ops.cumsum(ops.flip(valid, axis=1), axis=1), axis=1)
-        recent = ops.logical_and(sequence_mask, from_end <= self.local_window)
-        return (_masked_mean(sequence_items, recent), _masked_mean(sequence_items,
-                                                                   sequence_mask))
+        recent = most_recent_mask(sequence_mask, self.local_window)
+        return (self._pooling(sequence_items, mask=recent)[:, None, :],
+                self._pooling(sequence_items, mask=sequence_mask)[:, None, :])
 
     def retrieve(self, query_signs, sequence_signs, sequence_mask):
         """The k valid events nearest in Hamming distance, oldest first, and their mask,
@@ -218,12 +218,4 @@ class MIRRNAttention(keras.layers.Layer):
                 "fourier_filter": self.fourier_filter, "dropout": self.dropout,
                 "tape_scale": self.tape_scale, "max_positions": self.max_positions,
                 "num_heads": self.num_heads, "key_dim": self.key_dim}
-
-
-def _masked_mean(values, mask):
-    """[B, 1, d]: the mean of `values` [B, n, d] over `mask` [B, n]; 0 where none is
-    valid."""
-    weights = ops.cast(mask, values.dtype)[..., None]
-    total = ops.sum(values * weights, axis=1, keepdims=True)
-    return total / ops.maximum(ops.sum(weights, axis=1, keepdims=True), 1.0)
 

@@ -29,7 +29,7 @@ from keras import ops
 
 from ifa_tf import layers
 from ifa_tf.layers.feature_maps import check_feature_map
-from ifa_tf.layers.top_k import gather_positions, most_recent_positions
+from ifa_tf.layers.top_k import gather_positions, most_recent_mask, most_recent_positions
 from ifa_tf.layers.hashed_embedding import LOG2_BUCKETS
 from ifa_tf.layers.validation import check_bool, check_choice, check_positive_int
 
@@ -525,9 +525,7 @@ class LinearAttentionInterest(FullTargetAttentionInterest):
         sequence_mask = inputs["sequence_mask"]
         if self.k is not None:
             # The same events the attention reads: the k most recent valid ones.
-            valid = ops.cast(sequence_mask, "int32")
-            from_end = ops.flip(ops.cumsum(ops.flip(valid, axis=1), axis=1), axis=1)
-            sequence_mask = ops.logical_and(sequence_mask, from_end <= self.k)
+            sequence_mask = most_recent_mask(sequence_mask, self.k)
         counts, last_time_delta = self._exact_matches(
             [inputs[f"candidate_{a}s"] for a in self._match_attributes],
             [inputs[f"sequence_{a}s"] for a in self._match_attributes],
