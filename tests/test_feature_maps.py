@@ -3,6 +3,7 @@ zoo options, and the attention-concentration diagnostic, against float64 NumPy r
 Tests marked `jax` are backend-independent: CI runs them again with KERAS_BACKEND=jax."""
 
 import math
+import re
 
 import keras
 import numpy as np
@@ -932,3 +933,28 @@ def test_learned_sharpness_reads_every_attentions_heads():
     np.testing.assert_array_equal(  # the default: the FSM's power, from 3
         diagnostics.learned_sharpness(zoo_model("ifa"))["interest/attention"][
             "focusing_factor"], [3.0, 3.0])
+
+
+def test_exact_matches_of_named_attributes_only():
+    # exact_matches=[...] matches only those attributes: here the item, so the module adds
+    # one count and one recency embedding (2 * exact_match_dim) where True adds three pairs.
+    from ifa_tf import training
+
+    config = training.load_config("ifa", overrides=["model.exact_matches=[item_id]"])
+    assert config.model.overrides["exact_matches"] == ["item_id"]
+    item_only = zoo_model("ifa", exact_matches=["item_id"], exact_match_dim=3)
+    every = zoo_model("ifa", exact_matches=True, exact_match_dim=3)
+    module, module_all = item_only.get_layer("interest"), every.get_layer("interest")
+    assert module._match_attributes == ["item_id"]
+    assert len(module_all._match_attributes) > 1
+    assert sorted(module._match_embeddings) == ["item_id_match_count_embedding",
+                                                "item_id_match_recency_embedding"]
+    scores = item_only(zoo_batch())
+    assert all(np.isfinite(np_(v)).all() for v in scores.values())
+    restored = item_only.from_config(item_only.get_config())
+    assert restored.get_layer("interest").exact_matches == ["item_id"]
+    with pytest.raises(ValueError, match=r"exact_matches names \['itemid'\].*given \["):
+        zoo_model("ifa", exact_matches=["itemid"])
+    for bad in ([], ["item_id", "item_id"], "item_id"):
+        with pytest.raises(ValueError, match=r"exact_matches=" + re.escape(repr(bad))):
+            zoo_model("ifa", exact_matches=bad)

@@ -377,7 +377,10 @@ class LinearAttentionInterest(FullTargetAttentionInterest):
     how many of the events it reads share the candidate's id (log2-bucketed embedding) and
     how long ago the newest of them was (log2 of its time delta in seconds; a zero vector
     when there is none), each `exact_match_dim` wide, concatenated after the heads. It
-    costs O((m + n) log n) per attribute, no [m, n] comparison. Off by default.
+    costs O((m + n) log n) per attribute, no [m, n] comparison. Off by default. A list of
+    attributes instead of True matches only those, e.g. `exact_matches=["item_id"]`: the
+    re-engagement signal alone, without the category counts, which on a log whose
+    candidates are never in the history (MovieLens' leak-free preset) can only add noise.
 
     `short_term_k` adds a short-term module beside the long-term FSM, the production
     pattern of one long-term and one short-term reader: exact softmax target attention
@@ -410,7 +413,7 @@ class LinearAttentionInterest(FullTargetAttentionInterest):
         # Checked here: the attention layer is only made in `build`.
         check_feature_map(feature_map, focusing_factor, learnable_temperature,
                           learnable_focusing_factor)
-        check_bool("exact_matches", exact_matches)
+        exact_matches = _check_exact_matches(exact_matches)
         check_positive_int("exact_match_dim", exact_match_dim)
         check_choice("time_encoding", time_encoding, TIME_ENCODINGS)
         if time_encoding == "decay":
@@ -437,6 +440,7 @@ class LinearAttentionInterest(FullTargetAttentionInterest):
         self.exact_match_dim = exact_match_dim
         self.short_term_k = short_term_k
         if exact_matches:
+            # The attributes a list names are checked in `build`, against those given.
             self.required_inputs = (*self.required_inputs, "candidate_item_ids",
                                     "sequence_item_ids")
 
@@ -470,7 +474,17 @@ class LinearAttentionInterest(FullTargetAttentionInterest):
             self._short_term.build(query_shape, _read_shape(key_shape, self.short_term_k),
                                    _read_shape(input_shape["sequence"], self.short_term_k))
         if self.exact_matches:
-            self._match_attributes = _match_attributes(input_shape)
+            given = _match_attributes(input_shape)
+            if self.exact_matches is True:
+                self._match_attributes = given
+            else:
+                missing = sorted(set(self.exact_matches) - set(given))
+                if missing:
+                    raise ValueError(
+                        f"exact_matches names {missing}, which the module is not given on "
+                        f"both sides (candidate and sequence): it is given {given}. "
+                        f"Received: exact_matches={self.exact_matches!r}")
+                self._match_attributes = self.exact_matches
             self._with_recency = "sequence_time_deltas" in input_shape
             self._exact_matches = layers.ExactMatches(name="exact_matches")
             self._match_embeddings = {}
@@ -550,7 +564,9 @@ class LinearAttentionInterest(FullTargetAttentionInterest):
             width += input_shape["candidates"][-1]
         if self.exact_matches:
             kinds = 2 if "sequence_time_deltas" in input_shape else 1
-            width += len(_match_attributes(input_shape)) * kinds * self.exact_match_dim
+            attributes = (_match_attributes(input_shape) if self.exact_matches is True
+                          else self.exact_matches)
+            width += len(attributes) * kinds * self.exact_match_dim
         return (*input_shape["candidates"][:-1], width)
 
     def get_config(self):
@@ -562,6 +578,19 @@ class LinearAttentionInterest(FullTargetAttentionInterest):
                 "time_encoding": self.time_encoding,
                 "decay_time_scales": self.decay_time_scales,
                 "short_term_k": self.short_term_k}
+
+
+def _check_exact_matches(value):
+    """`exact_matches`: True, False, or a non-empty list of distinct id attributes
+    (`item_id`, ...), returned sorted."""
+    if isinstance(value, bool):
+        return value
+    if (isinstance(value, (list, tuple)) and value
+            and all(isinstance(a, str) and a for a in value) and len(set(value)) == len(value)):
+        return sorted(value)
+    raise ValueError("`exact_matches` must be True, False or a list of distinct id "
+                     "attributes such as ['item_id']. Received: "
+                     f"exact_matches={value!r}")
 
 
 def _match_attributes(input_shape):
