@@ -336,7 +336,7 @@ def value_range(scores, bits=20):
     """The range of score values each score falls in: the top `bits` bits of an integer
     that orders like the float64 (the Beam pipeline counts each range in its own
     histogram, so no worker holds every distinct value)."""
-    raw = np.asarray(scores, np.float64).view(np.int64)
+    raw = (np.asarray(scores, np.float64) + 0.0).view(np.int64)  # -0.0 ties 0.0: one range
     ordered = np.where(raw < 0, ~raw, raw | np.int64(-2**63))  # sign bit flipped on >= 0
     return (ordered.view(np.uint64) >> np.uint64(64 - bits)).astype(np.int64)
 

@@ -888,6 +888,14 @@ def convert_preset(name, data_dir, output_dir, num_shards=1, compression="gzip",
     """Converts the files of preset `name` in `data_dir` (`preset_config(name, data_dir,
     **overrides)`; either layout) into `output_dir`; returns the metadata. `progress` as in
     `convert_log`."""
+    log, config, source = preset_conversion(name, data_dir, **overrides)
+    return convert_log(log, output_dir, config, num_shards, compression, source=source,
+                       progress=progress)
+
+
+def preset_conversion(name, data_dir, **overrides):
+    """`(log file, LogConfig, source)` of preset `name`'s files in `data_dir` (the log's
+    columns checked), what `convert_preset` hands to a converter."""
     config = preset_config(name, data_dir, **overrides)
     layout = movielens.find_layout(name, data_dir)
     log = os.path.join(data_dir, layout.log_file)
@@ -897,10 +905,8 @@ def convert_preset(name, data_dir, output_dir, num_shards=1, compression="gzip",
         if tuple(columns) != _RECBOLE_COLUMNS:
             raise records.DataFormatError(f"{log}: columns {columns}, expected "
                                           f"{list(_RECBOLE_COLUMNS)} (preset {name!r})")
-    return convert_log(log, output_dir, config, num_shards, compression,
-                       source={"preset": name, "layout": layout.source,
-                               "log": os.path.abspath(data_dir)},
-                       progress=progress)
+    return log, config, {"preset": name, "layout": layout.source,
+                         "log": os.path.abspath(data_dir)}
 
 
 def convert_movielens_100k(data_dir, output_dir, config=None, num_shards=1,
