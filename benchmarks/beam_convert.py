@@ -136,8 +136,9 @@ def measure(command, env=None):
     seconds = time.perf_counter() - started
     for pid, entry in peaks.items():
         command_text = entry["command"]
-        entry["role"] = ("worker" if "sdk_worker_main" in command_text else
-                         "driver" if pid == process.pid else "other")
+        entry["role"] = ("driver" if pid == process.pid else
+                         "shell" if command_text.startswith("/bin/sh") else
+                         "worker" if "sdk_worker_main" in command_text else "other")
     return {"seconds": round(seconds, 1), "returncode": process.returncode,
             "output_tail": b"".join(output).decode(errors="replace")[-3000:],
             "processes": {str(pid): entry for pid, entry in peaks.items()

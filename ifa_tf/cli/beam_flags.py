@@ -90,13 +90,22 @@ def unknown_options(arguments):
 
 def options(flag_values=flags.FLAGS):
     """The `PipelineOptions` the flags give, or None without --runner."""
-    runner = flag_values["runner"].value
+    return pipeline_options(flag_values["runner"].value, flag_values["pipeline_options"].value)
+
+
+def pipeline_options(runner, text=None):
+    """The `PipelineOptions` of `--runner=runner --pipeline_options=text` (None without a
+    runner)."""
     if runner is None:
         return None
+    try:
+        arguments = shlex.split(text or "")
+    except ValueError as error:
+        raise app.UsageError(f"--pipeline_options={text!r}: {error}.") from None
     with quiet_beam():
         from ifa_tf.data import beam_pipeline
 
-        return beam_pipeline.default_options(runner, extra=pipeline_arguments(flag_values))
+        return beam_pipeline.default_options(runner, extra=arguments)
 
 
 @contextlib.contextmanager

@@ -10,6 +10,9 @@ Subcommands:
         --records='data/sim/train-*.tfrecord.gz' --now=1700000000
     ifa-state build --model=models/ifa/3 --store=sqlite:///states.db \\
         --log=log.csv --dataset=data/log
+    ifa-state build --model=models/ifa/3 --store=redis://cache:6379/0 \\
+        --log='logs/*.csv.gz' --dataset=data/log --runner=DataflowRunner \\
+        --pipeline_options='--project=p --region=r --temp_location=gs://b/tmp'
     ifa-state apply --model=models/ifa/3 --store=redis://cache:6379/0 --events=new.csv
     ifa-state apply --model=models/ifa/3 --store=sqlite:///states.db \\
         --log=today.csv --dataset=data/log
@@ -27,6 +30,9 @@ Events CSVs have the header `user_id,item_id,category_id,author_id,action,time` 
 ids as the model was trained on, time in seconds; columns of attributes the model lacks
 may be left out). --model is a SavedModel version directory written by ifa-export; the
 states are computed in-process by its signatures. Thin over `ifa_tf.serving.state_store`.
+With --runner (build --log), Apache Beam's workers build them instead, each loading the
+SavedModel once (`ifa_tf.serving.beam_states`; --runner and --pipeline_options as
+`ifa_tf.cli.beam_flags` describes them, `pip install 'ifa_tf[beam]'`).
 """
 
 import json
@@ -35,7 +41,7 @@ import time
 
 from absl import app, flags
 
-from ifa_tf.cli import run_app
+from ifa_tf.cli import beam_flags, run_app
 
 COMMANDS = ("build", "apply", "show")
 
@@ -53,6 +59,7 @@ flags.DEFINE_integer("now", None, "build --records: the time the records' seq_ti
                      "counts back from (seconds; default the wall clock).")
 flags.DEFINE_string("user", None, "show: the user's id.")
 flags.DEFINE_integer("batch_size", 64, "Users per update_state call.")
+beam_flags.define_flags()  # build --log --runner=...: on Apache Beam's workers
 
 
 def check(argv):
@@ -75,6 +82,10 @@ def check(argv):
                              f"{sources}")
     if command == "show" and values.user is None:
         raise app.UsageError("show needs --user.")
+    beam_flags.check(values)
+    if values.runner is not None and (command != "build" or values.log is None):
+        raise app.UsageError("--runner builds states from a raw log: build --log=... "
+                             "--dataset=... (other sources and commands run in-process).")
     if values.log is not None and values.dataset is None:
         raise app.UsageError("--log needs --dataset: the directory ifa-data from-log wrote "
                              "from a log of this format (it says how to read and map it).")
@@ -89,6 +100,8 @@ def run_command(command, values=flags.FLAGS, out=print, model=None):
     of `values.model` when already loaded."""
     from ifa_tf.serving import state_store
 
+    if command == "build" and getattr(values, "runner", None) is not None:
+        return _build_on_beam(values, out)
     model = model or state_store.StateModel(export_dir=values.model)
     schema = _schema(values.model)
     cross = schema.cross_features if schema else ()
@@ -110,6 +123,23 @@ def run_command(command, values=flags.FLAGS, out=print, model=None):
                 state_store.apply_events(store, model, user, user_events, cross)
             result = {"users": len(events), "events": int(sum(
                 len(e["seq_item_id"]) for e in events.values())), "model": model.model}
+    out(json.dumps(result, sort_keys=True))
+    return result
+
+
+def _build_on_beam(values, out):
+    """build --log as an Apache Beam pipeline: the SavedModel loaded once per worker
+    (`ifa_tf.serving.beam_states`)."""
+    with beam_flags.quiet_beam():
+        from ifa_tf.serving import beam_states
+    schema = _schema(values.model)
+    started = time.perf_counter()
+    result = beam_states.build_states_from_log(
+        values.store, values.model, values.log, values.dataset,
+        schema.cross_features if schema else (), values.batch_size,
+        options=beam_flags.pipeline_options(values.runner, values.pipeline_options),
+        run_context=beam_flags.quiet_workers)
+    result["seconds"] = round(time.perf_counter() - started, 2)
     out(json.dumps(result, sort_keys=True))
     return result
 

@@ -50,7 +50,7 @@ from apache_beam.transforms import window
 
 from ifa_tf.data import leak_audit, log_converter, log_statistics, records, user_requests
 
-_FLUSH_EVENTS = 1 << 19  # read: events buffered per worker before they are emitted by user
+_FLUSH_EVENTS = 1 << 18  # read: events buffered per worker before they are emitted by user
 _FLUSH_IDS = 1 << 17  # read: distinct ids remembered per worker before they are emitted
 _FLUSH_SCORES = 1 << 19  # audit: score values held per worker before they are emitted
 _SCORE_RANGE_BITS = 20
@@ -91,15 +91,15 @@ def convert_log(path, output_dir, config, num_shards=1, compression="gzip", sour
     if not FileSystems.exists(output_dir):
         FileSystems.mkdirs(output_dir)
     work = FileSystems.join(output_dir, _WORK_PREFIX + uuid.uuid4().hex[:12])
-    for directory in (work, FileSystems.join(work, "records"), FileSystems.join(work, "summary")):
-        FileSystems.mkdirs(directory)
+    FileSystems.mkdirs(work)
+    FileSystems.mkdirs(FileSystems.join(work, "records"))
     try:
         pipeline = beam.Pipeline(options=options or default_options())
-        _build_conversion(pipeline, files, parser, config, output_dir, work, num_shards,
-                          compression)
+        summary = SummaryFiles(pipeline, FileSystems.join(work, "summary"))
+        _build_conversion(pipeline, summary, files, parser, config, output_dir, work,
+                          num_shards, compression)
         run(pipeline, run_context)
-        summary = _read_summary(work)
-        return _finish(summary, files, config, output_dir, compression,
+        return _finish(summary.read(), files, config, output_dir, compression,
                        source or {"log": os.path.abspath(path) if "://" not in path
                                   else path})
     finally:
@@ -119,6 +119,50 @@ def run(pipeline, run_context=None):
     raised in a worker is raised here as itself."""
     with _worker_errors(), (run_context or contextlib.nullcontext)():
         pipeline.run().wait_until_finish()
+
+
+class SummaryFiles:
+    """The small results of a pipeline (what its combiners give) for its driver to read
+    after the run: `add(name, pcollection)`, then, after the run, `read()`: `{name: [its
+    values]}`. They travel as files in `directory` (on a cluster, a place every worker and
+    the driver reach: the output directory, or `--temp_location`)."""
+
+    def __init__(self, pipeline, directory):
+        self.pipeline, self.directory = pipeline, directory
+        self.names = []
+        if not FileSystems.exists(directory):
+            FileSystems.mkdirs(directory)
+
+    def add(self, name, pcollection):
+        self.names.append(name)
+        (pcollection
+         | f"Summary {name}" >> beam.Map(lambda value, n=name: (n, value))
+         | f"Write summary {name}" >> beam.ParDo(WriteSummary(self.directory)))
+
+    def read(self):
+        found = {name: [] for name in self.names}
+        pattern = FileSystems.join(self.directory, "*.pickle")
+        for match in FileSystems.match([pattern])[0].metadata_list:
+            with FileSystems.open(match.path, compression_type="uncompressed") as f:
+                name, value = pickle.loads(f.read())
+            found[name].append(value)
+        return found
+
+    def remove(self):
+        _remove(self.directory)
+
+
+def temporary_directory(options):
+    """A new directory for a pipeline's small results: under `--temp_location` when given
+    (a cluster's shared storage), else on this machine."""
+    from apache_beam.options.pipeline_options import GoogleCloudOptions
+
+    base = options.view_as(GoogleCloudOptions).temp_location
+    if base:
+        return FileSystems.join(base, _WORK_PREFIX + uuid.uuid4().hex[:12])
+    import tempfile
+
+    return tempfile.mkdtemp(prefix=_WORK_PREFIX)
 
 
 def match_files(pattern):
@@ -160,39 +204,38 @@ class _worker_errors:
 def _finish(summary, files, config, output_dir, compression, source):
     """`metadata.json` from the pipeline's summary (what `log_converter.convert_events`
     writes, from the same figures)."""
-    bad = sorted(summary.get("bad", []))
-    bad_count = sum(count for _, count, _ in bad)
-    if not summary.get("num_events"):
+    single = {name: values[0] for name, values in summary.items() if values}
+    if not single["num_events"]:
         raise records.DataFormatError("The log holds no valid rows.")
-    if not summary["split"]["count"]:
+    split = single["split"]
+    if not split["count"]:
         raise records.DataFormatError(
             f"No request has at least min_seq_len={config.min_seq_len} earlier events.")
+    bad = sorted(single["bad"])
     listed = [(index, line) for index, _, lines in bad for line in lines]
     bad_lines = [line if len(files) == 1 else f"{files[index]}:{line}"
                  for index, line in sorted(listed)[:100]]
-    split = summary["split"]
     log_statistics.warn_if_no_train(split["count"], split["train"] > 0, config.test_fraction,
                                     split["time"])
-    roles = summary["ids"]
+    roles = dict(summary["ids"])
     metadata = log_converter.conversion_metadata(
         config, source,
         id_ranges={f"{role}_id": roles[role]["range"] for role in roles},
         vocab_files={role: roles[role]["vocabulary"] for role in roles
                      if roles[role]["vocabulary"]},
         collisions={role: roles[role]["collisions"] for role in roles},
-        num_events=summary["num_events"], num_bad_rows=bad_count, bad_row_lines=bad_lines,
-        split_time=split["time"])
+        num_events=single["num_events"], num_bad_rows=sum(count for _, count, _ in bad),
+        bad_row_lines=bad_lines, split_time=split["time"])
+    metadata["files"] = dict(sorted(single["files"]))
+    for name, statistics in sorted(summary["statistics"]):
+        metadata["splits"][name] = statistics.result(
+            os.path.basename(records.split_pattern(output_dir, name, compression)))
+    metadata["negative_fallbacks"] = single["fallbacks"]
     schema = log_converter.log_schema(config)
-    metadata["files"] = dict(sorted(summary.get("files", [])))
-    for name in ("train", "test"):
-        if name in summary["statistics"]:
-            metadata["splits"][name] = summary["statistics"][name].result(
-                os.path.basename(records.split_pattern(output_dir, name, compression)))
-    metadata["negative_fallbacks"] = summary.get("fallbacks", 0)
-    totals = summary.get("audit_totals") or leak_audit.AuditTotals(schema.tasks)
     parts = {name: {} for name in leak_audit.SCORES}
-    for (name, value_range), terms in summary.get("audit_terms", []):
+    for (name, value_range), terms in single["audit_terms"]:
         parts[name][value_range] = terms
+    totals = single["audit_totals"] or leak_audit.AuditTotals(schema.tasks)
     metadata["leak_audit"] = totals.result(parts, schema.tasks[0])
     warning = leak_audit.set_size_warning(metadata["leak_audit"])
     if warning:
@@ -208,25 +251,6 @@ def _shard_counts(split, num_shards):
     return {name: min(num_shards, count) for name, count in counts.items() if count}
 
 
-def _read_summary(work):
-    summary = {}
-    directory = FileSystems.join(work, "summary")
-    for match in FileSystems.match([FileSystems.join(directory, "*.pickle")])[0].metadata_list:
-        with FileSystems.open(match.path, compression_type="uncompressed") as f:
-            name, value = pickle.loads(f.read())
-        if name in ("bad", "files", "audit_terms"):
-            summary.setdefault(name, []).extend(value)
-        elif name.startswith("ids/"):
-            summary.setdefault("ids", {})[name[4:]] = value
-        elif name.startswith("statistics/"):
-            summary.setdefault("statistics", {})[name[11:]] = value
-        else:
-            summary[name] = value
-    summary.setdefault("statistics", {})
-    summary.setdefault("ids", {})
-    return summary
-
-
 def _remove(path):
     if "://" not in path:
         shutil.rmtree(path, ignore_errors=True)
@@ -238,45 +262,41 @@ def _remove(path):
 
 
 # --------------------------------------------------------------------------- the graph
-def _build_conversion(pipeline, files, parser, config, output_dir, work, num_shards,
-                      compression):
-    """The conversion's steps (see the module docstring), writing into `work` the small
-    results the driver turns into `metadata.json`."""
+def _build_conversion(pipeline, summary, files, parser, config, output_dir, work,
+                      num_shards, compression):
+    """The conversion's steps (see the module docstring); the figures `metadata.json` needs
+    go to `summary` (`SummaryFiles`)."""
     schema = log_converter.log_schema(config)
-    roles = log_converter.id_roles(config)
     read = (pipeline
             | "Files" >> beam.Create(list(enumerate(files)))
             | "SpreadFiles" >> beam.Reshuffle()
-            | "Read" >> beam.ParDo(ReadFile(parser, roles)).with_outputs(
-                "ids", "categories", "bad", main="events"))
-    summaries = [read.bad | "BadRows" >> beam.combiners.ToList()
-                 | "NameBadRows" >> beam.Map(lambda rows: ("bad", rows))]
-
-    item_category = (read.categories
-                     | "FirstCategories" >> beam.CombineGlobally(_FirstCategories())
-                     | "CategoryTable" >> beam.Map(
-                         lambda first: {item: category for item, (_, category)
-                                        in first.items()}))
-    summaries += _id_tables(read.ids, output_dir)
+            | "Read" >> beam.ParDo(ReadFile(parser, log_converter.id_roles(config)))
+            .with_outputs("ids", "categories", "bad", main="events"))
+    summary.add("bad", read.bad | "BadRows" >> beam.combiners.ToList())
+    item_category = category_table(read.categories)
+    summary.add("ids", read.ids
+                | "DistinctIds" >> beam.Distinct()
+                | "ByRole" >> beam.Map(lambda entry: (entry[0], (entry[1], entry[2])))
+                | "IdsOfRole" >> beam.GroupByKey()
+                | "IdTable" >> beam.ParDo(WriteIdTable(output_dir)))
 
     timelines = (read.events
                  | "GroupByUser" >> beam.GroupByKey()
                  | "Timeline" >> beam.ParDo(UserTimeline(config)))
-    summaries.append(timelines | "CountEvents" >> beam.Map(lambda t: len(t[1][0]))
-                     | "SumEvents" >> beam.CombineGlobally(sum)
-                     | "NameEvents" >> beam.Map(lambda n: ("num_events", n)))
-
+    summary.add("num_events", timelines
+                | "CountEvents" >> beam.Map(lambda t: len(t[1][0]))
+                | "SumEvents" >> beam.CombineGlobally(sum))
     split = _split_time(timelines, config)
-    summaries.append(split | "NameSplit" >> beam.Map(lambda s: ("split", s)))
+    summary.add("split", split)
 
     statistics = timelines | "Statistics" >> beam.ParDo(
         UserStatistics(config), split=beam.pvalue.AsSingleton(split)).with_outputs(
             "offsets", "exposure", main="counts")
     counts = statistics.counts | "MergeCounts" >> beam.CombineGlobally(_MergeAll())
     offsets = (statistics.offsets | "Offsets" >> beam.combiners.ToList()
-               | beam.Map(_offset_table))
+               | "OffsetTable" >> beam.Map(_offset_table))
     exposure = (statistics.exposure | "Exposure" >> beam.combiners.ToList()
-                | beam.Map(_exposure_inputs))
+                | "ExposureInputs" >> beam.Map(_exposure_inputs))
 
     built = timelines | "Build" >> beam.ParDo(
         BuildRequests(config, schema, num_shards, work),
@@ -286,47 +306,35 @@ def _build_conversion(pipeline, files, parser, config, output_dir, work, num_sha
         exposure=beam.pvalue.AsSingleton(exposure),
         item_category=beam.pvalue.AsSingleton(item_category)).with_outputs(
             "files", "statistics", "train", "fallbacks", main="tests")
-    for name in ("train", "test"):
-        summaries.append(
-            built.statistics
-            | f"Only{name}" >> beam.Filter(lambda pair, n=name: pair[0] == n)
-            | f"Figures{name}" >> beam.CombineGlobally(_MergeValues())
-            | f"Name{name}" >> beam.Map(lambda stats, n=name: (f"statistics/{n}", stats)))
-    summaries.append(built.fallbacks | "Fallbacks" >> beam.CombineGlobally(sum)
-                     | "NameFallbacks" >> beam.Map(lambda n: ("fallbacks", n)))
-    summaries.append(
-        built.files
-        | "ByShard" >> beam.GroupByKey()
-        | "Concatenate" >> beam.ParDo(ConcatenateShard(output_dir, compression),
-                                      split=beam.pvalue.AsSingleton(split), num_shards=num_shards)
-        | "ShardCounts" >> beam.combiners.ToList()
-        | "NameFiles" >> beam.Map(lambda files: ("files", files)))
+    summary.add("statistics", built.statistics | "SplitFigures" >> beam.CombinePerKey(
+        _MergeAll()))
+    summary.add("fallbacks", built.fallbacks | "Fallbacks" >> beam.CombineGlobally(sum))
+    summary.add("files", built.files
+                | "ByShard" >> beam.GroupByKey()
+                | "Concatenate" >> beam.ParDo(ConcatenateShard(output_dir, compression),
+                                              split=beam.pvalue.AsSingleton(split),
+                                              num_shards=num_shards)
+                | "ShardCounts" >> beam.combiners.ToList())
 
     train = built.train | "TrainStatistics" >> beam.CombineGlobally(_MergeAll())
     audit = built.tests | "Audit" >> beam.ParDo(
         ScoreTests(schema.tasks), train=beam.pvalue.AsSingleton(train)).with_outputs(
             "histograms", main="totals")
-    summaries.append(audit.totals | "AuditTotals" >> beam.CombineGlobally(_MergeAll())
-                     | "NameTotals" >> beam.Map(lambda totals: ("audit_totals", totals)))
-    summaries.append(
-        audit.histograms
-        | "MergeHistograms" >> beam.CombinePerKey(_MergeAll())
-        | "Terms" >> beam.Map(lambda pair: (pair[0], pair[1].terms()))
-        | "AllTerms" >> beam.combiners.ToList()
-        | "NameTerms" >> beam.Map(lambda terms: ("audit_terms", terms)))
-
-    (summaries | "Summaries" >> beam.Flatten()
-     | "WriteSummaries" >> beam.ParDo(WriteSummary(FileSystems.join(work, "summary"))))
+    summary.add("audit_totals", audit.totals | "AuditTotals" >> beam.CombineGlobally(
+        _MergeAll()))
+    summary.add("audit_terms", audit.histograms
+                | "MergeHistograms" >> beam.CombinePerKey(_MergeAll())
+                | "Terms" >> beam.Map(lambda pair: (pair[0], pair[1].terms()))
+                | "AllTerms" >> beam.combiners.ToList())
 
 
-def _id_tables(ids, output_dir):
-    """The id tables: per role, the range of ids, the collisions, and the vocabulary file
-    when a value was hashed."""
-    return [ids
-            | "DistinctIds" >> beam.Distinct()
-            | "ByRole" >> beam.Map(lambda entry: (entry[0], (entry[1], entry[2])))
-            | "IdsOfRole" >> beam.GroupByKey()
-            | "IdTable" >> beam.ParDo(WriteIdTable(output_dir))]
+def category_table(categories):
+    """`{item: category}` of each item's first row in the log, from `ReadFile`'s
+    `categories` output (as a singleton)."""
+    return (categories
+            | "FirstCategories" >> beam.CombineGlobally(_FirstCategories())
+            | "CategoryTable" >> beam.Map(lambda first: {item: category for item, (_, category)
+                                                         in first.items()}))
 
 
 def _split_time(timelines, config):
@@ -353,7 +361,7 @@ def _split_time(timelines, config):
 
 def _request_times(timeline, config):
     _, (item, time, bits) = timeline
-    user = _one_user_timeline(0, item, time, bits)
+    user = one_user_timeline(0, item, time, bits)
     return np.array([p.time for p in user_requests.request_points(user, config)], np.int64)
 
 
@@ -531,9 +539,8 @@ class WriteIdTable(beam.DoFn):
                         log_statistics.vocabulary_lines((id_, value)
                                                         for value, id_ in table.items()))
         shared = log_statistics.shared_ids(table)
-        yield f"ids/{role}", {"range": [int(min(ids)), int(max(ids))], "vocabulary": name,
-                              "shared": shared,
-                              "collisions": sum(len(values) - 1 for values in shared)}
+        yield role, {"range": [int(min(ids)), int(max(ids))], "vocabulary": name,
+                     "shared": shared, "collisions": sum(len(values) - 1 for values in shared)}
 
 
 def _write_text(path, lines):
@@ -546,7 +553,7 @@ def _write_text(path, lines):
 
 
 # ----------------------------------------------------------------------------- per user
-def _one_user_timeline(user, item, time, bits):
+def one_user_timeline(user, item, time, bits):
     return user_requests.Timeline(np.full(len(item), user, np.int64), item, time, bits,
                                   np.array([0, len(item)]))
 
@@ -580,7 +587,7 @@ class UserStatistics(beam.DoFn):
 
     def process(self, element, split):
         user, (item, time, bits) = element
-        timeline = _one_user_timeline(user, item, time, bits)
+        timeline = one_user_timeline(user, item, time, bits)
         train_events = time < split["time"]
         self.counts.train_events.add(item[train_events])
         self.counts.all_events.add(item)
@@ -659,7 +666,7 @@ class BuildRequests(beam.DoFn):
     def process(self, element, split, counts, offsets, exposure, item_category):
         user, (item, time, bits) = element
         config = self.config
-        timeline = _one_user_timeline(user, item, time, bits)
+        timeline = one_user_timeline(user, item, time, bits)
         points = list(user_requests.request_points(timeline, config))
         if not points:
             return
@@ -768,8 +775,8 @@ class ConcatenateShard(beam.DoFn):
 class ScoreTests(beam.DoFn):
     """Scores test requests for the leak audit (`leak_audit.score_request`) with the train
     statistics as a side input. Main output: `AuditTotals` per bundle; tagged
-    `histograms`: `((score, value range), ScoreHistogram)`, emitted whenever the worker
-    holds `_FLUSH_SCORES` values."""
+    `histograms`: `((score, value range), ScoreHistogram)`, made whenever the worker holds
+    `_FLUSH_SCORES` scores."""
 
     def __init__(self, tasks):
         self.tasks = tasks
@@ -777,7 +784,7 @@ class ScoreTests(beam.DoFn):
 
     def start_bundle(self):
         self.totals = leak_audit.AuditTotals(self.tasks)
-        self.histograms, self.held = {}, 0
+        self.pending, self.held = {}, 0
 
     def process(self, entry, train):
         if self._lookup is None or self._lookup[0] is not train:
@@ -786,28 +793,30 @@ class ScoreTests(beam.DoFn):
         scores = leak_audit.score_request(candidates, in_history, labels, self._lookup[1])
         self.totals.add(scores, labels)
         for name, values, counted in leak_audit.histogram_inputs(scores, labels):
-            ranges = leak_audit.value_range(values, _SCORE_RANGE_BITS)
-            for value_range in np.unique(ranges).tolist():
-                mask = ranges == value_range
-                histogram = self.histograms.get((name, value_range))
-                if histogram is None:
-                    histogram = self.histograms[name, value_range] = leak_audit.ScoreHistogram(
-                        self.tasks)
-                histogram.add(values[mask], {t: v[mask] for t, v in counted.items()})
+            self.pending.setdefault(name, []).append(
+                (values, leak_audit.label_matrix(self.tasks, counted, len(values))))
             self.held += len(values)
         if self.held >= _FLUSH_SCORES:
-            yield from self._flush()
+            yield from self._histograms(beam.pvalue.TaggedOutput)
 
     def finish_bundle(self):
-        for key, histogram in self.histograms.items():
-            yield _tagged("histograms", (key, histogram))
-        self.histograms, self.held = {}, 0
+        yield from self._histograms(_tagged)
         yield window.GlobalWindows.windowed_value(self.totals)
 
-    def _flush(self):
-        for key, histogram in self.histograms.items():
-            yield beam.pvalue.TaggedOutput("histograms", (key, histogram))
-        self.histograms, self.held = {}, 0
+    def _histograms(self, tag):
+        """The pending scores as one histogram per (score, value range)."""
+        for name, entries in self.pending.items():
+            values = np.concatenate([v for v, _ in entries])
+            labels = np.concatenate([m for _, m in entries], axis=1)
+            ranges = leak_audit.value_range(values, _SCORE_RANGE_BITS)
+            order = np.argsort(ranges, kind="stable")
+            found, starts = np.unique(ranges[order], return_index=True)
+            for value_range, rows in zip(found.tolist(), np.split(order, starts[1:])):
+                histogram = leak_audit.ScoreHistogram(self.tasks).add_matrix(
+                    values[rows], labels[:, rows])
+                histogram.terms()  # compacted before it travels
+                yield tag("histograms", ((name, value_range), histogram))
+        self.pending, self.held = {}, 0
 
 
 # ---------------------------------------------------------------------------- combiners
@@ -832,13 +841,6 @@ class _MergeAll(beam.CombineFn):
         return merged
 
 
-class _MergeValues(_MergeAll):
-    """`_MergeAll` of the values of `(key, value)` pairs."""
-
-    def add_input(self, merged, pair):
-        return super().add_input(merged, pair[1])
-
-
 class WriteSummary(beam.DoFn):
     """Writes one `(name, value)` of the pipeline's results for the driver to read."""
 
@@ -846,8 +848,7 @@ class WriteSummary(beam.DoFn):
         self.directory = directory
 
     def process(self, element):
-        name = element[0].replace("/", "_")
-        path = FileSystems.join(self.directory, f"{name}-{uuid.uuid4().hex}.pickle")
+        path = FileSystems.join(self.directory, f"{element[0]}-{uuid.uuid4().hex}.pickle")
         with FileSystems.create(path, compression_type="uncompressed") as f:
             f.write(pickle.dumps(element, protocol=pickle.HIGHEST_PROTOCOL))
 

@@ -130,13 +130,14 @@ class TrainStatistics:
     request (`popularity`), and each item's co-occurrence profile: the count sketch of which
     train requests held it as a positive (request `index` adds its sign to its bucket, from
     `sketch_hashes`). `add` a request's positives, `merge` another, `lookup()` the scores'
-    tables. Profile sums are of +-1, exact in any order."""
+    tables. Profiles are sums of +-1, kept as int32 (exact, in any order; half the memory
+    of the float64 they are scored in)."""
 
     def __init__(self, buckets, signs, sketch_dim):
         self.buckets, self.signs, self.sketch_dim = buckets, signs, sketch_dim
         self.popularity = log_statistics.ItemCounts()
         self._items = np.zeros(0, np.int64)
-        self._profiles = np.zeros((0, sketch_dim), np.float64)
+        self._profiles = np.zeros((0, sketch_dim), np.int32)
         self._pending = []  # (items, index)
         self._num_pending = 0
 
@@ -158,12 +159,13 @@ class TrainStatistics:
         return self
 
     def lookup(self):
-        """`AuditLookup` of the scores: popularity and the normalised profiles."""
+        """`AuditLookup` of the scores: popularity, and the profiles with their norms."""
         self._compact()
-        norms = np.linalg.norm(self._profiles, axis=1, keepdims=True)
-        profiles = np.divide(self._profiles, norms, out=np.zeros_like(self._profiles),
-                             where=norms > 0)
-        return AuditLookup(*self.popularity.result(), self._items, profiles)
+        norms = np.zeros(len(self._items), np.float64)
+        for start in range(0, len(self._items), 4096):  # exact integer sums of squares
+            rows = self._profiles[start:start + 4096].astype(np.int64)
+            norms[start:start + 4096] = np.sqrt(np.sum(rows * rows, axis=1).astype(np.float64))
+        return AuditLookup(*self.popularity.result(), self._items, self._profiles, norms)
 
     def __getstate__(self):  # pickled between workers without the hash tables
         self._compact()
@@ -177,8 +179,8 @@ class TrainStatistics:
                              [len(i) for i, _ in self._pending])
         self._pending, self._num_pending = [], 0
         found, row = np.unique(items, return_inverse=True)
-        profiles = np.zeros((len(found), self.sketch_dim), np.float64)
-        np.add.at(profiles, (row, self.buckets[requests]), self.signs[requests])
+        profiles = np.zeros((len(found), self.sketch_dim), np.int32)
+        np.add.at(profiles, (row, self.buckets[requests]), self.signs[requests].astype(np.int32))
         self._items, self._profiles = _add_rows(self._items, self._profiles, found, profiles)
 
 
@@ -189,7 +191,7 @@ def _add_rows(items, rows, other_items, other_rows):
     if not len(other_items):
         return items, rows
     union = np.union1d(items, other_items)
-    table = np.zeros((len(union), rows.shape[1]), np.float64)
+    table = np.zeros((len(union), rows.shape[1]), rows.dtype)
     table[np.searchsorted(union, items)] += rows
     table[np.searchsorted(union, other_items)] += other_rows
     return union, table
@@ -197,12 +199,13 @@ def _add_rows(items, rows, other_items, other_rows):
 
 class AuditLookup:
     """The train statistics a test request's scores read: popularity (`known` items and
-    their `counts`) and the normalised profiles of `profile_items` (`profiles`, one row
-    each; items without one score a zero profile)."""
+    their `counts`) and the profiles of `profile_items` (`profiles`, one integer row each,
+    and their `norms`); a score reads a profile normalised (float64), and items without one
+    a zero profile."""
 
-    def __init__(self, known, counts, profile_items, profiles):
+    def __init__(self, known, counts, profile_items, profiles, norms):
         self.known, self.counts = known, counts
-        self.profile_items, self.profiles = profile_items, profiles
+        self.profile_items, self.profiles, self.norms = profile_items, profiles, norms
 
     def popularity(self, items):
         if not len(self.known):
@@ -215,8 +218,9 @@ class AuditLookup:
         if len(self.profile_items):
             where = np.minimum(np.searchsorted(self.profile_items, items),
                                len(self.profile_items) - 1)
-            found = self.profile_items[where] == items
-            vectors[found] = self.profiles[where[found]]
+            found = (self.profile_items[where] == items) & (self.norms[where] > 0)
+            rows = where[found]
+            vectors[found] = self.profiles[rows].astype(np.float64) / self.norms[rows, None]
         return vectors
 
 
@@ -278,14 +282,14 @@ class ScoreHistogram:
         """`scores` [k] float64 with `labels` `{task: [k] 0/1}` (a `base_rate_oracle/<task>`
         key of `score_request` brings the labels of its own task only: the others count
         nothing)."""
+        return self.add_matrix(scores, label_matrix(self.tasks, labels, len(scores)))
+
+    def add_matrix(self, scores, labels):
+        """`scores` [k] with `labels` [tasks, k]: 1 positive, 0 negative, -1 not counted."""
         scores = np.asarray(scores, np.float64)
-        positive = np.stack([np.asarray(labels[t]) > 0 if t in labels
-                             else np.zeros(len(scores), bool) for t in self.tasks])
-        counted = np.stack([np.ones(len(scores), bool) if t in labels
-                            else np.zeros(len(scores), bool) for t in self.tasks])
         self._values.append(scores)
-        self._positives.append(positive.astype(np.int64))
-        self._negatives.append((counted & ~positive).astype(np.int64))
+        self._positives.append((labels == 1).astype(np.int64))
+        self._negatives.append((labels == 0).astype(np.int64))
         self._num_pending += len(scores)
         self._compacted = False
         if self._num_pending > _COMPACT_AT:
@@ -330,6 +334,16 @@ class ScoreHistogram:
                                        len(values)).astype(np.int64)
         self._values, self._positives, self._negatives = [values], [positives], [negatives]
         self._num_pending, self._compacted = len(values), True
+
+
+def label_matrix(tasks, labels, size):
+    """`[tasks, size]` int8 of `labels` (`{task: [size] 0/1}`): 1 positive, 0 negative, -1
+    for a task `labels` does not hold (not counted)."""
+    matrix = np.full((len(tasks), size), -1, np.int8)
+    for i, task in enumerate(tasks):
+        if task in labels:
+            matrix[i] = np.asarray(labels[task]) > 0
+    return matrix
 
 
 def value_range(scores, bits=20):

@@ -14,8 +14,8 @@ same functions, so a request comes out the same from either driver.
 - `build_request`: one request's features and labels (sequence, candidates with sampled
   negatives, cross features), seeded by (seed, user, time) alone, so it does not depend on
   which worker builds it or in which order.
-- `sequence_events`: a user's whole timeline as the sequence features a stateful model
-  reads (`ifa-state build --log`).
+- `sequence_events`: a user's whole timeline as the events a stateful model's state is
+  built from (`ifa-state build --log`, in-process and on Beam).
 """
 
 import dataclasses
@@ -138,3 +138,19 @@ def build_request(point, window, timeline, item_category, sampler, schema, rules
     for task in schema.action_tasks:
         request[task] = ((bits & rules.bits[task]) > 0).astype(np.int64)
     return request
+
+
+def sequence_events(timeline, events, item_category, schema, time_key):
+    """A stateful model's input events from the `events` slice of `timeline` (one user's,
+    whole: a state has no `max_seq_len`): `seq_item_id`, with the schema's
+    `seq_category_id` (from `item_category`) and `seq_action`, and the events' times under
+    `time_key`."""
+    columns = {"seq_item_id": timeline.item[events]}
+    if "category_id" in schema.item_attributes:
+        columns["seq_category_id"] = np.fromiter(
+            (item_category[i] for i in columns["seq_item_id"].tolist()), np.int64,
+            len(columns["seq_item_id"]))
+    if "seq_action" in schema.sequence_context:
+        columns["seq_action"] = timeline.bits[events]
+    columns[time_key] = timeline.time[events]
+    return columns

@@ -468,7 +468,7 @@ def events_from_log(path, dataset):
     keys them. Every event of the log is kept: a state has no length limit (the converter's
     `max_seq_len` cut only bounds a training sequence). `path` may be a preset's directory
     (`ifa-data from-log --preset=... --input=<directory>`)."""
-    from ifa_tf.data import log_converter, records
+    from ifa_tf.data import log_converter, log_statistics, records, user_requests
     from ifa_tf.serving.request_builder import RequestBuilder
 
     builder = RequestBuilder(dataset)
@@ -484,22 +484,17 @@ def events_from_log(path, dataset):
         return {}
     users, _ = log_converter.encode_ids(log.user)
     items, _ = log_converter.encode_ids(log.item)
-    timeline = log_converter._merge_and_sort(users, items, log.timestamp, log.action_bits,
-                                             log.line)
-    columns = {"seq_item_id": timeline.item}
+    timeline = user_requests.merge_and_sort(users, items, log.timestamp, log.action_bits,
+                                            log.line)
+    first = {}
     if "category_id" in builder.schema.item_attributes:
         categories, _ = log_converter.encode_ids(log.category)
-        first = {}
-        for item, category in zip(items.tolist(), categories.tolist()):
-            first.setdefault(item, category)
-        columns["seq_category_id"] = np.array([first[i] for i in timeline.item.tolist()],
-                                              np.int64)
-    if "seq_action" in builder.schema.sequence_context:
-        columns["seq_action"] = timeline.bits
-    columns[EVENT_TIME] = timeline.time
+        first = {item: category for item, (_, category) in
+                 log_statistics.first_categories(items, categories, log.line).items()}
     starts = timeline.user_start
-    return {int(timeline.user[begin]): {k: v[begin:end] for k, v in columns.items()}
-            for begin, end in zip(starts[:-1], starts[1:])}
+    return {int(timeline.user[begin]): user_requests.sequence_events(
+        timeline, slice(begin, end), first, builder.schema, EVENT_TIME)
+        for begin, end in zip(starts[:-1], starts[1:])}
 
 
 def build_states(store, model, events_by_user, cross_features=(), batch_size=64,
