@@ -11,7 +11,8 @@ events (or users) per second and the peak resident memory of every process of a 
         --model=... --log=... --dataset=...
     python benchmarks/beam_convert.py report     # results/beam/README.md from the JSON files
 
-`convert` and `states` run the command as a child process (`--workers=0`: in-process; N: the
+`convert` and `states` run the command as a child process (stopped if its processes hold
+more than 12 GB together, so as not to starve the other jobs of the shared machine) (`--workers=0`: in-process; N: the
 DirectRunner in multi-process mode with N workers) and sample every process of its tree
 four times a second: each one's peak resident set (`VmHWM` of /proc/<pid>/status, the
 kernel's own high-water mark) is kept. A Beam run has the driver (which, with the
@@ -43,6 +44,7 @@ YEAR = 365 * 86_400
 START = 1_700_000_000
 NUM_ITEMS = 20_000
 EVENTS_PER_USER = 1_000
+MEMORY_LIMIT_GB = 12  # of the 23.5 GB this machine shares with other jobs
 # The from-log flags of the generated log's runs.
 GENERATED_FLAGS = ["--columns=user,item,category,timestamp,action",
                    "--actions=click:click,like:click+like", "--window_seconds=2592000",
@@ -101,9 +103,11 @@ def _command_line(pid):
         return ""
 
 
-def measure(command, env=None):
+def measure(command, env=None, memory_limit_gb=MEMORY_LIMIT_GB):
     """Runs `command`; returns its wall seconds, exit status, output tail and the peak RSS
-    of each process of its tree (`{pid: {"peak_rss_bytes", "role", "command"}}`)."""
+    of each process of its tree (`{pid: {"peak_rss_bytes", "role", "command"}}`). The
+    machine is shared: when the tree's resident memory passes `memory_limit_gb`, the run is
+    stopped (`stopped_for_memory`) rather than let it starve the other jobs."""
     import psutil
 
     started = time.perf_counter()
@@ -112,6 +116,7 @@ def measure(command, env=None):
                                env=env)
     peaks, loads = {}, []
     output = []
+    stopped = None
 
     import threading
 
@@ -123,12 +128,22 @@ def measure(command, env=None):
             tree = [root, *root.children(recursive=True)]
         except psutil.NoSuchProcess:
             break
+        resident = 0
         for member in tree:
             peak = _status(member.pid, "VmHWM")
             if peak is None:
                 continue
             entry = peaks.setdefault(member.pid, {"command": _command_line(member.pid)})
             entry["peak_rss_bytes"] = max(entry.get("peak_rss_bytes", 0), peak)
+            resident += _status(member.pid, "VmRSS") or 0
+        if resident > memory_limit_gb * 2**30 and stopped is None:
+            stopped = {"resident_gb": round(resident / 2**30, 2),
+                       "after_seconds": round(time.perf_counter() - started, 1)}
+            for member in reversed(tree):
+                try:
+                    member.kill()
+                except psutil.NoSuchProcess:
+                    pass
         loads.append(os.getloadavg()[0])
         time.sleep(0.25)
     process.wait()
@@ -140,6 +155,7 @@ def measure(command, env=None):
                          "shell" if command_text.startswith("/bin/sh") else
                          "worker" if "sdk_worker_main" in command_text else "other")
     return {"seconds": round(seconds, 1), "returncode": process.returncode,
+            "stopped_for_memory": stopped,
             "output_tail": b"".join(output).decode(errors="replace")[-3000:],
             "processes": {str(pid): entry for pid, entry in peaks.items()
                           if entry.get("peak_rss_bytes")},
@@ -158,8 +174,10 @@ def _summary(result):
 
 
 def _commit():
-    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                          text=True).stdout.strip()
+    """The commit of the code measured: `IFA_TF_COMMIT` when the code runs from an export of
+    it (`git archive`), else the checkout's HEAD."""
+    return os.environ.get("IFA_TF_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
 
 def _runner_flags(workers):

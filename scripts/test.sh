@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Installs ifa_tf with its test extras into .venv, runs the test suite on the TensorFlow
-# backend, then the backend-independent layer tests again on JAX. Extra arguments go to the
-# first pytest run (e.g. `bash scripts/test.sh -k zoo`).
+# Installs ifa_tf with its test and beam extras into .venv, runs the test suite on the
+# TensorFlow backend, then the backend-independent layer tests again on JAX. Extra arguments
+# go to the first pytest run (e.g. `bash scripts/test.sh -k zoo`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/venv.sh
-install_venv ".[test]"
+# The Beam extra too, so that the tests of `--runner` (the converter and the state build on
+# Apache Beam) run here; without it they skip and say why.
+install_venv ".[test,beam]"
 # The state store's tests run against a real redis-server: installed where apt is at hand
 # (Debian package redis-server); elsewhere those tests skip and say why.
 if ! command -v redis-server >/dev/null && command -v apt-get >/dev/null \

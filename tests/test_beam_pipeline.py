@@ -170,7 +170,7 @@ def test_a_log_without_requests_is_the_same_error(tmp_path):
 
 
 # ---------------------------------------------------------------------- MovieLens-100K
-def _movielens_100k_stand_in(directory, num_users=40, num_items=150, num_ratings=2500):
+def _movielens_100k_stand_in(directory, num_users=30, num_items=120, num_ratings=1200):
     """RecBole's ml-100k files, MovieLens-100K's shape at a small size: ratings 1-5 over
     seven months, genres from an item table."""
     rng = np.random.default_rng(4)
@@ -205,7 +205,7 @@ def _compare_preset(data_dir, tmp_path, options=None):
 
 def test_the_movielens_100k_preset_on_beam(tmp_path):
     metadata = _compare_preset(_movielens_100k_stand_in(tmp_path / "ml-100k"), tmp_path)
-    assert metadata["preset"] == "movielens_100k" and metadata["num_events"] == 2500
+    assert metadata["preset"] == "movielens_100k" and metadata["num_events"] == 1200
     assert metadata["converter"]["exclude_history"] is True
 
 

@@ -64,6 +64,14 @@ vanishingly rare (about V^2 / 2^64 for V ids). For each role holding a hashed va
 map ids back (`read_vocabulary`).
 
 Categories come from a log column or from a side table of items (`LogConfig.item_table`).
+A log is one file, a `.gz` file, or a glob of them read in order of their names (a row's
+place in the log, which orders ties, is then its file, then its line).
+
+One body of logic, two drivers: this module reads the log and drives the conversion in one
+process; `beam_pipeline` drives the same conversion as an Apache Beam pipeline. Both call
+the per-user work in `user_requests` (timelines, request windows, candidate sets,
+sequences) and the global statistics in `log_statistics` and `leak_audit` (the split time,
+popularity strata, id tables, split figures, the audit's sums), so their outputs agree.
 `PRESETS` (`convert_preset`) read MovieLens-100K and -1M in either layout `ifa-data fetch`
 writes: RecBole's atomic files or GroupLens's own (`ifa_tf.data.movielens`).
 """
