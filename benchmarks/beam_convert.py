@@ -165,7 +165,7 @@ def measure(command, env=None, memory_limit_gb=MEMORY_LIMIT_GB):
 
 
 def _summary(result):
-    processes = result["processes"].values()
+    processes = result["processes"].values()  # the `sh -c` that starts a worker is not one
     workers = [p["peak_rss_bytes"] for p in processes if p["role"] == "worker"]
     drivers = [p["peak_rss_bytes"] for p in processes if p["role"] == "driver"]
     return {"driver_peak_rss_mb": round(max(drivers) / 2**20) if drivers else None,
@@ -243,22 +243,35 @@ def _machine():
 
 # ------------------------------------------------------------------------------ report
 def report():
-    """`results/beam/README.md`: one table of every run's figures."""
+    """The table of every run's figures (`results/beam/README.md` quotes it), and the
+    per-worker peak of the largest generated log against the smallest."""
     runs = []
     for path in sorted(glob.glob(os.path.join(RESULTS, "*.json"))):
         with open(path) as f:
             runs.append(json.load(f))
-    lines = ["| run | mode | rows / users | seconds | per second | driver peak RSS MB | "
-             "worker peak RSS MB | load (1 min) | commit |", "|---" * 9 + "|"]
+    lines = ["| run | mode | log rows / users | seconds | per second | driver peak RSS MB | "
+             "each worker's peak RSS MB | load (1 min avg) | commit |", "|---" * 9 + "|"]
     for run in runs:
-        mode = "in-process" if not run["workers"] else f"Beam, {run['workers']} workers"
-        amount = run.get("log_rows", run.get("users", "failed"))
+        mode = "in-process" if not run["workers"] else (
+            f"Beam, {run['workers']} worker{'s' if run['workers'] > 1 else ''}")
+        stopped = run["run"].get("stopped_for_memory")
+        amount = run.get("log_rows", run.get("users", "stopped" if stopped else "failed"))
         rate = run.get("events_per_second", run.get("users_per_second", "-"))
         lines.append(f"| {run['name']} | {mode} | {amount} | {run['run']['seconds']} | "
                      f"{rate} | {run['driver_peak_rss_mb']} | "
                      f"{', '.join(map(str, run['worker_peak_rss_mb'])) or '-'} | "
                      f"{run['run']['load_average_1m']['mean_during']} | "
                      f"{run['commit'][:7]} |")
+    by_name = {run["name"]: run for run in runs}
+    for workers in (2, 1):
+        small = by_name.get(f"generated_1m_beam_{workers}_worker{'s' if workers > 1 else ''}")
+        large = by_name.get(f"generated_20m_beam_{workers}_worker{'s' if workers > 1 else ''}")
+        if small and large and large.get("max_worker_peak_rss_mb") and "log_rows" in large:
+            ratio = large["max_worker_peak_rss_mb"] / small["max_worker_peak_rss_mb"]
+            lines.append(f"\nBeam, {workers} workers: the largest worker peak on the 20M-event "
+                         f"log is {ratio:.2f}x the one on the 1M-event log "
+                         f"({large['max_worker_peak_rss_mb']} MB against "
+                         f"{small['max_worker_peak_rss_mb']} MB).")
     return "\n".join(lines)
 
 

@@ -14,6 +14,7 @@ from ifa_tf.cli import state as state_cli  # noqa: E402
 from ifa_tf.data import beam_pipeline  # noqa: E402
 from ifa_tf.serving import beam_states, state_store  # noqa: E402
 from test_state_from_log import converted, log_model  # noqa: E402,F401  (fixtures)
+from test_state_store import redis_server  # noqa: E402,F401  (fixture)
 
 
 def _states(store_url, model, users):
@@ -21,14 +22,18 @@ def _states(store_url, model, users):
         return {user: store.get(model.model, user)[0] for user in users}
 
 
-def test_beam_builds_the_states_built_in_process(converted, log_model, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("store", ["sqlite", "redis"])
+def test_beam_builds_the_states_built_in_process(converted, log_model, tmp_path,  # noqa: F811
+                                                 request, store):
+    """SQLite, the local store; Redis, the store of a cluster's workers."""
     _, log, dataset = converted
     _, export_dir, state_model = log_model
     values = types.SimpleNamespace(model=export_dir, store=f"sqlite://{tmp_path / 'a.db'}",
                                    records=None, events=None, log=log, dataset=dataset,
                                    now=None, batch_size=2, runner=None, pipeline_options=None)
     expected = state_cli.run_command("build", values, out=lambda _: None, model=state_model)
-    on_beam = f"sqlite://{tmp_path / 'b.db'}"
+    on_beam = (f"sqlite://{tmp_path / 'b.db'}" if store == "sqlite"
+               else request.getfixturevalue("redis_server").url)
     got = beam_states.build_states_from_log(
         on_beam, export_dir, log, dataset, state_model.cross_features, batch_size=2,
         options=beam_pipeline.default_options(extra=["--direct_running_mode=in_memory",

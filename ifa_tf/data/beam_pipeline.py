@@ -242,7 +242,11 @@ def _finish(summary, files, config, output_dir, compression, source):
         _logger.warning("%s", warning)
     for role in roles:
         log_statistics.report_collisions(role, roles[role]["shared"])
-    records.write_metadata(output_dir, metadata)
+    if "://" in output_dir:  # a cluster's file system (gs://, hdfs://, s3://)
+        _write_text(FileSystems.join(output_dir, records.METADATA_FILENAME),
+                    [records.metadata_text(metadata)])
+    else:
+        records.write_metadata(output_dir, metadata)
     return metadata
 
 

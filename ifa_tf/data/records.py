@@ -209,14 +209,19 @@ class ShardedWriter:
 
 def write_metadata(output_dir, metadata):
     """Writes `metadata.json` atomically (temporary file, then rename)."""
-    metadata = {"format_version": FORMAT_VERSION, **metadata}
     path = os.path.join(output_dir, METADATA_FILENAME)
     tmp_path = os.path.join(output_dir, TMP_PREFIX + METADATA_FILENAME)
     with open(tmp_path, "w") as f:
-        json.dump(metadata, f, indent=2, sort_keys=True, default=_json_default)
-        f.write("\n")
+        f.write(metadata_text(metadata))
     os.replace(tmp_path, path)
     return path
+
+
+def metadata_text(metadata):
+    """The text of `metadata.json` (keys sorted, no time: the same metadata, the same
+    bytes)."""
+    return json.dumps({"format_version": FORMAT_VERSION, **metadata}, indent=2,
+                      sort_keys=True, default=_json_default) + "\n"
 
 
 def read_metadata(path):
