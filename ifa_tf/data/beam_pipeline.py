@@ -326,9 +326,12 @@ def _build_conversion(pipeline, summary, files, parser, config, output_dir, work
             "histograms", main="totals")
     summary.add("audit_totals", audit.totals | "AuditTotals" >> beam.CombineGlobally(
         _MergeAll()))
+    # Grouped, not combined: Beam's combiner lifting would merge a worker's histograms of
+    # each range before the shuffle, holding every distinct score of its share of the test
+    # split at once; grouped, a worker holds one range's histograms at a time.
     summary.add("audit_terms", audit.histograms
-                | "MergeHistograms" >> beam.CombinePerKey(_MergeAll())
-                | "Terms" >> beam.Map(lambda pair: (pair[0], pair[1].terms()))
+                | "HistogramsOfRange" >> beam.GroupByKey()
+                | "Terms" >> beam.MapTuple(lambda key, parts: (key, _merged(parts).terms()))
                 | "AllTerms" >> beam.combiners.ToList())
 
 
@@ -843,6 +846,10 @@ class _MergeAll(beam.CombineFn):
 
     def extract_output(self, merged):
         return merged
+
+
+def _merged(accumulators):
+    return _MergeAll().merge_accumulators(accumulators)
 
 
 class WriteSummary(beam.DoFn):
