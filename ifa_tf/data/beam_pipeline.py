@@ -25,12 +25,15 @@ log each.
 The result: the same requests in the same shard files (each file's records in another
 order), the same vocabularies, and a `metadata.json` equal to the in-process one.
 
-What a worker holds: one user's events at a time, and side inputs that grow with the
-number of items (popularity, categories, the audit's co-occurrence profiles: 4 KB an item)
-and of users (each user's first request index: 24 bytes a user), not with the number of
-events. Exceptions, each a small share: the distinct ids of one role (to write its
-vocabulary and count collisions), and with `negatives="exposure"` every request's window
-(the sampler draws from other users' windows nearest in time).
+What a worker holds: one user's events at a time, buffers of a bounded size, and side
+inputs that grow with the number of items (popularity, categories, the audit's
+co-occurrence profiles: 2 KB an item) and of users (each user's first request index: 24
+bytes a user), not with the number of events. Exceptions: the distinct ids of one role
+(to write its vocabulary and count collisions), one range of the audit's score values,
+and with `negatives="exposure"` every request's window (the sampler draws from other
+users' windows nearest in time). With the DirectRunner, the driver process also holds the
+data between steps (the runner's shuffle), which grows with the log; on a cluster the
+runner's shuffle service holds it.
 """
 
 import contextlib
@@ -40,12 +43,13 @@ import os
 import pickle
 import re
 import shutil
+import tempfile
 import uuid
 
 import apache_beam as beam
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions
 from apache_beam.transforms import window
 
 from ifa_tf.data import leak_audit, log_converter, log_statistics, records, user_requests
@@ -95,7 +99,7 @@ def convert_log(path, output_dir, config, num_shards=1, compression="gzip", sour
     FileSystems.mkdirs(FileSystems.join(work, "records"))
     try:
         pipeline = beam.Pipeline(options=options or default_options())
-        summary = SummaryFiles(pipeline, FileSystems.join(work, "summary"))
+        summary = SummaryFiles(FileSystems.join(work, "summary"))
         _build_conversion(pipeline, summary, files, parser, config, output_dir, work,
                           num_shards, compression)
         run(pipeline, run_context)
@@ -117,7 +121,7 @@ def convert_preset(name, data_dir, output_dir, num_shards=1, compression="gzip",
 def run(pipeline, run_context=None):
     """Runs `pipeline` to its end (inside `run_context()`, when given); a `DataFormatError`
     raised in a worker is raised here as itself."""
-    with _worker_errors(), (run_context or contextlib.nullcontext)():
+    with _data_errors_as_themselves(), (run_context or contextlib.nullcontext)():
         pipeline.run().wait_until_finish()
 
 
@@ -127,8 +131,8 @@ class SummaryFiles:
     values]}`. They travel as files in `directory` (on a cluster, a place every worker and
     the driver reach: the output directory, or `--temp_location`)."""
 
-    def __init__(self, pipeline, directory):
-        self.pipeline, self.directory = pipeline, directory
+    def __init__(self, directory):
+        self.directory = directory
         self.names = []
         if not FileSystems.exists(directory):
             FileSystems.mkdirs(directory)
@@ -155,13 +159,9 @@ class SummaryFiles:
 def temporary_directory(options):
     """A new directory for a pipeline's small results: under `--temp_location` when given
     (a cluster's shared storage), else on this machine."""
-    from apache_beam.options.pipeline_options import GoogleCloudOptions
-
     base = options.view_as(GoogleCloudOptions).temp_location
     if base:
         return FileSystems.join(base, _WORK_PREFIX + uuid.uuid4().hex[:12])
-    import tempfile
-
     return tempfile.mkdtemp(prefix=_WORK_PREFIX)
 
 
@@ -182,23 +182,21 @@ def open_binary(path):
     return gzip.GzipFile(fileobj=raw, mode="rb") if path.endswith(".gz") else raw
 
 
-class _worker_errors:
+@contextlib.contextmanager
+def _data_errors_as_themselves():
     """A `DataFormatError` raised in a worker (bad rows, a log without requests) comes back
     from the runner inside a longer error; it is raised again as itself, one line."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc is None:
-            return False
-        found = re.findall(r"DataFormatError: (.+)", str(exc))
-        if isinstance(exc, records.DataFormatError):
-            found = [str(exc)]
-        if found:  # without the step Beam names after it (`[while running 'Read/...']`)
-            message = re.sub(r" \[while running '[^']*'\]$", "", found[-1].strip())
-            raise records.DataFormatError(message) from None
-        return False
+    try:
+        yield
+    except Exception as error:  # noqa: BLE001 - looked into, and raised again if not ours
+        found = re.findall(r"DataFormatError: (.+)", str(error))
+        if isinstance(error, records.DataFormatError):
+            found = [str(error)]
+        if not found:
+            raise
+        # Without the step Beam names after it (`[while running 'Read/ParDo(ReadFile)']`).
+        message = re.sub(r" \[while running '[^']*'\]$", "", found[-1].strip())
+        raise records.DataFormatError(message) from None
 
 
 def _finish(summary, files, config, output_dir, compression, source):

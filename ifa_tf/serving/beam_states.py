@@ -57,8 +57,7 @@ def build_states_from_log(store_url, export_dir, log, dataset, cross_features=()
                                                  max_batch_size=batch_size)
                | "States" >> beam.ParDo(WriteStates(export_dir, store_url, cross_features,
                                                     batch_size)))
-    summary = beam_pipeline.SummaryFiles(pipeline, beam_pipeline.temporary_directory(
-        pipeline.options))
+    summary = beam_pipeline.SummaryFiles(beam_pipeline.temporary_directory(pipeline.options))
     summary.add("written", written | "Total" >> beam.CombinePerKey(sum)
                 | "AllModels" >> beam.combiners.ToList())
     try:
