@@ -9,7 +9,7 @@ events (or users) per second and the peak resident memory of every process of a 
         --input=/tmp/ml-1m -- --preset=movielens_1m
     python benchmarks/beam_convert.py states --name=ml1m_states_beam2 --workers=2 \\
         --model=... --log=... --dataset=...
-    python benchmarks/beam_convert.py report     # results/beam/README.md from the JSON files
+    python benchmarks/beam_convert.py report --write   # the table of results/beam/README.md
 
 `convert` and `states` run the command as a child process (stopped if its processes hold
 more than 12 GB together, so as not to starve the other jobs of the shared machine) (`--workers=0`: in-process; N: the
@@ -44,6 +44,7 @@ YEAR = 365 * 86_400
 START = 1_700_000_000
 NUM_ITEMS = 20_000
 EVENTS_PER_USER = 1_000
+TABLE_MARK = "<!-- table -->"
 MEMORY_LIMIT_GB = 12  # of the 23.5 GB this machine shares with other jobs
 # The from-log flags of the generated log's runs.
 GENERATED_FLAGS = ["--columns=user,item,category,timestamp,action",
@@ -293,7 +294,10 @@ def main():
     build = sub.add_parser("states")
     build.add_argument("--name", required=True)
     build.add_argument("--workers", type=int, default=2)
-    sub.add_parser("report")
+    written = sub.add_parser("report")
+    written.add_argument("--write", action="store_true",
+                         help="put the table into results/beam/README.md, between its "
+                              "<!-- table --> markers")
     args, extra = parser.parse_known_args()
     extra = [a for a in extra if a != "--"]
     if args.what == "generate":
@@ -303,6 +307,14 @@ def main():
                 (GENERATED_FLAGS if args.generated else []) + extra)
     elif args.what == "states":
         states(args.name, args.workers, extra)
+    elif args.write:
+        path = os.path.join(RESULTS, "README.md")
+        with open(path) as f:
+            text = f.read()
+        before, _, rest = text.partition(TABLE_MARK)
+        _, _, after = rest.partition(TABLE_MARK)
+        with open(path, "w") as f:
+            f.write(f"{before}{TABLE_MARK}\n{report()}\n{TABLE_MARK}{after}")
     else:
         print(report())
 

@@ -219,8 +219,10 @@ def check_command(command, flag_values=flags.FLAGS, arguments=()):
     if not preset and not flag_values["columns"].present:
         raise app.UsageError("from-log needs --columns (or --preset).")
     beam_flags.check(flag_values)
-    remote = "://" in source and flag_values["runner"].value is not None
-    if not os.path.exists(source) and not remote and not (not preset and glob.glob(source)):
+    found = (os.path.exists(source) or (not preset and glob.glob(source))
+             # A cluster's file system (gs://, hdfs://): Beam's workers read it.
+             or ("://" in source and flag_values["runner"].value is not None))
+    if not found:
         hint = f" (fetch it: ifa-data fetch {preset} {source})" if preset else ""
         raise app.UsageError(f"--input={source} does not exist; pass the log file, a glob "
                              f"of its files (with --preset: the directory of its files)"
