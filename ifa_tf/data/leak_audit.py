@@ -277,6 +277,7 @@ class ScoreHistogram:
         self.tasks = tuple(tasks)
         self._values, self._positives, self._negatives = [], [], []
         self._num_pending, self._compacted = 0, True
+        self._size = 0  # distinct values after the last compaction
 
     def add(self, scores, labels):
         """`scores` [k] float64 with `labels` `{task: [k] 0/1}` (a `base_rate_oracle/<task>`
@@ -292,7 +293,7 @@ class ScoreHistogram:
         self._negatives.append((labels == 0).astype(np.int64))
         self._num_pending += len(scores)
         self._compacted = False
-        if self._num_pending > _COMPACT_AT:
+        if self._num_pending > max(_COMPACT_AT, self._size):  # amortised: linear in all
             self._compact()
         return self
 
@@ -302,7 +303,7 @@ class ScoreHistogram:
         self._negatives += other._negatives
         self._num_pending += sum(len(values) for values in other._values)
         self._compacted = self._compacted and other._compacted and len(self._values) <= 1
-        if self._num_pending > _COMPACT_AT:
+        if self._num_pending > max(_COMPACT_AT, self._size):
             self._compact()
         return self
 
@@ -333,7 +334,7 @@ class ScoreHistogram:
             negatives[i] = np.bincount(inverse, np.concatenate([n[i] for n in self._negatives]),
                                        len(values)).astype(np.int64)
         self._values, self._positives, self._negatives = [values], [positives], [negatives]
-        self._num_pending, self._compacted = len(values), True
+        self._num_pending, self._compacted, self._size = 0, True, len(values)
 
 
 def label_matrix(tasks, labels, size):

@@ -41,7 +41,7 @@ class ItemCounts:
 
     def __init__(self):
         self._items, self._counts, self._pending = [], [], 0
-        self._compacted = False
+        self._compacted, self._size = False, 0  # distinct items after the last compaction
 
     def add(self, items, counts=None):
         items = np.asarray(items, np.int64)
@@ -51,7 +51,7 @@ class ItemCounts:
         self._counts.append(np.asarray(counts, np.int64))
         self._pending += len(items)
         self._compacted = False
-        if self._pending > _COMPACT_AT:
+        if self._pending > max(_COMPACT_AT, self._size):  # amortised: linear in all
             self._compact()
         return self
 
@@ -78,7 +78,7 @@ class ItemCounts:
         counts = np.bincount(inverse, weights=np.concatenate(self._counts),
                              minlength=len(items))
         self._items, self._counts = [items], [np.rint(counts).astype(np.int64)]
-        self._pending = len(items)
+        self._pending, self._size = 0, len(items)
 
 
 # ---------------------------------------------------------------------------- split time
