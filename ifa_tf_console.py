@@ -1,16 +1,20 @@
 """The console scripts' entry points (`ifa-data`, `ifa-train`, `ifa-export`, `ifa-serve`,
-`ifa-bench`, `ifa-state`): quiet TensorFlow's start-up, then run the command's `ifa_tf.cli` module.
+`ifa-bench`, `ifa-state`, `ifa-query`): quiet TensorFlow's start-up, then run the command's
+`ifa_tf.cli` module.
 
-This module sits outside the `ifa_tf` package on purpose: importing anything under `ifa_tf`
-imports Keras and with it TensorFlow, and TensorFlow's C++ log level must be set before that.
+This module sits outside the `ifa_tf` package on purpose: TensorFlow's C++ log level must be
+set before anything under `ifa_tf` can import TensorFlow.
 
 - Unless the user set `TF_CPP_MIN_LOG_LEVEL`, it becomes 3 (C++ logs off; on a machine
   without an NVIDIA driver the full `tensorflow` wheel logs a harmless `failed call to
   cuInit` ERROR at the first op), or 0 with `--verbosity=1` or more.
 - Flags are checked before TensorFlow loads: the `ifa_tf` package is registered without
-  running its `__init__` (which imports Keras, and with it TensorFlow), so importing the
-  command's module costs only absl; `ifa_tf.cli.load_library()` runs the `__init__` once
-  the command's `check` passed, so a bad flag answers in well under 2 s.
+  running its `__init__`, and TensorFlow without running its own (`ifa_tf._deferred`: its
+  protos import, nothing loads), so a command's checks may read the data's files and
+  build its configs; `ifa_tf.cli.load_library()` runs the `__init__` and loads Keras and
+  TensorFlow once the command's `check` passed, so a bad flag answers in well under 2 s.
+  A command that needs no TensorFlow (`ifa-query`, `ifa-data fetch`, `ifa-train compare`)
+  never loads it.
 - Lines that TensorFlow's shared libraries write while they load, before absl's logging is
   initialised, ignore `TF_CPP_MIN_LOG_LEVEL` ("WARNING: All log messages before
   absl::InitializeLog() ...", "cudart_stub.cc ... Could not find cuda drivers"; twice,
@@ -123,17 +127,28 @@ def run_quietly(function, min_level):
 
 
 def defer_package_import(min_level):
-    """Registers the `ifa_tf` package without running its `__init__`; the module gets
-    `_finish_import()`, which runs it (quietly, as `run_quietly`). Submodules import as
-    usual meanwhile. Does nothing when ifa_tf is already imported."""
+    """Registers the `ifa_tf` package without running its `__init__`, and TensorFlow's
+    (`ifa_tf._deferred`: its protos import alone, and its first use loads it); the ifa_tf
+    module gets `_finish_import()`, which runs its `__init__` and loads Keras, and with it
+    TensorFlow, quietly (as `run_quietly`). Submodules import as usual meanwhile. Does
+    nothing when ifa_tf is already imported."""
     if "ifa_tf" in sys.modules:
         return
     spec = importlib.util.find_spec("ifa_tf")
     package = importlib.util.module_from_spec(spec)
     sys.modules["ifa_tf"] = package
+    importlib.import_module("ifa_tf._deferred").defer("tensorflow")
 
     def finish():
-        run_quietly(lambda: spec.loader.exec_module(package), min_level)
+        def load():
+            spec.loader.exec_module(package)
+            # TensorFlow first, on its own: Keras imports parts of TensorFlow directly, and
+            # those must not start before TensorFlow's __init__ has enabled TF2 behaviour
+            # (else training fails: "defined in ... Graph ... which is out of scope").
+            importlib.import_module("ifa_tf._deferred").load("tensorflow")
+            importlib.import_module("keras")  # the zoo registers with it (ifa_tf.__init__)
+
+        run_quietly(load, min_level)
 
     package._finish_import = finish
 
@@ -170,6 +185,10 @@ def bench():
 
 def state():
     run_command("ifa-state")
+
+
+def query():
+    run_command("ifa-query")
 
 
 def main():

@@ -18,17 +18,24 @@ The groups (`--groups`):
   and the request of issue 24 (B = 200,000, m = n = 1), which --max_batch_size refuses.
 - `parsing`: the bodies that cost most memory per byte to parse (of those we know), as large
   as --max_request_bytes lets them be, each to a fresh server. gRPC: `cand_item_id` as a
-  packed int64 list of one-byte varints, or as a tensor_shape of empty dims (two bytes each);
-  REST: `cand_item_id` as empty lists, or as lists nested 100 deep. Each declares a shape no
-  limit allows, so it is refused once parsed: what it costs is its parsing and the checks.
+  packed int64 list of one-byte varints, or as a tensor_shape of empty dims (two bytes each;
+  --max_input_dims refuses it from its bytes); REST: `cand_item_id` as empty lists, as lists
+  nested as deep as --rest_max_json_depth allows, or nested 100 deep (refused from its bytes).
+  Each declares a shape no limit allows, so it is refused once parsed: what it costs is its
+  parsing and the checks.
+- `concurrent`: --max_bytes_in_flight at work: `CONCURRENT_BODIES` gRPC requests of the
+  largest m and n (B = 2, m = n = 100,000: 16.0 MB, the accepted request that costs most per
+  byte) sent at once, a channel each, to a fresh server at the default cap and to one whose
+  cap holds them all (as before the cap): those that fit are answered side by side, the
+  others refused UNAVAILABLE before they are parsed.
 - `refused`: requests refused for their declared shape or size, all to one fresh server:
   gRPC requests of a few hundred bytes declaring huge shapes in one value per input, a gRPC
   message and a REST body over --max_request_bytes, and a REST body over B·m (B = 3,
   m = 70,000).
 - `connections`: --rest_max_connections (64) REST connections at once, each sending the
-  most header bytes `http.server` reads (100 lines, the blank one included, of at most
-  64 KiB) and `Content-Length: 1` but no body; the peak rise while all are held, and the
-  answer to one connection more.
+  most header bytes --rest_max_header_bytes lets through and `Content-Length: 1` but no
+  body; the peak rise while all are held, the answer to one connection more, and the answer
+  to a request whose headers pass the cap by one line.
 """
 
 import http.client
@@ -40,6 +47,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -48,16 +56,19 @@ from absl import app, flags
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_SHAPES = ["10x20000x100000", "200x1000x5000", "1000x200x1000", "2x100000x100000",
                   "1000x1x1", "200000x1x1"]
-GROUPS = ["accepted", "parsing", "refused", "connections"]
+GROUPS = ["accepted", "parsing", "refused", "concurrent", "connections"]
 # ifa-serve's defaults (ifa_tf/serving/options.py), which the bodies below are sized to.
 MAX_REQUEST_BYTES = 64 * 2**20
+MAX_BYTES_IN_FLIGHT = 64 * 2**20
 REST_MAX_CONNECTIONS = 64
-# http.client's limits, which http.server applies to a request's header lines.
-HEADER_LINE_BYTES = http.client._MAXLINE
-HEADER_LINES = http.client._MAXHEADERS - 1  # the blank line that ends them counts too
+REST_MAX_HEADER_BYTES = 64 * 1024
+REST_MAX_JSON_DEPTH = 16
+HEADER_LINE_BYTES = 8 * 1024
 PREDICT_METHOD = "/tensorflow.serving.PredictionService/Predict"
 REST_PATH = "/v1/models/ifa:predict"
 NESTED_DEPTH = 100  # well within Python's recursion limit, which json.loads meets
+CONCURRENT_BODIES = 6
+CONCURRENT_SHAPE = (2, 100_000, 100_000)
 
 
 def define_flags(flag_values=flags.FLAGS):
@@ -100,7 +111,7 @@ class Server:
     """`ifa-serve` with its default limits in a subprocess, serving `ifa` over gRPC and
     REST; `measure(send)` is how far one call of `send` raises its peak RSS."""
 
-    def __init__(self, base, log_path, schema):
+    def __init__(self, base, log_path, schema, flags=()):
         import grpc
         from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
@@ -110,7 +121,7 @@ class Server:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "ifa_tf.cli.serve", f"--port={self.grpc_port}",
                  f"--rest_api_port={self.rest_port}", "--model_name=ifa",
-                 f"--model_base_path={base}", "--file_system_poll_wait_seconds=0"],
+                 f"--model_base_path={base}", "--file_system_poll_wait_seconds=0", *flags],
                 stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.grpc_port}", options=[
             ("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)])
@@ -314,13 +325,30 @@ def _http_answer(sock):
     return f"HTTP {status}", error
 
 
+def padded_head(size):
+    """A REST predict head (request line, headers, blank line) of exactly `size` bytes,
+    declaring a body of one byte: header lines of at most HEADER_LINE_BYTES pad it."""
+    first = f"POST {REST_PATH} HTTP/1.1\r\nContent-Length: 1\r\n".encode()
+    lines, left, index = [], size - len(first) - 2, 0
+    while left > 0:
+        name = f"X-Pad-{index}: ".encode()
+        length = min(HEADER_LINE_BYTES, left)
+        if 0 < left - length < len(name) + 3:  # too little left for a line of its own
+            length = left - len(name) - 3
+        lines.append(name + b"a" * (length - len(name) - 2) + b"\r\n")
+        left -= length
+        index += 1
+    head = first + b"".join(lines) + b"\r\n"
+    assert len(head) == size, (len(head), size)
+    return head
+
+
 def held_connections(server, count):
     """`send` that opens `count` REST connections, each sending the most header bytes
-    http.server reads and a Content-Length whose body never comes, waits until the server
-    has read them all, then opens one connection more and returns its answer."""
-    line = b"X-Pad: " + b"a" * (HEADER_LINE_BYTES - len(b"X-Pad: \r\n")) + b"\r\n"
-    head = (f"POST {REST_PATH} HTTP/1.1\r\nContent-Length: 1\r\n".encode()
-            + line * (HEADER_LINES - 1) + b"\r\n")
+    --rest_max_header_bytes lets through and a Content-Length whose body never comes, waits
+    until the server has read them all, then opens one connection more and returns its
+    answer."""
+    head = padded_head(REST_MAX_HEADER_BYTES)
 
     def send():
         sockets = []
@@ -344,6 +372,55 @@ def held_connections(server, count):
     return send, len(head)
 
 
+def over_header_cap(server):
+    """`send` of one request whose head is a byte over --rest_max_header_bytes."""
+    def send():
+        with socket.create_connection(("127.0.0.1", server.rest_port), timeout=60) as sock:
+            sock.sendall(padded_head(REST_MAX_HEADER_BYTES + 1) + b"x")
+            return _http_answer(sock)
+    return send
+
+
+def concurrent_bodies(server, bodies, timeout_s):
+    """`send` of `bodies` (gRPC message bytes) at once, a thread and a channel each; its
+    answer counts the outcomes by status, and its error is one refusal's message."""
+    import grpc
+    from tensorflow_serving.apis import predict_pb2
+
+    def send():
+        outcomes, lock = [], threading.Lock()
+        start = threading.Barrier(len(bodies))
+
+        def call(body):
+            with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}", options=[
+                    ("grpc.max_send_message_length", -1),
+                    ("grpc.max_receive_message_length", -1)]) as channel:
+                predict = channel.unary_unary(
+                    PREDICT_METHOD, response_deserializer=predict_pb2.PredictResponse.FromString)
+                grpc.channel_ready_future(channel).result(timeout=60)
+                start.wait()
+                try:
+                    predict(body, timeout=timeout_s)
+                    outcome = ("answered", "")
+                except grpc.RpcError as error:
+                    outcome = (error.code().name, f"{error.code().name}: {error.details()}")
+            with lock:
+                outcomes.append(outcome)
+
+        threads = [threading.Thread(target=call, args=(body,)) for body in bodies]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        counts = {}
+        for answer, _ in outcomes:
+            counts[answer] = counts.get(answer, 0) + 1
+        refusal = next((error for answer, error in outcomes if answer == "UNAVAILABLE"), "")
+        return ", ".join(f"{count} {answer}" for answer, count in sorted(counts.items())), \
+            refusal
+    return send
+
+
 # -------------------------------------------------------------------------------- groups
 def accepted(base, schema, workdir):
     rows = []
@@ -363,14 +440,20 @@ def accepted(base, schema, workdir):
 
 
 def parsing(base, schema, workdir):
-    nested = b"[" * NESTED_DEPTH + b"]" * NESTED_DEPTH
+    def nested(depth):
+        return b"[" * depth + b"]" * depth
+
+    # The body nests 3 levels (object, inputs, the list of copies) around each copy.
+    allowed = REST_MAX_JSON_DEPTH - 3
     cases = [("gRPC", "int64_val: one-byte varints, packed",
               wire_request(schema, MAX_REQUEST_BYTES, packed_ones)),
              ("gRPC", "tensor_shape: empty dims",
               wire_request(schema, MAX_REQUEST_BYTES, empty_dims)),
              ("REST", "empty lists: `[],[],...`", json_body(schema, MAX_REQUEST_BYTES, b"[]")),
-             ("REST", f"lists nested {NESTED_DEPTH} deep", json_body(schema, MAX_REQUEST_BYTES,
-                                                                     nested))]
+             ("REST", f"lists nested {allowed} deep ({REST_MAX_JSON_DEPTH} in all, the limit)",
+              json_body(schema, MAX_REQUEST_BYTES, nested(allowed))),
+             ("REST", f"lists nested {NESTED_DEPTH} deep",
+              json_body(schema, MAX_REQUEST_BYTES, nested(NESTED_DEPTH)))]
     rows = []
     for protocol, case, body in cases:
         server = Server(base, os.path.join(workdir, f"serve-parse-{protocol}.log"), schema)
@@ -425,12 +508,34 @@ def refused(base, schema, workdir):
     return rows
 
 
+def concurrent(base, schema, workdir):
+    """The requests against the default --max_bytes_in_flight, and against a cap that holds
+    them all (what a server without the cap takes on at once)."""
+    bodies = [random_request(schema, *CONCURRENT_SHAPE, seed=index).SerializeToString()
+              for index in range(CONCURRENT_BODIES)]
+    rows = []
+    for cap in (MAX_BYTES_IN_FLIGHT, sum(map(len, bodies))):
+        server = Server(base, os.path.join(workdir, f"serve-concurrent-{cap}.log"), schema,
+                        [f"--max_bytes_in_flight={cap}"])
+        try:
+            row = {"requests": CONCURRENT_BODIES, "request_bytes": len(bodies[0]),
+                   "max_bytes_in_flight": cap,
+                   **server.measure(concurrent_bodies(server, bodies, FLAGS.timeout_s))}
+        finally:
+            server.close()
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
 def connections(base, schema, workdir):
     server = Server(base, os.path.join(workdir, "serve-connections.log"), schema)
     try:
         send, head_bytes = held_connections(server, REST_MAX_CONNECTIONS)
         row = {"connections": REST_MAX_CONNECTIONS, "header_bytes": head_bytes,
                **server.measure(send)}
+        over = server.measure(over_header_cap(server))
+        row["over_header_cap"] = {"header_bytes": REST_MAX_HEADER_BYTES + 1, **over}
     finally:
         server.close()
     row["growth_per_connection_mb"] = round(row["peak_growth_mb"] / REST_MAX_CONNECTIONS, 1)
@@ -479,7 +584,9 @@ def markdown(results):
                  f"large as --max_request_bytes ({MAX_REQUEST_BYTES:,} bytes) lets them be, "
                  "each to a fresh server. One input, `cand_item_id`, is the body's bulk; the "
                  "others are one user's. Each declares a shape no limit allows, so it is "
-                 "refused once parsed.",
+                 "refused once parsed; the gRPC shape of empty dims (--max_input_dims) and "
+                 "the REST lists nested 100 deep (--rest_max_json_depth) are refused from "
+                 "their bytes, before parsing.",
                  "", "| protocol | body | size | answer | peak RSS growth | growth / size | "
                  "time |", "|---|---|---:|---|---:|---:|---:|"]
         for row in results["parsing"]:
@@ -498,17 +605,36 @@ def markdown(results):
                          f"{_size(row['request_bytes'])} | {row['answer']} | "
                          f"{row['peak_growth_mb']:.1f} MB |")
         sections.append("\n".join(lines))
+    if "concurrent" in results:
+        rows = results["concurrent"]
+        batch, m, n = CONCURRENT_SHAPE
+        lines = ["## Concurrent requests", "",
+                 f"{rows[0]['requests']} gRPC requests of random ids (B = {batch}, m = n = "
+                 f"{m:,}: {rows[0]['request_bytes']:,} bytes each) sent at once, a channel "
+                 "each, to a fresh server per row: at the default --max_bytes_in_flight, and "
+                 "at a cap that holds them all (as without the cap).", "",
+                 "| --max_bytes_in_flight | answers | peak RSS growth | time |",
+                 "|---:|---|---:|---:|"]
+        for row in rows:
+            lines.append(f"| {row['max_bytes_in_flight']:,} | {row['answer']} | "
+                         f"{row['peak_growth_mb']:,.0f} MB | {row['seconds']:.1f} s |")
+        refusal = next((row["error"] for row in rows if row["error"]), "")
+        if refusal:
+            lines += ["", f"A refusal: `{refusal}`."]
+        sections.append("\n".join(lines))
     if "connections" in results:
         row = results["connections"]
+        over = row["over_header_cap"]
         sections.append("\n".join([
             "## REST connections", "",
             f"{row['connections']} connections at once (--rest_max_connections), each "
-            f"sending {row['header_bytes']:,} bytes of request line and headers (the "
-            f"most http.server reads: {HEADER_LINES + 1} lines, {HEADER_LINES - 1} of them "
-            f"{HEADER_LINE_BYTES:,} bytes, then `Content-Length: 1` and the blank line) and "
-            "no body: the peak RSS rose by "
+            f"sending {row['header_bytes']:,} bytes of request line and headers (the most "
+            f"--rest_max_header_bytes lets through, in lines of at most "
+            f"{HEADER_LINE_BYTES:,} bytes) and no body: the peak RSS rose by "
             f"**{row['peak_growth_mb']:,.0f} MB** ({row['growth_per_connection_mb']} MB per "
-            f"connection) while all were held. One connection more: {row['answer']}."]))
+            f"connection) while all were held. One connection more: {row['answer']}. A "
+            f"request of {over['header_bytes']:,} header bytes: {over['answer']} "
+            f"(`{over['error']}`), {over['peak_growth_mb']:.1f} MB."]))
     return "\n\n".join(sections)
 
 

@@ -36,7 +36,7 @@ MECHANISMS = {"din": "DIN MLP unit", "din_full": "softmax dot-product attention"
               "ifa_no_ram": "linear attention, {fsm}",
               "ifa": "linear attention, {fsm}, + RAM ({ram})"}
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SIMULATED = ("lifelong", "simulator")
+SIMULATED = ("lifelong", "short", "simulator")
 # The models whose search or attention costs O(mn) (README's model table); `--mn_seeds`.
 MN_MODELS = ("din_full", "sim_hard", "sim_soft", "twin", "twin_ram", "eta")
 DATASETS = (*SIMULATED, "movielens_1m", "movielens_100k")
@@ -67,7 +67,7 @@ flags.DEFINE_multi_string("row_datasets", [], "label=dataset[+dataset]: the only
                           "a row runs on (default: all of --datasets), e.g. "
                           "din_all=movielens_1m for a row too costly on the others; the "
                           "report names the rows a dataset lacks.")
-flags.DEFINE_integer("lifelong_requests", None, "Requests of the lifelong preset (default: "
+flags.DEFINE_integer("lifelong_requests", None, "Requests of the lifelong and short presets (default: "
                      "the preset's).")
 flags.DEFINE_integer("sim_requests", 12000, "Default-simulator requests (10% are the test "
                      "split).")
@@ -86,6 +86,9 @@ flags.DEFINE_integer("k", 100, "Sub-sequence length k of the sampling baselines.
 flags.DEFINE_string("length_reference", "twin", "The model whose AUC each model's is "
                     "compared with per sequence-length group.")
 flags.DEFINE_multi_string("set", [], "Extra config overrides for every run.")
+flags.DEFINE_bool("read_only", False, "Train nothing: report the runs already finished in "
+                  "--work_dir (a row, seed or dataset without one is left out and the table "
+                  "says how many seeds each cell has).")
 
 
 def parse_extra_run(spec):
@@ -130,6 +133,9 @@ def prepare_data():
         raise app.UsageError(f"--datasets: unknown {unknown}; known: {list(DATASETS)}.")
     writers = {
         "lifelong": lambda path: simulator.write_synthetic(path, simulator.lifelong_config(
+            seed=FLAGS.sim_seed, **({"num_requests": FLAGS.lifelong_requests}
+                                    if FLAGS.lifelong_requests else {})), num_shards=4),
+        "short": lambda path: simulator.write_synthetic(path, simulator.short_config(
             seed=FLAGS.sim_seed, **({"num_requests": FLAGS.lifelong_requests}
                                     if FLAGS.lifelong_requests else {})), num_shards=4),
         "simulator": lambda path: simulator.write_synthetic(path, simulator.SimulatorConfig(
@@ -231,8 +237,12 @@ def summarise(results, tasks, metric):
 
 
 def format_mean_std(mean, std, num_seeds):
-    """`mean ± std` over seeds; a single run says so instead of showing a zero std."""
-    return f"{mean:.4f} ± {std:.4f}" if num_seeds > 1 else f"{mean:.4f} (1 seed)"
+    """`mean ± std` over seeds; a single run says so instead of showing a zero std, and a
+    cell of fewer seeds than `--seeds` says how many it has."""
+    if num_seeds == 1:
+        return f"{mean:.4f} (1 seed)"
+    fewer = f" ({num_seeds} seeds)" if num_seeds < len(FLAGS.seeds) else ""
+    return f"{mean:.4f} ± {std:.4f}{fewer}"
 
 
 def markdown_table(table, tasks, rows, names=None, truth=None, lower_is_better=False,
@@ -397,6 +407,9 @@ def main(argv):
                         or dataset not in row_datasets.get(label, [dataset])):
                     continue
                 run_dir = os.path.join(FLAGS.work_dir, "runs", dataset, label, f"seed{seed}")
+                if FLAGS.read_only and not os.path.exists(os.path.join(run_dir,
+                                                                       "metrics.json")):
+                    continue
                 metrics = run_one(model, seed, data_dir, run_dir, epochs, overrides)
                 results[dataset][label].append(metrics)
                 print(f"{dataset} {label} seed={seed}: "
@@ -575,8 +588,8 @@ def write_report(results, metadata, runs, seeds, mn, wall_time, commit):
                   f"{split['test']['num_requests']} requests; mean n "
                   f"{split['test'].get('mean_seq_len', float('nan')):.0f}, mean m "
                   f"{split['test'].get('mean_candidates', float('nan')):.0f} (test split)."
-                  + (f" Not run here (`--row_datasets`): {', '.join(absent)}." if absent
-                     else ""), ""]
+                  + (f" Not run here ({'no finished run' if FLAGS.read_only else '`--row_datasets`'}):"
+                     f" {', '.join(absent)}." if absent else ""), ""]
         ladder = read_ceiling_ladder(meta)
         if ladder:
             lines += ["### Ceiling ladder (test split)", "",

@@ -16,7 +16,8 @@ batch size, n and m is served without re-export) and returns:
 `serving_raw` takes the same features with raw string ids in place of the int64 ids (user
 features and every item attribute, sequence and candidates: `user_id`, `seq_item_id`,
 `cand_item_id`, `*_category_id`, `*_author_id`; `seq_action`, `seq_time_delta` and the
-cross counts stay int64), maps them in the graph exactly as `ifa-data from-log` maps a
+cross counts stay int64), refuses an id longer than `raw_ids.MAX_ID_BYTES` (1,024 bytes)
+before anything else runs (INVALID_ARGUMENT naming the input), maps them in the graph exactly as `ifa-data from-log` maps a
 log's ids (`ifa_tf.data.raw_ids`: the vocabularies it wrote, carried as SavedModel assets,
 then the converter's own rule for ids it never saw; `""` is padding), and returns what
 `serving_default` returns plus `ranked_raw_item_ids`, string [B, m]: the candidates' raw ids
@@ -31,8 +32,9 @@ read and write a user's state (a few KB, whatever the history's length) instead 
 sequence (see `add_state_endpoints`): `user_state`, `update_state` and `rank_with_state`.
 
 `assets.extra/` holds TF Serving warm-up requests (`tf_serving_warmup_requests`, replayed by
-the server before a version is marked AVAILABLE: `serving_default` at each warm-up shape and,
-for a stateful model, `user_state`, `update_state` and `rank_with_state` too) and
+the server before a version is marked AVAILABLE: `serving_default` and `serving_raw` at each
+warm-up shape and, for a stateful model, `user_state`, `update_state` and `rank_with_state`
+too, so that no signature's first request pays for its start-up) and
 `ifa_export_metadata.json` (model name, feature schema, signature, TensorFlow / Keras
 versions).
 
@@ -56,33 +58,21 @@ import tensorflow as tf
 from ifa_tf import diagnostics
 from ifa_tf import schema as schema_lib
 
-SIGNATURE_NAME = "serving_default"
-RAW_SIGNATURE_NAME = "serving_raw"
-SCORE = "score"
-RANKED_INDICES = "ranked_indices"
-RANKED_ITEM_IDS = "ranked_item_ids"
-RANKED_RAW_ITEM_IDS = "ranked_raw_item_ids"
+# The names the clients read without TensorFlow, and `read_metadata`: one definition each.
+from ifa_tf.signatures import (ASSETS_EXTRA, EVENT_TIME, METADATA_FILE, NOW,  # noqa: F401
+                               RANK_WITH_STATE_SIGNATURE, RANKED_INDICES, RANKED_ITEM_IDS,
+                               RANKED_RAW_ITEM_IDS, RAW_SIGNATURE_NAME, SCORE, SIGNATURE_NAME,
+                               STATE, STATE_MODEL, STATE_SIGNATURES, STATE_TIME,
+                               UPDATE_STATE_SIGNATURE, USER_STATE_SIGNATURE, read_metadata)
+
 VOCABULARY_ASSET = "vocab_{role}.tsv"
-ASSETS_EXTRA = "assets.extra"
 WARMUP_FILE = "tf_serving_warmup_requests"
-METADATA_FILE = "ifa_export_metadata.json"
 METADATA_FORMAT = "ifa_tf.export/1"
 # (batch, m, n) of the recorded warm-up requests: a tiny one, and one near the paper's
 # operating point so the first real request does not pay for kernel selection.
 DEFAULT_WARMUP_SHAPES = ((1, 8, 32), (1, 200, 2000))
 # The smallest padded m and n of an XLA export (see `bucket_size`).
 MIN_BUCKET = 64
-
-# Stateful IFA: signatures and the names of their state inputs and outputs.
-USER_STATE_SIGNATURE = "user_state"
-UPDATE_STATE_SIGNATURE = "update_state"
-RANK_WITH_STATE_SIGNATURE = "rank_with_state"
-STATE_SIGNATURES = (USER_STATE_SIGNATURE, UPDATE_STATE_SIGNATURE, RANK_WITH_STATE_SIGNATURE)
-STATE = "state"
-STATE_TIME = "state_time"
-STATE_MODEL = "state_model"
-NOW = "now"
-EVENT_TIME = "seq_event_time"
 
 _TEMP_PREFIX = ".tmp-export-"
 # TF Serving's version numbers are int64.
@@ -272,10 +262,16 @@ class RawIdTables(tf.Module):
 
 
 def make_raw_serving_function(serve, raw_names, tables):
-    """The function behind `serving_raw`: raw ids -> int64 ids, `serve`, raw ranked ids."""
+    """The function behind `serving_raw`: raw ids -> int64 ids, `serve`, raw ranked ids.
+
+    Every raw id's length is checked first (`raw_id_length_checks`): nothing else runs on a
+    request holding a longer one."""
     from ifa_tf.data import raw_ids
 
     def serve_raw(features):
+        checks = raw_id_length_checks({name: features[name] for name in raw_names})
+        with tf.control_dependencies(checks):
+            features = {name: tf.identity(value) for name, value in features.items()}
         mapped = dict(features)
         encoded = raw_ids.encode_ids_tensors(
             [features[name] for name in raw_names],
@@ -287,6 +283,49 @@ def make_raw_serving_function(serve, raw_names, tables):
         return result
 
     return serve_raw
+
+
+def raw_id_length_checks(raw_inputs, max_bytes=None):
+    """Asserts that no raw id (`{name: string tensor}`) holds more than `max_bytes` (default
+    `raw_ids.MAX_ID_BYTES`) bytes: INVALID_ARGUMENT naming the input, the first longer id's
+    length and its position. One length per id: cheap beside the mapping, whose time grows
+    with the ids' bytes."""
+    from ifa_tf.data import raw_ids
+
+    max_bytes = raw_ids.MAX_ID_BYTES if max_bytes is None else max_bytes
+    checks = []
+    for name, value in sorted(raw_inputs.items()):
+        lengths = tf.strings.length(value, unit="BYTE")
+        too_long = lengths > max_bytes
+        length, position = _first_where(lengths, too_long)
+        checks.append(tf.debugging.Assert(tf.logical_not(tf.reduce_any(too_long)), [
+            tf.strings.join([f"Input {name}: a raw id of ", length, " bytes at [", position,
+                             f"], over the limit of {max_bytes} bytes per raw id"])]))
+    return checks
+
+
+def _first_where(value, mask):
+    """`(value, position)` as strings of the first element of `value` where `mask` holds,
+    both empty when it holds nowhere (nothing is indexed that may not exist)."""
+    first_value = tf.strings.reduce_join(tf.strings.as_string(
+        tf.boolean_mask(value, mask)[:1]))
+    position = tf.strings.reduce_join(tf.strings.as_string(
+        tf.reshape(tf.where(mask)[:1], [-1])), separator=", ")
+    return first_value, position
+
+
+def raw_warmup_features(features, raw_names):
+    """A `serving_raw` warm-up request made from a `serving_default` one: its ids as text,
+    every other one non-numeric (the hashed path beside the integer one and the table
+    lookup), 0 as "" (padding)."""
+    raw = dict(features)
+    for name in raw_names:
+        ids = np.asarray(features[name])
+        text = np.empty(ids.shape, dtype=object)
+        for index, value in np.ndenumerate(ids):
+            text[index] = ("" if value == 0 else str(value) if value % 2 else f"warm-up {value}")
+        raw[name] = text
+    return raw
 
 
 def resolve_vocabularies(vocabularies):
@@ -364,11 +403,16 @@ def export_saved_model(model, base_dir, version=None, schema=None, model_name=No
     probe = serve(random_features(specs, 2, 5, 7, seed=seed))
     if schema is None:
         schema = infer_schema(specs, probe)
+    raw_names = raw_id_features(specs, schema)
+    warmup += [(RAW_SIGNATURE_NAME, raw_warmup_features(features, raw_names))
+               for _, features in list(warmup)]
     vocabulary_paths = resolve_vocabularies(vocabularies)
     stateful = add_state_endpoints(archive, model, specs) if getattr(
         model, "stateful", False) else None
     if stateful is not None:
         warmup += state_warmup_requests(stateful, specs, warmup_shapes, seed)
+
+    from ifa_tf.data import raw_ids
 
     os.makedirs(base_dir, exist_ok=True)
     temp_dir = tempfile.mkdtemp(prefix=f"{_TEMP_PREFIX}{version}-", dir=base_dir)
@@ -383,6 +427,7 @@ def export_saved_model(model, base_dir, version=None, schema=None, model_name=No
         metadata = _metadata(model_name, version, schema, specs, probe, jit_compile)
         metadata["raw_signature_name"] = RAW_SIGNATURE_NAME
         metadata["raw_id_inputs"] = raw_id_features(specs, schema)
+        metadata["raw_id_max_bytes"] = raw_ids.MAX_ID_BYTES
         metadata["vocabularies"] = vocabulary_counts
         metadata["stateful"] = stateful
         with open(os.path.join(extra_dir, METADATA_FILE), "w") as f:
@@ -429,8 +474,13 @@ def add_state_endpoints(archive, model, specs):
     of another model (`state_model`), holding NaN or infinity, or with negative weights
     (z < 0); `now` before `state_time` (the state holds events the request's time has not
     seen: clocks disagree or the state is another user's; rank at `state_time` or later);
-    a negative `seq_time_delta`; batch sizes that disagree. An empty state (zeros, time 0)
-    is a user with no history.
+    a time (`now`, `state_time`, a valid event's `seq_event_time`) or age (a valid event's
+    `seq_time_delta`) outside [0, `schema.MAX_TIME`], int64 seconds from 1970 to 2106: a
+    time in milliseconds, far in the future or negative would move a state's reference
+    time so far that it decays to nothing, or overflow a time difference; batch sizes that
+    disagree. Every check passes before anything is computed, and `update_state` never
+    returns a state holding NaN or infinity. An empty state (zeros, time 0) is a user with
+    no history.
     """
     model_id = state_model_id(model)
     state_shape = model.state_shape
@@ -449,40 +499,46 @@ def add_state_endpoints(archive, model, specs):
         return {STATE: state, STATE_TIME: state_time,
                 STATE_MODEL: tf.fill([batch], tf.constant(model_id, tf.int64))}
 
-    def user_state(inputs):
-        now = inputs[NOW]
-        checks = _batch_checks(inputs, NOW) + _length_checks(inputs, "seq_item_id",
-                                                             "sequence length n")
-        delta = inputs[schema_lib.SEQUENCE_PREFIX + "time_delta"]
-        valid = tf.not_equal(inputs[schema_lib.SEQUENCE_PREFIX + "item_id"], 0)
-        checks.append(tf.debugging.assert_non_negative(
-            tf.where(valid, delta, tf.zeros_like(delta)),
-            message="seq_time_delta must be >= 0 (seconds before `now`) at valid events"))
+    def checked(inputs, checks):
+        """`inputs` once `checks` passed: nothing computes with a refused value."""
         with tf.control_dependencies(checks):
-            made = model.user_state(inputs, tf.identity(now))
+            return {name: tf.identity(value) for name, value in inputs.items()}
+
+    def user_state(inputs):
+        valid = tf.not_equal(inputs[schema_lib.SEQUENCE_PREFIX + "item_id"], 0)
+        inputs = checked(inputs, _batch_checks(inputs, NOW)
+                         + _length_checks(inputs, "seq_item_id", "sequence length n")
+                         + [_time_check(inputs, NOW),
+                            _time_check(inputs, schema_lib.SEQUENCE_PREFIX + "time_delta",
+                                        valid, "seconds before `now`, at a valid event")])
+        made = model.user_state(inputs, inputs[NOW])
         return out(made[STATE], made[STATE_TIME])
 
     def update_state(inputs):
-        checks = (_batch_checks(inputs, STATE_TIME)
-                  + _length_checks(inputs, "seq_item_id", "event count")
-                  + _state_checks(inputs, model_id, state_shape))
-        with tf.control_dependencies(checks):
-            state = tf.identity(inputs[STATE])
-        made = model.update_state(state, inputs[STATE_TIME], inputs)
-        return out(made[STATE], made[STATE_TIME])
+        valid = tf.not_equal(inputs[schema_lib.SEQUENCE_PREFIX + "item_id"], 0)
+        inputs = checked(inputs, _batch_checks(inputs, STATE_TIME)
+                         + _length_checks(inputs, "seq_item_id", "event count")
+                         + _state_checks(inputs, model_id, state_shape)
+                         + [_time_check(inputs, STATE_TIME),
+                            _time_check(inputs, EVENT_TIME, valid, "at a valid event")])
+        made = model.update_state(inputs[STATE], inputs[STATE_TIME], inputs)
+        with tf.control_dependencies([_finite_check(
+                made[STATE], "update_state made a state holding NaN or infinity ({} of {} "
+                "values) from a finite one: the state sent is not one this model made")]):
+            return out(tf.identity(made[STATE]), made[STATE_TIME])
 
     def rank_with_state(inputs):
-        checks = (_batch_checks(inputs, NOW) + _length_checks(inputs, "cand_item_id",
-                                                              "candidate count m")
-                  + _state_checks(inputs, model_id, state_shape))
-        checks.append(tf.debugging.assert_greater_equal(
-            inputs[NOW], inputs[STATE_TIME],
-            message="`now` is earlier than `state_time`, the reference time of the state: the "
-                    "state holds events after the time of the request. Rank at state_time or "
-                    "later (now, state_time)"))
-        with tf.control_dependencies(checks):
-            state = tf.identity(inputs[STATE])
-        outputs = model.rank_with_state(inputs, state, inputs[STATE_TIME], inputs[NOW])
+        inputs = checked(inputs, _batch_checks(inputs, NOW)
+                         + _length_checks(inputs, "cand_item_id", "candidate count m")
+                         + _state_checks(inputs, model_id, state_shape)
+                         + [_time_check(inputs, NOW), _time_check(inputs, STATE_TIME),
+                            tf.debugging.assert_greater_equal(
+                                inputs[NOW], inputs[STATE_TIME],
+                                message="`now` is earlier than `state_time`, the reference "
+                                        "time of the state: the state holds events after "
+                                        "the time of the request. Rank at state_time or "
+                                        "later (now, state_time)")])
+        outputs = model.rank_with_state(inputs, inputs[STATE], inputs[STATE_TIME], inputs[NOW])
         result = {name: tf.cast(value, tf.float32) for name, value in outputs.items()}
         result[RANKED_INDICES], result[RANKED_ITEM_IDS] = rank_candidates(
             result[SCORE], inputs["cand_item_id"])
@@ -554,6 +610,30 @@ def _length_checks(inputs, reference, axis_name):
         for name, value in sorted(inputs.items()) if value.shape.rank == 2]
 
 
+def _time_check(inputs, name, valid=None, where=""):
+    """`inputs[name]` (int64 seconds) lies in [0, MAX_TIME] (where `valid`, if given):
+    INVALID_ARGUMENT naming the input, its first value outside and that value's position."""
+    value = inputs[name]
+    outside = tf.logical_or(value < 0, value > schema_lib.MAX_TIME)
+    if valid is not None:
+        outside = tf.logical_and(outside, valid)
+    first_value, first_position = _first_where(value, outside)
+    unit = f" ({where})" if where else ""
+    return tf.debugging.Assert(tf.logical_not(tf.reduce_any(outside)), [tf.strings.join([
+        f"`{name}`{unit} is ", first_value, " at [", first_position,
+        f"], outside [0, {schema_lib.MAX_TIME}]: times are int64 seconds from 1970 to 2106 "
+        "(milliseconds, or a time far in the future or before 1970, are refused)"])])
+
+
+def _finite_check(value, message):
+    """An assert that `value` holds no NaN or infinity; `message` has two `{}` for the
+    count of such values and the size. Its text is one line (unlike `assert_all_finite`'s,
+    which carries TensorFlow's graph context)."""
+    bad = tf.logical_not(tf.math.is_finite(value))
+    return tf.debugging.Assert(tf.logical_not(tf.reduce_any(bad)), [tf.strings.format(
+        message, (tf.math.count_nonzero(bad), tf.size(value, out_type=tf.int64)))])
+
+
 def _state_checks(inputs, model_id, state_shape):
     """A state of this model: its shape, its model id, finite values, z >= 0."""
     state = inputs[STATE]
@@ -568,7 +648,8 @@ def _state_checks(inputs, model_id, state_shape):
             message=f"`state_model` is not this model's ({model_id}): the state was made by "
                     "another model version. Rebuild the states for this version (ifa-state "
                     "build) or rank with the version that made them. state_model"),
-        tf.debugging.assert_all_finite(state, message="`state` holds NaN or infinity"),
+        _finite_check(state, "`state` holds NaN or infinity ({} of {} values): it is not a "
+                             "state this model made"),
         tf.debugging.assert_non_negative(
             state[..., -1], message="`state` has a negative normaliser (its last column): "
                                     "it is not a state this model made"),
@@ -645,15 +726,6 @@ def infer_schema(specs, outputs):
         raise ValueError(f"Model inputs {sorted(leftover)} follow no schema naming rule; "
                          "pass schema= explicitly.")
     return schema
-
-
-def read_metadata(export_dir):
-    """The export metadata of a version directory, or None when it has none."""
-    path = os.path.join(export_dir, ASSETS_EXTRA, METADATA_FILE)
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
 
 
 def make_predict_request(features, model_name, signature_name=SIGNATURE_NAME, version=None):

@@ -24,6 +24,12 @@ CANDIDATE_PREFIX = "cand_"
 CROSS_PREFIX = "cand_cross_"
 USER_PREFIX = "user_"
 PADDING_ID = 0
+# Stateful serving's times (an event's time, a state's reference time, a request's `now`)
+# and ages (`seq_time_delta` there) are int64 seconds in [0, MAX_TIME]: from the Unix epoch
+# to 2106-02-07 (2^32 - 1, an unsigned 32-bit Unix time). A time in milliseconds (1.7e12
+# in 2024), far in the future or negative lies outside it, and no difference of two times
+# in it overflows int64.
+MAX_TIME = 2**32 - 1
 # What ifa-data writes beside a dataset (`ifa_tf.data.records.METADATA_FILENAME`).
 METADATA_FILENAME = "metadata.json"
 _SCHEMA_HINT = ("The model's features come from its schema: build it for your data with "

@@ -1,11 +1,12 @@
-"""The model zoo: every model of the IFA paper, plus ETA and SDIM, built by name.
+"""The model zoo: every model of the IFA paper, plus ETA, SDIM, SAM, TWIN-V2, DARE and
+MIRRN, built by name.
 
 >>> import ifa_tf
 >>> model = ifa_tf.zoo.build("ifa")               # default schema
 >>> model = ifa_tf.zoo.build("twin", k=50)        # overrides are checked
 >>> ifa_tf.zoo.list_models()
-['avg_pooling', 'din', 'din_full', 'eta', 'ifa', 'ifa_no_ram', 'sdim', 'sim_hard', 'sim_soft',
- 'twin', 'twin_ram']
+['avg_pooling', 'dare', 'din', 'din_full', 'eta', 'ifa', 'ifa_no_ram', 'mirrn', 'sam',
+ 'sdim', 'sim_hard', 'sim_soft', 'twin', 'twin_ram', 'twin_v2']
 
 `ifa` and `ifa_no_ram` take the FSM's `feature_map`, `focusing_factor`,
 `learnable_temperature`, `learnable_focusing_factor` and `exact_matches`; the models with
@@ -30,10 +31,10 @@ overrides (a builder taking `**kwargs` validates them itself).
 
 import inspect
 
-from ifa_tf.models import (AveragePoolingInterest, CandidateSetRanker, ETAInterest,
-                           FullTargetAttentionInterest, LinearAttentionInterest,
-                           RecentDINInterest, SDIMInterest, SIMHardInterest, SIMSoftInterest,
-                           TWINInterest)
+from ifa_tf.models import (AveragePoolingInterest, CandidateSetRanker, DAREInterest,
+                           ETAInterest, FullTargetAttentionInterest, LinearAttentionInterest,
+                           MIRRNInterest, RecentDINInterest, SAMInterest, SDIMInterest,
+                           SIMHardInterest, SIMSoftInterest, TWINInterest, TWINV2Interest)
 
 _REGISTRY = {}
 
@@ -122,13 +123,21 @@ _RANKER_OPTIONS = _keyword_parameters(CandidateSetRanker.__init__,
                                       exclude={"self", "interest", "schema", "use_ram"})
 
 
-def _register_ranker(name, interest_class, use_ram, defaults=None):
+def _register_ranker(name, interest_class, use_ram, defaults=None, fixed=None):
     """Registers a `CandidateSetRanker` with `interest_class` as its sequence module. Its
     overrides are the ranker's options plus the module's constructor arguments; `defaults`
-    (linear attention settings) apply as a whole unless `feature_map` is overridden."""
+    (linear attention settings) apply as a whole unless `feature_map` is overridden;
+    `fixed` ranker options are what the model is (`dare` decouples its embeddings), and
+    another value for them is an error."""
     module_options = _keyword_parameters(interest_class.__init__, exclude={"self"})
+    fixed = dict(fixed or {})
 
     def builder(schema=None, **overrides):
+        for option, value in fixed.items():
+            if overrides.get(option, value) != value:
+                raise ValueError(f"{name} always has {option}={value!r}: it is what the "
+                                 f"model is. Received: {option}={overrides[option]!r}")
+        overrides = {**overrides, **fixed}
         given = overrides
         overrides = resolve_overrides(name, overrides)
         try:
@@ -166,7 +175,11 @@ _register_ranker("sim_soft", SIMSoftInterest, use_ram=False)
 _register_ranker("twin", TWINInterest, use_ram=False)
 _register_ranker("eta", ETAInterest, use_ram=False)
 _register_ranker("sdim", SDIMInterest, use_ram=False)
+_register_ranker("dare", DAREInterest, use_ram=False, fixed={"decoupled_embeddings": True})
+_register_ranker("mirrn", MIRRNInterest, use_ram=False)
+_register_ranker("sam", SAMInterest, use_ram=False)
 _register_ranker("twin_ram", TWINInterest, use_ram=True)  # IFA - FSM (paper Table 3)
+_register_ranker("twin_v2", TWINV2Interest, use_ram=False)
 _register_ranker("ifa_no_ram", LinearAttentionInterest, use_ram=False,  # IFA - RAM
                  defaults=IFA_DEFAULTS)
 _register_ranker("ifa", LinearAttentionInterest, use_ram=True, defaults=IFA_DEFAULTS)

@@ -18,6 +18,14 @@ REST_PORT=${REST_PORT:-8501}
 PYTHON=${PYTHON:-.venv/bin/python}
 # `python -m ifa_tf_console COMMAND` is the console script COMMAND (ifa-export, ...).
 CLI=("$PYTHON" -m ifa_tf_console)
+for port in "$PORT" "$REST_PORT"; do
+  if ! "$PYTHON" -c "import socket, sys; socket.socket().bind(('127.0.0.1', int(sys.argv[1])))" \
+      "$port" 2>/dev/null; then
+    echo "quickstart_serve.sh: port $port on 127.0.0.1 is taken; choose others with" \
+         "PORT=... REST_PORT=... (gRPC, REST)" >&2
+    exit 2
+  fi
+done
 
 VERSION_DIR=$("${CLI[@]}" ifa-export --model_dir="$MODEL_DIR" --export_base="$WORKDIR/ifa")
 echo "exported $VERSION_DIR"

@@ -208,7 +208,8 @@ try:
     ifa_tf_console.run_command(sys.argv[1], sys.argv[1:])
 except SystemExit as exit_info:
     code = exit_info.code
-print(code, "tensorflow" in sys.modules, "keras" in sys.modules,
+from ifa_tf import _deferred
+print(code, _deferred.is_loaded("tensorflow"), "keras" in sys.modules,
       round(time.monotonic() - started, 3))
 """
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}

@@ -105,7 +105,7 @@ def test_preset_keeps_its_config_where_no_flag_is_given(tmp_path):
     assert (converter["negatives"], converter["exclude_history"]) == ("popularity_matched",
                                                                       True)
     assert converter["item_table"] == str(tmp_path / "ml-1m.item")
-    with pytest.raises(ValueError, match="Preset 'movielens_1m' sets \\['columns'\\]"):
+    with pytest.raises(app.UsageError, match="Preset 'movielens_1m' sets \\['columns'\\]"):
         cli.main(["ifa-data", "from-log"], _flags(
             f"--output_dir={tmp_path / 'x'}", f"--input={tmp_path}", "--preset=movielens_1m",
             "--columns=user,item,timestamp"))

@@ -281,13 +281,17 @@ def test_python_signature_rejects_inconsistent_batch(exported):
 def test_warmup_requests_replay(exported):
     _, export_dir = exported["sim_hard"]
     requests = export.read_warmup_requests(export_dir)
-    assert [tuple(r.inputs["cand_item_id"].tensor_shape.dim[i].size for i in range(2))
-            for r in requests] == [(1, 4), (2, 9)]
+    # Each shape for serving_default, then for serving_raw (its ids as text).
+    assert [(r.model_spec.signature_name,
+             tuple(r.inputs["cand_item_id"].tensor_shape.dim[i].size for i in range(2)))
+            for r in requests] == [("serving_default", (1, 4)), ("serving_default", (2, 9)),
+                                   ("serving_raw", (1, 4)), ("serving_raw", (2, 9))]
     assert {r.model_spec.name for r in requests} == {"sim_hard"}
-    signature = tf.saved_model.load(export_dir).signatures[export.SIGNATURE_NAME]
+    signatures = tf.saved_model.load(export_dir).signatures
     for request in requests:
         assert set(request.inputs) == set(SCHEMA.feature_names)
-        outputs = signature(**{k: tf.make_ndarray(v) for k, v in request.inputs.items()})
+        outputs = signatures[request.model_spec.signature_name](
+            **{k: tf.make_ndarray(v) for k, v in request.inputs.items()})
         assert outputs["score"].shape == tf.make_ndarray(request.inputs["cand_item_id"]).shape
     # The file is what TF Serving reads: a TFRecord of PredictionLog.
     path = os.path.join(export_dir, "assets.extra", "tf_serving_warmup_requests")

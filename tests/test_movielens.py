@@ -278,13 +278,15 @@ import ifa_tf_console
 try:
     ifa_tf_console.run_command("ifa-data", sys.argv[1:])
 except SystemExit as exit_info:
-    print(exit_info.code, "tensorflow" in sys.modules)
+    from ifa_tf import _deferred
+    print(exit_info.code, _deferred.is_loaded("tensorflow"))
 """
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}
     for argv, status, message in (
             (["fetch", "movielens_1m", str(tmp_path / "ml-1m"), f"--url={url}"], 1,
              "expected 0b500e62"),
             (["fetch", "movielens_1n"], 2, "did you mean 'movielens_1m'?"),
+            (["fech", "movielens_1m"], 2, "did you mean 'fetch'?"),
             (["fetch", "movielens_1m", "--output_dir=x"], 2, "do not apply")):
         process = subprocess.run([sys.executable, "-c", script, "ifa-data", *argv], cwd=REPO,
                                  env=env, capture_output=True, text=True, timeout=120)

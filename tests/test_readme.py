@@ -21,7 +21,14 @@ MOVIES = {
     "Jumanji (1995)": "Adventure Children's Fantasy", "Se7en (1995)": "Crime Thriller",
     "Twister (1996)": "Action Adventure Romance", "Scream (1996)": "Horror Thriller",
     "Ran (1985)": "Drama War", "Psycho (1960)": "Horror Thriller",
+    "Vertigo (1958)": "Mystery Thriller", "Rocky (1976)": "Action Drama",
+    "Amadeus (1984)": "Drama", "Goldfinger (1964)": "Action",
 }
+# As in the real log: user 1m_1 never rated these before 2001 (the README's and
+# serving/README's candidates), and rated Toy Story, 5 stars, on 2001-01-06.
+UNRATED_BY_1M_1 = ("Toy Story (1995)", "Heat (1995)", "Jumanji (1995)", "Babe (1995)",
+                   "Casino (1995)")
+TOY_STORY_BY_1M_1 = 978_739_200
 
 
 def readme_snippets():
@@ -43,9 +50,11 @@ def write_movielens_look_alike(directory):
         f.write("user_id:token\titem_id:token\trating:float\ttimestamp:float\r\n")
         for user in range(1, 9):
             time = 975_000_000 + int(rng.integers(0, 86_400))
-            for title in rng.choice(titles, size=12, replace=False):
+            pool = [t for t in titles if user != 1 or t not in UNRATED_BY_1M_1]
+            for title in rng.choice(pool, size=12, replace=False):
                 f.write(f"1m_{user}\t{title}\t{int(rng.integers(1, 6))}\t{time}\r\n")
                 time += int(rng.choice([60, 3_600, 4 * 86_400]))
+        f.write(f"1m_1\tToy Story (1995)\t5\t{TOY_STORY_BY_1M_1}\r\n")
 
 
 def free(port):
@@ -89,9 +98,29 @@ def test_every_python_snippet_runs_as_written(tmp_path, monkeypatch, capsys):
             if "print(f\"{score:.3f}  {title}\")" in snippet:
                 ranked = [line.split("  ", 1)[1] for line in printed.splitlines()]
                 assert sorted(ranked) == sorted(session["candidates"]), printed
+                # The candidates are films the user had not rated by the request's time.
+                before = log_converter.parse_timestamp("2001-01-01")
+                assert "time=\"2001-01-01\"" in snippet
+                rated = {row[1] for row in session["history"] if int(row[3]) < before}
+                assert rated and not rated & set(session["candidates"]), rated
             if "raw_item_ids" in snippet:
                 assert sorted(session["ranking"].raw_item_ids) == sorted(
                     session["candidates"]), printed
     finally:
         if server is not None:
             server.stop()
+
+
+@pytest.mark.skipif(not os.path.exists("/tmp/ml-1m/ml-1m.inter"),
+                    reason="MovieLens-1M not fetched (ifa-data fetch movielens_1m /tmp/ml-1m)")
+def test_the_readme_candidates_are_unrated_in_the_real_log():
+    """What the look-alike copies: in MovieLens-1M, 1m_1 rated none of the README's or
+    serving/README's candidates before 2001, and Toy Story, 5 stars, on 2001-01-06."""
+    import csv
+
+    with open("/tmp/ml-1m/ml-1m.inter", newline="") as f:
+        rows = [row for row in csv.reader(f, delimiter="\t") if row[0] == "1m_1"]
+    rated = {row[1]: (row[2], int(row[3])) for row in rows}
+    assert not set(UNRATED_BY_1M_1[1:]) & set(rated)
+    stars, time = rated["Toy Story (1995)"]
+    assert stars == "5" and 0 <= time - TOY_STORY_BY_1M_1 < 86_400  # that day, UTC

@@ -323,12 +323,12 @@ def test_no_model_runs_for_a_call_that_ended_before_it(model_base, monkeypatch, 
             assert resolving.wait(30)
             call.cancel()
         release.set()
-        series = f':tensorflow:serving:request_count{{model_name="ifa",status="{code.name}"}} 1'
+        series = f':tensorflow:serving:request_count{{model_name="ifa",status="{code.name}"}}'
         recorded_by = time.monotonic() + 30
-        while series not in server.metrics.render() and time.monotonic() < recorded_by:
+        while series not in samples(server.metrics.render()) and time.monotonic() < recorded_by:
             time.sleep(0.05)
         assert runs == []
-        assert series in server.metrics.render()
+        assert samples(server.metrics.render())[series] == 1
     finally:
         release.set()
         channel.close()
@@ -366,6 +366,12 @@ def test_rest_version_beyond_int64_is_not_found(server, suffix):
     assert "Traceback" not in server.logs()
 
 
+def samples(text):
+    """`{series: value}` of a Prometheus text exposition."""
+    return {series: float(value) for series, value in
+            (line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))}
+
+
 def scrape(server):
     url = f"http://{server.rest_target}/monitoring/prometheus/metrics"
     with urllib.request.urlopen(url, timeout=30) as response:
@@ -377,8 +383,7 @@ def test_metrics_cannot_be_forged_or_grown_by_model_names(server):
     names = [forged, "a\\b", *(f"nope-{index}" for index in range(50))]
     unknown = (f':tensorflow:serving:request_count{{model_name="{metrics.UNKNOWN_MODEL}",'
                'status="NOT_FOUND"}')
-    before = dict(line.rsplit(" ", 1) for line in scrape(server).splitlines()
-                  if not line.startswith("#"))
+    before = samples(scrape(server))
     for name in names:
         request = small_request()
         request.model_spec.name = name
@@ -387,11 +392,13 @@ def test_metrics_cannot_be_forged_or_grown_by_model_names(server):
         assert raised.value.code() == grpc.StatusCode.NOT_FOUND
     text = scrape(server)
     assert "1e9" not in text and "nope-" not in text
-    after = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
-    assert int(after[unknown]) - int(before.get(unknown, 0)) == len(names)
+    after = samples(text)
+    assert after[unknown] - before.get(unknown, 0) == len(names)
     assert len(after) == len(before) + (unknown not in before) * (1 + 33 + 1 + 2)
     for line in text.splitlines():
-        assert line.startswith(("# TYPE ", ":tensorflow:serving:request_")), line
+        assert line.startswith(("# HELP :tensorflow:serving:request_",
+                                "# TYPE :tensorflow:serving:request_",
+                                ":tensorflow:serving:request_")), line
         assert 'model_name="ifa"' in line or f'model_name="{metrics.UNKNOWN_MODEL}"' in line \
             or line.startswith("#")
 
@@ -400,14 +407,39 @@ def test_metrics_escape_every_label_value():
     recorder = metrics.Metrics()  # records names as given
     recorder.record('a"b\\c\nd', "Predict", "GRPC", "OK", 0.001)
     lines = recorder.render().splitlines()
-    assert ':tensorflow:serving:request_count{model_name="a\\"b\\\\c\\nd",status="OK"} 1' in lines
-    assert len(lines) == 2 + 1 + 33 + 1 + 2  # TYPE lines, the count, buckets, +Inf, sum, count
+    assert ':tensorflow:serving:request_count{model_name="a\\"b\\\\c\\nd",status="OK"} 1.0' in lines
+    # HELP and TYPE of both, the count, buckets, +Inf, sum, count
+    assert len(lines) == 4 + 1 + 33 + 1 + 2
     known = metrics.Metrics(known_models=["ifa"])
     for name in ("ifa", "other", "another"):
         known.record(name, "Predict", "REST", "OK", 0.001)
     assert [line for line in known.render().splitlines() if "request_count{" in line] == [
+        ':tensorflow:serving:request_count{model_name="ifa",status="OK"} 1.0',
         f':tensorflow:serving:request_count{{model_name="{metrics.UNKNOWN_MODEL}",'
-        'status="OK"} 2', ':tensorflow:serving:request_count{model_name="ifa",status="OK"} 1']
+        'status="OK"} 2.0']
+
+
+def test_metrics_keep_tf_serving_names_types_and_buckets():
+    """prometheus_client would write the count as `..._total` and `le="10.0"`; dashboards
+    query TF Serving's names."""
+    recorder = metrics.Metrics()
+    for seconds in (0.000005, 0.0001, 0.0001, 3.0):
+        recorder.record("ifa", "Predict", "REST", "OK", seconds)
+    text = recorder.render()
+    assert "# TYPE :tensorflow:serving:request_count untyped" in text
+    assert "# TYPE :tensorflow:serving:request_latency histogram" in text
+    assert "_total" not in text and "_created" not in text
+    series = samples(text)
+    labels = 'API="Predict",entrypoint="REST"'
+    bounds = [f"{10 * 1.8 ** i:.6g}" for i in range(33)] + ["+Inf"]
+    buckets = [series[f':tensorflow:serving:request_latency_bucket{{{labels},le="{bound}",'
+                      'model_name="ifa"}'] for bound in bounds]
+    assert bounds[:4] == ["10", "18", "32.4", "58.32"]
+    # 5 us, 100 us (twice) and 3 s, cumulative: 1 from 10 us, 3 from 104.976, 4 from 4.13e6.
+    assert buckets == [1] * 4 + [3] * 18 + [4] * 12
+    assert series[f':tensorflow:serving:request_latency_count{{{labels},model_name="ifa"}}'] == 4
+    assert series[f':tensorflow:serving:request_latency_sum{{{labels},model_name="ifa"}}'] == (
+        pytest.approx(5 + 100 + 100 + 3e6))
 
 
 # ------------------------------------------------------------------- non-finite outputs

@@ -3,6 +3,7 @@ its own schema without authors): `ifa-state build` / `apply` from the raw log ma
 converter did, and `StateModel` / `rank_user` over a server read the model's own feature
 names instead of the default schema's."""
 
+import collections
 import os
 import types
 
@@ -123,6 +124,13 @@ def test_ifa_state_builds_and_applies_a_raw_log(converted, log_model, tmp_path):
     items = sorted({row[1] for row in rows})
     shown = state_cli.run_command("show", values, **run)
     assert shown["known"] and shown["state_time"] == max(row[3] for row in alice)
+    # The raw user's key, and the state's categories by the log's names, most frequent first.
+    assert shown["key"] == RequestBuilder(dataset).encode_user("alice")
+    counts = collections.Counter(category for _, _, category in  # rows of one event merge
+                                 {(row[1], row[3], row[2]) for row in alice})
+    assert [[name, count] for name, count, _ in shown["top"]["category"]] == sorted(
+        ([name, count] for name, count in counts.items()),
+        key=lambda entry: (-entry[1], log_converter.encode_ids([entry[0]])[0][0]))
     # The state ranks as serving_default ranks RequestBuilder's request from the rows.
     now = T0 + 5 * DAY
     builder = RequestBuilder(dataset)  # categories as the converter saw them, and one new

@@ -144,6 +144,71 @@ def test_bad_states_and_times_are_refused(exported):
         call(signatures["user_state"], user_state_inputs(negative_age, NOW[:1]))
 
 
+# Times the range [0, MAX_TIME] refuses: milliseconds, far future, the int64 extremes.
+BAD_TIMES = [1_700_000_000_000, 2**62, 2**63 - 1, -1, -10**18, -2**63]
+
+
+@pytest.mark.parametrize("bad_time", BAD_TIMES)
+def test_times_outside_the_range_are_refused(exported, bad_time):
+    """One event in milliseconds used to move the state's time so far that the user's
+    history decayed to 0 for good; one at -2^63 overflowed a subtraction into a state of
+    infinities. Each is now refused before anything is computed, naming the input."""
+    model, _, signatures = exported
+    features = request(1, 4, 6, seed=9)
+    state = call(signatures["user_state"], user_state_inputs(features, NOW[:1]))
+    events = events_of(features, NOW[:1] + 60)
+    events["seq_event_time"][0, 2] = bad_time
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=rf"`seq_event_time` \(at a valid event\) is {bad_time} at \[0, 2\], "
+                             "outside \\[0, 4294967295\\]"):
+        call(signatures["update_state"], {**state, **events})
+    for signature, inputs in (
+            ("update_state", {**dict(state, state_time=np.array([bad_time])),
+                              **events_of(features, NOW[:1])}),
+            ("rank_with_state", rank_inputs(model, features, dict(
+                state, state_time=np.array([bad_time])), NOW[:1]))):
+        with pytest.raises(tf.errors.InvalidArgumentError, match=f"`state_time` is {bad_time}"):
+            call(signatures[signature], inputs)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=f"`now` is {bad_time}"):
+        call(signatures["rank_with_state"], rank_inputs(model, features, state,
+                                                        np.array([bad_time])))
+    with pytest.raises(tf.errors.InvalidArgumentError, match=f"`now` is {bad_time}"):
+        call(signatures["user_state"], user_state_inputs(features, np.array([bad_time])))
+    if bad_time > 0:
+        aged = dict(features, seq_time_delta=features["seq_time_delta"].copy())
+        aged["seq_time_delta"][0, 1] = bad_time
+        with pytest.raises(tf.errors.InvalidArgumentError, match="`seq_time_delta`"):
+            call(signatures["user_state"], user_state_inputs(aged, NOW[:1]))
+
+
+def test_times_at_padding_are_never_read_and_the_range_ends_are_served(exported):
+    model, _, signatures = exported
+    features = request(1, 4, 6, seed=10)
+    empty = call(signatures["user_state"], user_state_inputs(
+        {k: v[:, :0] for k, v in features.items() if k.startswith("seq_")},
+        np.zeros(1, np.int64)))
+    events = events_of(features, NOW[:1])
+    expected = call(signatures["update_state"], {**empty, **events})
+    padded = {k: np.pad(v, [(0, 0), (0, 2)]) for k, v in events.items()}
+    padded["seq_event_time"][0, -2:] = [-2**63, 2**63 - 1]  # item id 0: padding
+    updated = call(signatures["update_state"], {**empty, **padded})
+    np.testing.assert_allclose(updated["state"], expected["state"], rtol=1e-6, atol=1e-7)
+    assert updated["state_time"] == expected["state_time"]
+    # A state at time 0 (a new user) ranked at the range's last second: all finite.
+    last = np.array([export_max_time()])
+    ranked = call(signatures["rank_with_state"], rank_inputs(model, features, updated, last))
+    assert np.isfinite(ranked["score"]).all()
+    at_end = dict(events, seq_event_time=np.full_like(events["seq_event_time"], last[0]))
+    state = call(signatures["update_state"], {**empty, **at_end})
+    assert np.isfinite(state["state"]).all() and state["state_time"] == last
+
+
+def export_max_time():
+    from ifa_tf.schema import MAX_TIME
+
+    return MAX_TIME
+
+
 class StatefulServer(ServeProcess):
     """`ifa-serve --model_name=ifa` over the decay model's base directory."""
 
@@ -184,21 +249,40 @@ def test_ifa_serve_predicts_with_state(exported, server, protocol):
     client.close()
 
 
+@pytest.mark.parametrize("protocol", ["grpc", "rest"])
+def test_a_non_finite_state_is_refused_in_one_line(exported, server, protocol):
+    """NaN or infinity in a state used to come back as TensorFlow's VerifyFinite text, with
+    the graph's context ('Graph execution error ... VerifyFinite')."""
+    model, _, signatures = exported
+    features = request(1, 4, 6, seed=11)
+    state = call(signatures["user_state"], user_state_inputs(features, NOW[:1]))
+    state["state"][0, 0, :2, 0] = [np.inf, np.nan]
+    client = (GrpcClient(server.target, "ifa") if protocol == "grpc"
+              else RestClient(server.rest_target, "ifa"))
+    with client, pytest.raises(ServingError) as error:
+        client.predict(rank_inputs(model, features, state, NOW[:1]),
+                       signature_name="rank_with_state")
+    assert error.value.code.name == "INVALID_ARGUMENT"
+    assert error.value.message == (
+        "assertion failed: [`state` holds NaN or infinity (2 of 544 values): it is not a "
+        "state this model made]")
+
+
 def test_warmup_covers_the_state_signatures_and_ifa_serve_replays_them(exported, server):
     model, export_dir, signatures = exported
     requests = export.read_warmup_requests(export_dir)
     assert [r.model_spec.signature_name for r in requests] == [
-        "serving_default", "user_state", "update_state", "rank_with_state"]
-    for request in requests[1:]:
+        "serving_default", "serving_raw", "user_state", "update_state", "rank_with_state"]
+    for request in requests[2:]:
         outputs = call(signatures[request.model_spec.signature_name],
                        {k: tf.make_ndarray(v) for k, v in request.inputs.items()})
         if request.model_spec.signature_name != "rank_with_state":
             np.testing.assert_array_equal(outputs["state_model"],
                                           [export.state_model_id(model)])
-    # ifa-serve replayed all four before marking the version AVAILABLE.
+    # ifa-serve replayed all five before marking the version AVAILABLE.
     with GrpcClient(server.target, "ifa") as client:
         assert client.model_status() == [(1, "AVAILABLE", "")]
-    assert "(4 warm-up requests)" in server.log_path.read_text()
+    assert "(5 warm-up requests)" in server.log_path.read_text()
 
 
 def test_client_ranks_a_user_from_the_store_in_one_call(exported, server, tmp_path):
@@ -222,7 +306,8 @@ def test_client_ranks_a_user_from_the_store_in_one_call(exported, server, tmp_pa
                                                 now=int(NOW[0]) + 30, model=state_model)
         # An unknown user is ranked as a new one, not refused.
         new_user, empty = state_store.rank_user(client, store, 43, candidates,
-                                                now=int(NOW[0]), model=state_model)
+                                                now=int(NOW[0]), model=state_model,
+                                                missing="new")
     assert empty.events == 0 and len(new_user.item_ids) == len(ranking.item_ids)
     aged = dict(features, seq_time_delta=features["seq_time_delta"] + 30)
     expected = call(signatures["serving_default"], aged)

@@ -48,6 +48,27 @@ def test_compare_prints_every_task_steps_and_wall_time(tmp_path):
         train_cli.read_runs([a, str(tmp_path)])
 
 
+@pytest.mark.parametrize("content, field", [
+    ([1, 2], "the top level must be a JSON object"),
+    ({"model": ["ifa"]}, "model must be a string or null"),
+    ({"train_steps": "many"}, "train_steps must be a number or null"),
+    ({"wall_time_s": True}, "wall_time_s must be a number or null"),
+    ({"eval": [1]}, "eval must be an object or null"),
+    ({"eval": {"tasks": [1]}}, "eval.tasks must be an object of tasks"),
+    ({"eval": {"tasks": {"click": 0.7}}}, "eval.tasks.click must be an object of metrics"),
+    ({"eval": {"tasks": {"click": {"auc": "0.7"}}}}, "eval.tasks.click.auc must be a number"),
+])
+def test_compare_names_the_file_and_field_of_a_malformed_metrics_json(tmp_path, content,
+                                                                     field):
+    """A metrics.json holding [1, 2] used to end in a 27-line AttributeError."""
+    run = write_run(tmp_path / "run", content)
+    with pytest.raises(ValueError) as error:
+        train_cli.format_comparison(train_cli.read_runs([run]))
+    message = str(error.value)
+    assert message.startswith(os.path.join(run, "metrics.json") + ": " + field)
+    assert "\n" not in message
+
+
 def test_compare_from_the_command_line_without_tensorflow(tmp_path):
     a = write_run(tmp_path / "a", metrics("ifa", 10, 1.0, {"click": {"auc": 0.7, "gauc": 0.6}}))
     script = ("import sys, ifa_tf_console\n"
@@ -55,7 +76,8 @@ def test_compare_from_the_command_line_without_tensorflow(tmp_path):
               "    ifa_tf_console.run_command('ifa-train', ['ifa-train', 'compare', sys.argv[1]])\n"
               "except SystemExit as exit_info:\n"
               "    assert not exit_info.code, exit_info.code\n"
-              "print('tensorflow' in sys.modules)\n")
+              "from ifa_tf import _deferred\n"
+              "print(_deferred.is_loaded('tensorflow'))\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}
     process = subprocess.run([sys.executable, "-c", script, a], cwd=REPO, env=env,
                              capture_output=True, text=True, timeout=120)

@@ -376,3 +376,41 @@ def test_a_crash_while_writing_model_keras_leaves_the_old_model_whole(
     monkeypatch.undo()
 
     assert model_path.read_bytes() == b"the model of an earlier run"
+
+
+def test_a_finished_run_is_not_trained_over_from_epoch_0(six_step_data, tmp_path):
+    """A re-run of a finished run directory whose model.keras was deleted and checkpoint
+    truncated used to retrain from scratch with exit 0, overwriting its history."""
+    from ifa_tf.training import checkpointing, run_directory, trainer
+
+    workdir = str(tmp_path / "run")
+    config = training.load_config("avg_pooling", overrides=[
+        ("data.train_data", os.path.join(six_step_data, "train-*")),
+        ("data.schema", os.path.join(six_step_data, "schema.json")), *TINY,
+        ("train.epochs", 2)])
+    training.train_and_evaluate(config, workdir)
+    os.remove(os.path.join(workdir, "model.keras"))
+    damage_file(os.path.join(workdir, "checkpoints", "epoch-0002.weights.h5"), "truncated")
+    kept = tree_contents(workdir)
+    with pytest.raises(run_directory.FinishedRunError) as error:
+        training.train_and_evaluate(config, workdir)
+    assert str(error.value).startswith(
+        f"{workdir} holds a finished run (metrics.json, history.jsonl (2 epochs)) and no "
+        "backup to resume from")
+    assert "\n" not in str(error.value)
+    assert tree_contents(workdir) == kept  # nothing was overwritten
+    # What ifa-train checks before TensorFlow loads is the same rule.
+    with pytest.raises(run_directory.FinishedRunError):
+        run_directory.check_not_finished(workdir)
+    assert (run_directory.METRICS_FILENAME, run_directory.HISTORY_FILENAME) == (
+        trainer.METRICS_FILENAME, trainer.HISTORY_FILENAME)
+    assert run_directory.BACKUP_FILES == checkpointing._LATEST + checkpointing._PREVIOUS
+
+
+def tree_contents(directory):
+    contents = {}
+    for root, _, names in os.walk(directory):
+        for name in names:
+            with open(os.path.join(root, name), "rb") as f:
+                contents[os.path.relpath(os.path.join(root, name), directory)] = f.read()
+    return contents

@@ -18,7 +18,9 @@ SCHEMA = FeatureSchema(embedding_buckets={"user_id": 40, "item_id": 64, "categor
                                           "author_id": 16})
 # Small sub-sequences so that n = 12 is "long" for the sampling baselines.
 OVERRIDES = {"din": {"k": 4}, "sim_hard": {"k": 4}, "sim_soft": {"k": 4, "search_buckets": 64},
-             "twin": {"k": 4}, "twin_ram": {"k": 4}, "eta": {"k": 4}}
+             "dare": {"k": 4}, "mirrn": {"k": 4, "local_window": 3, "num_filter_heads": 2},
+             "twin": {"k": 4}, "twin_ram": {"k": 4}, "eta": {"k": 4},
+             "twin_v2": {"k": 4, "max_cluster_size": 2}}
 SMALL = {"embedding_dim": 4, "tower_units": [16, 8]}
 # IFA's options that add to what the model computes, run through every test below as if
 # they were models of their own: exact matches, and separate maps with learnable sharpness
@@ -27,7 +29,12 @@ VARIANTS = {"ifa+exact_matches": ("ifa", {"exact_matches": True}),
             "ifa+sharpness": ("ifa", {"feature_map": "elu_plus_one",
                                       "learnable_temperature": True,
                                       "ram_feature_map": "focused",
-                                      "ram_learnable_focusing_factor": True})}
+                                      "ram_learnable_focusing_factor": True}),
+            # Decoupled attention tables (narrower than the representation's) with the
+            # short-term softmax module beside the FSM: both options in one row.
+            "ifa+decoupled+short_term": ("ifa", {"decoupled_embeddings": True,
+                                                 "attention_embedding_dim": 2,
+                                                 "short_term_k": 3})}
 MODELS = [*zoo.list_models(), *VARIANTS]
 
 
@@ -471,3 +478,96 @@ def test_build_reads_the_schema_of_a_dataset(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="holds no metadata.json"):
         zoo.build("avg_pooling", schema=tmp_path / "empty")
+
+
+# Every model whose sequence module attends, and the options that make it small here.
+DECOUPLED = ["din", "din_full", "sim_soft", "twin", "eta", "ifa", "ifa_no_ram", "twin_ram",
+             "sam"]
+
+
+def copy_shared_weights(source, target):
+    """`target`'s layers that `source` has too get `source`'s weights; the attention tables
+    get the representation tables' (same width), so that `target` attends as `source`."""
+    for layer in source.layers:
+        if layer.weights:
+            target.get_layer(layer.name).set_weights(layer.get_weights())
+    for shared, attention in (("item_embedding", "attention_item_embedding"),
+                              ("sequence_context_embedding",
+                               "attention_sequence_context_embedding")):
+        target.get_layer(attention).set_weights(source.get_layer(shared).get_weights())
+
+
+@pytest.mark.parametrize("name", DECOUPLED)
+def test_decoupled_embeddings_equal_the_shared_model_when_the_tables_agree(name):
+    """With decoupled_embeddings=True queries, keys and searches read the attention tables
+    and values the representation tables: given the same numbers in both, the model
+    scores as the shared one does; once the attention tables alone change, its scores
+    change while its representation (the candidates' own embeddings) does not."""
+    features, _ = make_batch()
+    shared, decoupled = build(name), build(name, decoupled_embeddings=True)
+    copy_shared_weights(shared, decoupled)
+    base = predict(shared, features)
+    out = predict(decoupled, features)
+    for task in base:
+        np.testing.assert_allclose(out[task], base[task], rtol=1e-5, atol=1e-6)
+    table = decoupled.get_layer("attention_item_embedding")
+    table.set_weights([w + np.random.default_rng(0).normal(0, 0.5, w.shape)
+                       for w in table.get_weights()])
+    assert np.abs(predict(decoupled, features)["score"] - base["score"]).max() > 1e-4
+
+
+@pytest.mark.parametrize("name", ["ifa", "twin", "sam"])  # the equality test covers the rest
+def test_decoupled_attention_tables_have_their_own_width(name, tmp_path):
+    features, _ = make_batch()
+    model = build(name, decoupled_embeddings=True, attention_embedding_dim=2)
+    width = 2 * len(SCHEMA.item_attributes)
+    assert model.get_layer("attention_item_embedding").compute_output_shape(
+        [(3, 6)] * len(SCHEMA.item_attributes))[-1] == width
+    out = predict(model, features)
+    path = tmp_path / f"{name}.keras"
+    model.save(path)
+    restored = keras.saving.load_model(path)
+    assert restored.decoupled_embeddings and restored.attention_embedding_dim == 2
+    np.testing.assert_allclose(predict(restored, features)["score"], out["score"], atol=1e-7)
+
+
+@pytest.mark.parametrize("name, extra, message", [
+    ("avg_pooling", {"decoupled_embeddings": True}, "no attention to decouple"),
+    ("sdim", {"decoupled_embeddings": True}, "no attention to decouple"),
+    ("sim_hard", {"decoupled_embeddings": True}, "no attention to decouple"),
+    ("ifa", {"attention_embedding_dim": 4}, "decoupled_embeddings=False"),
+    ("ifa", {"decoupled_embeddings": True, "attention_embedding_dim": 0},
+     "attention_embedding_dim=0"),
+    ("ifa", {"decoupled_embeddings": "yes"}, "decoupled_embeddings"),
+    ("ifa", {"decoupled_embeddings": True, "time_encoding": "decay"}, "decoupled_embeddings"),
+    ("ifa", {"short_term_k": 0}, "k"),
+    ("ifa", {"short_term_k": 3, "time_encoding": "decay"}, "short_term_k"),
+])
+def test_bad_decoupling_or_short_term_is_a_clear_error(name, extra, message):
+    with pytest.raises(ValueError, match=message):
+        build(name, **extra)
+
+
+def test_short_term_module_is_softmax_attention_over_the_last_events():
+    """`short_term_k` concatenates, after the FSM's heads, what `din_full` with k = 3 reads:
+    softmax target attention over the 3 most recent events; older events reach only the
+    FSM."""
+    features, _ = make_batch()
+    model, din_full = build("ifa", short_term_k=3), build("din_full", k=3)
+    for table in ("item_embedding", "sequence_context_embedding"):
+        din_full.get_layer(table).set_weights(model.get_layer(table).get_weights())
+    din_full.interest._attention.set_weights(model.interest._short_term.get_weights())
+
+    def interest(ranker, batch):
+        module = keras.Model(ranker.inputs, ranker.get_layer("interest").output)
+        return keras.ops.convert_to_numpy(module(batch))
+
+    heads = model.interest.num_heads * model.interest.key_dim
+    out, expected = interest(model, features), interest(din_full, features)
+    assert out.shape[-1] == heads + expected.shape[-1]
+    np.testing.assert_allclose(out[..., heads:], expected, rtol=1e-5, atol=1e-6)
+    older = {k: v.copy() for k, v in features.items()}
+    older["seq_item_id"][0, 0] += 1000  # the oldest event of a 12-event history
+    changed = interest(model, older)
+    np.testing.assert_allclose(changed[..., heads:], out[..., heads:], atol=1e-6)
+    assert np.abs(changed[0, :, :heads] - out[0, :, :heads]).max() > 1e-6

@@ -12,20 +12,23 @@ What every command shares (`run_app`):
   first (a mistake answers at once), then `load_library()` finishes importing ifa_tf (the
   console script defers it: `ifa_tf_console`), then `main(argv)`.
 - `--help` starts with the command's docstring (its subcommands and examples).
-- A run that fails leaves no new, empty output directory behind (the `creates` flags).
+- A run that fails leaves no new, empty output directory behind (the `creates` flags), and
+  no new output directory at all where what it wrote is of no use unfinished (the
+  `discards` flags: `ifa-data`'s partial shards).
 - Flags that `import tensorflow` brings along from absl's test framework (TensorFlow's
   public API imports `absl.testing.absltest` through
   `tf.__internal__.distribute.combinations`) are not the command's: they are removed
   before parsing, so --helpfull does not list them and the command does not accept them.
 """
 
-import difflib
 import functools
 import os
 import shutil
 import sys
 
 from absl import app, flags, logging
+
+from ifa_tf._suggest import did_you_mean  # noqa: F401 (the commands' "did you mean")
 
 # Exit statuses: 2 for a command line the command cannot run, 1 for a failure while running.
 USAGE_ERROR, RUN_ERROR = 2, 1
@@ -38,7 +41,7 @@ _VERBOSITY_HELP = ("Log detail (Python logging): -1 warnings and errors (default
 
 
 def run_app(main, module_name, program=None, default_verbosity=-1, check=None, creates=(),
-            library=None):
+            library=None, discards=()):
     """`app.run(main)` with the conventions above; `program` names the command in errors
     (default: the name the command was run by).
 
@@ -55,6 +58,8 @@ def run_app(main, module_name, program=None, default_verbosity=-1, check=None, c
         library: `library(argv)`: whether `main` needs the library loaded for these
             arguments (default: always); a command answered from files alone skips
             TensorFlow's start-up.
+        discards: names of flags (among `creates`) holding directories whose content is of
+            no use from a failed run: one that did not exist before it is removed whole.
     """
     program = program or os.path.basename(sys.argv[0])
     remove_test_framework_flags()
@@ -65,7 +70,7 @@ def run_app(main, module_name, program=None, default_verbosity=-1, check=None, c
         flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS["verbosity"])
     _set_usage(module_name)
     app.run(functools.partial(_run_main, main, program, check=check, creates=creates,
-                              library=library),
+                              library=library, discards=discards),
             flags_parser=functools.partial(parse_flags, program=program,
                                            default_verbosity=default_verbosity))
 
@@ -111,8 +116,10 @@ def parse_flags(argv, program, default_verbosity=-1, flag_values=flags.FLAGS):
 def user_error_types():
     """Exceptions that report a problem with the user's input rather than a bug: files
     (OSError), values and data (ValueError), and TensorFlow's op errors (bad records)."""
+    from ifa_tf import _deferred
+
     types = [OSError, ValueError]
-    if "tensorflow" in sys.modules:
+    if _deferred.is_loaded("tensorflow"):  # never load TensorFlow to report an error
         types.append(sys.modules["tensorflow"].errors.OpError)
     return tuple(types)
 
@@ -165,12 +172,6 @@ def remove_if_empty(path):
     return True
 
 
-def did_you_mean(value, choices):
-    """`" (did you mean 'x'?)"` for the choice closest to a mistyped `value`, or `""`."""
-    close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
 def _sentence(error):
     text = " ".join(str(error).split())
     return text if text.endswith((".", "?", "!")) else text + "."
@@ -182,20 +183,24 @@ def exit_with_error(program, message, status):
     sys.exit(status)
 
 
-def _run_main(main, program, argv, check=None, creates=(), library=None):
+def _run_main(main, program, argv, check=None, creates=(), library=None, discards=()):
     verbose = logging.get_verbosity() >= 1
     try:
         if check is not None:
             check(argv)
-        created = [path for path in (flags.FLAGS[name].value for name in creates)
+        created = [(name, path) for name, path in ((name, flags.FLAGS[name].value)
+                                                   for name in (*creates, *discards))
                    if path and not os.path.exists(path)]
         if library is None or library(argv):
             load_library()
         try:
             return main(argv)
         except BaseException:
-            for path in created:
-                remove_if_empty(path)
+            for name, path in created:
+                if name in discards:
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    remove_if_empty(path)
             raise
     except app.UsageError as error:
         if verbose:

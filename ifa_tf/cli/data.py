@@ -28,6 +28,7 @@ The presets read either layout. Thin over `ifa_tf.data.write_synthetic`, `conver
 import glob
 import logging
 import os
+import re
 
 from absl import app, flags
 
@@ -37,7 +38,7 @@ COMMANDS = ("synthetic", "from-log", "fetch")
 # `log_converter.PRESETS` and `simulator.PRESETS` (tested equal): named here so that the
 # flags are defined and checked before those modules, and TensorFlow, load.
 PRESETS = ("movielens_100k", "movielens_1m")
-SYNTHETIC_PRESETS = ("lifelong",)
+SYNTHETIC_PRESETS = ("lifelong", "short")
 NEGATIVE_SAMPLERS = ("popularity_matched", "exposure", "popularity")  # and its samplers
 
 _COMMON = ("output_dir", "seed", "max_seq_len", "max_candidates", "min_seq_len",
@@ -234,6 +235,39 @@ def check_command(command, flag_values=flags.FLAGS, arguments=()):
             movielens.find_layout(preset, source)
         except FileNotFoundError as error:
             raise app.UsageError(f"--input={error}") from None
+    elif os.path.isdir(source):
+        raise app.UsageError(f"--input={source} is a directory; pass the log file (a "
+                             "directory holds a --preset's files).")
+    item_table = flag_values["item_table"].value
+    if item_table and not os.path.isfile(item_table):
+        raise app.UsageError(f"--item_table={item_table} does not exist.")
+    check_log(flag_values)
+
+
+def check_log(flag_values=flags.FLAGS):
+    """from-log's config (the library's own rules) and what the first and last lines of the
+    files tell (`log_checks.check_files`): a mistake is an `app.UsageError` naming the flag."""
+    from ifa_tf.data import log_checks, log_converter, movielens
+
+    source, preset = flag_values["input"].value, flag_values["preset"].value
+    try:
+        if preset:
+            config = log_converter.preset_config(preset, source, **log_overrides(flag_values))
+            path = os.path.join(source, movielens.find_layout(preset, source).log_file)
+        else:
+            config = log_converter.LogConfig(**log_overrides(flag_values))
+            path = source
+        log_checks.check_files(path, config)
+    except log_checks.LogCheckError as error:
+        raise app.UsageError(f"--{error.field}: {error.message}") from None
+    except ValueError as error:
+        raise app.UsageError(_as_flags(str(error))) from None
+    return config
+
+
+def _as_flags(message):
+    """A `LogConfig` message in the words of the command line (its fields are the flags)."""
+    return re.sub(r"\bLogConfig\.(\w+)", r"--\1", message.replace("LogConfig: ", ""))
 
 
 def check_fetch(arguments, flag_values=flags.FLAGS):
@@ -325,6 +359,8 @@ def check(argv, flag_values=flags.FLAGS):
     """What `main` checks before TensorFlow loads."""
     if len(argv) >= 2 and argv[1] == "fetch":
         return check_fetch(argv[2:], flag_values)
+    if len(argv) >= 2 and argv[1] not in COMMANDS:
+        check_command(argv[1], flag_values)  # unknown: says which command was meant
     if len(argv) != 2:
         raise app.UsageError(f"Usage: ifa-data {{{'|'.join(COMMANDS)}}} [flags]. "
                              f"Received: {argv[1:]}")
@@ -361,7 +397,7 @@ def main(argv, flag_values=flags.FLAGS):
 
 def run():
     define_flags()
-    run_app(main, __name__, "ifa-data", check=check, creates=("output_dir",),
+    run_app(main, __name__, "ifa-data", check=check, discards=("output_dir",),
             library=needs_library)
 
 

@@ -62,20 +62,35 @@ def define_flags(flag_values=flags.FLAGS):
     flags.DEFINE_integer("load_retry_interval_micros", 60_000_000,
                          "Longest wait between retries of a failed load; the first retry "
                          "waits one poll, and the wait doubles from there.", flag_values=f)
+    flags.DEFINE_integer("max_bytes_in_flight", 64 * 1024 * 1024,
+                         "Most bytes of request bodies (REST) and messages (gRPC) being "
+                         "received, parsed or answered at once, both protocols together; a "
+                         "request that would pass it is refused UNAVAILABLE (REST 503) before "
+                         "it is parsed. At least --max_request_bytes.", flag_values=f)
+    # Its name until the cap covered gRPC too.
+    flags.DEFINE_alias("rest_max_body_bytes_in_flight", "max_bytes_in_flight", flag_values=f)
+    flags.DEFINE_integer("max_input_dims", 8,
+                         "Most dims one gRPC input's tensor_shape may declare, checked before "
+                         "the message is parsed; 0: no limit.", flag_values=f)
+    flags.DEFINE_integer("rest_max_json_depth", 16,
+                         "Deepest nesting of arrays and objects in a REST body, checked before "
+                         "it is parsed; 0: no limit.", flag_values=f)
+    flags.DEFINE_integer("rest_api_num_threads", 0,
+                         "Threads parsing and answering REST requests; 0: 4 per CPU.",
+                         flag_values=f)
     flags.DEFINE_float("rest_read_timeout_seconds", 60.0,
                        "A REST connection that sends nothing for this long, idle between "
-                       "requests or stalled inside one, is closed.", flag_values=f)
+                       "requests or stalled inside one (408), is closed.", flag_values=f)
     flags.DEFINE_float("rest_request_timeout_seconds", 60.0,
                        "A REST request whose line, headers and body have not all arrived this "
                        "long after its first byte is answered 408 and its connection closed.",
                        flag_values=f)
     flags.DEFINE_integer("rest_max_connections", 64,
-                         "Most REST connections open at once (a thread each); one more is "
-                         "answered 503 and closed.", flag_values=f)
-    flags.DEFINE_integer("rest_max_body_bytes_in_flight", 64 * 1024 * 1024,
-                         "Most bytes of REST request bodies received or answered at once; a "
-                         "body that would pass it is answered 503 before it is read. At least "
-                         "--max_request_bytes.", flag_values=f)
+                         "Most REST connections open at once; one more is answered 503 and "
+                         "closed.", flag_values=f)
+    flags.DEFINE_integer("rest_max_header_bytes", 64 * 1024,
+                         "Most bytes of a REST request's line and headers (431 beyond); 0: no "
+                         "limit.", flag_values=f)
     flags.DEFINE_string("monitoring_config_file", "",
                         "TF Serving monitoring config; with prometheus_config enabled, the REST "
                         "port serves Prometheus metrics at its path.", flag_values=f)

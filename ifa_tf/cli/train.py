@@ -18,8 +18,9 @@ import os
 
 from absl import app, flags
 
-from ifa_tf.cli import run_app
+from ifa_tf.cli import did_you_mean, run_app
 from ifa_tf.training import config as config_lib
+from ifa_tf.training import run_directory
 
 METRICS_FILENAME = "metrics.json"  # trainer.METRICS_FILENAME (tested equal)
 
@@ -114,10 +115,16 @@ def check(argv, flag_values=flags.FLAGS):
     config = config_from_flags(flag_values, check_model=False)
     names = config_lib.zoo_config_names()
     if names and config.model.name not in names:
-        raise app.UsageError(f"Unknown model {config.model.name!r}. Registered models: "
+        raise app.UsageError(f"Unknown model {config.model.name!r}"
+                             f"{did_you_mean(config.model.name, names)}. Registered models: "
                              f"{names}")
+    try:
+        config_lib.check_model_keys_early(config)
+    except ValueError as error:
+        raise app.UsageError(str(error)) from None
     if not config.data.train_data:
         raise app.UsageError("--train_data (or data.train_data) is required.")
+    run_directory.check_not_finished(flag_values["model_dir"].value)
     for flag, pattern in (("train_data", config.data.train_data),
                           ("eval_data", config.data.eval_data)):
         patterns = [pattern] if isinstance(pattern, str) else list(pattern or [])
@@ -150,10 +157,43 @@ def read_runs(run_dirs):
                 "that has not finished)")
         with open(path) as f:
             try:
-                runs.append((run_dir, json.load(f)))
+                metrics = json.load(f)
             except ValueError as error:
                 raise ValueError(f"{path}: not JSON ({error})") from None
+        check_metrics(path, metrics)
+        runs.append((run_dir, metrics))
     return runs
+
+
+def check_metrics(path, metrics):
+    """Raises ValueError naming `path` and the field when `metrics` is not what ifa-train
+    writes to metrics.json, as far as `format_comparison` reads it."""
+    def fail(field, expected, value):
+        shown = json.dumps(value)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        raise ValueError(f"{path}: {field} must be {expected} (is this an ifa-train "
+                         f"metrics.json?). Received: {shown}")
+
+    def number(value):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    if not isinstance(metrics, dict):
+        fail("the top level", "a JSON object", metrics)
+    for field, valid, expected in (("model", lambda v: isinstance(v, str), "a string"),
+                                   ("train_steps", number, "a number"),
+                                   ("wall_time_s", number, "a number"),
+                                   ("eval", lambda v: isinstance(v, dict), "an object")):
+        if metrics.get(field) is not None and not valid(metrics[field]):
+            fail(field, f"{expected} or null", metrics[field])
+    tasks = (metrics.get("eval") or {}).get("tasks", {})
+    if not isinstance(tasks, dict):
+        fail("eval.tasks", "an object of tasks", tasks)
+    for task, values in tasks.items():
+        if not isinstance(values, dict):
+            fail(f"eval.tasks.{task}", "an object of metrics", values)
+        for key in ("auc", "gauc"):
+            if values.get(key) is not None and not number(values[key]):
+                fail(f"eval.tasks.{task}.{key}", "a number or null", values[key])
 
 
 def format_comparison(runs):

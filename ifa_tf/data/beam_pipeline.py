@@ -92,22 +92,27 @@ def convert_log(path, output_dir, config, num_shards=1, compression="gzip", sour
                          f"Received: num_shards={num_shards!r}")
     files = match_files(path)
     parser = log_converter.RowParser(config)  # the item table is read (and checked) here
-    if not FileSystems.exists(output_dir):
+    created = not FileSystems.exists(output_dir)
+    if created:
         FileSystems.mkdirs(output_dir)
     work = FileSystems.join(output_dir, _WORK_PREFIX + uuid.uuid4().hex[:12])
-    FileSystems.mkdirs(work)
-    FileSystems.mkdirs(FileSystems.join(work, "records"))
+    finished = False
     try:
+        FileSystems.mkdirs(work)
+        FileSystems.mkdirs(FileSystems.join(work, "records"))
         pipeline = beam.Pipeline(options=options or default_options())
         summary = SummaryFiles(FileSystems.join(work, "summary"))
         _build_conversion(pipeline, summary, files, parser, config, output_dir, work,
                           num_shards, compression)
         run(pipeline, run_context)
-        return _finish(summary.read(), files, config, output_dir, compression,
-                       source or {"log": os.path.abspath(path) if "://" not in path
-                                  else path})
+        metadata = _finish(summary.read(), files, config, output_dir, compression,
+                           source or {"log": os.path.abspath(path) if "://" not in path
+                                      else path})
+        finished = True
+        return metadata
     finally:
-        _remove(work)
+        # As in-process, a run that gives no dataset leaves no output directory it made.
+        _remove(output_dir if created and not finished else work)
 
 
 def convert_preset(name, data_dir, output_dir, num_shards=1, compression="gzip",
@@ -207,8 +212,8 @@ def _finish(summary, files, config, output_dir, compression, source):
         raise records.DataFormatError("The log holds no valid rows.")
     split = single["split"]
     if not split["count"]:
-        raise records.DataFormatError(
-            f"No request has at least min_seq_len={config.min_seq_len} earlier events.")
+        raise records.DataFormatError(log_converter.no_request_message(config,
+                                                                       *single["time_span"]))
     bad = sorted(single["bad"])
     listed = [(index, line) for index, _, lines in bad for line in lines]
     bad_lines = [line if len(files) == 1 else f"{files[index]}:{line}"
@@ -288,6 +293,11 @@ def _build_conversion(pipeline, summary, files, parser, config, output_dir, work
     summary.add("num_events", timelines
                 | "CountEvents" >> beam.Map(lambda t: len(t[1][0]))
                 | "SumEvents" >> beam.CombineGlobally(sum))
+    summary.add("time_span", timelines
+                | "TimeSpans" >> beam.MapTuple(lambda user, timeline: (
+                    int(timeline[1][-1] - timeline[1][0]), int(timeline[1][0]),
+                    int(timeline[1][-1])))
+                | "LogTimeSpan" >> beam.CombineGlobally(_time_span))
     split = _split_time(timelines, config)
     summary.add("split", split)
 
@@ -331,6 +341,16 @@ def _build_conversion(pipeline, summary, files, parser, config, output_dir, work
                 | "HistogramsOfRange" >> beam.GroupByKey()
                 | "Terms" >> beam.MapTuple(lambda key, parts: (key, _merged(parts).terms()))
                 | "AllTerms" >> beam.combiners.ToList())
+
+
+def _time_span(spans):
+    """`(the longest user's span, the first time, the last time)` of users' (or partial)
+    spans; None of none."""
+    spans = [span for span in spans if span is not None]
+    if not spans:
+        return None
+    return (max(span[0] for span in spans), min(span[1] for span in spans),
+            max(span[2] for span in spans))
 
 
 def category_table(categories):

@@ -47,8 +47,8 @@ The test split's `leak_audit` in the metadata (`ifa_tf.data.leak_audit`) shows w
 choice leaves: model-free scores (set size, popularity, in the history, co-occurrence among
 the candidates) and their pooled AUC and GAUC.
 
-Malformed rows (wrong number of fields, empty ids, bad timestamps or action values, text
-that is not UTF-8, CSV that cannot be parsed) are an error naming the file and listing their
+Malformed rows (wrong number of fields, empty ids, ids longer than `MAX_ID_BYTES`, bad
+timestamps or action values, text that is not UTF-8, CSV that cannot be parsed) are an error naming the file and listing their
 line numbers; with `skip_bad_rows` they are skipped, each logged with its line number and
 counted in the metadata.
 
@@ -93,6 +93,7 @@ import re
 import numpy as np
 
 from ifa_tf import schema as schema_lib
+from ifa_tf._suggest import did_you_mean
 from ifa_tf.data import leak_audit, log_statistics, movielens, records, user_requests
 
 ROLES = ("user", "item", "category", "timestamp", "action", "_")
@@ -109,6 +110,10 @@ _INT64_MAX = 2**63 - 1
 # Timestamps are int64 seconds from the epoch on: any two then differ by a valid int64 (a
 # sequence event's time delta), and request seeds take no negative number.
 TIMESTAMP_RANGE = (0, _INT64_MAX)
+# The longest raw id (user, item, category), in UTF-8 bytes: `serving_raw` and `ifa-serve`
+# refuse longer ones (an id's cost in the graph grows with its length), so the converter
+# takes none either.
+MAX_ID_BYTES = 1024
 _MAX_LISTED_BAD_ROWS = 20
 _LINE_BITS = 40  # `position`: lines of a file, below the file's index
 _MAX_SHOWN_BYTES = 20
@@ -197,7 +202,8 @@ class LogConfig:
         object.__setattr__(self, "columns", tuple(columns))
         unknown = [c for c in self.columns if c not in ROLES]
         if unknown:
-            raise ValueError(f"LogConfig.columns: unknown roles {unknown}; valid roles: "
+            raise ValueError(f"LogConfig.columns: unknown roles {unknown}"
+                             f"{did_you_mean(unknown[0], ROLES)}; valid roles: "
                              f"{list(ROLES)}. Received: columns={self.columns!r}")
         for role in ROLES[:-1]:
             if self.columns.count(role) > 1:
@@ -387,11 +393,12 @@ def position(file_index, line):
     return (file_index << _LINE_BITS) | line
 
 
-def read_log(path, config):
+def read_log(path, config, parser=None):
     """Parses a log (CSV/TSV, or a GroupLens ratings file by `config.layout`; a file, a
     `.gz` file or a glob of them) into `Events`; malformed rows raise (or are skipped and
-    logged), each file's before the next file is read."""
-    parser = RowParser(config)
+    logged), each file's before the next file is read. `parser`: the `RowParser` to read
+    with (default: one of `config`)."""
+    parser = parser or RowParser(config)
     files = log_files(path)
     user, item, category, timestamp, bits, positions, bad = [], [], [], [], [], [], []
     for index, file in enumerate(files):
@@ -417,10 +424,16 @@ class RowParser:
     """Reads the rows of a log's files as `config` describes them: its columns, action
     rules and item table (read once, here: its malformed rows raise or are reported now).
     The in-process converter reads every file with one; the Beam pipeline ships one to its
-    workers, which read a file each."""
+    workers, which read a file each.
 
-    def __init__(self, config):
+    `check_time(seconds)`: a reader's own rule on event times beyond the converter's range,
+    the reason a time is refused or None (the state store's `event_time_problem`); a row
+    it refuses is a malformed row. A module-level function or a `functools.partial` of
+    one, so that the parser travels to Beam's workers."""
+
+    def __init__(self, config, check_time=None):
         self.config = config
+        self.check_time = check_time
         self.rules = config.action_rules
         self.column = {role: config.columns.index(role) for role in ROLES[:-1]
                        if role in config.columns}
@@ -468,7 +481,11 @@ class RowParser:
             if values["item"] not in self.item_category:
                 raise ValueError(f"item {values['item']!r} is not in {config.item_table}")
             values["category"] = self.item_category[values["item"]]
+        _check_id_lengths(values)
         time = parse_timestamp(values["timestamp"])
+        problem = self.check_time and self.check_time(time)
+        if problem:
+            raise ValueError(problem)
         action = self.rules(values.get("action", ""))
         return values["user"], values["item"], values.get("category"), time, action
 
@@ -562,6 +579,17 @@ def _check_text(values):
             raise ValueError(f"{name} is not UTF-8 text: {shown}")
 
 
+def _check_id_lengths(values):
+    """Raises ValueError naming the first id of `values` longer than `MAX_ID_BYTES`."""
+    for role in ("user", "item", "category"):
+        size = len(values.get(role) or "")
+        if size > MAX_ID_BYTES // 4:  # UTF-8 takes at most 4 bytes a character
+            size = len(values[role].encode("utf-8", "surrogateescape"))
+            if size > MAX_ID_BYTES:
+                raise ValueError(f"{role} id of {size} bytes is longer than {MAX_ID_BYTES} "
+                                 "bytes, the most a raw id may hold")
+
+
 def report_bad_rows(path, bad_rows, skip):
     if not bad_rows:
         return
@@ -624,15 +652,14 @@ def convert_events(events, output_dir, config, num_shards=1, compression="gzip",
     if len(events.timestamp) == 0:
         raise records.DataFormatError("The log holds no valid rows.")
     schema = log_schema(config)
-    os.makedirs(output_dir, exist_ok=True)
-    ids, id_ranges, vocab_files, collisions = {}, {}, {}, {}
+    ids, id_ranges, tables, collisions = {}, {}, {}, {}
     for role in id_roles(config):
         ids[role], table = encode_ids(getattr(events, role))
         id_ranges[f"{role}_id"] = [int(ids[role].min()), int(ids[role].max())]
         collisions[role] = log_statistics.report_collisions(role,
                                                             log_statistics.shared_ids(table))
         if needs_vocabulary(table):
-            vocab_files[role] = _write_vocabulary(output_dir, role, table)
+            tables[role] = table
     item_category = {}
     if config.has_category:  # an item's category is the first one the log gives it
         item_category = {item: category for item, (_, category) in
@@ -642,8 +669,12 @@ def convert_events(events, output_dir, config, num_shards=1, compression="gzip",
                                             events.action_bits, events.line)
     requests = list(user_requests.request_points(timeline, config))
     if not requests:
-        raise records.DataFormatError(
-            f"No request has at least min_seq_len={config.min_seq_len} earlier events.")
+        raise records.DataFormatError(_no_request_message(timeline, config))
+    # Nothing is written before the requests are known: a log that gives none leaves no
+    # output directory behind.
+    os.makedirs(output_dir, exist_ok=True)
+    vocab_files = {role: _write_vocabulary(output_dir, role, table)
+                   for role, table in tables.items()}
     times = np.array([r.time for r in requests])
     split_time = log_statistics.split_time(times, config.test_fraction)
     log_statistics.warn_if_no_train(len(times), np.any(times < split_time),
@@ -726,6 +757,28 @@ def log_schema(config):
 def id_roles(config):
     """The roles whose raw ids map to int64 ids."""
     return ("user", "item", "category") if config.has_category else ("user", "item")
+
+
+def _no_request_message(timeline, config):
+    """`no_request_message` of a whole log's `Timeline`."""
+    starts, ends = timeline.user_start[:-1], timeline.user_start[1:] - 1
+    spans = timeline.time[ends] - timeline.time[starts]
+    return no_request_message(config, int(spans.max()), int(timeline.time.min()),
+                              int(timeline.time.max()))
+
+
+def no_request_message(config, longest_span, first_time, last_time):
+    """Why no request was cut: too few earlier events, and, when every user's events lie
+    within one window (the longest user's events span `longest_span` seconds), the
+    timestamps that put them there (the log's run from `first_time` to `last_time`)."""
+    message = f"No request has at least min_seq_len={config.min_seq_len} earlier events"
+    if longest_span >= config.window_seconds:
+        return message + "."
+    return message + (f": every user's events lie within one window of window_seconds="
+                      f"{config.window_seconds} (the longest user spans {longest_span} "
+                      f"s; the timestamps run {first_time} to {last_time}). Is the timestamp "
+                      "column a time in seconds (or ISO 8601), and the window shorter than a "
+                      "user's history?")
 
 
 def string_id(value):

@@ -15,6 +15,10 @@ seen in training or not, the id the converter gives it:
   uint64 ops, `string_id_tensor`). The table is therefore a fast path, not a source of
   truth: a value missing from it gets the same id.
 
+A raw id holds at most `MAX_ID_BYTES` (1,024) UTF-8 bytes, as in the converter; the
+mapping's memory and time grow with the ids' bytes, each id padded to its own 128-byte
+blocks only (`string_id_tensor`). `serving_raw` checks every id's length before mapping.
+
 TensorFlow's string ops run on the CPU; TF Serving places them there on a GPU machine too.
 """
 
@@ -29,6 +33,7 @@ from ifa_tf.data import log_converter
 _WHITESPACE = "".join(chr(c) for c in range(0x3001) if chr(c).isspace())
 _STRIP = "^[{0}]+|[{0}]+$".format("".join(f"\\x{{{ord(c):x}}}" for c in _WHITESPACE))
 _POSITIVE_INT = "[1-9][0-9]{0,17}"
+MAX_ID_BYTES = log_converter.MAX_ID_BYTES
 # A vocabulary line whose value holds a backslash was escaped by the converter; the table
 # leaves such values to the hash (which gives them the same id).
 _ESCAPED = "\\"
@@ -94,35 +99,41 @@ def string_id_tensor(values):
     """`log_converter.string_id` of every element of a 1-D string tensor (non-empty values),
     as int64: keyed BLAKE2b-64 in uint64 ops, folded into 1..2^63-1.
 
-    Two graph loops, over 128-byte blocks and over BLAKE2b's 12 rounds, keep the graph
-    small (one round's ops), so that a signature using it traces in a fraction of a
-    second."""
+    Memory and time are in proportion to the values' bytes: each value is zero-padded to
+    its own whole 128-byte blocks (not to the longest value's), and block b is compressed
+    for the values that have one. Two graph loops, over block indices and over BLAKE2b's 12
+    rounds, keep the graph small (one round's ops), so that a signature using it traces in a
+    fraction of a second."""
     values = tf.convert_to_tensor(values, tf.string)
     lengths = tf.cast(tf.strings.length(values, unit="BYTE"), tf.int64)
-    num_blocks = (lengths + _BLOCK - 1) // _BLOCK
+    num_blocks = tf.maximum((lengths + _BLOCK - 1) // _BLOCK, 1)
     most_blocks = tf.reduce_max(tf.concat([num_blocks, [0]], 0))
-    # Little-endian words, zero-padded to whole blocks (decode_raw pads short values; it
-    # refuses a length of 0, so one block when there is nothing to hash).
-    words = tf.io.decode_raw(values, tf.int64, little_endian=True,
-                             fixed_length=tf.cast(tf.maximum(most_blocks, 1) * _BLOCK,
-                                                  tf.int32))
-    # [words of all blocks, values]: a block's 16 words are rows, gathered per round.
-    words = tf.transpose(tf.bitcast(tf.reshape(words, [tf.shape(values)[0], -1]), tf.uint64))
+    # All values, each zero-padded to whole blocks, in one string: [blocks, 16] words.
+    pad = tf.cast(num_blocks * _BLOCK - lengths, tf.int32)
+    padding = tf.strings.substr(tf.constant(b"\0" * _BLOCK), tf.zeros_like(pad), pad)
+    joined = tf.strings.reduce_join(tf.strings.join([values, padding]))
+    blocks = tf.bitcast(tf.reshape(tf.io.decode_raw(joined, tf.int64, little_endian=True),
+                                   [-1, 16]), tf.uint64)
+    first_block = tf.cumsum(num_blocks, exclusive=True)  # each value's first row
     sigma = tf.constant([_SIGMA[r % 10] for r in range(12)], tf.int64)
-    shape = tf.shape(values)
 
     def rotr(x, n):
         return tf.bitwise.bitwise_or(tf.bitwise.right_shift(x, tf.constant(n, tf.uint64)),
                                      tf.bitwise.left_shift(x, tf.constant(64 - n, tf.uint64)))
 
     def compress(index, h):
-        block = words[16 * index:16 * index + 16]
+        # The values with a block `index`, their state [8, k] and that block's words [16, k].
+        active = tf.where(num_blocks > index)[:, 0]
+        block = tf.transpose(tf.gather(blocks, tf.gather(first_block, active) + index))
+        h_active = tf.transpose(tf.gather(h, active))
+        shape = tf.shape(active)
         # The key block counted 128 bytes; each message block adds its own bytes.
-        counter = tf.cast(_BLOCK + tf.minimum(lengths, _BLOCK * (index + 1)), tf.uint64)
-        last = tf.where(tf.equal(index + 1, num_blocks), tf.constant(_MASK, tf.uint64),
-                        tf.constant(0, tf.uint64))
-        v = tf.concat([h, tf.stack([tf.fill(shape, tf.constant(x, tf.uint64)) for x in _IV])],
-                      0)
+        counter = tf.cast(_BLOCK + tf.minimum(tf.gather(lengths, active),
+                                              _BLOCK * (index + 1)), tf.uint64)
+        last = tf.where(tf.equal(index + 1, tf.gather(num_blocks, active)),
+                        tf.constant(_MASK, tf.uint64), tf.constant(0, tf.uint64))
+        v = tf.concat([h_active, tf.stack([tf.fill(shape, tf.constant(x, tf.uint64))
+                                           for x in _IV])], 0)
         v = tf.tensor_scatter_nd_update(v, [[12], [14]], tf.stack(
             [tf.bitwise.bitwise_xor(v[12], counter), tf.bitwise.bitwise_xor(v[14], last)]))
 
@@ -133,13 +144,17 @@ def string_id_tensor(values):
 
         _, v = tf.while_loop(lambda round_index, v: round_index < 12, one_round,
                              (tf.constant(0, tf.int64), v))
-        updated = tf.bitwise.bitwise_xor(tf.bitwise.bitwise_xor(h, v[:8]), v[8:])
-        return index + 1, tf.where(index < num_blocks, updated, h)
+        updated = tf.bitwise.bitwise_xor(tf.bitwise.bitwise_xor(h_active, v[:8]), v[8:])
+        return index + 1, tf.tensor_scatter_nd_update(h, active[:, None],
+                                                      tf.transpose(updated))
 
-    initial = tf.stack([tf.fill(shape, tf.constant(x, tf.uint64)) for x in _KEYED_STATE])
+    # [values, 8]: rows, so that a block's values are gathered and written back as rows.
+    # (From a NumPy array: a graph's tf.constant of a list of Python ints past 2^63 goes
+    # through float64.)
+    initial = tf.tile(tf.constant(np.array([_KEYED_STATE], np.uint64)), [tf.size(values), 1])
     _, h = tf.while_loop(lambda index, h: index < most_blocks, compress,
                          (tf.constant(0, tf.int64), initial))
-    digest = h[0]  # the first 8 output bytes, read little-endian, are the first state word
+    digest = h[:, 0]  # the first 8 output bytes, read little-endian, are the first word
     # digest mod (2^63 - 1): 2^63 = 1 (mod 2^63 - 1), so fold the top bit into the rest.
     top = tf.bitwise.right_shift(digest, tf.constant(63, tf.uint64))
     folded = tf.bitwise.bitwise_and(digest, tf.constant(2**63 - 1, tf.uint64)) + top

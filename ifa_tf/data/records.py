@@ -17,6 +17,7 @@ presence marks a finished dataset.
 
 import glob
 import gzip
+import itertools
 import json
 import os
 import struct
@@ -311,6 +312,27 @@ def walk_records(path):
     except (OSError, EOFError, zlib.error) as error:  # gzip.BadGzipFile is an OSError
         return count, (f"unreadable from record {count} on ({type(error).__name__}: "
                        f"{error})")
+
+
+def read_records(path):
+    """Yields the payload of each record of a TFRecord file (`*.gz`: gzip), checking both
+    checksums: without TensorFlow, for a reader of a few records (`ifa-query --data`).
+    Raises `DataFormatError` naming the file and the record at a damaged one."""
+    gzipped = bool(compression_of(path))
+    with gzip.open(path, "rb") if gzipped else open(path, "rb") as f:
+        for index in itertools.count():
+            header = f.read(12)
+            if not header:
+                return
+            length = struct.unpack("<Q", header[:8])[0] if len(header) == 12 else None
+            if length is None or _masked_crc32c(header[:8]) != struct.unpack(
+                    "<I", header[8:])[0]:
+                raise DataFormatError(f"{path}: record {index}: corrupt or truncated header")
+            payload, footer = f.read(length), f.read(4)
+            if len(payload) < length or len(footer) < 4 or _masked_crc32c(
+                    payload) != struct.unpack("<I", footer)[0]:
+                raise DataFormatError(f"{path}: record {index}: corrupt or truncated data")
+            yield payload
 
 
 def _position(offset, size):

@@ -308,7 +308,20 @@ _LIFELONG = dict(
     repeat_probability=0.08, history_candidate_share=0.2, dormant_probability=0.5,
     signal_contrast=True, trait_probability=0.5, signal_probability=0.05, trait_scale=40.0,
     truth="counts", decay_days=720.0)
-PRESETS = {"lifelong": lifelong_config}
+
+
+def short_config(**overrides):
+    """The `short` preset (`ifa-data synthetic --preset=short`): the lifelong world (its
+    users, items, re-engagement and truth) seen through short histories, a median of 30
+    events and at most 150, as in logs that keep a user's last weeks. It checks that a
+    model built for thousands of events does not lose where there are few: the last events
+    and the re-engaged items are then most of what there is to read. `overrides` replace
+    any field."""
+    return lifelong_config(**{**_SHORT, **overrides})
+
+
+_SHORT = dict(median_seq_len=30, seq_len_sigma=0.8, min_seq_len=5, max_seq_len=150)
+PRESETS = {"lifelong": lifelong_config, "short": short_config}
 
 
 def preset_config(name, **overrides):

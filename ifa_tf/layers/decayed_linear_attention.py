@@ -45,8 +45,8 @@ class DecayedLinearAttention(NormalizedLinearAttention):
 
     Call arguments:
         query: [B, m, d_q]; key: [B, n, d_k]; value: [B, n, d_v], defaults to `key`.
-        key_age: [B, n] seconds (>= 0) from each key's event to the query's time, int or
-            float.
+        key_age: [B, n] seconds (>= 0; a negative age counts as 0) from each key's event
+            to the query's time, int or float.
         query_mask, key_mask: optional bool [B, m] / [B, n] (see the parent).
 
     Example:
@@ -101,9 +101,13 @@ class DecayedLinearAttention(NormalizedLinearAttention):
                                query_mask=query_mask)
 
     def decay(self, elapsed):
-        """`exp(-lambda_h * elapsed)`, float32 [..., heads], for `elapsed` [...] seconds."""
+        """`exp(-lambda_h * elapsed)`, float32 [..., heads], for `elapsed` [...] seconds.
+
+        A negative `elapsed` counts as 0: a key never weighs more than at its event, so no
+        age (a garbage one included) makes a weight, and with it a state, infinite."""
         rate = ops.exp(ops.cast(self._log_decay_rate, "float64"))
-        return ops.cast(ops.exp(-ops.cast(elapsed, "float64")[..., None] * rate), "float32")
+        elapsed = ops.maximum(ops.cast(elapsed, "float64"), 0.0)
+        return ops.cast(ops.exp(-elapsed[..., None] * rate), "float32")
 
     def key_state(self, key, key_age, value=None, key_mask=None):
         """The state of the keys at their ages, [B, heads, feature_dim, value_dim + 1]."""
@@ -129,7 +133,8 @@ class DecayedLinearAttention(NormalizedLinearAttention):
         return ops.concatenate([summary, key_sums[..., None]], axis=-1)
 
     def advance_state(self, state, elapsed):
-        """`state` moved `elapsed` [B] seconds later (>= 0: older events fade)."""
+        """`state` moved `elapsed` [B] seconds later (older events fade; a negative
+        `elapsed` moves nothing, see `decay`)."""
         return state * self.decay(elapsed)[:, :, None, None]
 
     def read_state(self, query, state, query_mask=None):

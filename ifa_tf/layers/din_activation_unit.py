@@ -25,11 +25,12 @@ class DINActivationUnit(keras.layers.Layer):
     Call arguments:
         query: candidates [B, m, d].
         key: sequence items [B, k, d].
+        value: optional [B, k, d_v], what the weights pool; defaults to `key` (DIN's).
         query_mask: optional bool [B, m]; padded candidates get zero output.
         key_mask: optional bool [B, k]; padded items get zero weight.
 
     Returns:
-        [B, m, d].
+        [B, m, d] ([B, m, d_v] with `value`).
     """
 
     def __init__(self, hidden_units=(80, 40), activation="sigmoid",
@@ -41,7 +42,7 @@ class DINActivationUnit(keras.layers.Layer):
         self.weight_normalization = weight_normalization
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
 
-    def build(self, query_shape, key_shape):
+    def build(self, query_shape, key_shape, value_shape=None):
         depth, first = query_shape[-1], self.hidden_units[0]
         init = self.kernel_initializer
         self.query_kernel = self.add_weight(name="query_kernel", shape=(depth, first),
@@ -63,7 +64,8 @@ class DINActivationUnit(keras.layers.Layer):
             self._hidden.append(dense)
         self.built = True
 
-    def call(self, query, key, query_mask=None, key_mask=None):
+    def call(self, query, key, value=None, query_mask=None, key_mask=None):
+        value = key if value is None else value
         query_term = (ops.matmul(query, self.query_kernel + self.difference_kernel)
                       + self.first_bias)  # [B, m, h]
         key_term = ops.matmul(key, self.key_kernel - self.difference_kernel)  # [B, k, h]
@@ -81,13 +83,13 @@ class DINActivationUnit(keras.layers.Layer):
             weights = masked_softmax(logits, mask)
         else:
             weights = logits if mask is None else logits * ops.cast(mask, "float32")
-        output = ops.einsum("bmk,bkd->bmd", ops.cast(weights, key.dtype), key)
+        output = ops.einsum("bmk,bkd->bmd", ops.cast(weights, value.dtype), value)
         if query_mask is not None:
             output = output * ops.cast(query_mask, output.dtype)[..., None]
         return output
 
-    def compute_output_shape(self, query_shape, key_shape):
-        return tuple(query_shape)
+    def compute_output_shape(self, query_shape, key_shape, value_shape=None):
+        return (*query_shape[:-1], (value_shape or key_shape)[-1])
 
     def get_config(self):
         config = super().get_config()

@@ -55,3 +55,11 @@ def most_recent_positions(sequence_mask, k):
     scores = ops.broadcast_to(positions[None, :], ops.shape(sequence_mask))
     indices, selected_mask, _ = select_top_k(scores, sequence_mask, k)
     return indices, selected_mask
+
+
+def most_recent_mask(sequence_mask, k):
+    """bool [B, n]: `sequence_mask` kept at its k most recent valid positions only (of an
+    oldest-first sequence, padding anywhere)."""
+    valid = ops.cast(sequence_mask, "int32")
+    from_end = ops.flip(ops.cumsum(ops.flip(valid, axis=1), axis=1), axis=1)
+    return ops.logical_and(sequence_mask, from_end <= k)

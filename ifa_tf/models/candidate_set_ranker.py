@@ -4,10 +4,10 @@ from keras import ops
 from ifa_tf import layers
 from ifa_tf.layers.feature_maps import check_feature_map
 from ifa_tf.layers.hashed_embedding import LOG2_BUCKETS
-from ifa_tf.layers.validation import (check_dtype_policy, check_positive_int, check_units,
-                                      clone_initializer)
+from ifa_tf.layers.validation import (check_bool, check_dtype_policy, check_positive_int,
+                                      check_units, clone_initializer)
 from ifa_tf.models.training_defaults import TrainingDefaultsMixin
-from ifa_tf.schema import CANDIDATE_PREFIX, SEQUENCE_PREFIX, resolve_schema
+from ifa_tf.schema import CANDIDATE_PREFIX, MAX_TIME, SEQUENCE_PREFIX, resolve_schema
 
 _TIME_DELTA = SEQUENCE_PREFIX + "time_delta"
 # What `update_state` takes for each new event in place of its age: its time, in seconds.
@@ -64,6 +64,17 @@ class CandidateSetRanker(TrainingDefaultsMixin, keras.Model):
             and the embeddings stay float32. Where the hardware has bfloat16 matrix units
             (AMX), IFA at m = 10,000 takes 20-25% less time (README "How fast"). `None`: the
             model's policy.
+        decoupled_embeddings: give the sequence module separate attention tables (DARE,
+            Feng et al., ICLR 2025): queries, keys and searches read the items (and the
+            events' context) from tables of their own, values and the towers from the
+            representation tables, so neither gradient dominates the other's table. The
+            module receives them as `attention_candidates`, `attention_sequence` and
+            `attention_sequence_items`; RAM takes its queries and keys from them too. Only
+            for modules that attend (`supports_decoupled_embeddings`); the cost per request
+            keeps its order (IFA stays O(m + n)), the tables double.
+        attention_embedding_dim: width of each attribute's attention embedding (may be
+            smaller than `embedding_dim`: attention needs less than representation);
+            `None`: `embedding_dim`.
 
     Call arguments:
         inputs: dict of the schema's features: user features [B], `seq_*` [B, n],
@@ -83,9 +94,18 @@ class CandidateSetRanker(TrainingDefaultsMixin, keras.Model):
                  ram_key_dim=16, ram_feature_map="elu_plus_one", ram_focusing_factor=None,
                  ram_learnable_temperature=False, ram_learnable_focusing_factor=False,
                  tower_units=(128, 64), dropout=0.0, tower_dtype=None,
-                 embeddings_initializer="uniform", **kwargs):
+                 embeddings_initializer="uniform", decoupled_embeddings=False,
+                 attention_embedding_dim=None, **kwargs):
         schema = resolve_schema(schema)
         check_positive_int("embedding_dim", embedding_dim)
+        check_bool("decoupled_embeddings", decoupled_embeddings)
+        if attention_embedding_dim is not None:
+            check_positive_int("attention_embedding_dim", attention_embedding_dim)
+            if not decoupled_embeddings:
+                raise ValueError("`attention_embedding_dim` is the width of the attention "
+                                 "tables of decoupled_embeddings=True. Received: "
+                                 f"attention_embedding_dim={attention_embedding_dim}, "
+                                 "decoupled_embeddings=False")
         check_feature_map(ram_feature_map, ram_focusing_factor, ram_learnable_temperature,
                           ram_learnable_focusing_factor, prefix="ram_")
         tower_units = check_units("tower_units", tower_units)
@@ -94,6 +114,12 @@ class CandidateSetRanker(TrainingDefaultsMixin, keras.Model):
         if not isinstance(interest, keras.layers.Layer):
             raise ValueError("`interest` must be a sequence module layer. "
                              f"Received: interest={interest!r}")
+        if decoupled_embeddings and not getattr(interest, "supports_decoupled_embeddings",
+                                                False):
+            raise ValueError(
+                f"{type(interest).__name__} does not attend (or cannot read keys apart from "
+                "values), so it has no attention to decouple. Received: "
+                "decoupled_embeddings=True")
         item_dim = embedding_dim * len(schema.item_attributes)
         embeddings_initializer = keras.initializers.get(embeddings_initializer)
 
@@ -120,6 +146,10 @@ class CandidateSetRanker(TrainingDefaultsMixin, keras.Model):
             raise ValueError("time_encoding='decay' weighs events by their age: the schema "
                              f"must declare {_TIME_DELTA!r}. Received: sequence_context="
                              f"{schema.sequence_context}")
+        if stateful and decoupled_embeddings:
+            raise ValueError("time_encoding='decay' serves from a state built with the "
+                             "representation tables alone; it cannot be combined with "
+                             "decoupled_embeddings=True.")
         context_features = _context_features(schema, stateful)
         context_buckets = [(_ACTION_BUCKETS, "clip") if name == "seq_action"
                            else (LOG2_BUCKETS, "log2") for name in context_features]
@@ -128,6 +158,24 @@ class CandidateSetRanker(TrainingDefaultsMixin, keras.Model):
             item_dim, names=[f"{name}_embedding" for name in context_features],
             embeddings_initializer=initializer(),
             name="sequence_context_embedding") if context_features else None
+        # DARE (Feng et al., ICLR 2025): attention (queries, keys, search) and representation
+        # (values, what the towers read) from separate tables, so the gradients of the one
+        # do not dominate or oppose the other's. Same ids, same context, own widths.
+        attention_item_embedding = attention_context_embedding = None
+        if decoupled_embeddings:
+            attention_dim = attention_embedding_dim or embedding_dim
+            attention_item_embedding = layers.StackedHashedEmbedding(
+                [schema.num_buckets(attribute) for attribute in schema.item_attributes],
+                attention_dim, embeddings_initializer=initializer(),
+                name="attention_item_embedding")
+            attention_context_embedding = layers.SummedHashedEmbedding(
+                [buckets for buckets, _ in context_buckets],
+                [mode for _, mode in context_buckets],
+                attention_dim * len(schema.item_attributes),
+                names=[f"attention_{name}_embedding" for name in context_features],
+                embeddings_initializer=initializer(),
+                name="attention_sequence_context_embedding"
+            ) if context_features and getattr(interest, "attention_context", True) else None
         cross_embeddings = {
             name: layers.HashedEmbedding(LOG2_BUCKETS, embedding_dim, mode="log2",
                                          embeddings_initializer=initializer(),
@@ -165,14 +213,26 @@ class CandidateSetRanker(TrainingDefaultsMixin, keras.Model):
             "sequence_items": sequence_items,
             "sequence_mask": sequence_mask,
         })
+        attention_candidates = None
+        if decoupled_embeddings:
+            attention_candidates = attention_item_embedding(
+                [inputs[CANDIDATE_PREFIX + a] for a in schema.item_attributes])
+            attention_items, attention_sequence = _embed_events(
+                schema, attention_item_embedding, attention_context_embedding, inputs,
+                stateful)
+            module_inputs.update({"attention_candidates": attention_candidates,
+                                  "attention_sequence": attention_sequence,
+                                  "attention_sequence_items": attention_items})
         for attribute in schema.item_attributes:  # sequence_item_ids, ...
             module_inputs[f"sequence_{attribute}s"] = inputs[SEQUENCE_PREFIX + attribute]
         if _TIME_DELTA in schema.sequence_context:
             module_inputs["sequence_time_deltas"] = inputs[_TIME_DELTA]
+        if "seq_action" in schema.sequence_context:  # e.g. TWIN-V2's groups
+            module_inputs["sequence_actions"] = inputs["seq_action"]
         outputs = _score_candidates(
             schema, {"ram": ram, "user": user_embeddings, "cross": cross_embeddings,
                      "towers": towers}, inputs, candidates, candidate_mask,
-            interest(module_inputs))
+            interest(module_inputs), attention_candidates)
         outputs = {task: keras.layers.Identity(name=task)(p) for task, p in outputs.items()}
         outputs["score"] = keras.layers.Identity(name="score")(outputs[schema.score_task])
         super().__init__(inputs=inputs, outputs=outputs, **kwargs)
@@ -192,6 +252,8 @@ class CandidateSetRanker(TrainingDefaultsMixin, keras.Model):
         self.dropout = dropout
         self.tower_dtype = tower_dtype
         self.embeddings_initializer = embeddings_initializer
+        self.decoupled_embeddings = decoupled_embeddings
+        self.attention_embedding_dim = attention_embedding_dim
 
     def __call__(self, inputs, *args, **kwargs):
         # Checked here, before Keras converts inputs: it would silently cast float ids and
@@ -202,6 +264,9 @@ class CandidateSetRanker(TrainingDefaultsMixin, keras.Model):
     # The decayed FSM reads the sequence only through a fixed-size state per user; these
     # run the model's own layers on it, so they equal `call` up to float rounding. Times are
     # int64 seconds on one clock; a state holds its reference time, at which it was made.
+    # Times and ages are taken within [0, MAX_TIME] (`ifa_tf.schema`; the exported
+    # signatures refuse others): a value outside is clipped to it, so no time subtraction
+    # overflows int64 and no input makes a state infinite.
     @property
     def stateful(self):
         """Whether the model reads the sequence through a state (`time_encoding="decay"`)."""
@@ -239,8 +304,8 @@ class CandidateSetRanker(TrainingDefaultsMixin, keras.Model):
             `{"state": [B, *state_shape] float32, "state_time": now}`.
         """
         self._check_stateful()
-        return {"state": self._events_state(features, features[_TIME_DELTA]),
-                "state_time": ops.cast(now, "int64")}
+        return {"state": self._events_state(features, _clip_time(features[_TIME_DELTA])),
+                "state_time": _clip_time(now)}
 
     def update_state(self, state, state_time, events):
         """`state` with new events added, exactly as if they had been in the sequence.
@@ -256,26 +321,26 @@ class CandidateSetRanker(TrainingDefaultsMixin, keras.Model):
             is later than the state's.
         """
         self._check_stateful()
-        event_time = ops.cast(events[EVENT_TIME], "int64")
         valid = ops.not_equal(events[SEQUENCE_PREFIX + "item_id"], 0)
-        state_time = ops.cast(state_time, "int64")
-        newest = ops.max(ops.where(valid, event_time, ops.zeros_like(event_time)), axis=1,
-                         initial=0)
-        new_time = ops.maximum(state_time, newest)
-        ages = new_time[:, None] - event_time
+        state_time = _clip_time(state_time)
+        # Padding's times are never read: they might be anything.
+        event_time = ops.where(valid, _clip_time(events[EVENT_TIME]), 0)
+        new_time = ops.maximum(state_time, ops.max(event_time, axis=1, initial=0))
+        ages = ops.where(valid, new_time[:, None] - event_time, 0)  # in [0, MAX_TIME]
         moved = self.interest.advance_state(state, new_time - state_time)
         return {"state": moved + self._events_state(events, ages), "state_time": new_time}
 
     def rank_with_state(self, features, state, state_time, now):
         """What `call` returns for the user whose sequence `state` summarises, from the
         state: `features` hold `rank_features` (no sequence), `now` [B] the request's time,
-        not earlier than `state_time` (the exported signature refuses that)."""
+        not earlier than `state_time` (the exported signature refuses that; here an earlier
+        `now` ranks at `state_time`)."""
         self._check_stateful()
         parts = self._stateful_parts()
         candidates = parts["item"]([features[CANDIDATE_PREFIX + a]
                                     for a in self.schema.item_attributes])
         candidate_mask = ops.not_equal(features[CANDIDATE_PREFIX + "item_id"], 0)
-        elapsed = ops.cast(now, "int64") - ops.cast(state_time, "int64")
+        elapsed = ops.maximum(_clip_time(now) - _clip_time(state_time), 0)
         interest = self.interest.read_state(
             _module_inputs(self.schema, features, candidates, candidate_mask),
             self.interest.advance_state(state, elapsed))
@@ -332,6 +397,8 @@ class CandidateSetRanker(TrainingDefaultsMixin, keras.Model):
             "tower_dtype": self.tower_dtype,
             "embeddings_initializer": keras.initializers.serialize(
                 self.embeddings_initializer),
+            "decoupled_embeddings": self.decoupled_embeddings,
+            "attention_embedding_dim": self.attention_embedding_dim,
         }
 
     @classmethod
@@ -342,6 +409,11 @@ class CandidateSetRanker(TrainingDefaultsMixin, keras.Model):
             if old_name in config:
                 config["ram_" + old_name] = config.pop(old_name)
         return cls(**config)
+
+
+def _clip_time(value):
+    """int64 seconds clipped to the stateful times' range, [0, MAX_TIME]."""
+    return ops.clip(ops.cast(value, "int64"), 0, MAX_TIME)
 
 
 def _context_features(schema, stateful):
@@ -368,11 +440,18 @@ def _module_inputs(schema, features, candidates, candidate_mask):
     return inputs
 
 
-def _score_candidates(schema, parts, features, candidates, candidate_mask, interest):
-    """F_can, F_c-s (`interest`), F_c-c, F_u, F_cro -> towers -> ESMM: `{task: [B, m]}`."""
+def _score_candidates(schema, parts, features, candidates, candidate_mask, interest,
+                      attention_candidates=None):
+    """F_can, F_c-s (`interest`), F_c-c, F_u, F_cro -> towers -> ESMM: `{task: [B, m]}`.
+    With decoupled embeddings RAM's queries and keys come from `attention_candidates`, its
+    values from `candidates`."""
     parts_list = [candidates, interest]
     if parts["ram"] is not None:
-        parts_list.append(parts["ram"](candidates, candidate_mask=candidate_mask))  # F_c-c
+        if attention_candidates is None:
+            parts_list.append(parts["ram"](candidates, candidate_mask=candidate_mask))  # F_c-c
+        else:
+            parts_list.append(parts["ram"](attention_candidates, candidate_mask=candidate_mask,
+                                           values=candidates))
     if parts["user"]:
         user = ops.concatenate([parts["user"][n](features[n]) for n in schema.user_features],
                                axis=-1)

@@ -2,7 +2,8 @@
 pipeline's workers.
 
 The raw log is read and mapped as `state_store.events_from_log` reads it in-process, by the
-converter's pipeline steps (`beam_pipeline.ReadFile`: the converter's parser and id rule;
+converter's pipeline steps (`beam_pipeline.ReadFile`: the parser of `state_store.log_source`,
+with its rules on malformed rows and event times, and the converter's id rule;
 `UserTimeline`: its merge of rows of one (user, item, time); each item's first category),
 and each user's whole timeline becomes the events of a state (`user_requests.
 sequence_events`). Batches of users then go to the workers, which load the SavedModel once
@@ -15,31 +16,30 @@ import os
 
 import apache_beam as beam
 import numpy as np
+from apache_beam.io.filesystems import FileSystems
 
-from ifa_tf.data import beam_pipeline, log_converter, records, user_requests
+from ifa_tf.data import beam_pipeline, log_converter, user_requests
 from ifa_tf.serving import state_store
 
 
 def build_states_from_log(store_url, export_dir, log, dataset, cross_features=(),
-                          batch_size=64, options=None, run_context=None):
+                          batch_size=64, options=None, run_context=None,
+                          skip_bad_rows=False):
     """Builds the state of every user of the raw `log` (a file, a `.gz` file or a glob), in
     the format the converter read for `dataset`, with the SavedModel at `export_dir`, into
-    the store at `store_url`. Returns `{"users": number of users, "model": the model's id}`.
-    `options`, `run_context`: as in `beam_pipeline.convert_log`."""
-    from ifa_tf.serving.request_builder import RequestBuilder
-
-    builder = RequestBuilder(dataset)
-    config = builder.config
-    if os.path.isdir(log):  # a preset's directory, as events_from_log takes it
-        preset = records.read_metadata(os.fspath(dataset)).get("preset")
-        if preset not in log_converter.PRESETS:
-            raise ValueError(f"{log} is a directory; pass the log file (only a preset's "
-                             "dataset names the file in its directory).")
-        log = log_converter.preset_log_file(preset, log, config)
+    the store at `store_url`. The log is read by `state_store.log_source`'s rules, as
+    `events_from_log` reads it: malformed rows, and rows whose time no event can have, fail
+    the run naming the file and lines, or are skipped and counted with `skip_bad_rows`.
+    Each state records the log as applied (`state_store.batch_id`), as the in-process
+    build does. Returns `{"users", "model": the model's id, "skipped_rows"}`. `options`,
+    `run_context`: as in `beam_pipeline.convert_log`."""
+    source = os.fspath(log)
+    log, builder, parser = state_store.log_source(source, dataset, skip_bad_rows)
+    config = parser.config
     files = beam_pipeline.match_files(log)
-    parser = log_converter.RowParser(config)
+    batch = (state_store.batch_id(source) if "://" not in source else state_store.batch_id(
+        source, files, lambda path: FileSystems.open(path, compression_type="uncompressed")))
     schema = builder.schema
-    result = {}
     pipeline = beam.Pipeline(options=options or beam_pipeline.default_options())
     read = (pipeline
             | "Files" >> beam.Create(list(enumerate(files)))
@@ -56,19 +56,22 @@ def build_states_from_log(store_url, export_dir, log, dataset, cross_features=()
                | "Batches" >> beam.BatchElements(min_batch_size=batch_size,
                                                  max_batch_size=batch_size)
                | "States" >> beam.ParDo(WriteStates(export_dir, store_url, cross_features,
-                                                    batch_size)))
+                                                    batch_size, batch)))
     summary = beam_pipeline.SummaryFiles(beam_pipeline.temporary_directory(pipeline.options))
     summary.add("written", written | "Total" >> beam.CombinePerKey(sum)
                 | "AllModels" >> beam.combiners.ToList())
+    summary.add("bad", read.bad | "BadRows" >> beam.Map(lambda bad: bad[1])
+                | "SumBadRows" >> beam.CombineGlobally(sum))
     try:
         beam_pipeline.run(pipeline, run_context)
-        totals = summary.read()["written"][0]
+        found = summary.read()
     finally:
         summary.remove()
+    totals = found["written"][0]
     models = {model for model, _ in totals}
-    result["users"] = int(sum(count for _, count in totals))
-    result["model"] = models.pop() if len(models) == 1 else sorted(models)
-    return result
+    return {"users": int(sum(count for _, count in totals)),
+            "model": models.pop() if len(models) == 1 else sorted(models),
+            "skipped_rows": int(found["bad"][0])}
 
 
 def _user_events(element, schema, item_category):
@@ -82,9 +85,10 @@ class WriteStates(beam.DoFn):
     """Batches of `(user, events)` -> their states in the store (`state_store.build_states`),
     with the SavedModel loaded once per worker; yields `(model id, users written)`."""
 
-    def __init__(self, export_dir, store_url, cross_features, batch_size):
+    def __init__(self, export_dir, store_url, cross_features, batch_size, batch=None):
         self.export_dir, self.store_url = export_dir, store_url
         self.cross_features, self.batch_size = tuple(cross_features), batch_size
+        self.batch = batch
 
     def setup(self):
         self.model = state_store.StateModel(export_dir=self.export_dir)
@@ -94,7 +98,7 @@ class WriteStates(beam.DoFn):
         events = {int(user): {k: np.asarray(v) for k, v in columns.items()}
                   for user, columns in batch}
         state_store.build_states(self.store, self.model, events, self.cross_features,
-                                 self.batch_size)
+                                 self.batch_size, batch=self.batch)
         yield self.model.model, len(events)
 
     def teardown(self):

@@ -12,6 +12,10 @@ candidates' raw ids too (`raw_item_ids`).
 
 Every failure raises `ServingError` carrying the server's status code and message; a call
 that runs past its deadline raises it with `DEADLINE_EXCEEDED`.
+
+The clients load no TensorFlow: REST needs only the standard library and NumPy, gRPC TF
+Serving's generated messages (`ifa_tf.serving.protos`). A process that imports nothing else
+answers in well under a second (`benchmarks/results/client_start/`).
 """
 
 import dataclasses
@@ -22,15 +26,11 @@ import urllib.request
 
 import grpc
 import numpy as np
-import tensorflow as tf
-from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2,
-                                     model_service_pb2_grpc, predict_pb2,
-                                     prediction_service_pb2_grpc)
 
-from ifa_tf.export import (RANKED_INDICES, RANKED_ITEM_IDS, RANKED_RAW_ITEM_IDS,
-                           RAW_SIGNATURE_NAME, SIGNATURE_NAME, STATE_MODEL, STATE_TIME)
 from ifa_tf.serving.closeable import Closeable
 from ifa_tf.serving.errors import ServingError, code_for_http_status
+from ifa_tf.signatures import (RANKED_INDICES, RANKED_ITEM_IDS, RANKED_RAW_ITEM_IDS,
+                               RAW_SIGNATURE_NAME, SIGNATURE_NAME, STATE_MODEL, STATE_TIME)
 
 _RANKING_OUTPUTS = (RANKED_INDICES, RANKED_ITEM_IDS, RANKED_RAW_ITEM_IDS)
 # int64 outputs (REST answers them as JSON numbers): the ranking and a state's time and model.
@@ -148,11 +148,15 @@ class GrpcClient(ServingClient):
 
     def __init__(self, target, model_name, max_message_bytes=256 * 1024 * 1024, **kwargs):
         super().__init__(target, model_name, **kwargs)
+        from ifa_tf.serving import protos
+
+        self.protos = protos
         self.channel = grpc.insecure_channel(target, options=[
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes)])
-        self.prediction_stub = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
-        self.model_stub = model_service_pb2_grpc.ModelServiceStub(self.channel)
+        self.prediction_stub = protos.prediction_service_pb2_grpc.PredictionServiceStub(
+            self.channel)
+        self.model_stub = protos.model_service_pb2_grpc.ModelServiceStub(self.channel)
 
     def _fill_model_spec(self, model_spec, signature=True):
         model_spec.name = self.model_name
@@ -164,32 +168,35 @@ class GrpcClient(ServingClient):
             model_spec.version_label = self.version_label
 
     def predict(self, features, output_filter=(), timeout=None, signature_name=None):
-        request = predict_pb2.PredictRequest()
+        protos = self.protos
+        request = protos.predict_pb2.PredictRequest()
         self._fill_model_spec(request.model_spec)
         if signature_name is not None:
             request.model_spec.signature_name = signature_name
         for name, value in features.items():
-            request.inputs[name].CopyFrom(tf.make_tensor_proto(np.asarray(value)))
+            request.inputs[name].CopyFrom(protos.make_tensor_proto(np.asarray(value)))
         request.output_filter.extend(output_filter)
         response = self._call(self.prediction_stub.Predict, request, timeout)
-        outputs = {name: tf.make_ndarray(proto) for name, proto in response.outputs.items()}
+        outputs = {name: protos.make_ndarray(proto) for name, proto in response.outputs.items()}
         return outputs, response.model_spec.version.value
 
     def model_status(self, timeout=None):
         """`[(version, state name, error message)]` of the model's versions."""
-        request = get_model_status_pb2.GetModelStatusRequest()
+        status_pb2 = self.protos.get_model_status_pb2
+        request = status_pb2.GetModelStatusRequest()
         self._fill_model_spec(request.model_spec, signature=False)
         response = self._call(self.model_stub.GetModelStatus, request, timeout)
-        states = get_model_status_pb2.ModelVersionStatus.State
+        states = status_pb2.ModelVersionStatus.State
         return [(s.version, states.Name(s.state), s.status.error_message)
                 for s in response.model_version_status]
 
     def signature_defs(self, timeout=None):
-        request = get_model_metadata_pb2.GetModelMetadataRequest()
+        metadata_pb2 = self.protos.get_model_metadata_pb2
+        request = metadata_pb2.GetModelMetadataRequest()
         self._fill_model_spec(request.model_spec, signature=False)
         request.metadata_field.append("signature_def")
         response = self._call(self.prediction_stub.GetModelMetadata, request, timeout)
-        signature_map = get_model_metadata_pb2.SignatureDefMap()
+        signature_map = metadata_pb2.SignatureDefMap()
         response.metadata["signature_def"].Unpack(signature_map)
         return {name: sorted(signature.inputs)
                 for name, signature in signature_map.signature_def.items()}

@@ -1,15 +1,21 @@
-"""TF Serving's gRPC services over a `ModelManager`: PredictionService and ModelService."""
+"""TF Serving's gRPC services over a `ModelManager`: PredictionService and ModelService.
+
+Predict takes its request as bytes (`add_prediction_service`): its bytes are reserved in the
+server's `ByteBudget` and its shapes' dims counted before it is parsed
+(`ifa_tf.serving.parsing`).
+"""
 
 import logging
 import time
 
 import grpc
 import tensorflow as tf
-from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2,
+from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2,
+                                     get_model_status_pb2, inference_pb2,
                                      model_service_pb2_grpc, predict_pb2,
-                                     prediction_service_pb2_grpc)
+                                     prediction_service_pb2_grpc, regression_pb2)
 
-from ifa_tf.serving import errors
+from ifa_tf.serving import errors, parsing
 from ifa_tf.serving.model_manager import tensor_proto_spec, to_ndarray
 
 _LOG = logging.getLogger("ifa_serve")
@@ -94,18 +100,24 @@ def _check_call_active(context):
         raise errors.ServingError(grpc.StatusCode.CANCELLED, "Cancelled")
 
 
-def _unary(method, api=None, with_context=False):
+def _unary(method, api=None, bounded=False):
     """Turns `ServingError` into the call's status, anything else into INTERNAL; counts and
-    times the calls of `api` in the servicer's metrics. `with_context`: `method` also takes
-    the call's context."""
+    times the calls of `api` in the servicer's metrics. `bounded`: the request comes as bytes,
+    reserved in the servicer's budget while it is parsed and answered, and `method` also
+    takes the call's context."""
 
     def handler(self, request, context):
         began = time.perf_counter()
         status = grpc.StatusCode.OK
+        model_name = ""
         try:
-            if with_context:
+            if not bounded:
+                model_name = request.model_spec.name
+                return method(self.manager, request)
+            with self.budget.reserved(len(request)):
+                request = parsing.parse_predict_request(request, self.max_input_dims)
+                model_name = request.model_spec.name
                 return method(self.manager, request, context)
-            return method(self.manager, request)
         except errors.ServingError as error:
             status = error.code
             context.abort(error.code, error.message)
@@ -115,7 +127,7 @@ def _unary(method, api=None, with_context=False):
             context.abort(grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}")
         finally:
             if api is not None and self.metrics is not None:
-                self.metrics.record(request.model_spec.name, api, "GRPC", status.name,
+                self.metrics.record(model_name, api, "GRPC", status.name,
                                     time.perf_counter() - began)
 
     handler.__name__ = method.__name__
@@ -124,14 +136,46 @@ def _unary(method, api=None, with_context=False):
 
 class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
     """`Predict` and `GetModelMetadata`; Classify, Regress, MultiInference are UNIMPLEMENTED
-    (the exported signatures are predict signatures)."""
+    (the exported signatures are predict signatures). Register it with
+    `add_prediction_service`, which hands `Predict` its request's bytes.
 
-    def __init__(self, manager, metrics=None):
+    `budget`: the server's `ByteBudget` (None: no limit); `max_input_dims`: the most dims an
+    input's tensor_shape may declare (0: no limit).
+    """
+
+    def __init__(self, manager, metrics=None, budget=None, max_input_dims=0):
         self.manager = manager
         self.metrics = metrics
+        self.budget = budget if budget is not None else parsing.ByteBudget()
+        self.max_input_dims = max_input_dims
 
-    Predict = _unary(predict, api="Predict", with_context=True)
+    Predict = _unary(predict, api="Predict", bounded=True)
     GetModelMetadata = _unary(get_model_metadata)
+
+
+def add_prediction_service(servicer, server):
+    """Registers `servicer` as TF Serving's PredictionService (what the generated
+    `add_PredictionServiceServicer_to_server` does), but its Predict takes the request
+    undeserialized, as bytes, so that they are bounded before they are parsed."""
+    def method(behaviour, request=None, response=None):
+        return grpc.unary_unary_rpc_method_handler(
+            behaviour, request_deserializer=request and request.FromString,
+            response_serializer=response.SerializeToString)
+
+    handlers = {
+        "Predict": method(servicer.Predict, None, predict_pb2.PredictResponse),
+        "GetModelMetadata": method(servicer.GetModelMetadata,
+                                   get_model_metadata_pb2.GetModelMetadataRequest,
+                                   get_model_metadata_pb2.GetModelMetadataResponse),
+        "Classify": method(servicer.Classify, classification_pb2.ClassificationRequest,
+                           classification_pb2.ClassificationResponse),
+        "Regress": method(servicer.Regress, regression_pb2.RegressionRequest,
+                          regression_pb2.RegressionResponse),
+        "MultiInference": method(servicer.MultiInference, inference_pb2.MultiInferenceRequest,
+                                 inference_pb2.MultiInferenceResponse),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "tensorflow.serving.PredictionService", handlers),))
 
 
 class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):

@@ -7,27 +7,30 @@ path: "..." }`) the REST port answers the path with:
 - `:tensorflow:serving:request_latency{model_name, API, entrypoint}`: histogram of their wall
   time in microseconds (buckets 10 * 1.8^i, i < 33, as TF Serving's).
 
+`prometheus_client` holds the values (a `Counter` and a `Histogram`) and writes the text
+format, label values escaped. Two things keep TF Serving's names, which dashboards and alerts
+query: `prometheus_client` writes a counter's samples as `<name>_total`, and TF Serving's
+count has no such suffix, so the count is exposed under its own name as an untyped family
+(`# TYPE ... untyped`; `rate()` and every query by name work as before); and a bucket's `le`
+is written as TF Serving writes it (six significant digits: `le="10"`, not `le="10.0"`).
+
 A request names its model, and a client may name anything: calls naming a model the server
 does not serve are counted under the one label value `UNKNOWN_MODEL`, so no request adds a
-series, and every label value is escaped as the text format requires (backslash, double
-quote, line feed), so no value can forge a line. The series are then bounded by the served
-models times the status codes.
+series. The series are then bounded by the served models times the status codes.
 """
 
 import re
-import threading
+
+import prometheus_client
+from prometheus_client.core import Metric
 
 DEFAULT_PATH = "/monitoring/prometheus/metrics"
-_BUCKETS = tuple(10 * 1.8 ** i for i in range(33))
+CONTENT_TYPE = prometheus_client.CONTENT_TYPE_PLAIN_0_0_4
+REQUEST_COUNT = ":tensorflow:serving:request_count"
+REQUEST_LATENCY = ":tensorflow:serving:request_latency"
+BUCKETS = tuple(10 * 1.8 ** i for i in range(33))
 # The `model_name` of calls naming a model that is not served.
 UNKNOWN_MODEL = "__unknown__"
-_LABEL_ESCAPES = str.maketrans({"\\": "\\\\", '"': '\\"', "\n": "\\n"})
-
-
-def escape_label_value(value):
-    """`value` as the Prometheus text format writes a label value: backslash, double quote
-    and line feed escaped."""
-    return str(value).translate(_LABEL_ESCAPES)
 
 
 def read_monitoring_config(path):
@@ -48,7 +51,7 @@ def read_monitoring_config(path):
 
 
 class Metrics:
-    """Thread-safe request counters and latency histograms.
+    """Request counts and latency histograms (thread-safe, as `prometheus_client` is).
 
     `known_models`: the names of the served models; calls naming any other are recorded as
     `UNKNOWN_MODEL`. None records every name as given (for callers that checked it).
@@ -56,44 +59,48 @@ class Metrics:
 
     def __init__(self, known_models=None):
         self.known_models = None if known_models is None else frozenset(known_models)
-        self._lock = threading.Lock()
-        self._counts = {}  # (model_name, status) -> count
-        self._latency = {}  # (model_name, api, entrypoint) -> [bucket counts, sum, count]
+        values = prometheus_client.CollectorRegistry()
+        self._count = prometheus_client.Counter(
+            REQUEST_COUNT, "The number of Predict requests, by model and status code.",
+            ["model_name", "status"], registry=values)
+        self._latency = prometheus_client.Histogram(
+            REQUEST_LATENCY, "Wall time of Predict requests in microseconds.",
+            ["model_name", "API", "entrypoint"], buckets=BUCKETS, registry=values)
+        self.registry = prometheus_client.CollectorRegistry()
+        self.registry.register(_TFServingNames(self._count, self._latency))
 
     def record(self, model_name, api, entrypoint, status, seconds):
-        microseconds = seconds * 1e6
         if self.known_models is not None and model_name not in self.known_models:
             model_name = UNKNOWN_MODEL
-        with self._lock:
-            key = (model_name, status)
-            self._counts[key] = self._counts.get(key, 0) + 1
-            series = self._latency.setdefault((model_name, api, entrypoint),
-                                              [[0] * len(_BUCKETS), 0.0, 0])
-            for index, bound in enumerate(_BUCKETS):
-                if microseconds <= bound:
-                    series[0][index] += 1
-            series[1] += microseconds
-            series[2] += 1
+        self._count.labels(model_name, status).inc()
+        self._latency.labels(model_name, api, entrypoint).observe(seconds * 1e6)
 
     def render(self):
-        """The Prometheus text exposition of every series."""
-        lines = ["# TYPE :tensorflow:serving:request_count counter"]
-        with self._lock:
-            for (model, status), count in sorted(self._counts.items()):
-                lines.append(f':tensorflow:serving:request_count{{model_name='
-                             f'"{escape_label_value(model)}",'
-                             f'status="{escape_label_value(status)}"}} {count}')
-            lines.append("# TYPE :tensorflow:serving:request_latency histogram")
-            for (model, api, entrypoint), (buckets, total, count) in sorted(
-                    self._latency.items()):
-                labels = (f'model_name="{escape_label_value(model)}",'
-                          f'API="{escape_label_value(api)}",'
-                          f'entrypoint="{escape_label_value(entrypoint)}"')
-                for bound, bucket_count in zip(_BUCKETS, buckets):
-                    lines.append(f':tensorflow:serving:request_latency_bucket{{{labels},'
-                                 f'le="{bound:.6g}"}} {bucket_count}')
-                lines.append(f':tensorflow:serving:request_latency_bucket{{{labels},'
-                             f'le="+Inf"}} {count}')
-                lines.append(f":tensorflow:serving:request_latency_sum{{{labels}}} {total}")
-                lines.append(f":tensorflow:serving:request_latency_count{{{labels}}} {count}")
-        return "\n".join(lines) + "\n"
+        """The Prometheus text exposition (format 0.0.4) of every series."""
+        return prometheus_client.generate_latest(self.registry).decode()
+
+
+class _TFServingNames:
+    """A collector presenting a `Counter` and a `Histogram` under TF Serving's exposition:
+    the count's samples without `_total`, `le` in six significant digits, no `_created`."""
+
+    def __init__(self, count, latency):
+        self._count = count
+        self._latency = latency
+
+    def collect(self):
+        [count] = self._count.collect()
+        family = Metric(REQUEST_COUNT, count.documentation, "unknown")
+        for sample in count.samples:
+            if sample.name == REQUEST_COUNT + "_total":
+                family.add_sample(REQUEST_COUNT, sample.labels, sample.value)
+        [latency] = self._latency.collect()
+        histogram = Metric(REQUEST_LATENCY, latency.documentation, "histogram")
+        for sample in latency.samples:
+            if sample.name.endswith("_created"):
+                continue
+            labels = sample.labels
+            if "le" in labels and labels["le"] != "+Inf":
+                labels = dict(labels, le=f"{float(labels['le']):.6g}")
+            histogram.add_sample(sample.name, labels, sample.value)
+        return [family, histogram]

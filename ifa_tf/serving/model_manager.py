@@ -34,6 +34,7 @@ from tensorflow_serving.config import model_server_config_pb2
 
 from ifa_tf import export as export_lib
 from ifa_tf import schema as schema_lib
+from ifa_tf.data import log_converter
 from ifa_tf.serving import errors
 
 State = get_model_status_pb2.ModelVersionStatus.State
@@ -132,10 +133,13 @@ class Signature:
                              else len(info.tensor_shape.dim))
                        for key, info in signature_def.inputs.items()}
         self.outputs = sorted(signature_def.outputs)
+        # {input: the most bytes one of its strings may hold}: an ifa_tf export's raw ids.
+        self.string_limits = {}
 
     def run(self, inputs, output_filter=(), limits=Limits()):
         """Checks `inputs` (name -> np.ndarray) and runs; returns name -> np.ndarray."""
         self.check_inputs({k: (v.dtype, v.shape) for k, v in inputs.items()}, limits)
+        self.check_string_lengths(inputs)
         wanted = list(output_filter) or self.outputs
         for alias in wanted:
             if alias not in self.outputs:
@@ -153,6 +157,22 @@ class Signature:
         result = {alias: outputs[alias].numpy() for alias in wanted}
         self._check_finite(result)
         return result
+
+    def check_string_lengths(self, inputs):
+        """INVALID_ARGUMENT naming the input when a string of `string_limits`' inputs is
+        longer than its limit: checked before the graph, whose raw id mapping costs time in
+        proportion to the ids' bytes (the graph checks it too, as TF Serving runs it)."""
+        for key, limit in sorted(self.string_limits.items()):
+            value = inputs.get(key)
+            if value is None or value.dtype != object or not value.size:
+                continue
+            lengths = np.fromiter(map(len, value.flat), np.int64, value.size)
+            longest = int(lengths.argmax())
+            if lengths[longest] > limit:
+                position = ", ".join(map(str, np.unravel_index(longest, value.shape)))
+                raise errors.invalid_argument(
+                    f"Input {key}: a raw id of {lengths[longest]} bytes at [{position}], "
+                    f"over the limit of {limit} bytes per raw id")
 
     def _check_finite(self, outputs):
         """INTERNAL when a float output holds NaN or infinity: a diverged or broken model must
@@ -270,11 +290,14 @@ def _type_name(dtype):
 
 
 def _op_error_message(error):
-    """The useful line of a TF runtime error (drops Python-side 'Graph execution' framing)."""
+    """The useful line of a TF runtime error: drops the Python side's 'Graph execution'
+    framing and the graph context TensorFlow appends (`[[{{node ...}}]]`, `[Op:...]`)."""
     message = error.message
     marker = message.find("assertion failed:")
     if marker >= 0:
         message = message[marker:]
+    for context in ("\n\t [[", " [Op:"):
+        message = message.split(context)[0]
     return message.strip()
 
 
@@ -297,6 +320,13 @@ class Servable:
                            f"Model {name} version {version}")
             for key in self.loaded.signatures}
         self.metadata = export_lib.read_metadata(path)
+        raw = self.signatures.get(export_lib.RAW_SIGNATURE_NAME)
+        if raw is not None and self.metadata:
+            # An export from before the limit was recorded maps ids of any length: the
+            # converter's limit bounds its cost too.
+            limit = self.metadata.get("raw_id_max_bytes", log_converter.MAX_ID_BYTES)
+            raw.string_limits = {name: limit for name in self.metadata.get("raw_id_inputs", ())
+                                 if name in raw.inputs}
 
     def signature(self, name):
         if name is not None and not isinstance(name, str):

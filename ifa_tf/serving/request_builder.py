@@ -176,6 +176,11 @@ class RequestBuilder:
             features[name] = value[np.newaxis]
         return features
 
+    def encode_user(self, user):
+        """The int64 id of a raw user id, as the converter maps it (`user_id` of a request;
+        the key `ifa-state build --log` stores the user's state under)."""
+        return int(log_converter.encode_ids([str(user).strip()])[0][0])
+
     def categories_of(self, rows):
         """`{raw item: raw category}` of log rows (see `parse`): each item's first category,
         the converter's rule. For a log with a category column, pass it as `categories=`

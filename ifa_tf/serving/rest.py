@@ -1,4 +1,4 @@
-"""TF Serving's REST API over a `ModelManager` (stdlib HTTP server, a thread per connection).
+"""TF Serving's REST API over a `ModelManager`, as an ASGI application.
 
     GET  /v1/models/<name>[/versions/<v> | /labels/<l>]            model status
     GET  /v1/models/<name>[/versions/<v> | /labels/<l>]/metadata   signature defs
@@ -8,27 +8,19 @@
 
 Errors are `{"error": message}` with the HTTP status TF Serving uses for the status code.
 
-Transport: bodies come with `Content-Length` or `Transfer-Encoding: chunked`, both bounded by
-`max_request_bytes`; a connection that sends nothing for `read_timeout_seconds` (idle between
-requests, or stalled inside one) is closed; a request counts as in flight, the work that
-shutdown waits for, only once its body has been read.
-
-What the server holds at once is bounded: at most `max_connections` connections (and so
-handler threads; one more is answered 503 and closed), at most `max_body_bytes_in_flight`
-bytes of request bodies being received or answered (a body that would pass it is answered
-503 before it is read), and a request whose line, headers and body have not all arrived
-`request_timeout_seconds` after its first byte is answered 408 and its connection closed,
-however steadily it trickles in. Any other method than GET and POST, and any malformed
-request line or header, is answered with a JSON error too.
+This module holds what is TF Serving's: paths, JSON, status codes, and the limits on what a
+body may cost. HTTP itself (framing, keep-alive, timeouts, connections) is uvicorn's, set up in
+`ifa_tf.serving.http_server`. A body is read here: its bytes are bounded by
+`max_request_bytes` (413) and reserved in the server's `ByteBudget` before they are read
+(503 when it is full), its nesting depth is checked before it is parsed, and it is parsed and
+answered on a worker thread, so the event loop only moves bytes.
 """
 
+import asyncio
 import base64
-import http.server
 import json
 import logging
 import re
-import socket
-import threading
 import time
 
 import grpc
@@ -37,7 +29,8 @@ from google.protobuf import json_format
 from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2
 
 from ifa_tf import export
-from ifa_tf.serving import errors, grpc_service
+from ifa_tf.serving import errors, grpc_service, parsing
+from ifa_tf.serving import metrics as metrics_lib
 from ifa_tf.serving.model_manager import listed
 
 _LOG = logging.getLogger("ifa_serve")
@@ -47,8 +40,10 @@ _PATH = re.compile(r"^/v1/models/(?P<name>[^/:]+)"
                    r"(?:(?P<metadata>/metadata)|:(?P<verb>[a-z]+))?/?$")
 
 
-def handle_predict(manager, name, version, label, body):
-    """Answers a REST predict body (bytes); returns the JSON-ready response dict."""
+def handle_predict(manager, name, version, label, body, max_json_depth=0):
+    """Answers a REST predict body (bytes); returns the JSON-ready response dict. A body
+    nested deeper than `max_json_depth` (0: no limit) is refused before it is parsed."""
+    parsing.check_json_depth(body, max_json_depth)
     try:
         payload = json.loads(body)
     except ValueError as error:  # JSONDecodeError, bad UTF-8, an integer of over 4300 digits
@@ -67,10 +62,15 @@ def handle_predict(manager, name, version, label, body):
     else:
         columns = _columns_from_inputs(payload["inputs"], signature)
     signature.check_inputs(_declared(columns, signature), manager.limits)
-    # NumPy reads `[1, false]` as the integers [1, 0]: look for booleans only when the body
-    # spells one (a string may, too; the look is then exact, leaf by leaf).
-    may_hold_booleans = _BOOLEAN_TOKEN.search(body) is not None
-    inputs = {key: _to_array(value, key, signature, may_hold_booleans)
+    # NumPy reads `[1, false]` as the integers [1, 0], and makes `[1, "x" * 10000]` an array
+    # of 10,000-character strings, one per element (1.6 GB for 200,000 elements of a 2,000
+    # character string): look leaf by leaf for booleans and strings where numbers belong,
+    # but only when the body spells `true` or `false`, or holds more quotes than its keys.
+    # (`in` first: the regex alone took 2.5 ms of a 74 KB body, a tenth of its answer.)
+    may_hold_booleans = ((b"true" in body or b"false" in body)
+                         and _BOOLEAN_TOKEN.search(body) is not None)
+    may_hold_strings = body.count(b'"') > 2 * _strings_expected(payload)
+    inputs = {key: _to_array(value, key, signature, may_hold_booleans, may_hold_strings)
               for key, value in columns.items()}
     outputs = signature.run(inputs, (), manager.limits)
     if row_format:
@@ -149,18 +149,22 @@ def _json_shape(value, key):
     return tuple(shape)
 
 
-def _to_array(value, key, signature, may_hold_booleans=True):
+def _to_array(value, key, signature, may_hold_booleans=True, may_hold_strings=True):
     """A JSON column as an array of its input's dtype (call it once `_declared` passed the
     limits). An integer outside the dtype's range is refused, not wrapped; `true` and
-    `false` are refused where a number belongs (NumPy would read them as 1 and 0)."""
+    `false` are refused where a number belongs (NumPy would read them as 1 and 0), and so is
+    a string, before NumPy pads every element to its width."""
     dtype, _ = signature.inputs[key]
     if dtype.name == "string":
         return _string_array(value, key)
-    boolean = _a_boolean(value) if may_hold_booleans and not dtype.is_bool else None
-    if boolean is not None:
-        raise errors.invalid_argument(
-            f"Input {key} expects {dtype.name} values; received {json.dumps(boolean)}, not a "
-            "number")
+    booleans = may_hold_booleans and not dtype.is_bool
+    if booleans or may_hold_strings:
+        leaf = _not_a_number(value, booleans)
+        if leaf is not None:
+            text = json.dumps(leaf)
+            raise errors.invalid_argument(
+                f"Input {key} expects {dtype.name} values; received "
+                f"{text if len(text) <= 32 else text[:29] + '...'}, not a number")
     try:
         array = np.asarray(value)
     except ValueError as error:  # a list where a number belongs (NumPy 2 refuses it)
@@ -178,16 +182,29 @@ def _to_array(value, key, signature, may_hold_booleans=True):
     return array.astype(dtype.as_numpy_dtype)
 
 
-def _a_boolean(value):
-    """A `True` or `False` that nested lists hold, or None."""
+def _not_a_number(value, booleans):
+    """The first string that nested lists hold, or boolean with `booleans`; None if none."""
     pending = [value]
     while pending:
         item = pending.pop()
         if isinstance(item, list):
-            pending.extend(item)
-        elif isinstance(item, bool):
+            pending.extend(reversed(item))
+        elif isinstance(item, str) or (booleans and isinstance(item, bool)):
             return item
     return None
+
+
+def _strings_expected(payload):
+    """How many JSON strings a body of no string values spells: its objects' keys (the top
+    level, `inputs`, each instance) and the signature name."""
+    count = len(payload) + isinstance(payload.get("signature_name"), str)
+    for key in ("inputs", "instances"):
+        value = payload.get(key)
+        if isinstance(value, dict):
+            count += len(value)
+        elif isinstance(value, list):
+            count += sum(len(item) for item in value if isinstance(item, dict))
+    return count
 
 
 def _string_array(value, key):
@@ -288,210 +305,84 @@ def _columns_from_instances(instances, signature):
     return {key: [instance[key] for instance in instances] for key in keys}
 
 
-class InFlight:
-    """Counts requests being answered, so shutdown can wait for them."""
+class RestApp:
+    """TF Serving's REST API as an ASGI application (uvicorn serves it: `http_server`).
 
-    def __init__(self):
-        self._count = 0
-        self._idle = threading.Condition()
+    `executor` runs the parsing and the model, `budget` is the server's `ByteBudget`,
+    `max_request_bytes` bounds one body (0: no limit), `metrics` (with `metrics_path`) count
+    and time predict calls, `max_json_depth` bounds a body's nesting (0: no limit).
+    """
 
-    def __enter__(self):
-        with self._idle:
-            self._count += 1
+    def __init__(self, manager, executor, budget, max_request_bytes=0, metrics=None,
+                 metrics_path=None, max_json_depth=0):
+        self.manager = manager
+        self.executor = executor
+        self.budget = budget
+        self.max_request_bytes = max_request_bytes
+        self.metrics = metrics
+        self.metrics_path = metrics_path
+        self.max_json_depth = max_json_depth
 
-    def __exit__(self, *exc_info):
-        with self._idle:
-            self._count -= 1
-            self._idle.notify_all()
-
-    def wait_idle(self, timeout):
-        deadline = time.monotonic() + timeout
-        with self._idle:
-            return self._idle.wait_for(lambda: self._count == 0,
-                                       max(0.0, deadline - time.monotonic()))
-
-
-# A chunk-size line is hex digits and optional extensions; nothing legitimate is this long.
-_MAX_CHUNK_LINE = 4096
-_MAX_TRAILER_LINES = 100
-_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
-
-
-class _Capacity:
-    """What the server holds at once: open connections and bytes of request bodies, each
-    under its cap (0: no cap)."""
-
-    def __init__(self, max_connections=0, max_body_bytes=0):
-        self.max_connections = max_connections
-        self.max_body_bytes = max_body_bytes
-        self._lock = threading.Lock()
-        self.connections = 0
-        self.body_bytes = 0
-
-    def open_connection(self):
-        with self._lock:
-            if self.max_connections and self.connections >= self.max_connections:
-                return False
-            self.connections += 1
-            return True
-
-    def close_connection(self):
-        with self._lock:
-            self.connections -= 1
-
-    def reserve(self, size):
-        with self._lock:
-            if self.max_body_bytes and self.body_bytes + size > self.max_body_bytes:
-                return False
-            self.body_bytes += size
-            return True
-
-    def release(self, size):
-        with self._lock:
-            self.body_bytes -= size
-
-
-class _Deadlines:
-    """Cuts off requests that take too long to arrive: `arm(handler, seconds)` starts the
-    clock of a request, `disarm(handler)` stops it once its body has been read; a request
-    still armed when its time is up has its connection's reading side shut down, which ends
-    any read under way, and `handler.request_expired` set."""
-
-    _TICK_SECONDS = 0.1
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._due = {}  # handler -> time.monotonic() deadline
-        self._thread = None
-
-    def arm(self, handler, seconds):
-        with self._lock:
-            self._due[handler] = time.monotonic() + seconds
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._watch, daemon=True,
-                                                name="ifa-serve-rest-deadlines")
-                self._thread.start()
-
-    def disarm(self, handler):
-        with self._lock:
-            self._due.pop(handler, None)
-
-    def _watch(self):
-        while True:
-            time.sleep(self._TICK_SECONDS)
-            now = time.monotonic()
-            with self._lock:
-                expired = [handler for handler, due in self._due.items() if due <= now]
-                for handler in expired:
-                    del self._due[handler]
-            for handler in expired:
-                handler.request_expired = True
-                try:
-                    handler.connection.shutdown(socket.SHUT_RD)
-                except OSError:  # the connection closed meanwhile
-                    pass
-
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive, as TF Serving's REST server
-    # What a request line without a version (or cut short) is taken for: http.server's
-    # HTTP/0.9 would answer it with a body and no status line or headers.
-    default_request_version = "HTTP/1.1"
-    server_version = "ifa-serve"
-    manager = None  # set by make_rest_server
-    max_request_bytes = 0
-    request_timeout = None  # seconds for a request to arrive whole; None: no limit
-    capacity = None
-    deadlines = None
-    in_flight = None
-    metrics = None
-    metrics_path = None
-    timeout = None  # socket timeout (StreamRequestHandler applies it to every read and write)
-    # The headers and the body go out in two writes; with Nagle's algorithm the second waits
-    # for the client's delayed ACK of the first (40 ms on Linux) on a keep-alive connection.
-    disable_nagle_algorithm = True
-    request_expired = False
-
-    def handle_one_request(self):
-        # The idle timeout applies until a request's first byte arrives; from there the whole
-        # request has `request_timeout` to arrive, so a trickle cannot hold the connection.
-        try:
-            if not self.rfile.peek(1):
-                self.close_connection = True
-                return
-        except OSError:  # idle past the read timeout (TimeoutError), or reset
-            self.close_connection = True
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":  # lifespan is off, and no WebSocket is served
             return
-        if self.request_timeout:
-            self.deadlines.arm(self, self.request_timeout)
-        try:
-            super().handle_one_request()
-        finally:
-            self.deadlines.disarm(self)
-
-    def __getattr__(self, name):
-        # `do_<METHOD>` for every method: those other than GET and POST get TF Serving's
-        # JSON "Malformed request" answer rather than http.server's HTML page.
-        if name.startswith("do_"):
-            return lambda: self._dispatch(name[len("do_"):])
-        raise AttributeError(name)
-
-    def _dispatch(self, method):
-        reserved = [0]  # body bytes reserved in `capacity`, released once answered
+        reserved = [0]  # body bytes reserved in the budget, released once answered
         try:
             try:
-                body = self._read_body(reserved)
-            finally:
-                self.deadlines.disarm(self)
-            if self.request_expired:  # the body ended because its time was up
-                raise ConnectionAbortedError("request deadline passed")
-        except errors.ServingError as error:
-            self.close_connection = True  # the rest of the body is unread: out of step
-            self._reply_error(error)
-            self.capacity.release(reserved[0])
-            return
-        except TimeoutError:
-            self.close_connection = True
-            self._reply(408, {"error": f"Request body not received: nothing arrived for "
-                                       f"{self.timeout:g}s"})
-            self.capacity.release(reserved[0])
-            return
-        except ConnectionError:
-            self.close_connection = True
-            self.capacity.release(reserved[0])
-            if self.request_expired:
-                self._reply_expired()
-            return  # else the client left mid-body: nobody to answer
-        # Counted only now: a client stalled mid-body is not work that shutdown must await.
-        try:
-            with self.in_flight:
-                self._answer(method, body)
-        finally:
-            self.capacity.release(reserved[0])
-
-    def _reply_expired(self):
-        self._reply(408, {"error": f"Request not received in time: its line, headers and "
-                                   f"body must arrive within {self.request_timeout:g}s of its "
-                                   "first byte"})
-
-    def send_error(self, code, message=None, explain=None):
-        """http.server's answer to a malformed request line or header, as a JSON error."""
-        self.close_connection = True
-        if self.request_expired:
-            self._reply_expired()
-            return
-        short, _ = self.responses.get(code, ("Error", ""))
-        self._reply(code, {"error": errors.clip(f"Malformed request: {message or short}")})
-
-    def _answer(self, method, body):
-        try:
-            path = self.path.split("?", 1)[0]
-            if method == "GET" and self.metrics_path and path == self.metrics_path:
-                self._reply_text(200, self.metrics.render())
+                body = await self._read_body(scope, receive, reserved)
+            except errors.ServingError as error:
+                # The rest of the body is unread: the connection cannot carry another request.
+                await _reply(send, *_error_answer(error), close=True)
                 return
+            if body is None:
+                return  # the client left, or the transport answered it (a timeout)
+            status, data, content_type = await asyncio.get_running_loop().run_in_executor(
+                self.executor, self.answer, scope["method"], _target(scope), body)
+            await _reply(send, status, data, content_type)
+        finally:
+            self.budget.release(reserved[0])
+
+    async def _read_body(self, scope, receive, reserved):
+        """The request body (None when the client left first), bounded by
+        `max_request_bytes` and reserved in the budget chunk by chunk, a declared
+        `Content-Length` at once, before it is read. uvicorn has decoded the framing."""
+        length = _content_length(scope["headers"])
+        if length is not None:
+            self._check_size(length)
+            self._reserve(length, reserved)
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            if chunk and length is None:
+                self._check_size(len(body) + len(chunk))
+                self._reserve(len(chunk), reserved)
+            body += chunk
+            if not message.get("more_body", False):
+                return body
+
+    def _check_size(self, length):
+        if self.max_request_bytes and length > self.max_request_bytes:
+            raise errors.ServingError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"Request body of {length} bytes exceeds this server's limit "
+                f"--max_request_bytes={self.max_request_bytes}")
+
+    def _reserve(self, size, reserved):
+        self.budget.reserve(size)
+        reserved[0] += size
+
+    def answer(self, method, target, body):
+        """`(HTTP status, body bytes, content type)` of a request (on a worker thread)."""
+        try:
+            path = target.split("?", 1)[0]
+            if method == "GET" and self.metrics_path and path == self.metrics_path:
+                return 200, self.metrics.render().encode(), metrics_lib.CONTENT_TYPE
             match = _PATH.match(path)
             if match is None:
-                raise errors.invalid_argument(f"Malformed request: {method} {self.path}")
+                raise errors.invalid_argument(f"Malformed request: {method} {target}")
             name, label = match["name"], match["label"]
             version = int(match["version"]) if match["version"] else None
             if method == "GET" and match["verb"] is None:
@@ -503,19 +394,20 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 raise errors.ServingError(grpc.StatusCode.UNIMPLEMENTED,
                                           f"{match['verb']} is not served by ifa-serve")
             else:
-                raise errors.invalid_argument(f"Malformed request: {method} {self.path}")
-            self._reply(200, result)
+                raise errors.invalid_argument(f"Malformed request: {method} {target}")
+            return 200, json.dumps(result).encode(), _JSON
         except errors.ServingError as error:
-            self._reply_error(error)
+            return _error_answer(error)
         except Exception as error:  # answer something rather than drop the connection
-            _LOG.exception("Unexpected error answering %s %s", method, self.path)
-            self._reply(500, {"error": f"{type(error).__name__}: {error}"})
+            _LOG.exception("Unexpected error answering %s %s", method, target)
+            return 500, json.dumps({"error": f"{type(error).__name__}: {error}"}).encode(), _JSON
 
     def _timed_predict(self, name, version, label, body):
         began = time.perf_counter()
         status = grpc.StatusCode.OK
         try:
-            return handle_predict(self.manager, name, version, label, body)
+            return handle_predict(self.manager, name, version, label, body,
+                                  self.max_json_depth)
         except RecursionError as error:  # json.loads of a body nested deeper than the stack
             status = grpc.StatusCode.INVALID_ARGUMENT
             raise errors.invalid_argument(
@@ -531,185 +423,38 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self.metrics.record(name, "Predict", "REST", status.name,
                                     time.perf_counter() - began)
 
-    # ------------------------------------------------------------------------- request body
-    def _read_body(self, reserved):
-        """The request body, from `Content-Length` or chunked transfer coding. Its bytes
-        are reserved in the server's capacity before they are read, and added to
-        `reserved[0]` for the caller to release.
 
-        Raises `ServingError` for a malformed or oversized framing (the connection cannot be
-        reused after it) or a body the server has no room for, `TimeoutError` for a stalled
-        client, `ConnectionError` for one that left or whose request ran out of time.
-        """
-        encodings = self.headers.get_all("Transfer-Encoding")
-        lengths = self.headers.get_all("Content-Length")
-        if encodings:
-            if lengths:  # RFC 9112 6.1: a request smuggling vector; refuse rather than guess
-                raise errors.invalid_argument(
-                    "A request must not carry both Transfer-Encoding and Content-Length")
-            coding = ",".join(encodings).strip().lower()
-            if coding != "chunked":
-                raise errors.ServingError(
-                    grpc.StatusCode.UNIMPLEMENTED,
-                    f"Transfer-Encoding {coding!r} is not supported; send the body with "
-                    "Content-Length or Transfer-Encoding: chunked")
-            return self._read_chunked(reserved)
-        if not lengths:
-            return b""
-        if len(set(lengths)) > 1:
-            raise errors.invalid_argument(f"Conflicting Content-Length headers: {lengths}")
-        value = lengths[0].strip()
-        if not (value.isascii() and value.isdigit()):
-            raise errors.invalid_argument(
-                f"Invalid Content-Length header: {value[:40]!r}; expected a byte count")
-        length = int(value)
-        self._check_body_size(length)
-        self._reserve(length, reserved)
-        return self._read_exactly(length)
-
-    def _read_chunked(self, reserved):
-        body = bytearray()
-        while True:
-            size = self._chunk_size(self._read_line("chunk size line"))
-            if size == 0:
-                break
-            self._check_body_size(len(body) + size)
-            self._reserve(size, reserved)
-            body += self._read_exactly(size)
-            if self._read_line("chunk end").strip():
-                raise errors.invalid_argument("Malformed chunked body: a chunk is longer "
-                                              "than its declared size")
-        for _ in range(_MAX_TRAILER_LINES):
-            if not self._read_line("trailer line").strip():
-                return bytes(body)
-        raise errors.invalid_argument(
-            f"Malformed chunked body: more than {_MAX_TRAILER_LINES} trailer lines")
-
-    def _chunk_size(self, line):
-        field = line.split(b";", 1)[0].strip()
-        if not _CHUNK_SIZE.fullmatch(field):
-            raise errors.invalid_argument(
-                f"Malformed chunked body: invalid chunk size {field[:40]!r}")
-        return int(field, 16)
-
-    def _read_line(self, what):
-        line = self.rfile.readline(_MAX_CHUNK_LINE + 1)
-        if not line.endswith(b"\n"):
-            if len(line) > _MAX_CHUNK_LINE:
-                raise errors.invalid_argument(
-                    f"Malformed chunked body: {what} longer than {_MAX_CHUNK_LINE} bytes")
-            raise ConnectionAbortedError(f"connection closed inside the {what}")
-        return line
-
-    def _read_exactly(self, length):
-        data = self.rfile.read(length) if length else b""
-        if len(data) < length:
-            raise ConnectionAbortedError(f"connection closed after {len(data)} of {length} "
-                                         "body bytes")
-        return data
-
-    def _reserve(self, size, reserved):
-        if not self.capacity.reserve(size):
-            raise errors.ServingError(
-                grpc.StatusCode.UNAVAILABLE,
-                f"Server busy: a request body of {size} more bytes would pass this server's "
-                f"limit on bodies in flight, --rest_max_body_bytes_in_flight="
-                f"{self.capacity.max_body_bytes}; retry later")
-        reserved[0] += size
-
-    def _check_body_size(self, length):
-        if self.max_request_bytes and length > self.max_request_bytes:
-            raise errors.ServingError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"Request body of {length} bytes exceeds this server's limit "
-                f"--max_request_bytes={self.max_request_bytes}")
-
-    # ----------------------------------------------------------------------------- response
-    def _reply_error(self, error):
-        self._reply(413 if error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-                    else errors.http_status(error.code), {"error": error.message})
-
-    def _reply(self, status, payload):
-        self._send(status, json.dumps(payload).encode(), "application/json")
-
-    def _reply_text(self, status, text):
-        self._send(status, text.encode(), "text/plain; version=0.0.4")
-
-    def _send(self, status, body, content_type):
-        try:
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(body)
-        except OSError as error:  # the client left, or stopped reading past the timeout
-            self.close_connection = True
-            _LOG.debug("Could not send the answer to %s: %s", self.address_string(), error)
-
-    def log_message(self, format, *args):  # noqa: A002 (BaseHTTPRequestHandler's name)
-        _LOG.debug("%s - %s", self.address_string(), format % args)
+_JSON = "application/json"
 
 
-class _RestServer(http.server.ThreadingHTTPServer):
-    # Handler threads are daemons because idle keep-alive connections hold theirs until the
-    # read timeout; shutdown waits on the in-flight count instead of on the threads.
-    daemon_threads = True
-    # The stdlib's backlog of 5 drops (and the client retries after 1 s) a burst of new
-    # connections that arrives faster than the accept loop; the kernel caps this at somaxconn.
-    request_queue_size = socket.SOMAXCONN
-    capacity = None
-
-    def process_request(self, request, client_address):
-        if not self.capacity.open_connection():
-            _refuse_connection(request, self.capacity.max_connections)
-            self.shutdown_request(request)
-            return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:  # no thread started: the connection is closed here
-            self.capacity.close_connection()
-            raise
-
-    def process_request_thread(self, request, client_address):
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self.capacity.close_connection()
+def _target(scope):
+    """The request target as sent (path and query), for routing and messages."""
+    target = scope.get("raw_path") or scope["path"].encode()
+    query = scope.get("query_string")
+    return (target + b"?" + query if query else target).decode("latin-1")
 
 
-def _refuse_connection(sock, max_connections):
-    """Answers a connection over the cap with 503 and closes it, from the accept loop: no
-    thread, and no wait on the client (the few bytes fit any socket's send buffer)."""
-    body = json.dumps({"error": f"Server busy: {max_connections} connections are open, this "
-                               "server's limit --rest_max_connections; retry later"}).encode()
-    head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
-    try:
-        sock.setblocking(False)
-        sock.send(head + body)
-    except OSError:  # the client is gone, or its window is closed: it is refused either way
-        pass
+def _content_length(headers):
+    """The declared body length, or None (chunked, or no body). uvicorn's parser refuses a
+    malformed or repeated Content-Length, or one beside Transfer-Encoding."""
+    for name, value in headers:
+        if name == b"content-length":
+            return int(value)
+    return None
 
 
-def make_rest_server(manager, host, port, max_request_bytes=0, metrics=None,
-                     metrics_path=None, read_timeout_seconds=60.0,
-                     request_timeout_seconds=None, max_connections=0,
-                     max_body_bytes_in_flight=0):
-    """A threading HTTP server (run `serve_forever()` in a thread) and its `InFlight` count.
+def _error_answer(error):
+    """`(HTTP status, body, content type)` of a `ServingError`: TF Serving's status for its
+    code, 413 for a body over the size limit."""
+    status = (413 if error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+              else errors.http_status(error.code))
+    return status, json.dumps({"error": error.message}).encode(), _JSON
 
-    `read_timeout_seconds` closes a connection that sends nothing for that long (None: never);
-    `request_timeout_seconds` answers 408 to a request that has not arrived whole that long
-    after its first byte (None: no limit); `max_connections` caps the open connections and
-    `max_body_bytes_in_flight` the bytes of request bodies held at once (0: no cap).
-    """
-    in_flight = InFlight()
-    capacity = _Capacity(max_connections, max_body_bytes_in_flight)
-    handler = type("RestHandler", (_Handler,), {
-        "manager": manager, "in_flight": in_flight, "max_request_bytes": max_request_bytes,
-        "metrics": metrics, "metrics_path": metrics_path, "timeout": read_timeout_seconds,
-        "request_timeout": request_timeout_seconds, "capacity": capacity,
-        "deadlines": _Deadlines()})
-    server = _RestServer((host, port), handler)
-    server.capacity = capacity
-    return server, in_flight
+
+async def _reply(send, status, data, content_type, close=False):
+    headers = [(b"content-type", content_type.encode()),
+               (b"content-length", str(len(data)).encode())]
+    if close:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": data})

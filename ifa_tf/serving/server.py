@@ -4,12 +4,11 @@ and where it differs."""
 
 import concurrent.futures
 import logging
-import threading
 
 import grpc
-from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
+from tensorflow_serving.apis import model_service_pb2_grpc
 
-from ifa_tf.serving import grpc_service, rest
+from ifa_tf.serving import grpc_service, http_server, parsing
 from ifa_tf.serving import metrics as metrics_lib
 from ifa_tf.serving.model_manager import ModelManager
 from ifa_tf.serving.options import ServerOptions
@@ -37,8 +36,8 @@ class ModelServer:
         self.rest_port = None
         self._grpc_server = None
         self._rest_server = None
-        self._rest_thread = None
-        self._rest_in_flight = None
+        # The bytes being parsed at once, over gRPC and REST together.
+        self.budget = parsing.ByteBudget(options.max_bytes_in_flight)
         self.metrics = metrics_lib.Metrics(known_models=self.manager.configs)
         self.metrics_path = (metrics_lib.read_monitoring_config(options.monitoring_config_file)
                              if options.monitoring_config_file else None)
@@ -52,8 +51,9 @@ class ModelServer:
             concurrent.futures.ThreadPoolExecutor(max_workers=options.grpc_max_threads,
                                                   thread_name_prefix="ifa-serve-grpc"),
             options=message_options)
-        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-            grpc_service.PredictionServicer(self.manager, self.metrics), self._grpc_server)
+        grpc_service.add_prediction_service(
+            grpc_service.PredictionServicer(self.manager, self.metrics, self.budget,
+                                            options.max_input_dims), self._grpc_server)
         model_service_pb2_grpc.add_ModelServiceServicer_to_server(
             grpc_service.ModelServicer(self.manager), self._grpc_server)
         self.grpc_port = self._grpc_server.add_insecure_port(f"{options.host}:{options.port}")
@@ -62,15 +62,14 @@ class ModelServer:
         self._grpc_server.start()
         _LOG.info("Running gRPC ModelServer at %s:%d ...", options.host, self.grpc_port)
         if options.rest_api_port:
-            self._rest_server, self._rest_in_flight = rest.make_rest_server(
-                self.manager, options.host, options.rest_api_port, options.max_request_bytes,
-                self.metrics, self.metrics_path, options.rest_read_timeout_seconds,
-                options.rest_request_timeout_seconds, options.rest_max_connections,
-                options.rest_max_body_bytes_in_flight)
-            self.rest_port = self._rest_server.server_address[1]
-            self._rest_thread = threading.Thread(target=self._rest_server.serve_forever,
-                                                 name="ifa-serve-rest", daemon=True)
-            self._rest_thread.start()
+            self._rest_server = http_server.RestServer(
+                self.manager, options.host, options.rest_api_port, self.budget,
+                options.max_request_bytes, self.metrics, self.metrics_path,
+                options.rest_max_json_depth, options.rest_api_num_threads,
+                http_server.TransportLimits(
+                    options.rest_max_connections, options.rest_max_header_bytes,
+                    options.rest_read_timeout_seconds, options.rest_request_timeout_seconds))
+            self.rest_port = self._rest_server.start().port
             _LOG.info("Exporting HTTP/REST API at:%s:%d ...", options.host, self.rest_port)
         return self
 
@@ -78,11 +77,10 @@ class ModelServer:
         _LOG.info("Shutting down: refusing new requests, finishing in-flight ones")
         grace = self.options.shutdown_grace_seconds
         if self._rest_server is not None:
-            self._rest_server.shutdown()  # stops accepting connections
-            self._rest_server.server_close()
+            self._rest_server.begin_stop(grace)  # stops accepting connections
         if self._grpc_server is not None:
             self._grpc_server.stop(grace).wait()
-        if self._rest_server is not None and not self._rest_in_flight.wait_idle(grace):
-            _LOG.warning("REST requests still running after %.0fs; leaving them", grace)
+        if self._rest_server is not None:
+            self._rest_server.stop(grace)
         self.manager.stop()
         _LOG.info("Server stopped")

@@ -15,21 +15,27 @@ A config file (and its YAML) has four sections:
       protocol: split
 
 Overrides are dotted `section.key=value` strings (`model.k=50`, `train.epochs=3`); values are
-parsed as YAML (`[64, 32]`, `null`, `0.001`). A key that does not exist is an error naming it
-and listing the valid keys; model keys are checked against `zoo.valid_overrides(name)`.
+parsed as YAML (`[64, 32]`, `null`, `0.001`). A key that does not exist is an error naming it,
+the closest valid one ("did you mean") and the valid keys; model keys are checked against
+`zoo.valid_overrides(name)`, and, before Keras loads, against `zoo/model_options.json`, the
+same lists written out (`write_model_options`; a test keeps it equal to the zoo).
 """
 
 import dataclasses
+import json
 import os
 import sys
 from typing import Optional, Union
 
 import yaml
 
+from ifa_tf._suggest import did_you_mean
+
 PROTOCOLS = ("split", "streaming")
 STRATEGIES = ("default", "mirrored", "multi_worker")
 ZOO_CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), "zoo")
+MODEL_OPTIONS_FILE = "model_options.json"
 
 
 @dataclasses.dataclass
@@ -43,15 +49,10 @@ class ModelConfig:
         from ifa_tf import zoo  # imports Keras: only once a config is checked in full
 
         if self.name not in zoo.list_models():
-            raise ValueError(f"Unknown model {self.name!r} (model.name). Registered models: "
-                             f"{zoo.list_models()}")
-        valid = zoo.valid_overrides(self.name)
-        if valid is not None:
-            unknown = sorted(set(self.overrides) - set(valid))
-            if unknown:
-                raise ValueError(f"Unknown config keys {['model.' + k for k in unknown]} for "
-                                 f"model {self.name!r}. Valid model keys: "
-                                 f"{sorted(['name', *set(valid)])}")
+            raise ValueError(f"Unknown model {self.name!r} (model.name)"
+                             f"{did_you_mean(self.name, zoo.list_models())}. Registered "
+                             f"models: {zoo.list_models()}")
+        check_model_keys(self.name, self.overrides, zoo.valid_overrides(self.name))
 
 
 @dataclasses.dataclass
@@ -257,7 +258,8 @@ def apply_dict(config, values, source="config"):
                          f"Received: {type(values).__name__}")
     unknown = sorted(set(values) - set(_SECTIONS))
     if unknown:
-        raise ValueError(f"Unknown config sections {unknown} in {source}. Valid sections: "
+        raise ValueError(f"Unknown config sections {unknown} in {source}"
+                         f"{did_you_mean(unknown[0], _SECTIONS)}. Valid sections: "
                          f"{list(_SECTIONS)}")
     for section, entries in values.items():
         if entries is None:
@@ -274,8 +276,9 @@ def set_value(config, dotted_key, value):
     """Sets one `section.key`; unknown keys are errors naming the key and the valid ones."""
     section, _, key = dotted_key.partition(".")
     if section not in _SECTIONS or not key:
-        raise ValueError(f"Unknown config key {dotted_key!r}: keys are 'section.key' with "
-                         f"section one of {list(_SECTIONS)}.")
+        raise ValueError(f"Unknown config key {dotted_key!r}"
+                         f"{did_you_mean(section, _SECTIONS) if key else ''}: keys are "
+                         f"'section.key' with section one of {list(_SECTIONS)}.")
     if section == "model":
         if key == "name":
             config.model.name = value
@@ -285,8 +288,9 @@ def set_value(config, dotted_key, value):
     target = getattr(config, section)
     fields = [f.name for f in dataclasses.fields(_SECTION_TYPES[section])]
     if key not in fields:
-        raise ValueError(f"Unknown config key {dotted_key!r}. Valid {section} keys: "
-                         f"{[f'{section}.{name}' for name in fields]}")
+        names = [f"{section}.{name}" for name in fields]
+        raise ValueError(f"Unknown config key {dotted_key!r}{did_you_mean(dotted_key, names)}. "
+                         f"Valid {section} keys: {names}")
     setattr(target, key, value)
 
 
@@ -346,6 +350,53 @@ def load_config(model_name=None, config_file=None, overrides=(), config_dir=None
         # after a zoo default changes (and a run of the old default no longer matches it).
         config.model.overrides = zoo.resolve_overrides(model_name, config.model.overrides)
     return config
+
+
+def check_model_keys(name, overrides, valid):
+    """Raises ValueError for a key of `overrides` that model `name` does not take (`valid`:
+    its option names, or None for a builder that takes any)."""
+    if valid is None:
+        return
+    unknown = sorted(set(overrides) - set(valid))
+    if unknown:
+        keys = sorted(["name", *set(valid)])
+        hint = did_you_mean("model." + unknown[0], ["model." + k for k in keys])
+        raise ValueError(f"Unknown config keys {['model.' + k for k in unknown]} for model "
+                         f"{name!r}{hint}. Valid model keys: {keys}")
+
+
+def model_options():
+    """`{model: sorted option names, or None}` of every registered model (imports Keras)."""
+    from ifa_tf import zoo
+
+    options = {}
+    for name in zoo.list_models():
+        valid = zoo.valid_overrides(name)
+        options[name] = None if valid is None else sorted(set(valid))
+    return options
+
+
+def write_model_options(config_dir=None):
+    """Writes `model_options()` to `zoo/model_options.json`, what `check_model_keys_early`
+    reads: run it after a model is registered or gains an option."""
+    path = os.path.join(config_dir or ZOO_CONFIG_DIR, MODEL_OPTIONS_FILE)
+    lines = [f"  {json.dumps(name)}: {json.dumps(keys)}"
+             for name, keys in sorted(model_options().items())]
+    with open(path, "w") as f:
+        f.write("{\n" + ",\n".join(lines) + "\n}\n")
+    return path
+
+
+def check_model_keys_early(config, config_dir=None):
+    """`check_model_keys` from `zoo/model_options.json`, without Keras; a model the file
+    does not list (newer than it) is left to the full check."""
+    path = os.path.join(config_dir or ZOO_CONFIG_DIR, MODEL_OPTIONS_FILE)
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        options = json.load(f)
+    if config.model.name in options:
+        check_model_keys(config.model.name, config.model.overrides, options[config.model.name])
 
 
 def zoo_config_names(config_dir=None):

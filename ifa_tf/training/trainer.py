@@ -23,6 +23,10 @@ part.
 
 A run whose loss or weights become NaN or infinite raises `TrainingDivergedError` and writes
 no `model.keras`, `metrics.json` or checkpoint of the diverged weights.
+
+A directory holding a finished run (its metrics.json, or history.jsonl with an epoch) and no
+backup is refused (`run_directory.check_not_finished`): training again would start from
+epoch 0 and overwrite it.
 """
 
 import json
@@ -41,7 +45,7 @@ from ifa_tf.data import make_dataset, records
 from ifa_tf.metrics import CandidateSetEvaluator
 from ifa_tf.progress import ProgressBar
 from ifa_tf.schema import resolve_schema
-from ifa_tf.training import strategies
+from ifa_tf.training import run_directory, strategies
 from ifa_tf.training.progress import FitProgress
 from ifa_tf.training.checkpointing import (ChiefBackupAndRestore, EpochCheckpoint,
                                            TrainingDivergedError, atomic_write, write_text)
@@ -123,6 +127,7 @@ def train_and_evaluate(config, workdir, callbacks=()):
     config.validate()
     started = time.time()
     chief = strategies.is_chief()
+    run_directory.check_not_finished(workdir)
     # Non-chief workers write into a throwaway directory (files are written by the chief
     # only) but read the chief's backup, so that every worker resumes from the same epoch.
     write_dir = workdir if chief else tempfile.mkdtemp(prefix="ifa_train_worker_")
