@@ -148,25 +148,37 @@ def test_an_item_table_gives_the_categories_on_beam_too(tmp_path):
 
 
 def test_malformed_rows_fail_the_run_naming_the_file_and_line(tmp_path):
+    """The rules are the parser's, one body for both drivers: an empty id, and a raw id
+    longer than the 1,024 bytes serving takes."""
     log = _log(tmp_path / "log.csv")
+    with open(log, "a") as f:
+        f.write(f"{'u' * 1025},i1,c1,{DAY},pv\n")  # line 704
     config = log_converter.LogConfig(columns=COLUMNS, actions=ACTIONS)
     with pytest.raises(records.DataFormatError) as in_process:
         log_converter.convert_log(log, str(tmp_path / "a"), config)
     with pytest.raises(records.DataFormatError) as on_beam:
         beam_pipeline.convert_log(log, str(tmp_path / "b"), config, options=_in_memory())
     assert str(on_beam.value) == str(in_process.value)
-    assert f"{log}: 1 malformed rows: line 61: empty item" in str(on_beam.value)
-    assert not glob.glob(str(tmp_path / "b" / "*tfrecord*"))
-    assert not glob.glob(str(tmp_path / "b" / (records.TMP_PREFIX + "*")))
+    assert (f"{log}: 2 malformed rows: line 61: empty item; line 704: user id of 1025 bytes "
+            "is longer than 1024 bytes") in str(on_beam.value)
+    assert not os.path.exists(tmp_path / "b")  # nothing left behind, as in-process
 
 
 def test_a_log_without_requests_is_the_same_error(tmp_path):
+    """Every user's events within one window: both drivers say which timestamps put them
+    there, from the same figures, and leave no output directory."""
     with open(tmp_path / "log.csv", "w") as f:
-        f.write("user,item,timestamp\nu1,i1,5\nu2,i1,6\n")
+        f.write("user,item,timestamp\nu1,i1,5\nu1,i2,9\nu2,i1,6\n")
     config = log_converter.LogConfig(columns="user,item,timestamp", min_seq_len=1)
-    with pytest.raises(records.DataFormatError, match="No request has at least"):
-        beam_pipeline.convert_log(str(tmp_path / "log.csv"), str(tmp_path / "b"), config,
-                                  options=_in_memory())
+    errors = []
+    for name, convert in (("a", log_converter.convert_log),
+                          ("b", lambda *a: beam_pipeline.convert_log(*a, options=_in_memory()))):
+        with pytest.raises(records.DataFormatError) as error:
+            convert(str(tmp_path / "log.csv"), str(tmp_path / name), config)
+        errors.append(str(error.value))
+        assert not os.path.exists(tmp_path / name)
+    assert errors[0] == errors[1]
+    assert "the longest user spans 4 s; the timestamps run 5 to 9" in errors[1]
 
 
 # ---------------------------------------------------------------------- MovieLens-100K
@@ -245,6 +257,30 @@ def test_the_command_runs_on_beam_with_runner(tmp_path, flag_values):
     _parse(in_process, *common, f"--output_dir={tmp_path / 'in_process'}")
     cli.run_command("from-log", in_process)
     _assert_same_output(str(tmp_path / "in_process"), str(tmp_path / "beam"))
+
+
+def test_the_early_checks_read_a_glob_of_plain_and_gzip_files(tmp_path, flag_values):
+    """The checks before TensorFlow loads (the header, the timestamp column) read the first
+    file of a glob, and the head of a `.gz` file: a glob is no 'file not found', and a
+    column mistake is found in it."""
+    _log(tmp_path / "whole.csv", seed=2, bad_row=False)
+    with open(tmp_path / "whole.csv") as f:
+        header, *rows = f.read().splitlines()
+    (tmp_path / "parts").mkdir()
+    with gzip.open(tmp_path / "parts" / "a.csv.gz", "wt") as f:
+        f.write("\n".join([header, *rows[:300]]) + "\n")
+    with open(tmp_path / "parts" / "b.csv", "w") as f:
+        f.write("\n".join([header, *rows[300:]]) + "\n")
+    common = [f"--input={tmp_path / 'parts' / '*.csv*'}", f"--output_dir={tmp_path / 'out'}",
+              f"--actions={ACTIONS}"]
+    assert cli.check(["ifa-data", "from-log"], _parse(flag_values, *common,
+                                                      f"--columns={COLUMNS}")) is None
+    flag_values.unparse_flags()
+    _parse(flag_values, *common, "--columns=user,item,timestamp,category,action")
+    with pytest.raises(app.UsageError, match="--columns: timestamp is column 3 .'category'., "
+                                             "whose values are no times .*did you mean "
+                                             "columns=user,item,category,timestamp,action"):
+        cli.check(["ifa-data", "from-log"], flag_values)
 
 
 @pytest.mark.parametrize("arguments, message", [
