@@ -758,7 +758,8 @@ class UserStatistics(beam.DoFn):
             yield beam.pvalue.TaggedOutput("offsets", (user, num_train, num_test))
 
     def finish_bundle(self):
-        yield window.GlobalWindows.windowed_value(self.counts)
+        counts, self.counts = self.counts, None  # a runner keeps the DoFn after the bundle
+        yield window.GlobalWindows.windowed_value(counts)
 
 
 class _Counts:
@@ -851,13 +852,18 @@ class BuildRequests(beam.DoFn):
         self.fallbacks += sampler.fallbacks - before
 
     def finish_bundle(self):
-        for key, (writer, path, count) in self.writers.items():
+        # Nothing of the bundle stays with the DoFn, which a runner keeps after the bundle
+        # (with the DirectRunner, beside the DoFns of each group's other steps).
+        writers, statistics, train = self.writers, self.statistics, self.train
+        self.writers, self.statistics, self.train = {}, {}, None
+        self._sampler = self._hashes = None
+        for key, (writer, path, count) in writers.items():
             writer.close()
             yield _tagged("files", (key, (path, count)))
-        for name, statistics in self.statistics.items():
-            yield _tagged("statistics", (name, statistics))
-        if self.train is not None:
-            yield _tagged("train", self.train)
+        for name, figures in statistics.items():
+            yield _tagged("statistics", (name, figures))
+        if train is not None:
+            yield _tagged("train", train)
         yield _tagged("fallbacks", self.fallbacks)
 
     def _writer(self, split, shard):
@@ -953,7 +959,8 @@ class ScoreTests(beam.DoFn):
 
     def finish_bundle(self):
         yield from self._histograms(_tagged)
-        yield window.GlobalWindows.windowed_value(self.totals)
+        totals, self.totals, self._lookup = self.totals, None, None  # as in BuildRequests
+        yield window.GlobalWindows.windowed_value(totals)
 
     def _histograms(self, tag):
         """The pending scores as one histogram per (score, value range)."""
