@@ -430,20 +430,23 @@ class _Step(beam.PTransform):
 
 def _combined(pcollections, label, combine_fn):
     """`combine_fn` over all of `pcollections`, as one value (a singleton), for the side
-    inputs of later steps: each combined on its own, then their results merged by one step
-    that takes them as side inputs. Not flattened first: the DirectRunner's scheduler waits
-    forever on a Flatten of parts whose steps take side inputs when the flattened result
-    becomes a side input of the parts' next steps (Beam 2.78). `combine_fn`'s outputs are
-    its accumulators."""
+    inputs of later steps: each combined on its own, then their results merged in turn,
+    each merge a step that takes the results so far as a side input, so that no step holds
+    more than two of them. Not flattened first: the DirectRunner's scheduler waits forever
+    on a Flatten of parts whose steps take side inputs when the flattened result becomes a
+    side input of the parts' next steps (Beam 2.78). `combine_fn`'s outputs are its
+    accumulators."""
     if len(pcollections) == 1:
         return pcollections[0] | label >> beam.CombineGlobally(combine_fn)
     partials = [pcollection | f"{label} {index}" >> beam.CombineGlobally(combine_fn)
                 for index, pcollection in enumerate(pcollections)]
-    return (pcollections[0].pipeline
-            | f"{label} once" >> beam.Create([None])
-            | label >> beam.Map(lambda _, *values: combine_fn.extract_output(
-                combine_fn.merge_accumulators(values)),
-                *[beam.pvalue.AsSingleton(partial) for partial in partials]))
+    merged = partials[0]
+    for index, partial in enumerate(partials[1:], 1):
+        # Into the step's own element: a side input's value is the runner's, not ours.
+        merged = partial | f"{label} merged {index}" >> beam.Map(
+            lambda value, so_far: combine_fn.merge_accumulators([value, so_far]),
+            so_far=beam.pvalue.AsSingleton(merged))
+    return merged | label >> beam.Map(combine_fn.extract_output)
 
 
 class _ToList(beam.CombineFn):
