@@ -145,6 +145,18 @@ def test_the_local_runner_runs_a_large_log_in_groups_of_users(tmp_path):
                  bytes_per_partition=1000) == 1
 
 
+def test_the_local_workers_start_with_the_allocator_settings(monkeypatch):
+    """The workers inherit them while the run starts them; a value already set is the
+    user's; the driver's environment is as it was after the run."""
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "999")
+    with beam_pipeline._worker_allocator():
+        assert os.environ["MALLOC_MMAP_THRESHOLD_"] == "131072"
+        assert os.environ["MALLOC_TRIM_THRESHOLD_"] == "999"
+    assert "MALLOC_MMAP_THRESHOLD_" not in os.environ
+    assert os.environ["MALLOC_TRIM_THRESHOLD_"] == "999"
+
+
 def test_an_item_table_gives_the_categories_on_beam_too(tmp_path):
     log = _log(tmp_path / "log.csv", seed=3, bad_row=False)
     with open(log) as f:
