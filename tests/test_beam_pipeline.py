@@ -72,29 +72,28 @@ def _assert_same_output(in_process, on_beam):
     assert not glob.glob(os.path.join(on_beam, records.TMP_PREFIX + "*"))
 
 
-def _both(log, tmp_path, options=None, num_shards=3, partitions=None, **config):
+def _both(log, tmp_path, options=None, num_shards=3, **config):
     config = log_converter.LogConfig(**config)
     in_process = str(tmp_path / "in_process")
     on_beam = str(tmp_path / "beam")
     expected = log_converter.convert_log(log, in_process, config, num_shards=num_shards)
     got = beam_pipeline.convert_log(log, on_beam, config, num_shards=num_shards,
-                                    options=options or _in_memory(), partitions=partitions)
+                                    options=options or _in_memory())
     assert got == expected
     return in_process, on_beam, expected
 
 
 # ----------------------------------------------------------------- the same output
-@pytest.mark.parametrize("negatives, extra, partitions", [
-    ("popularity_matched", {"exclude_history": True}, None),
-    ("exposure", {}, 3),  # the per-user steps in 3 groups of users, as a large log's
-    ("popularity", {"fixed_set_size": False}, None),
+@pytest.mark.parametrize("negatives, extra", [
+    ("popularity_matched", {"exclude_history": True}),
+    ("exposure", {}),
+    ("popularity", {"fixed_set_size": False}),
 ])
-def test_beam_writes_what_the_in_process_converter_writes(tmp_path, negatives, extra,
-                                                          partitions):
+def test_beam_writes_what_the_in_process_converter_writes(tmp_path, negatives, extra):
     log = _log(tmp_path / "log.csv")
     in_process, on_beam, metadata = _both(
-        log, tmp_path, partitions=partitions, columns=COLUMNS, actions=ACTIONS,
-        skip_bad_rows=True, negatives=negatives, max_candidates=12, num_negatives=4, **extra)
+        log, tmp_path, columns=COLUMNS, actions=ACTIONS, skip_bad_rows=True, negatives=negatives,
+        max_candidates=12, num_negatives=4, **extra)
     _assert_same_output(in_process, on_beam)
     assert metadata["bad_rows"] == 1 and metadata["bad_row_lines"] == [61]
     assert metadata["leak_audit"]["num_requests"] > 10
@@ -123,26 +122,12 @@ def test_globs_of_plain_and_gzip_files_read_as_one_log(tmp_path):
         f.write("\n".join([header, *rows[300:]]) + "\n")
     pattern = str(tmp_path / "parts" / "*.csv*")
     kwargs = dict(columns=COLUMNS, actions=ACTIONS, max_candidates=12, num_negatives=4)
-    in_process, on_beam, _ = _both(pattern, tmp_path, partitions=2, **kwargs)
+    in_process, on_beam, _ = _both(pattern, tmp_path, **kwargs)
     _assert_same_output(in_process, on_beam)
     # The same rows in one file give the same requests.
     log_converter.convert_log(whole, str(tmp_path / "single"),
                               log_converter.LogConfig(**kwargs), num_shards=3)
     assert _records_by_file(str(tmp_path / "single")) == _records_by_file(on_beam)
-
-
-def test_the_local_runner_runs_a_large_log_in_groups_of_users(tmp_path):
-    """One group of users per `PARTITION_BYTES` of the log (a .gz file's bytes counted
-    `_GZIP_RATIO` times) on the DirectRunner, whose workers get a step's share at once; one
-    on a cluster's runner, which streams it."""
-    (tmp_path / "a.csv").write_bytes(b"x" * 2500)
-    (tmp_path / "b.csv.gz").write_bytes(b"x" * 1000)
-    files = [str(tmp_path / "a.csv"), str(tmp_path / "b.csv.gz")]
-    local = beam_pipeline.local_partitions
-    assert local(files, _in_memory(), bytes_per_partition=6500) == 1
-    assert local(files, _in_memory(), bytes_per_partition=1000) == 7  # 2,500 + 4 * 1,000
-    assert local(files, beam_pipeline.default_options("DataflowRunner"),
-                 bytes_per_partition=1000) == 1
 
 
 def test_the_local_workers_start_with_the_allocator_settings(monkeypatch):

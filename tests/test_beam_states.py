@@ -56,7 +56,7 @@ def test_beam_builds_the_states_built_in_process(converted, log_model, tmp_path,
                else request.getfixturevalue("redis_server").url)
     got = beam_states.build_states_from_log(
         on_beam, export_dir, log, dataset, state_model.cross_features, batch_size=2,
-        options=_in_memory(), skip_bad_rows=True, partitions=2)  # 2 groups of users
+        options=_in_memory(), skip_bad_rows=True)
     assert got == {"users": expected["users"], "model": state_model.model, "skipped_rows": 2}
     assert expected["skipped_rows"] == 2
     users = sorted(state_store.events_from_log(log, dataset, skip_bad_rows=True))

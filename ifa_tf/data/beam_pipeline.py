@@ -31,15 +31,13 @@ co-occurrence profiles: 2 KB an item) and of users (each user's first request in
 bytes a user), not with the number of events. Exceptions: the distinct ids of one role
 (to write its vocabulary and count collisions), one range of the audit's score values,
 and with `negatives="exposure"` every request's window (the sampler draws from other
-users' windows nearest in time).
-
-The DirectRunner (this machine's runner) sends each worker its whole share of a step's
-input as one message, so that a worker would hold its share of the log's events at the
-grouping by user: there, the per-user steps run on disjoint groups of users, one per
-`PARTITION_BYTES` of the log (`local_partitions`), each group's steps in turn, so that a
-worker's share is a group's. The driver process holds the data between steps (the
-runner's shuffle), which grows with the log. On a cluster, the runner streams a step's
-input to its workers and its shuffle service holds the data: one group.
+users' windows nearest in time). With the DirectRunner, the driver process also holds the
+data between steps (the runner's shuffle), which grows with the log; on a cluster the
+runner's shuffle service holds it. The DirectRunner also sends each worker its whole share
+of a step's input as one message (its `GroupingBuffer` makes one part per worker, which
+`_send_input_to_worker` writes whole), so that a local worker's memory grows with its share
+of the log's events at the steps after the grouping by user; a cluster's runner streams a
+step's input to its workers.
 """
 
 import contextlib
@@ -55,8 +53,7 @@ import uuid
 import apache_beam as beam
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import (GoogleCloudOptions, PipelineOptions,
-                                                  StandardOptions)
+from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions
 from apache_beam.transforms import window
 
 from ifa_tf.data import leak_audit, log_converter, log_statistics, records, user_requests
@@ -65,15 +62,11 @@ _FLUSH_EVENTS = 1 << 18  # read: events buffered per worker before they are emit
 _FLUSH_IDS = 1 << 17  # read: distinct ids remembered per worker before they are emitted
 _FLUSH_SCORES = 1 << 19  # audit: score values held per worker before they are emitted
 _SCORE_RANGE_BITS = 20
-# DirectRunner: bytes of the log per group of users the per-user steps run on
-# (`local_partitions`); a .gz file's bytes count `_GZIP_RATIO` times.
-PARTITION_BYTES = 64 << 20
-_GZIP_RATIO = 4
 # glibc's allocator settings for the DirectRunner's workers: blocks of 128 KiB or more are
 # mapped and unmapped on their own, and the heap is trimmed above 128 KiB free. By default
 # glibc raises its mapping threshold after each large block freed (up to 32 MiB) and keeps
 # what is freed in its heap, so that a worker's resident memory kept the peak of every step
-# it ran: 2.87 GB against 2.02 GB on the generated 5M-event log (benchmarks/results/beam).
+# it ran (benchmarks/results/beam).
 WORKER_ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 _WORK_PREFIX = ".tmp-beam-"
 _logger = logging.getLogger("ifa_tf.data.log_converter")
@@ -95,15 +88,13 @@ def default_options(runner="DirectRunner", num_workers=None, extra=()):
 
 # ------------------------------------------------------------------------------ driving
 def convert_log(path, output_dir, config, num_shards=1, compression="gzip", source=None,
-                options=None, run_context=None, partitions=None):
+                options=None, run_context=None):
     """Converts the log at `path` (a file, a `.gz` file or a glob) into `output_dir` with a
     Beam pipeline run under `options` (`default_options()` when None): the records, the
     vocabularies and `metadata.json` of `log_converter.convert_log`. Returns the metadata.
     `run_context()`: a context manager the run happens in (the command line's, which keeps
     the local workers' start-up lines off the terminal). Malformed rows are logged by the
     workers that read them (skipped, or listed in the error that ends the run).
-    `partitions`: the groups of users the per-user steps run on (default
-    `local_partitions`).
     """
     records.check_compression(compression)
     if not isinstance(num_shards, int) or num_shards < 1:
@@ -119,12 +110,10 @@ def convert_log(path, output_dir, config, num_shards=1, compression="gzip", sour
     try:
         FileSystems.mkdirs(work)
         FileSystems.mkdirs(FileSystems.join(work, "records"))
-        options = options or default_options()
-        pipeline = beam.Pipeline(options=options)
+        pipeline = beam.Pipeline(options=options or default_options())
         summary = SummaryFiles(FileSystems.join(work, "summary"))
         _build_conversion(pipeline, summary, files, parser, config, output_dir, work,
-                          num_shards, compression,
-                          partitions or local_partitions(files, options))
+                          num_shards, compression)
         run(pipeline, run_context)
         metadata = _finish(summary.read(), files, config, output_dir, compression,
                            source or {"log": os.path.abspath(path) if "://" not in path
@@ -137,11 +126,11 @@ def convert_log(path, output_dir, config, num_shards=1, compression="gzip", sour
 
 
 def convert_preset(name, data_dir, output_dir, num_shards=1, compression="gzip",
-                   options=None, run_context=None, partitions=None, **overrides):
+                   options=None, run_context=None, **overrides):
     """`log_converter.convert_preset` as a Beam pipeline (`convert_log`)."""
     log, config, source = log_converter.preset_conversion(name, data_dir, **overrides)
     return convert_log(log, output_dir, config, num_shards, compression, source=source,
-                       options=options, run_context=run_context, partitions=partitions)
+                       options=options, run_context=run_context)
 
 
 def run(pipeline, run_context=None):
@@ -306,10 +295,9 @@ def _remove(path):
 
 # --------------------------------------------------------------------------- the graph
 def _build_conversion(pipeline, summary, files, parser, config, output_dir, work,
-                      num_shards, compression, partitions=1):
+                      num_shards, compression):
     """The conversion's steps (see the module docstring); the figures `metadata.json` needs
-    go to `summary` (`SummaryFiles`). The per-user steps run on `partitions` disjoint
-    groups of users (`local_partitions`), their results flattened."""
+    go to `summary` (`SummaryFiles`)."""
     schema = log_converter.log_schema(config)
     read = (pipeline
             | "Files" >> beam.Create(list(enumerate(files)))
@@ -324,174 +312,60 @@ def _build_conversion(pipeline, summary, files, parser, config, output_dir, work
                 | "IdsOfRole" >> beam.GroupByKey()
                 | "IdTable" >> beam.ParDo(WriteIdTable(output_dir)))
 
-    timelines = user_timelines(read.events, config, partitions)
-    each = _Parts(timelines)
-    summary.add("num_events", each.flat("CountEvents", lambda t: t | beam.Map(
-        lambda timeline: len(timeline[1][0]))) | "SumEvents" >> beam.CombineGlobally(sum))
-    summary.add("time_span", each.flat("TimeSpans", lambda t: t | beam.MapTuple(
-        lambda user, timeline: (int(timeline[1][-1] - timeline[1][0]), int(timeline[1][0]),
-                                int(timeline[1][-1]))))
+    timelines = (read.events
+                 | "GroupByUser" >> beam.GroupByKey()
+                 | "Timeline" >> beam.ParDo(UserTimeline(config)))
+    summary.add("num_events", timelines
+                | "CountEvents" >> beam.Map(lambda t: len(t[1][0]))
+                | "SumEvents" >> beam.CombineGlobally(sum))
+    summary.add("time_span", timelines
+                | "TimeSpans" >> beam.MapTuple(lambda user, timeline: (
+                    int(timeline[1][-1] - timeline[1][0]), int(timeline[1][0]),
+                    int(timeline[1][-1])))
                 | "LogTimeSpan" >> beam.CombineGlobally(_time_span))
-    split = _split_time(each.flat("RequestTimes", lambda t: t | beam.Map(
-        _request_times, config)), config)
+    split = _split_time(timelines, config)
     summary.add("split", split)
 
-    statistics = each.map("Statistics", lambda t: t | beam.ParDo(
+    statistics = timelines | "Statistics" >> beam.ParDo(
         UserStatistics(config), split=beam.pvalue.AsSingleton(split)).with_outputs(
-            "offsets", "exposure", main="counts"))
-    counts = _combined([s.counts for s in statistics], "MergeCounts", _MergeAll())
-    offsets = (_combined([s.offsets for s in statistics], "Offsets", _ToList())
+            "offsets", "exposure", main="counts")
+    counts = statistics.counts | "MergeCounts" >> beam.CombineGlobally(_MergeAll())
+    offsets = (statistics.offsets | "Offsets" >> beam.combiners.ToList()
                | "OffsetTable" >> beam.Map(_offset_table))
-    exposure = (_combined([s.exposure for s in statistics], "Exposure", _ToList())
+    exposure = (statistics.exposure | "Exposure" >> beam.combiners.ToList()
                 | "ExposureInputs" >> beam.Map(_exposure_inputs))
 
-    built = each.map("Build", lambda t: t | beam.ParDo(
+    built = timelines | "Build" >> beam.ParDo(
         BuildRequests(config, schema, num_shards, work),
         split=beam.pvalue.AsSingleton(split),
         counts=beam.pvalue.AsSingleton(counts),
         offsets=beam.pvalue.AsSingleton(offsets),
         exposure=beam.pvalue.AsSingleton(exposure),
         item_category=beam.pvalue.AsSingleton(item_category)).with_outputs(
-            "files", "statistics", "train", "fallbacks", main="tests"))
-    summary.add("statistics", _flatten([b.statistics for b in built], "AllSplitFigures")
-                | "SplitFigures" >> beam.CombinePerKey(_MergeAll()))
-    summary.add("fallbacks", _flatten([b.fallbacks for b in built], "AllFallbacks")
-                | "Fallbacks" >> beam.CombineGlobally(sum))
-    summary.add("files", _flatten([b.files for b in built], "AllFiles")
+            "files", "statistics", "train", "fallbacks", main="tests")
+    summary.add("statistics", built.statistics | "SplitFigures" >> beam.CombinePerKey(
+        _MergeAll()))
+    summary.add("fallbacks", built.fallbacks | "Fallbacks" >> beam.CombineGlobally(sum))
+    summary.add("files", built.files
                 | "ByShard" >> beam.GroupByKey()
                 | "Concatenate" >> beam.ParDo(ConcatenateShard(output_dir, compression),
                                               split=beam.pvalue.AsSingleton(split),
                                               num_shards=num_shards)
                 | "ShardCounts" >> beam.combiners.ToList())
 
-    train = _combined([b.train for b in built], "TrainStatistics", _MergeAll())
-    audit = _Parts([b.tests for b in built]).map("Audit", lambda tests: tests | beam.ParDo(
+    train = built.train | "TrainStatistics" >> beam.CombineGlobally(_MergeAll())
+    audit = built.tests | "Audit" >> beam.ParDo(
         ScoreTests(schema.tasks), train=beam.pvalue.AsSingleton(train)).with_outputs(
-            "histograms", main="totals"))
-    summary.add("audit_totals", _flatten([a.totals for a in audit], "AllAuditTotals")
-                | "AuditTotals" >> beam.CombineGlobally(_MergeAll()))
+            "histograms", main="totals")
+    summary.add("audit_totals", audit.totals | "AuditTotals" >> beam.CombineGlobally(
+        _MergeAll()))
     # Grouped, not combined: Beam's combiner lifting would merge a worker's histograms of
     # each range before the shuffle, holding every distinct score of its share of the test
-    # split at once; grouped, a worker holds one range's histograms at a time. The ranges
-    # are grouped in `partitions` parts, as the users are.
-    histograms = _flatten([a.histograms for a in audit], "AllHistograms")
-    ranges = (histograms if partitions == 1 else histograms | "RangePartitions" >> beam.Partition(
-        lambda entry, n: entry[0][1] % n, partitions))
-    terms = _Parts(ranges if partitions > 1 else [ranges]).flat(
-        "Terms", lambda part: part | beam.GroupByKey() | beam.MapTuple(
-            lambda key, parts: (key, _merged(parts).terms())))
-    summary.add("audit_terms", terms | "TermsList" >> beam.combiners.ToList())
-
-
-def user_timelines(events, config, partitions=1):
-    """`ReadFile`'s events grouped by user into `(user, (item, time, bits))` timelines
-    (`UserTimeline`), as a list of `partitions` PCollections of disjoint users (by user id
-    modulo `partitions`; see `local_partitions`)."""
-    parts = ([events] if partitions == 1 else
-             events | "UserPartitions" >> beam.Partition(lambda entry, n: entry[0] % n,
-                                                         partitions))
-    return _Parts(parts).map("Timeline", lambda part: part | "GroupByUser" >> beam.GroupByKey()
-                            | "Timeline" >> beam.ParDo(UserTimeline(config)))
-
-
-def local_partitions(files, options, bytes_per_partition=PARTITION_BYTES):
-    """How many disjoint groups of users the per-user steps run on: with the DirectRunner,
-    one per `bytes_per_partition` of the log's files (a `.gz` file counted at
-    `_GZIP_RATIO` times its size); on a cluster's runner, 1.
-
-    The DirectRunner sends each worker its whole share of a step's input at once (one
-    message of the step's input divided by the workers), so a worker's memory would follow
-    the log; run in parts, each step's share follows the part. A cluster's runner streams a
-    step's input to its workers."""
-    runner = options.view_as(StandardOptions).runner
-    if runner not in (None, "DirectRunner", "SwitchingDirectRunner"):
-        return 1
-    size = 0
-    for result in FileSystems.match(list(files)):
-        for found in result.metadata_list:
-            size += found.size_in_bytes * (_GZIP_RATIO if found.path.endswith(".gz") else 1)
-    return max(1, -(-size // bytes_per_partition))
-
-
-def flatten_parts(parts, label, step):
-    """`step` (a function of a PCollection) applied to each of `parts`, labelled by part,
-    the results flattened into one PCollection."""
-    return _Parts(parts).flat(label, step)
-
-
-class _Parts:
-    """Steps applied to each of a list of PCollections (parts of one), labelled by part."""
-
-    def __init__(self, parts):
-        self.parts = list(parts)
-
-    def map(self, label, step):
-        """`[step(part)]`, each applied under `label` (and its part's number)."""
-        if len(self.parts) == 1:
-            return [self.parts[0] | label >> _Step(step)]
-        return [part | f"{label} {index}" >> _Step(step)
-                for index, part in enumerate(self.parts)]
-
-    def flat(self, label, step):
-        """`map`'s results flattened into one PCollection."""
-        return _flatten(self.map(label, step), f"All{label}")
-
-
-class _Step(beam.PTransform):
-    """A function of a PCollection as a composite transform (so that its steps are
-    labelled under the part's label)."""
-
-    def __init__(self, step):
-        super().__init__()
-        self.step = step
-
-    def expand(self, pcollection):
-        return self.step(pcollection)
-
-
-def _combined(pcollections, label, combine_fn):
-    """`combine_fn` over all of `pcollections`, as one value (a singleton), for the side
-    inputs of later steps: each combined on its own, then their results merged in turn,
-    each merge a step that takes the results so far as a side input, so that no step holds
-    more than two of them. Not flattened first: the DirectRunner's scheduler waits forever
-    on a Flatten of parts whose steps take side inputs when the flattened result becomes a
-    side input of the parts' next steps (Beam 2.78). `combine_fn`'s outputs are its
-    accumulators."""
-    if len(pcollections) == 1:
-        return pcollections[0] | label >> beam.CombineGlobally(combine_fn)
-    partials = [pcollection | f"{label} {index}" >> beam.CombineGlobally(combine_fn)
-                for index, pcollection in enumerate(pcollections)]
-    merged = partials[0]
-    for index, partial in enumerate(partials[1:], 1):
-        # Into the step's own element: a side input's value is the runner's, not ours.
-        merged = partial | f"{label} merged {index}" >> beam.Map(
-            lambda value, so_far: combine_fn.merge_accumulators([value, so_far]),
-            so_far=beam.pvalue.AsSingleton(merged))
-    return merged | label >> beam.Map(combine_fn.extract_output)
-
-
-class _ToList(beam.CombineFn):
-    """`beam.combiners.ToList`'s combination as a `CombineFn` whose output is its
-    accumulator (for `_combined`)."""
-
-    def create_accumulator(self):
-        return []
-
-    def add_input(self, values, value):
-        values.append(value)
-        return values
-
-    def merge_accumulators(self, accumulators):
-        return [value for values in accumulators for value in values]
-
-    def extract_output(self, values):
-        return values
-
-
-def _flatten(pcollections, label):
-    if len(pcollections) == 1:
-        return pcollections[0]
-    return tuple(pcollections) | label >> beam.Flatten()
+    # split at once; grouped, a worker holds one range's histograms at a time.
+    summary.add("audit_terms", audit.histograms
+                | "HistogramsOfRange" >> beam.GroupByKey()
+                | "Terms" >> beam.MapTuple(lambda key, parts: (key, _merged(parts).terms()))
+                | "AllTerms" >> beam.combiners.ToList())
 
 
 def _time_span(spans):
@@ -513,10 +387,10 @@ def category_table(categories):
                                                          in first.items()}))
 
 
-def _split_time(times, config):
-    """The split time, as a singleton `{"time", "count", "train"}`: the radix selection of
-    the request times (`times`: each user's, from `_request_times`), one pass per
-    `log_statistics.RADIX_LEVELS` entry."""
+def _split_time(timelines, config):
+    """The split time, as a singleton `{"time", "count", "train"}`: the request times'
+    radix selection, one pass per `log_statistics.RADIX_LEVELS` entry."""
+    times = timelines | "RequestTimes" >> beam.Map(_request_times, config)
     state = (times | "Count" >> beam.ParDo(_TimesSummary())
              | "SumCount" >> beam.CombineGlobally(_CountAndMax())
              | "Rank" >> beam.Map(_selection_start, config.test_fraction))
@@ -876,8 +750,7 @@ class BuildRequests(beam.DoFn):
         self.fallbacks += sampler.fallbacks - before
 
     def finish_bundle(self):
-        # Nothing of the bundle stays with the DoFn, which a runner keeps after the bundle
-        # (with the DirectRunner, beside the DoFns of each group's other steps).
+        # Nothing of the bundle stays with the DoFn, which a runner keeps after the bundle.
         writers, statistics, train = self.writers, self.statistics, self.train
         self.writers, self.statistics, self.train = {}, {}, None
         self._sampler = self._hashes = None

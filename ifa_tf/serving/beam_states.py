@@ -24,7 +24,7 @@ from ifa_tf.serving import state_store
 
 def build_states_from_log(store_url, export_dir, log, dataset, cross_features=(),
                           batch_size=64, options=None, run_context=None,
-                          skip_bad_rows=False, partitions=None):
+                          skip_bad_rows=False):
     """Builds the state of every user of the raw `log` (a file, a `.gz` file or a glob), in
     the format the converter read for `dataset`, with the SavedModel at `export_dir`, into
     the store at `store_url`. The log is read by `state_store.log_source`'s rules, as
@@ -32,7 +32,7 @@ def build_states_from_log(store_url, export_dir, log, dataset, cross_features=()
     the run naming the file and lines, or are skipped and counted with `skip_bad_rows`.
     Each state records the log as applied (`state_store.batch_id`), as the in-process
     build does. Returns `{"users", "model": the model's id, "skipped_rows"}`. `options`,
-    `run_context`, `partitions`: as in `beam_pipeline.convert_log`."""
+    `run_context`: as in `beam_pipeline.convert_log`."""
     source = os.fspath(log)
     log, builder, parser = state_store.log_source(source, dataset, skip_bad_rows)
     config = parser.config
@@ -40,8 +40,7 @@ def build_states_from_log(store_url, export_dir, log, dataset, cross_features=()
     batch = (state_store.batch_id(source) if "://" not in source else state_store.batch_id(
         source, files, lambda path: FileSystems.open(path, compression_type="uncompressed")))
     schema = builder.schema
-    options = options or beam_pipeline.default_options()
-    pipeline = beam.Pipeline(options=options)
+    pipeline = beam.Pipeline(options=options or beam_pipeline.default_options())
     read = (pipeline
             | "Files" >> beam.Create(list(enumerate(files)))
             | "SpreadFiles" >> beam.Reshuffle()
@@ -49,15 +48,15 @@ def build_states_from_log(store_url, export_dir, log, dataset, cross_features=()
                 parser, log_converter.id_roles(config))).with_outputs(
                     "ids", "categories", "bad", main="events"))
     item_category = beam_pipeline.category_table(read.categories)
-    timelines = beam_pipeline.user_timelines(
-        read.events, config, partitions or beam_pipeline.local_partitions(files, options))
-    written = beam_pipeline.flatten_parts(timelines, "States", lambda part: (
-        part
-        | "Events" >> beam.Map(_user_events, schema, beam.pvalue.AsSingleton(item_category))
-        | "Batches" >> beam.BatchElements(min_batch_size=batch_size,
-                                          max_batch_size=batch_size)
-        | "States" >> beam.ParDo(WriteStates(export_dir, store_url, cross_features,
-                                             batch_size, batch))))
+    written = (read.events
+               | "GroupByUser" >> beam.GroupByKey()
+               | "Timeline" >> beam.ParDo(beam_pipeline.UserTimeline(config))
+               | "Events" >> beam.Map(_user_events, schema,
+                                      beam.pvalue.AsSingleton(item_category))
+               | "Batches" >> beam.BatchElements(min_batch_size=batch_size,
+                                                 max_batch_size=batch_size)
+               | "States" >> beam.ParDo(WriteStates(export_dir, store_url, cross_features,
+                                                    batch_size, batch)))
     summary = beam_pipeline.SummaryFiles(beam_pipeline.temporary_directory(pipeline.options))
     summary.add("written", written | "Total" >> beam.CombinePerKey(sum)
                 | "AllModels" >> beam.combiners.ToList())
