@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Installs ifa_tf with its test extras into .venv, then runs the tests in two passes: the
-# suite on the TensorFlow backend, then the backend-independent layer tests (marker `jax`)
-# again on JAX. Arguments go to the first pass; -k and -m filters go to both, e.g.
+# Installs ifa_tf with its test and beam extras into .venv (without the beam extra, the
+# tests of --runner, the converter and the state build on Apache Beam, skip and say why),
+# then runs the tests in two passes: the suite on the TensorFlow backend, then the
+# backend-independent layer tests (marker `jax`) again on JAX. Arguments go to the first pass; -k and -m filters go to both, e.g.
 #   bash scripts/test.sh -k "readme or cli"      # a quick subset
 # and each pass's summary is printed again at the end.
 #
@@ -40,7 +41,7 @@ if [[ ${IFA_TF_TEST_DRY_RUN:-0} == 1 ]]; then
 fi
 
 source scripts/venv.sh
-install_venv ".[test]"
+install_venv ".[test,beam]"
 if [[ ${INSTALL_REDIS:-1} != 0 ]] && ! command -v redis-server >/dev/null \
     && command -v apt-get >/dev/null && [[ $(id -u) -eq 0 ]]; then
   echo "      installing redis-server with apt-get for the state store tests" \

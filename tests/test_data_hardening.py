@@ -18,7 +18,7 @@ import tensorflow as tf
 from absl import flags
 
 from ifa_tf.cli import data as cli
-from ifa_tf.data import log_converter, make_dataset, records, simulator
+from ifa_tf.data import log_converter, make_dataset, records, simulator, user_requests
 
 PIPELINE_LOGGER = "ifa_tf.data.pipeline"
 GARBAGE = b"this is not a TFRecord file \x00\xff\x01" * 20
@@ -344,11 +344,11 @@ def test_from_log_near_int64_max_ends_instead_of_spinning(tmp_path):
 
 def test_request_windows_past_int64_max_do_not_wrap():
     times = np.array([INT64_MAX - 20, INT64_MAX - 10, INT64_MAX], np.int64)
-    timeline = log_converter._Timeline(
+    timeline = user_requests.Timeline(
         user=np.ones(3, np.int64), item=np.array([7, 8, 9], np.int64), time=times,
         bits=np.ones(3, np.int64), user_start=np.array([0, 3]))
     found = []
-    worker = threading.Thread(target=lambda: found.extend(log_converter._request_points(
+    worker = threading.Thread(target=lambda: found.extend(user_requests.request_points(
         timeline, log_converter.LogConfig(window_seconds=15, min_seq_len=0))), daemon=True)
     worker.start()
     worker.join(30)

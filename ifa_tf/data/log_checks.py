@@ -40,9 +40,13 @@ class LogCheckError(ValueError):
 
 def check_files(path, config, sample_rows=SAMPLE_ROWS):
     """Raises `LogCheckError` for the mistakes above in the log at `path` read by `config`
-    (a CSV/TSV layout; GroupLens layouts are read by their own rules and skipped)."""
-    if config.layout != "csv":
+    (a CSV/TSV layout; GroupLens layouts are read by their own rules and skipped). `path`
+    may be a glob (the first file's head and the last file's tail are read) or `.gz`
+    files (their head only); a cluster's file system (`gs://...`) is left to the run."""
+    if config.layout != "csv" or "://" in path:
         return
+    files = log_converter.log_files(path)
+    path = files[0]
     head, header = _head(path, config, sample_rows)
     names = header or [f"column {i + 1}" for i in range(len(config.columns))]
     width = len(header) if header else (len(head[0]) if head else None)
@@ -54,7 +58,7 @@ def check_files(path, config, sample_rows=SAMPLE_ROWS):
                             f"({','.join(config.columns)}) but {where}")
     if config.item_table:
         _check_item_table(config)
-    rows = head + _tail(path, config, sample_rows)
+    rows = head + _tail(files[-1], config, sample_rows)
     _check_timestamps(config, names, rows)
 
 
@@ -74,9 +78,10 @@ def _head(path, config, limit):
 
 
 def _tail(path, config, limit):
-    """Up to `limit` rows of the log's last bytes (none when the head read it whole)."""
+    """Up to `limit` rows of the log's last bytes (none when the head read it whole, or
+    from a `.gz` file, whose end is not found without reading all of it)."""
     size = os.path.getsize(path)
-    if size <= _TAIL_BYTES:
+    if size <= _TAIL_BYTES or path.endswith(".gz"):
         return []
     with open(path, "rb") as f:
         f.seek(size - _TAIL_BYTES)

@@ -64,6 +64,14 @@ vanishingly rare (about V^2 / 2^64 for V ids). For each role holding a hashed va
 map ids back (`read_vocabulary`).
 
 Categories come from a log column or from a side table of items (`LogConfig.item_table`).
+A log is one file, a `.gz` file, or a glob of them read in order of their names (a row's
+place in the log, which orders ties, is then its file, then its line).
+
+One body of logic, two drivers: this module reads the log and drives the conversion in one
+process; `beam_pipeline` drives the same conversion as an Apache Beam pipeline. Both call
+the per-user work in `user_requests` (timelines, request windows, candidate sets,
+sequences) and the global statistics in `log_statistics` and `leak_audit` (the split time,
+popularity strata, id tables, split figures, the audit's sums), so their outputs agree.
 `PRESETS` (`convert_preset`) read MovieLens-100K and -1M in either layout `ifa-data fetch`
 writes: RecBole's atomic files or GroupLens's own (`ifa_tf.data.movielens`).
 """
@@ -72,7 +80,10 @@ import contextlib
 import csv
 import dataclasses
 import datetime
+import glob
+import gzip
 import hashlib
+import io
 import logging
 import math
 import operator
@@ -83,7 +94,7 @@ import numpy as np
 
 from ifa_tf import schema as schema_lib
 from ifa_tf._suggest import did_you_mean
-from ifa_tf.data import leak_audit, movielens, records
+from ifa_tf.data import leak_audit, log_statistics, movielens, records, user_requests
 
 ROLES = ("user", "item", "category", "timestamp", "action", "_")
 _REQUIRED_ROLES = ("user", "item", "timestamp")
@@ -104,14 +115,13 @@ TIMESTAMP_RANGE = (0, _INT64_MAX)
 # takes none either.
 MAX_ID_BYTES = 1024
 _MAX_LISTED_BAD_ROWS = 20
+_LINE_BITS = 40  # `position`: lines of a file, below the file's index
 _MAX_SHOWN_BYTES = 20
 _UNDECODED = re.compile("[\udc80-\udcff]")  # how surrogateescape keeps bytes >= 0x80
 # `string_id`'s key: a public constant, not a secret. It separates our ids from other uses of
 # BLAKE2b; changing it changes every hashed id (a new dataset version).
 _STRING_ID_KEY = b"ifa_tf.string_id.v1"
 _STRING_ID_SPACE = 2**63 - 1  # every positive int64; tests shrink it to force collisions
-_MAX_SHOWN_COLLISIONS = 5
-_VOCAB_ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
 _VOCAB_UNESCAPES = {"\\\\": "\\", "\\t": "\t", "\\n": "\n", "\\r": "\r"}
 _logger = logging.getLogger(__name__)
 
@@ -352,7 +362,8 @@ def _task_bit(task, tasks):
 
 @dataclasses.dataclass
 class Events:
-    """Parsed log rows (raw string ids) with their line numbers."""
+    """Parsed log rows (raw string ids) with their positions in the log: the line number in
+    a log of one file; in a log of several files (a glob), `position(file index, line)`."""
 
     user: list
     item: list
@@ -360,61 +371,123 @@ class Events:
     timestamp: np.ndarray
     action_bits: np.ndarray
     line: np.ndarray
-    bad_rows: list  # [(line, reason)] of skipped rows
+    # [(line, reason)] of skipped rows; in a log of several files `("<file>:<line>", reason)`
+    bad_rows: list
 
 
 # --------------------------------------------------------------------------------- reading
-def read_log(path, config):
-    """Parses a log (CSV/TSV, or a GroupLens ratings file by `config.layout`) into `Events`;
-    malformed rows raise (or are skipped and logged)."""
-    rules = config.action_rules
-    column = {role: config.columns.index(role) for role in ROLES[:-1] if role in config.columns}
-    if config.layout == "csv":
-        item_category = read_item_table(config) if config.item_table else None
-        reader = _csv_rows(path, config.delimiter)
-    else:
-        items = _grouplens_items(config)
-        item_category = items.category_of
-        reader = movielens.rating_rows(config.layout, path, items.item_of)
-    user, item, category, timestamp, bits, lines, bad = [], [], [], [], [], [], []
-    with contextlib.closing(reader) as rows:
-        for line, row, error in rows:
-            if line == 1 and config.header:
+def log_files(pattern):
+    """The files of a log: `pattern` itself when it names a file, else the files its glob
+    matches, sorted by name (their order is the log's order). FileNotFoundError when there
+    are none."""
+    if os.path.isfile(pattern):
+        return [pattern]
+    files = sorted(path for path in glob.glob(pattern) if os.path.isfile(path))
+    if not files:
+        raise FileNotFoundError(f"{pattern}: no such file, and no file matches it")
+    return files
+
+
+def position(file_index, line):
+    """A row's place in a log of several files: file first, then line (int64)."""
+    return (file_index << _LINE_BITS) | line
+
+
+def read_log(path, config, parser=None):
+    """Parses a log (CSV/TSV, or a GroupLens ratings file by `config.layout`; a file, a
+    `.gz` file or a glob of them) into `Events`; malformed rows raise (or are skipped and
+    logged), each file's before the next file is read. `parser`: the `RowParser` to read
+    with (default: one of `config`)."""
+    parser = parser or RowParser(config)
+    files = log_files(path)
+    user, item, category, timestamp, bits, positions, bad = [], [], [], [], [], [], []
+    for index, file in enumerate(files):
+        file_bad = []
+        for line, row, fault in parser.rows(file):
+            if fault is not None:
+                file_bad.append((line, fault))
                 continue
-            if not row and error is None:  # blank line
-                continue
-            try:
-                if error is not None:
-                    raise ValueError(error)
-                if len(row) != len(config.columns):
-                    raise ValueError(f"{len(row)} fields, expected {len(config.columns)} "
-                                     f"(columns={','.join(config.columns)})")
-                values = {role: row[i].strip() for role, i in column.items()}
-                _check_text(values)
-                for role in ("user", "item", "category"):
-                    if role in values and not values[role]:
-                        raise ValueError(f"empty {role}")
-                if item_category is not None:
-                    if values["item"] not in item_category:
-                        raise ValueError(f"item {values['item']!r} is not in "
-                                         f"{config.item_table}")
-                    values["category"] = item_category[values["item"]]
-                _check_id_lengths(values)
-                time = parse_timestamp(values["timestamp"])
-                action = rules(values.get("action", ""))
-            except ValueError as fault:
-                bad.append((line, str(fault)))
-                continue
-            user.append(values["user"])
-            item.append(values["item"])
-            category.append(values.get("category"))
-            timestamp.append(time)
-            bits.append(action)
-            lines.append(line)
-    events = Events(user, item, category, np.array(timestamp, np.int64),
-                    np.array(bits, np.int64), np.array(lines, np.int64), bad)
-    report_bad_rows(path, events.bad_rows, config.skip_bad_rows)
-    return events
+            user.append(row[0])
+            item.append(row[1])
+            category.append(row[2])
+            timestamp.append(row[3])
+            bits.append(row[4])
+            positions.append(position(index, line))
+        report_bad_rows(file, file_bad, config.skip_bad_rows)
+        bad.extend(file_bad if len(files) == 1
+                   else [(f"{file}:{line}", reason) for line, reason in file_bad])
+    return Events(user, item, category, np.array(timestamp, np.int64),
+                  np.array(bits, np.int64), np.array(positions, np.int64), bad)
+
+
+class RowParser:
+    """Reads the rows of a log's files as `config` describes them: its columns, action
+    rules and item table (read once, here: its malformed rows raise or are reported now).
+    The in-process converter reads every file with one; the Beam pipeline ships one to its
+    workers, which read a file each.
+
+    `check_time(seconds)`: a reader's own rule on event times beyond the converter's range,
+    the reason a time is refused or None (the state store's `event_time_problem`); a row
+    it refuses is a malformed row. A module-level function or a `functools.partial` of
+    one, so that the parser travels to Beam's workers."""
+
+    def __init__(self, config, check_time=None):
+        self.config = config
+        self.check_time = check_time
+        self.rules = config.action_rules
+        self.column = {role: config.columns.index(role) for role in ROLES[:-1]
+                       if role in config.columns}
+        self.item_of = None
+        if config.layout == "csv":
+            self.item_category = read_item_table(config) if config.item_table else None
+        else:
+            items = _grouplens_items(config)
+            self.item_category, self.item_of = items.category_of, items.item_of
+
+    def rows(self, path, open_binary=None):
+        """Yields `(line, (user, item, category, timestamp, action bits), None)` for each
+        event of the file at `path`, `(line, None, reason)` for each malformed row.
+        `open_binary(path)`: a binary stream of the file's bytes, decompressed (default:
+        the local file, `.gz` ungzipped)."""
+        config = self.config
+        if config.layout == "csv":
+            reader = _csv_rows(path, config.delimiter, open_binary=open_binary)
+        else:
+            reader = movielens.rating_rows(config.layout, path, self.item_of)
+        with contextlib.closing(reader) as rows:
+            for line, row, error in rows:
+                if line == 1 and config.header:
+                    continue
+                if not row and error is None:  # blank line
+                    continue
+                try:
+                    yield line, self._event(row, error), None
+                except ValueError as fault:
+                    yield line, None, str(fault)
+
+    def _event(self, row, error):
+        config = self.config
+        if error is not None:
+            raise ValueError(error)
+        if len(row) != len(config.columns):
+            raise ValueError(f"{len(row)} fields, expected {len(config.columns)} "
+                             f"(columns={','.join(config.columns)})")
+        values = {role: row[i].strip() for role, i in self.column.items()}
+        _check_text(values)
+        for role in ("user", "item", "category"):
+            if role in values and not values[role]:
+                raise ValueError(f"empty {role}")
+        if self.item_category is not None:
+            if values["item"] not in self.item_category:
+                raise ValueError(f"item {values['item']!r} is not in {config.item_table}")
+            values["category"] = self.item_category[values["item"]]
+        _check_id_lengths(values)
+        time = parse_timestamp(values["timestamp"])
+        problem = self.check_time and self.check_time(time)
+        if problem:
+            raise ValueError(problem)
+        action = self.rules(values.get("action", ""))
+        return values["user"], values["item"], values.get("category"), time, action
 
 
 def read_item_table(config):
@@ -468,14 +541,17 @@ def _grouplens_items(config):
     return items
 
 
-def _csv_rows(path, delimiter, quoting=csv.QUOTE_MINIMAL):
+def _csv_rows(path, delimiter, quoting=csv.QUOTE_MINIMAL, open_binary=None):
     """Yields `(line, row, error)` for each record of a CSV/TSV file: `line` its last line
     number, `row` its list of fields, or None and `error` saying why the record cannot be
     parsed (e.g. a field over the `csv` size limit; reading goes on at the next line).
     Bytes that are not UTF-8 are kept as surrogate escapes, so that one bad byte costs its
-    row, not the file; `_check_text` rejects them in the fields used."""
+    row, not the file; `_check_text` rejects them in the fields used. `open_binary` as in
+    `RowParser.rows`."""
+    binary = (open_binary or _open_local)(path)
     # utf-8-sig drops a byte order mark, which would otherwise stick to the first field.
-    with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
+    with io.TextIOWrapper(binary, encoding="utf-8-sig", errors="surrogateescape",
+                          newline="") as f:
         reader = csv.reader(f, delimiter=delimiter, quoting=quoting)
         while True:
             try:
@@ -486,6 +562,11 @@ def _csv_rows(path, delimiter, quoting=csv.QUOTE_MINIMAL):
                 yield reader.line_num, None, f"unparseable CSV: {error}"
                 continue
             yield reader.line_num, row, None
+
+
+def _open_local(path):
+    """A local file's bytes, ungzipped when its name ends in `.gz`."""
+    return gzip.open(path, "rb") if str(path).endswith(".gz") else open(path, "rb")
 
 
 def _check_text(values):
@@ -570,25 +651,23 @@ def convert_events(events, output_dir, config, num_shards=1, compression="gzip",
     `progress(written, total)`, if given, is called after each request written."""
     if len(events.timestamp) == 0:
         raise records.DataFormatError("The log holds no valid rows.")
-    has_category = config.has_category
-    schema = schema_lib.FeatureSchema(
-        item_attributes=("item_id", "category_id") if has_category else ("item_id",),
-        cross_features=("cand_cross_category_count",) if has_category else (),
-        tasks=config.tasks, score_task=config.tasks[1])
+    schema = log_schema(config)
     ids, id_ranges, tables, collisions = {}, {}, {}, {}
-    for role in ("user", "item", "category") if has_category else ("user", "item"):
+    for role in id_roles(config):
         ids[role], table = encode_ids(getattr(events, role))
         id_ranges[f"{role}_id"] = [int(ids[role].min()), int(ids[role].max())]
-        collisions[role] = _count_collisions(role, table)
-        if any(not _POSITIVE_INT.match(value) for value in table):
+        collisions[role] = log_statistics.report_collisions(role,
+                                                            log_statistics.shared_ids(table))
+        if needs_vocabulary(table):
             tables[role] = table
     item_category = {}
-    if has_category:  # an item's category is the first one the log gives it
-        for item, category in zip(ids["item"][::-1], ids["category"][::-1]):
-            item_category[item] = category
-    timeline = _merge_and_sort(ids["user"], ids["item"], events.timestamp, events.action_bits,
-                               events.line)
-    requests = list(_request_points(timeline, config))
+    if config.has_category:  # an item's category is the first one the log gives it
+        item_category = {item: category for item, (_, category) in
+                         log_statistics.first_categories(ids["item"], ids["category"],
+                                                         events.line).items()}
+    timeline = user_requests.merge_and_sort(ids["user"], ids["item"], events.timestamp,
+                                            events.action_bits, events.line)
+    requests = list(user_requests.request_points(timeline, config))
     if not requests:
         raise records.DataFormatError(_no_request_message(timeline, config))
     # Nothing is written before the requests are known: a log that gives none leaves no
@@ -597,66 +676,50 @@ def convert_events(events, output_dir, config, num_shards=1, compression="gzip",
     vocab_files = {role: _write_vocabulary(output_dir, role, table)
                    for role, table in tables.items()}
     times = np.array([r.time for r in requests])
-    split_time = (int(np.quantile(times, 1.0 - config.test_fraction, method="lower"))
-                  if config.test_fraction > 0 else int(times.max()) + 1)
-    if not np.any(times < split_time):
-        _logger.warning("All %d requests go to test and no train split is written: the split "
-                        "time, the %g quantile of request times, is the earliest (%d). Set "
-                        "test_fraction=0 to write them all to train.", len(times),
-                        1.0 - config.test_fraction, split_time)
-    train_items = timeline.item[timeline.time < split_time]
-    popularity = _NegativeSampler(*np.unique(train_items if len(train_items) else timeline.item,
-                                             return_counts=True))
-    windows = [_window_positives(point, timeline, config.max_positives) for point in requests]
-    sampler = _make_sampler(config, requests, windows, popularity, np.unique(timeline.item),
-                            split_time)
+    split_time = log_statistics.split_time(times, config.test_fraction)
+    log_statistics.warn_if_no_train(len(times), np.any(times < split_time),
+                                    config.test_fraction, split_time)
+    train_events = timeline.time < split_time
+    popularity = log_statistics.ItemCounts().add(
+        timeline.item[train_events] if np.any(train_events) else timeline.item).result()
+    windows = [user_requests.window_positives(point, timeline, config.max_positives)
+               for point in requests]
+    labelled = [w[0] for w, r in zip(windows, requests) if r.time < split_time]
+    positive_counts = (log_statistics.ItemCounts().add(np.concatenate(labelled)).result()
+                       if labelled else None)
+    exposure = ((times, [r.user for r in requests], [w[0] for w in windows])
+                if config.negatives == "exposure" else None)
+    sampler = log_statistics.make_sampler(config, popularity, np.unique(timeline.item),
+                                          positive_counts, exposure)
 
-    rules = config.action_rules
-    metadata = {
-        "source": "log", **(source or {}),
-        "schema": schema.to_dict(), "tasks": list(schema.tasks), "id_ranges": id_ranges,
-        "vocabularies": vocab_files, "id_collisions": collisions,
-        "converter": config.to_dict(),
-        "action_bits": rules.bits, "num_events": int(len(timeline.time)),
-        "bad_rows": len(events.bad_rows),
-        "bad_row_lines": [line for line, _ in events.bad_rows[:100]],
-        "split_time": split_time, "splits": {}, "files": {},
-    }
+    metadata = conversion_metadata(
+        config, source, id_ranges, vocab_files, collisions, int(len(timeline.time)),
+        len(events.bad_rows), [line for line, _ in events.bad_rows[:100]], split_time)
     audit = leak_audit.LeakAudit(schema.tasks, seed=config.seed)
+    rules = config.action_rules
     written = 0
     for split in ("train", "test"):
         chosen = [i for i, r in enumerate(requests)
                   if (r.time >= split_time) == (split == "test")]
         if not chosen:
             continue
-        lengths, positives, unlabelled = [], [], 0
+        statistics = log_statistics.SplitStatistics()
         with records.ShardedWriter(output_dir, split, min(num_shards, len(chosen)),
                                    compression) as writer:
             for index in chosen:
-                request = _build_request(requests[index], windows[index], timeline,
-                                         item_category, sampler, schema, rules, config)
-                lengths.append((len(request["seq_item_id"]), len(request["cand_item_id"])))
-                positives.append(int(request["impression"].sum()))
-                unlabelled += windows[index][2]
+                request = user_requests.build_request(requests[index], windows[index],
+                                                      timeline, item_category, sampler,
+                                                      schema, rules, config)
+                statistics.add(len(request["seq_item_id"]), len(request["cand_item_id"]),
+                               request["impression"].sum(), windows[index][2])
                 (audit.add_test if split == "test" else audit.add_train)(request)
                 writer.write(records.encode_example(request, schema))
                 written += 1
                 if progress is not None:
                     progress(written, len(requests))
         metadata["files"].update(writer.row_counts)
-        seq_lens, cand_lens = np.array(lengths).T
-        metadata["splits"][split] = {
-            "pattern": os.path.basename(records.split_pattern(output_dir, split, compression)),
-            "num_requests": len(chosen),
-            "mean_seq_len": float(np.mean(seq_lens)),
-            "median_seq_len": float(np.median(seq_lens)),
-            "p90_seq_len": float(np.percentile(seq_lens, 90)),
-            "max_seq_len": int(np.max(seq_lens)),
-            "mean_candidates": float(np.mean(cand_lens)),
-            "min_candidates": int(np.min(cand_lens)),
-            "max_candidates": int(np.max(cand_lens)),
-            "mean_positives": float(np.mean(positives)),
-            "window_items_unlabelled": unlabelled}
+        metadata["splits"][split] = statistics.result(
+            os.path.basename(records.split_pattern(output_dir, split, compression)))
     metadata["negative_fallbacks"] = sampler.fallbacks
     metadata["leak_audit"] = audit.result()
     warning = leak_audit.set_size_warning(metadata["leak_audit"])
@@ -666,20 +729,56 @@ def convert_events(events, output_dir, config, num_shards=1, compression="gzip",
     return metadata
 
 
+def conversion_metadata(config, source, id_ranges, vocab_files, collisions, num_events,
+                        num_bad_rows, bad_row_lines, split_time):
+    """`metadata.json` of a converted log before its splits are written (`splits`, `files`,
+    `negative_fallbacks` and `leak_audit` are added as they are)."""
+    schema = log_schema(config)
+    return {
+        "source": "log", **(source or {}),
+        "schema": schema.to_dict(), "tasks": list(schema.tasks), "id_ranges": id_ranges,
+        "vocabularies": vocab_files, "id_collisions": collisions,
+        "converter": config.to_dict(),
+        "action_bits": config.action_rules.bits, "num_events": num_events,
+        "bad_rows": num_bad_rows, "bad_row_lines": bad_row_lines,
+        "split_time": split_time, "splits": {}, "files": {},
+    }
+
+
+def log_schema(config):
+    """The `FeatureSchema` of the requests a log gives under `config`."""
+    has_category = config.has_category
+    return schema_lib.FeatureSchema(
+        item_attributes=("item_id", "category_id") if has_category else ("item_id",),
+        cross_features=("cand_cross_category_count",) if has_category else (),
+        tasks=config.tasks, score_task=config.tasks[1])
+
+
+def id_roles(config):
+    """The roles whose raw ids map to int64 ids."""
+    return ("user", "item", "category") if config.has_category else ("user", "item")
+
+
 def _no_request_message(timeline, config):
-    """Why no request was cut: too few earlier events, and, when every user's events lie
-    within one window, the timestamps that put them there."""
-    message = f"No request has at least min_seq_len={config.min_seq_len} earlier events"
+    """`no_request_message` of a whole log's `Timeline`."""
     starts, ends = timeline.user_start[:-1], timeline.user_start[1:] - 1
     spans = timeline.time[ends] - timeline.time[starts]
-    if int(spans.max()) >= config.window_seconds:
+    return no_request_message(config, int(spans.max()), int(timeline.time.min()),
+                              int(timeline.time.max()))
+
+
+def no_request_message(config, longest_span, first_time, last_time):
+    """Why no request was cut: too few earlier events, and, when every user's events lie
+    within one window (the longest user's events span `longest_span` seconds), the
+    timestamps that put them there (the log's run from `first_time` to `last_time`)."""
+    message = f"No request has at least min_seq_len={config.min_seq_len} earlier events"
+    if longest_span >= config.window_seconds:
         return message + "."
-    low, high = int(timeline.time.min()), int(timeline.time.max())
     return message + (f": every user's events lie within one window of window_seconds="
-                      f"{config.window_seconds} (the longest user spans {int(spans.max())} "
-                      f"s; the timestamps run {low} to {high}). Is the timestamp column a "
-                      "time in seconds (or ISO 8601), and the window shorter than a user's "
-                      "history?")
+                      f"{config.window_seconds} (the longest user spans {longest_span} "
+                      f"s; the timestamps run {first_time} to {last_time}). Is the timestamp "
+                      "column a time in seconds (or ISO 8601), and the window shorter than a "
+                      "user's history?")
 
 
 def string_id(value):
@@ -691,40 +790,31 @@ def string_id(value):
     return 1 + int.from_bytes(digest, "little") % _STRING_ID_SPACE
 
 
+def encode_id(value):
+    """One raw id's int64 id: a positive integer is kept, any other value is
+    `string_id(value)`."""
+    return int(value) if _POSITIVE_INT.match(value) else string_id(value)
+
+
 def encode_ids(values):
-    """Raw ids -> int64 ids >= 1, each by its own value: a positive integer is kept, any
-    other value is `string_id(value)`. Returns `(ids, table)`, `table` mapping each distinct
-    value to its id."""
-    table = {value: int(value) if _POSITIVE_INT.match(value) else string_id(value)
-             for value in set(values)}
+    """Raw ids -> int64 ids >= 1, each by its own value (`encode_id`). Returns `(ids,
+    table)`, `table` mapping each distinct value to its id."""
+    table = {value: encode_id(value) for value in set(values)}
     return np.fromiter((table[value] for value in values), np.int64, len(values)), table
 
 
-def _count_collisions(role, table):
-    """Distinct values of `role` that share an id with another one; logged with examples."""
-    by_id = {}
-    for value, id_ in table.items():
-        by_id.setdefault(id_, []).append(value)
-    shared = sorted(sorted(values) for values in by_id.values() if len(values) > 1)
-    count = sum(len(values) - 1 for values in shared)
-    if count:
-        shown = "; ".join(" = ".join(repr(v) for v in values)
-                          for values in shared[:_MAX_SHOWN_COLLISIONS])
-        _logger.warning("%d %s id collisions: distinct %s ids share one int64 (%s%s)", count,
-                        role, role, shown, "; ..." if len(shared) > _MAX_SHOWN_COLLISIONS
-                        else "")
-    return count
+def needs_vocabulary(values):
+    """A role needs `vocab_<role>.tsv` when one of its distinct raw `values` is hashed."""
+    return any(not _POSITIVE_INT.match(value) for value in values)
 
 
 def _write_vocabulary(output_dir, role, table):
-    """`vocab_<role>.tsv`: `<id>\\t<value>` per distinct value, by id then value; the
-    value's backslashes, tabs and line breaks escaped as `\\\\`, `\\t`, `\\n`, `\\r`."""
+    """`vocab_<role>.tsv` of `table` ({value: id}; `log_statistics.vocabulary_lines`)."""
     name = f"vocab_{role}.tsv"
-    escapes = str.maketrans(_VOCAB_ESCAPES)
     tmp_path = os.path.join(output_dir, ".tmp-" + name)
     with open(tmp_path, "w", encoding="utf-8", newline="\n") as f:
-        f.writelines(f"{id_}\t{value.translate(escapes)}\n"
-                     for value, id_ in sorted(table.items(), key=lambda entry: entry[::-1]))
+        f.writelines(log_statistics.vocabulary_lines((id_, value)
+                                                     for value, id_ in table.items()))
     os.replace(tmp_path, os.path.join(output_dir, name))
     return name
 
@@ -744,244 +834,9 @@ def read_vocabulary(output_dir, role):
     return vocabulary
 
 
-@dataclasses.dataclass
-class _Timeline:
-    """All events sorted by (user, time, line), rows with one (user, item, time) merged."""
-
-    user: np.ndarray
-    item: np.ndarray
-    time: np.ndarray
-    bits: np.ndarray
-    user_start: np.ndarray  # index of each user's first event, plus the end
-
-
-def _merge_and_sort(user, item, time, bits, line):
-    order = np.lexsort((line, item, time, user))
-    user, item, time, bits = user[order], item[order], time[order], bits[order]
-    same = np.zeros(len(user), bool)
-    same[1:] = (user[1:] == user[:-1]) & (item[1:] == item[:-1]) & (time[1:] == time[:-1])
-    group = np.cumsum(~same) - 1
-    merged_bits = np.zeros(group[-1] + 1, np.int64)
-    np.bitwise_or.at(merged_bits, group, bits)
-    keep = ~same
-    user, item, time = user[keep], item[keep], time[keep]
-    # Re-sort within a timestamp by first line, so ties keep the log's order.
-    first_line = line[order][keep]
-    order = np.lexsort((first_line, time, user))
-    user, item, time, merged_bits = user[order], item[order], time[order], merged_bits[order]
-    starts = np.flatnonzero(np.r_[True, user[1:] != user[:-1]])
-    return _Timeline(user, item, time, merged_bits, np.r_[starts, len(user)])
-
-
-@dataclasses.dataclass
-class _RequestPoint:
-    user: int
-    time: int
-    history: slice  # events strictly before `time`
-    window: slice  # events in [time, time + window_seconds)
-
-
-def _request_points(timeline, config):
-    for begin, end in zip(timeline.user_start[:-1], timeline.user_start[1:]):
-        times = timeline.time[begin:end]
-        start = 0
-        while start < len(times):
-            request_time = times[start]
-            # In Python integers: in int64 a window reaching past 2^63 - 1 would wrap below
-            # its start, and the loop would never advance.
-            window_end = int(request_time) + config.window_seconds
-            stop = (len(times) if window_end > _INT64_MAX
-                    else int(np.searchsorted(times, window_end, "left")))
-            earlier = int(np.searchsorted(times, request_time, "left"))
-            if earlier >= config.min_seq_len:
-                yield _RequestPoint(int(timeline.user[begin]), int(request_time),
-                                    slice(begin, begin + earlier),
-                                    slice(begin + start, begin + stop))
-            start = stop
-
-
-class _NegativeSampler:
-    """Distinct items by train-period popularity."""
-
-    def __init__(self, items, counts):
-        self.items = items  # sorted, so the draws do not depend on the log's order
-        self.counts = counts
-        cdf = np.cumsum(counts.astype(np.float64))
-        self.cdf = cdf / cdf[-1]
-        self.fallbacks = 0
-
-    def sample(self, rng, count, exclude):
-        """Up to `count` distinct items by popularity, none in `exclude`."""
-        chosen = np.zeros(0, np.int64)
-        for _ in range(8):
-            if len(chosen) >= count:
-                break
-            draw = self.items[np.minimum(np.searchsorted(self.cdf, rng.random(2 * count + 8)),
-                                         len(self.items) - 1)]
-            draw = draw[~np.isin(draw, exclude) & ~np.isin(draw, chosen)]
-            _, first = np.unique(draw, return_index=True)
-            chosen = np.concatenate([chosen, draw[np.sort(first)]])
-        return chosen[:count]
-
-    def draw(self, rng, count, exclude, point, positives):
-        del point, positives  # popularity alone
-        return self.sample(rng, count, exclude)
-
-
-class _MatchedPopularitySampler:
-    """Negatives matched to the request's positives in popularity: for each negative a
-    random positive's stratum (half powers of two of the item's count as a positive of
-    training requests; items never one form stratum 0), and in it an item drawn in
-    proportion to its count plus one, none excluded. A stratum that runs out lends to its
-    neighbours; `popularity` tops up a draw that cannot be filled."""
-
-    def __init__(self, all_items, labelled, popularity):
-        self.popularity = popularity
-        where = np.minimum(np.searchsorted(labelled.items, all_items),
-                           len(labelled.items) - 1)
-        counts = np.where(labelled.items[where] == all_items, labelled.counts[where], 0)
-        self.items, self.counts = all_items, counts
-        self.stratum_of = _stratum(counts)
-        self.members = {int(stratum): np.flatnonzero(self.stratum_of == stratum)
-                        for stratum in np.unique(self.stratum_of)}
-        self.fallbacks = 0
-
-    def draw(self, rng, count, exclude, point, positives):
-        del point
-        where = np.searchsorted(self.items, positives)
-        wanted = self.stratum_of[where][rng.integers(0, len(positives), count)]
-        available = ~np.isin(self.items, exclude)
-        chosen = []
-        for stratum in np.unique(wanted).tolist():
-            need = int(np.sum(wanted == stratum))
-            for distance in range(0, int(self.stratum_of.max()) + 1):
-                pool = np.sort(np.concatenate([
-                    members[available[members]] for members in (
-                        self.members.get(s) for s in {stratum - distance, stratum + distance})
-                    if members is not None] or [np.zeros(0, np.int64)]))
-                if not len(pool):
-                    continue
-                take = min(need, len(pool))
-                weights = self.counts[pool] + 1.0
-                picked = rng.choice(pool, take, replace=False, p=weights / weights.sum())
-                available[picked] = False
-                chosen.extend(self.items[picked].tolist())
-                need -= take
-                if not need:
-                    break
-        return _top_up(self, rng, np.array(chosen, np.int64), count, exclude)
-
-
-def _stratum(counts):
-    return np.floor(2.0 * np.log2(np.asarray(counts, np.float64) + 1.0)).astype(np.int64)
-
-
-class _ExposureSampler:
-    """Negatives from other users' request windows nearest in time: the labelled window
-    items of those requests (capped like positives), whole windows in random order, the
-    last one cut to fit. The neighbourhood starts at `width` requests on each side and
-    widens fourfold until the draw is filled."""
-
-    def __init__(self, requests, windows, popularity, width=32):
-        times = np.array([r.time for r in requests], np.int64)
-        order = np.argsort(times, kind="stable")
-        self.times = times[order]
-        self.users = np.array([r.user for r in requests], np.int64)[order]
-        self.windows = [windows[i][0] for i in order]
-        self.popularity, self.width = popularity, width
-        self.fallbacks = 0
-
-    def draw(self, rng, count, exclude, point, positives):
-        del positives
-        taken = set(exclude.tolist())
-        chosen = []
-        center = int(np.searchsorted(self.times, point.time))
-        low = high = center
-        width = self.width
-        while len(chosen) < count and (low > 0 or high < len(self.times)):
-            new_low, new_high = max(0, center - width), min(len(self.times), center + width)
-            donors = np.r_[np.arange(new_low, low), np.arange(high, new_high)]
-            low, high, width = new_low, new_high, width * 4
-            for donor in rng.permutation(donors).tolist():
-                if self.users[donor] == point.user:
-                    continue
-                for item in rng.permutation(self.windows[donor]).tolist():
-                    if item not in taken:
-                        taken.add(item)
-                        chosen.append(item)
-                if len(chosen) >= count:
-                    break
-        return _top_up(self, rng, np.array(chosen[:count], np.int64), count, exclude)
-
-
-def _top_up(sampler, rng, chosen, count, exclude):
-    """`chosen` filled to `count` by popularity where the sampler ran short (counted)."""
-    if len(chosen) >= count:
-        return chosen[:count]
-    sampler.fallbacks += 1
-    rest = sampler.popularity.sample(rng, count - len(chosen), np.r_[exclude, chosen])
-    return np.concatenate([chosen, rest])
-
-
-def _make_sampler(config, requests, windows, popularity, all_items, split_time):
-    if config.negatives == "popularity":
-        return popularity
-    if config.negatives == "popularity_matched":
-        # Popularity as the labels know it: how often an item is a positive of a training
-        # request (busy windows are capped, so raw event counts rank items differently).
-        labelled = [w[0] for w, r in zip(windows, requests) if r.time < split_time]
-        counts = (_NegativeSampler(*np.unique(np.concatenate(labelled), return_counts=True))
-                  if labelled else popularity)
-        return _MatchedPopularitySampler(all_items, counts, popularity)
-    return _ExposureSampler(requests, windows, popularity)
-
-
-def _window_positives(point, timeline, limit):
-    """The window's distinct items (first `limit`, in log order), their action bits OR-ed
-    over the window, and how many items were left unlabelled past `limit`."""
-    items, first, inverse = np.unique(timeline.item[point.window], return_index=True,
-                                      return_inverse=True)
-    bits = np.zeros(len(items), np.int64)
-    np.bitwise_or.at(bits, inverse, timeline.bits[point.window])
-    in_log_order = np.argsort(first)
-    return (items[in_log_order[:limit]], bits[in_log_order[:limit]],
-            max(0, len(items) - limit))
-
-
-def _build_request(point, window, timeline, item_category, sampler, schema, rules, config):
-    rng = np.random.default_rng(np.random.SeedSequence(
-        config.seed, spawn_key=(point.user, point.time)))
-    history = slice(max(point.history.start, point.history.stop - config.max_seq_len),
-                    point.history.stop)
-    seq_item = timeline.item[history]
-    positives, positive_bits, _ = window
-    room = config.max_candidates - len(positives)
-    if not config.fixed_set_size:
-        room = min(config.num_negatives, room)
-    exclude = positives
-    if config.exclude_history:
-        exclude = np.union1d(positives, timeline.item[point.history])
-    negatives = (sampler.draw(rng, room, exclude, point, positives) if room > 0
-                 else np.zeros(0, np.int64))
-    candidates = np.concatenate([positives, negatives])
-    bits = np.concatenate([positive_bits, np.zeros(len(negatives), np.int64)])
-    impression = np.r_[np.ones(len(positives), np.int64), np.zeros(len(negatives), np.int64)]
-    order = rng.permutation(len(candidates))
-    candidates, bits, impression = candidates[order], bits[order], impression[order]
-    request = {"user_id": np.int64(point.user),
-               "seq_item_id": seq_item,
-               "seq_action": timeline.bits[history],
-               "seq_time_delta": point.time - timeline.time[history],
-               "cand_item_id": candidates,
-               "impression": impression}
-    if "category_id" in schema.item_attributes:
-        for side, items in (("seq", seq_item), ("cand", candidates)):
-            request[f"{side}_category_id"] = np.fromiter(
-                (item_category[i] for i in items.tolist()), np.int64, len(items))
-    request.update(records.cross_counts(request, schema))
-    for task in schema.action_tasks:
-        request[task] = ((bits & rules.bits[task]) > 0).astype(np.int64)
-    return request
+# `user_requests.merge_and_sort` under the name the state store and the request builder
+# call it by (it lived here before the per-user work moved to `user_requests`).
+_merge_and_sort = user_requests.merge_and_sort
 
 
 # -------------------------------------------------------------------------------- presets
@@ -1094,6 +949,14 @@ def convert_preset(name, data_dir, output_dir, num_shards=1, compression="gzip",
     """Converts the files of preset `name` in `data_dir` (`preset_config(name, data_dir,
     **overrides)`; either layout) into `output_dir`; returns the metadata. `progress` as in
     `convert_log`."""
+    log, config, source = preset_conversion(name, data_dir, **overrides)
+    return convert_log(log, output_dir, config, num_shards, compression, source=source,
+                       progress=progress)
+
+
+def preset_conversion(name, data_dir, **overrides):
+    """`(log file, LogConfig, source)` of preset `name`'s files in `data_dir` (the log's
+    columns checked), what `convert_preset` hands to a converter."""
     config = preset_config(name, data_dir, **overrides)
     layout = movielens.find_layout(name, data_dir)
     log = os.path.join(data_dir, layout.log_file)
@@ -1103,10 +966,8 @@ def convert_preset(name, data_dir, output_dir, num_shards=1, compression="gzip",
         if tuple(columns) != _RECBOLE_COLUMNS:
             raise records.DataFormatError(f"{log}: columns {columns}, expected "
                                           f"{list(_RECBOLE_COLUMNS)} (preset {name!r})")
-    return convert_log(log, output_dir, config, num_shards, compression,
-                       source={"preset": name, "layout": layout.source,
-                               "log": os.path.abspath(data_dir)},
-                       progress=progress)
+    return log, config, {"preset": name, "layout": layout.source,
+                         "log": os.path.abspath(data_dir)}
 
 
 def convert_movielens_100k(data_dir, output_dir, config=None, num_shards=1,

@@ -31,7 +31,7 @@ from ifa_tf import schema as schema_lib
 METADATA_FILENAME = schema_lib.METADATA_FILENAME
 FORMAT_VERSION = 1
 COMPRESSIONS = ("gzip", "none")
-_TMP_PREFIX = ".tmp-"
+TMP_PREFIX = ".tmp-"
 
 
 class DataFormatError(ValueError):
@@ -150,7 +150,7 @@ def compression_of(path):
     return "GZIP" if str(path).endswith(".gz") else ""
 
 
-def _check_compression(compression):
+def check_compression(compression):
     if compression not in COMPRESSIONS:
         raise ValueError(f"compression must be one of {COMPRESSIONS}. "
                          f"Received: compression={compression!r}")
@@ -174,13 +174,13 @@ class ShardedWriter:
         if not isinstance(num_shards, int) or num_shards < 1:
             raise ValueError(f"num_shards must be a positive integer. "
                              f"Received: num_shards={num_shards!r}")
-        _check_compression(compression)
+        check_compression(compression)
         os.makedirs(output_dir, exist_ok=True)
         self.output_dir = output_dir
         self.split = split
         self.names = [shard_filename(split, i, num_shards, compression)
                       for i in range(num_shards)]
-        self._tmp_paths = [os.path.join(output_dir, _TMP_PREFIX + name) for name in self.names]
+        self._tmp_paths = [os.path.join(output_dir, TMP_PREFIX + name) for name in self.names]
         options = tf.io.TFRecordOptions(compression_type="GZIP" if compression == "gzip" else "")
         self._writers = [tf.io.TFRecordWriter(path, options) for path in self._tmp_paths]
         self.row_counts = dict.fromkeys(self.names, 0)
@@ -210,14 +210,19 @@ class ShardedWriter:
 
 def write_metadata(output_dir, metadata):
     """Writes `metadata.json` atomically (temporary file, then rename)."""
-    metadata = {"format_version": FORMAT_VERSION, **metadata}
     path = os.path.join(output_dir, METADATA_FILENAME)
-    tmp_path = os.path.join(output_dir, _TMP_PREFIX + METADATA_FILENAME)
+    tmp_path = os.path.join(output_dir, TMP_PREFIX + METADATA_FILENAME)
     with open(tmp_path, "w") as f:
-        json.dump(metadata, f, indent=2, sort_keys=True, default=_json_default)
-        f.write("\n")
+        f.write(metadata_text(metadata))
     os.replace(tmp_path, path)
     return path
+
+
+def metadata_text(metadata):
+    """The text of `metadata.json` (keys sorted, no time: the same metadata, the same
+    bytes)."""
+    return json.dumps({"format_version": FORMAT_VERSION, **metadata}, indent=2,
+                      sort_keys=True, default=_json_default) + "\n"
 
 
 def read_metadata(path):
@@ -255,7 +260,7 @@ def expand_file_pattern(file_pattern):
     files = []
     for pattern in patterns:
         matched = sorted(p for p in glob.glob(os.fspath(pattern))
-                         if not os.path.basename(p).startswith(_TMP_PREFIX))
+                         if not os.path.basename(p).startswith(TMP_PREFIX))
         if not matched:
             raise FileNotFoundError(f"No files match {os.fspath(pattern)!r}.")
         files.extend(matched)

@@ -42,6 +42,7 @@ milliseconds would move its user's state so far ahead that the history decays to
 import base64
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -485,22 +486,37 @@ def apply_batch(store, model, events_by_user, batch, cross_features=(), progress
     return counts
 
 
-def batch_id(path):
+def batch_id(path, files=None, open_binary=None):
     """The id of a batch of events: the SHA-256 (first 128 bits, hex) of its file's bytes,
-    or of every file under a directory (names and bytes). The same file gives the same id
-    on every run; another file, even one with events appended, is another batch."""
+    or of every file under a directory or matched by a glob (names, relative to the files'
+    common directory, and bytes). The same file gives the same id on every run; another
+    file, even one with events appended, is another batch. `files` and `open_binary(path)`
+    (a binary stream): the files found and a reader of their bytes elsewhere than on this
+    machine (Beam's file systems for a cluster's log)."""
     digest = hashlib.sha256()
     path = os.fspath(path)
-    files = [path]
-    if os.path.isdir(path):
-        files = sorted(os.path.join(root, name) for root, _, names in os.walk(path)
-                       for name in names)
+    root = path
+    if files is None and os.path.isdir(path):
+        files = sorted(os.path.join(directory, name)
+                       for directory, _, names in os.walk(path) for name in names)
+    elif files is None:
+        from ifa_tf.data import log_converter
+
+        files = log_converter.log_files(path)
+    if not os.path.isdir(path) and len(files) > 1:
+        root = os.path.commonpath(files)
+    elif not os.path.isdir(path):
+        root = files[0]
     for name in files:
-        digest.update(os.path.relpath(name, path).encode("utf-8", "surrogateescape") + b"\0")
-        with open(name, "rb") as f:
+        digest.update(os.path.relpath(name, root).encode("utf-8", "surrogateescape") + b"\0")
+        with (open_binary or _open_bytes)(name) as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()[:32]
+
+
+def _open_bytes(path):
+    return open(path, "rb")
 
 
 def retry_delay(attempt, base=RETRY_BASE_S, cap=RETRY_CAP_S):
@@ -812,12 +828,43 @@ def events_from_log(path, dataset, skip_bad_rows=False, skipped=None):
     Users are keyed by their int64 id (the converter's `user_id`), as `events_from_records`
     keys them. Every event of the log is kept: a state has no length limit (the converter's
     `max_seq_len` cut only bounds a training sequence). `path` may be a preset's directory
-    (`ifa-data from-log --preset=... --input=<directory>`).
+    (`ifa-data from-log --preset=... --input=<directory>`); a glob of files, or `.gz` files.
 
     Rows whose time no event can have (`event_time_problem`) are malformed rows too: an
     error listing their line numbers, or skipped and logged when the dataset's converter
-    skipped malformed rows or `skip_bad_rows` is set. `skipped`, when a list, receives
-    `(line, reason)` of every row skipped."""
+    skipped malformed rows or `skip_bad_rows` is set (`log_source`: `ifa-state build
+    --runner` reads the log by the same rules). `skipped`, when a list, receives `(line,
+    reason)` of every row skipped."""
+    from ifa_tf.data import log_converter, log_statistics, user_requests
+    path, builder, parser = log_source(path, dataset, skip_bad_rows)
+    log = log_converter.read_log(path, parser.config, parser=parser)
+    if skipped is not None:
+        skipped.extend(log.bad_rows)
+    if not log.user:
+        return {}
+    users, _ = log_converter.encode_ids(log.user)
+    items, _ = log_converter.encode_ids(log.item)
+    timeline = user_requests.merge_and_sort(users, items, log.timestamp, log.action_bits,
+                                            log.line)
+    first = {}
+    if "category_id" in builder.schema.item_attributes:
+        categories, _ = log_converter.encode_ids(log.category)
+        first = {item: category for item, (_, category) in
+                 log_statistics.first_categories(items, categories, log.line).items()}
+    starts = timeline.user_start
+    return {int(timeline.user[begin]): user_requests.sequence_events(
+        timeline, slice(begin, end), first, builder.schema, EVENT_TIME)
+        for begin, end in zip(starts[:-1], starts[1:])}
+
+
+def log_source(path, dataset, skip_bad_rows=False):
+    """How a raw log in the format of `dataset` is read for users' states, in-process
+    (`events_from_log`) and by Beam's workers (`beam_states`) alike: `(path, builder,
+    parser)`, the log's file or glob (a preset's directory: its log file), the dataset's
+    `RequestBuilder`, and the `log_converter.RowParser` of the converter's settings
+    (`skip_bad_rows` added when set) that also refuses times no event can have
+    (`event_time_problem`, against this machine's clock at this call: one clock for every
+    worker)."""
     from ifa_tf.data import log_converter, records
     from ifa_tf.serving.request_builder import RequestBuilder
 
@@ -832,53 +879,8 @@ def events_from_log(path, dataset, skip_bad_rows=False, skipped=None):
     config = builder.config
     if skip_bad_rows and not config.skip_bad_rows:
         config = dataclasses.replace(config, skip_bad_rows=True)
-    log = log_converter.read_log(path, config)
-    if skipped is not None:
-        skipped.extend(log.bad_rows)
-    log = _without_bad_times(path, log, config.skip_bad_rows, skipped)
-    if not log.user:
-        return {}
-    users, _ = log_converter.encode_ids(log.user)
-    items, _ = log_converter.encode_ids(log.item)
-    timeline = log_converter._merge_and_sort(users, items, log.timestamp, log.action_bits,
-                                             log.line)
-    columns = {"seq_item_id": timeline.item}
-    if "category_id" in builder.schema.item_attributes:
-        categories, _ = log_converter.encode_ids(log.category)
-        first = {}
-        for item, category in zip(items.tolist(), categories.tolist()):
-            first.setdefault(item, category)
-        columns["seq_category_id"] = np.array([first[i] for i in timeline.item.tolist()],
-                                              np.int64)
-    if "seq_action" in builder.schema.sequence_context:
-        columns["seq_action"] = timeline.bits
-    columns[EVENT_TIME] = timeline.time
-    starts = timeline.user_start
-    return {int(timeline.user[begin]): {k: v[begin:end] for k, v in columns.items()}
-            for begin, end in zip(starts[:-1], starts[1:])}
-
-
-def _without_bad_times(path, log, skip_bad_rows, skipped):
-    """`log` (`log_converter.Events`) without the rows whose time no event can have; those
-    are reported as malformed rows (`log_converter.report_bad_rows`)."""
-    from ifa_tf.data import log_converter
-
-    wall_clock = time.time()
-    bad = [(int(line), problem) for line, problem in
-           ((line, event_time_problem(int(t), wall_clock))
-            for t, line in zip(log.timestamp.tolist(), log.line.tolist())) if problem]
-    if not bad:
-        return log
-    log_converter.report_bad_rows(path, bad, skip_bad_rows)
-    if skipped is not None:
-        skipped.extend(bad)
-    keep = ~np.isin(log.line, [line for line, _ in bad])
-    kept = [index for index, keep_row in enumerate(keep) if keep_row]
-    return dataclasses.replace(
-        log, user=[log.user[i] for i in kept], item=[log.item[i] for i in kept],
-        category=[log.category[i] for i in kept], timestamp=log.timestamp[keep],
-        action_bits=log.action_bits[keep], line=log.line[keep],
-        bad_rows=log.bad_rows + bad)
+    check_time = functools.partial(event_time_problem, wall_clock=time.time())
+    return path, builder, log_converter.RowParser(config, check_time=check_time)
 
 
 def build_states(store, model, events_by_user, cross_features=(), batch_size=64,
