@@ -9,15 +9,19 @@ log each.
 - read: one worker per file (a glob, `.gz` files): `log_converter.RowParser` parses the
   rows (malformed rows fail the run naming the file and lines, or are skipped and counted
   with `skip_bad_rows`), `log_converter.encode_id` maps the ids.
-- per user (grouped by user): `user_requests.merge_and_sort` and `request_points`.
+- per user (grouped by user): `user_requests.merge_and_sort`, the user's timeline, written
+  to files of timelines in the work directory (`user_timelines`). The grouping runs in
+  groups of users, one step each (`user_groups`: with the DirectRunner, one group per 64
+  MiB of log, or `--user_groups`); the steps after it read the timelines from the files,
+  one file at a time.
 - global statistics, as combiners over the workers' partial results, then side inputs:
   the split time (`log_statistics` radix selection: four passes of a 65,536-bucket
   histogram), the popularity counts and strata (`ItemCounts`, `make_sampler`), each item's
   first category, the id tables and vocabularies, each user's first request index in each
   split (so that a request goes to the shard the in-process converter puts it in).
-- per user again: `user_requests.build_request` and `records.encode_example`, written to
-  the shards; the split figures (`SplitStatistics`) and the leak audit's train statistics
-  (`leak_audit.TrainStatistics`) as combiners.
+- per user again (a file of timelines at a time): `user_requests.build_request` and
+  `records.encode_example`, written to the shards; the split figures (`SplitStatistics`)
+  and the leak audit's train statistics (`leak_audit.TrainStatistics`) as combiners.
 - leak audit: each test request scored (`leak_audit.score_request`), pooled AUC from
   histograms of disjoint ranges of score values (`ScoreHistogram`, `pooled_auc`: exact),
   GAUC summed exactly (`GroupedAUC`).
@@ -31,13 +35,21 @@ co-occurrence profiles: 2 KB an item) and of users (each user's first request in
 bytes a user), not with the number of events. Exceptions: the distinct ids of one role
 (to write its vocabulary and count collisions), one range of the audit's score values,
 and with `negatives="exposure"` every request's window (the sampler draws from other
-users' windows nearest in time). With the DirectRunner, the driver process also holds the
-data between steps (the runner's shuffle), which grows with the log; on a cluster the
-runner's shuffle service holds it. The DirectRunner also sends each worker its whole share
-of a step's input as one message (its `GroupingBuffer` makes one part per worker, which
-`_send_input_to_worker` writes whole), so that a local worker's memory grows with its share
-of the log's events at the steps after the grouping by user; a cluster's runner streams a
-step's input to its workers.
+users' windows nearest in time); with the DirectRunner, a worker's share of the audit's
+input, the test requests' entries (`leak_audit.test_entry`: about 1.5 KB a test request of
+50 candidates). With the DirectRunner, the driver process also holds the data between
+steps (the runner's shuffle), which grows with the log; on a cluster the runner's shuffle
+service holds it.
+
+Why the files of timelines and the groups of users: the DirectRunner (Beam's FnApiRunner)
+sends each worker its whole share of a step's input as one message (its `GroupingBuffer.
+partition` makes one part per worker, and `_send_input_to_worker` writes every part whole
+before it flushes), so that a worker holds its share of a step's input at once, with
+gRPC's and protobuf's copies of it. Grouped by user in one step, that is half the log's
+events for each of two workers; read from files, a step's input is the files' names, and
+a grouping step's input is one group's events. A cluster's runner streams a step's input
+to its workers: there the grouping runs in one group, and the files cost one more write
+and read of the timelines.
 """
 
 import contextlib
@@ -53,15 +65,21 @@ import uuid
 import apache_beam as beam
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions
+from apache_beam.options.pipeline_options import (GoogleCloudOptions, PipelineOptions,
+                                                  StandardOptions)
 from apache_beam.transforms import window
 
 from ifa_tf.data import leak_audit, log_converter, log_statistics, records, user_requests
+from ifa_tf.data.beam_options import ConversionOptions
 
 _FLUSH_EVENTS = 1 << 18  # read: events buffered per worker before they are emitted by user
 _FLUSH_IDS = 1 << 17  # read: distinct ids remembered per worker before they are emitted
 _FLUSH_SCORES = 1 << 19  # audit: score values held per worker before they are emitted
 _SCORE_RANGE_BITS = 20
+# The DirectRunner's grouping by user runs in one group of users per GROUP_BYTES of log
+# (`user_groups`); a .gz file's bytes count _GZIP_RATIO times.
+GROUP_BYTES = 64 << 20
+_GZIP_RATIO = 4
 # glibc's allocator settings for the DirectRunner's workers: blocks of 128 KiB or more are
 # mapped and unmapped on their own, and the heap is trimmed above 128 KiB free. By default
 # glibc raises its mapping threshold after each large block freed (up to 32 MiB) and keeps
@@ -110,6 +128,7 @@ def convert_log(path, output_dir, config, num_shards=1, compression="gzip", sour
     try:
         FileSystems.mkdirs(work)
         FileSystems.mkdirs(FileSystems.join(work, "records"))
+        FileSystems.mkdirs(FileSystems.join(work, "timelines"))
         pipeline = beam.Pipeline(options=options or default_options())
         summary = SummaryFiles(FileSystems.join(work, "summary"))
         _build_conversion(pipeline, summary, files, parser, config, output_dir, work,
@@ -122,7 +141,7 @@ def convert_log(path, output_dir, config, num_shards=1, compression="gzip", sour
         return metadata
     finally:
         # As in-process, a run that gives no dataset leaves no output directory it made.
-        _remove(output_dir if created and not finished else work)
+        remove(output_dir if created and not finished else work)
 
 
 def convert_preset(name, data_dir, output_dir, num_shards=1, compression="gzip",
@@ -181,9 +200,6 @@ class SummaryFiles:
                 name, value = pickle.loads(f.read())
             found[name].append(value)
         return found
-
-    def remove(self):
-        _remove(self.directory)
 
 
 def temporary_directory(options):
@@ -283,7 +299,8 @@ def _shard_counts(split, num_shards):
     return {name: min(num_shards, count) for name, count in counts.items() if count}
 
 
-def _remove(path):
+def remove(path):
+    """Removes a work directory (a cluster's: a warning where it cannot)."""
     if "://" not in path:
         shutil.rmtree(path, ignore_errors=True)
         return
@@ -312,21 +329,20 @@ def _build_conversion(pipeline, summary, files, parser, config, output_dir, work
                 | "IdsOfRole" >> beam.GroupByKey()
                 | "IdTable" >> beam.ParDo(WriteIdTable(output_dir)))
 
-    timelines = (read.events
-                 | "GroupByUser" >> beam.GroupByKey()
-                 | "Timeline" >> beam.ParDo(UserTimeline(config)))
-    summary.add("num_events", timelines
-                | "CountEvents" >> beam.Map(lambda t: len(t[1][0]))
+    # The users' timelines, in files of the work directory: the per-user steps below read
+    # them from there, one file at a time (see `user_timelines`).
+    stored = user_timelines(read.events, config, work, user_groups(files, pipeline.options))
+    paths = stored | "TimelinePaths" >> beam.Map(lambda f: f.path)
+    summary.add("num_events", stored
+                | "CountEvents" >> beam.Map(lambda f: f.num_events)
                 | "SumEvents" >> beam.CombineGlobally(sum))
-    summary.add("time_span", timelines
-                | "TimeSpans" >> beam.MapTuple(lambda user, timeline: (
-                    int(timeline[1][-1] - timeline[1][0]), int(timeline[1][0]),
-                    int(timeline[1][-1])))
+    summary.add("time_span", stored
+                | "TimeSpans" >> beam.Map(lambda f: f.span)
                 | "LogTimeSpan" >> beam.CombineGlobally(_time_span))
-    split = _split_time(timelines, config)
+    split = _split_time(stored | "RequestTimes" >> beam.Map(lambda f: f.request_times), config)
     summary.add("split", split)
 
-    statistics = timelines | "Statistics" >> beam.ParDo(
+    statistics = paths | "Statistics" >> beam.ParDo(
         UserStatistics(config), split=beam.pvalue.AsSingleton(split)).with_outputs(
             "offsets", "exposure", main="counts")
     counts = statistics.counts | "MergeCounts" >> beam.CombineGlobally(_MergeAll())
@@ -335,7 +351,7 @@ def _build_conversion(pipeline, summary, files, parser, config, output_dir, work
     exposure = (statistics.exposure | "Exposure" >> beam.combiners.ToList()
                 | "ExposureInputs" >> beam.Map(_exposure_inputs))
 
-    built = timelines | "Build" >> beam.ParDo(
+    built = paths | "Build" >> beam.ParDo(
         BuildRequests(config, schema, num_shards, work),
         split=beam.pvalue.AsSingleton(split),
         counts=beam.pvalue.AsSingleton(counts),
@@ -387,10 +403,10 @@ def category_table(categories):
                                                          in first.items()}))
 
 
-def _split_time(timelines, config):
-    """The split time, as a singleton `{"time", "count", "train"}`: the request times'
-    radix selection, one pass per `log_statistics.RADIX_LEVELS` entry."""
-    times = timelines | "RequestTimes" >> beam.Map(_request_times, config)
+def _split_time(times, config):
+    """The split time, as a singleton `{"time", "count", "train"}`: the radix selection of
+    the request times (`times`: arrays of them), one pass per `log_statistics.RADIX_LEVELS`
+    entry."""
     state = (times | "Count" >> beam.ParDo(_TimesSummary())
              | "SumCount" >> beam.CombineGlobally(_CountAndMax())
              | "Rank" >> beam.Map(_selection_start, config.test_fraction))
@@ -409,10 +425,9 @@ def _split_time(timelines, config):
         n=beam.pvalue.AsSingleton(train))
 
 
-def _request_times(timeline, config):
-    _, (item, time, bits) = timeline
+def _request_times(item, time, bits, config):
     user = one_user_timeline(0, item, time, bits)
-    return np.array([p.time for p in user_requests.request_points(user, config)], np.int64)
+    return [p.time for p in user_requests.request_points(user, config)]
 
 
 class _TimesSummary(beam.DoFn):
@@ -603,31 +618,134 @@ def _write_text(path, lines):
 
 
 # ----------------------------------------------------------------------------- per user
+def user_groups(files, options, bytes_per_group=GROUP_BYTES):
+    """How many groups of users the grouping by user runs in: `--user_groups` where given;
+    else, with the DirectRunner, one per `bytes_per_group` of the log's files (a `.gz`
+    file's bytes counted `_GZIP_RATIO` times), and 1 on other runners.
+
+    The DirectRunner (Beam's FnApiRunner) sends each worker its whole share of a step's
+    input as one message (its `GroupingBuffer.partition` makes one part per worker, which
+    `_send_input_to_worker` writes whole): grouped in one step, a worker would hold its
+    share of the whole log at once. A cluster's runner streams a step's input."""
+    given = options.view_as(ConversionOptions).user_groups
+    if given is not None:
+        if given < 1:
+            raise ValueError(f"--user_groups must be a positive integer. "
+                             f"Received: --user_groups={given}")
+        return given
+    if options.view_as(StandardOptions).runner not in (None, "DirectRunner",
+                                                       "SwitchingDirectRunner"):
+        return 1
+    size = 0
+    for result in FileSystems.match(list(files)):
+        for found in result.metadata_list:
+            size += found.size_in_bytes * (_GZIP_RATIO if found.path.endswith(".gz") else 1)
+    return max(1, -(-size // bytes_per_group))
+
+
+def user_timelines(events, config, work, groups):
+    """`ReadFile`'s events -> each user's timeline (`user_requests.merge_and_sort`), written
+    to files under `work`: a PCollection of `TimelineFile`s.
+
+    The users are grouped in `groups` disjoint groups (by a hash of the id), one grouping
+    step each, so that a step's input is a group's events. The steps after read the files,
+    one at a time: their input is the files' names, so that no step's input holds the
+    log's events or timelines (on the DirectRunner, a worker's share of a step's input is
+    sent to it whole)."""
+    if groups == 1:
+        parts = [events]
+    else:
+        parts = events | "UserGroups" >> beam.Partition(
+            lambda element, n: _user_group(element[0], n), groups)
+    written = [part
+               | f"GroupByUser{index}" >> beam.GroupByKey()
+               | f"Timelines{index}" >> beam.ParDo(WriteTimelines(config, work))
+               for index, part in enumerate(parts)]
+    return written[0] if groups == 1 else written | "AllTimelines" >> beam.Flatten()
+
+
+def _user_group(user, groups):
+    # Users' ids are hashes or raw integers: mixed (splitmix64's finaliser) before the
+    # modulo, so that groups of consecutive raw ids are not skewed.
+    z = (int(user) + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) % groups
+
+
+class TimelineFile:
+    """One file of users' timelines (`WriteTimelines`) and what the conversion's global
+    figures need of it: events, the users' time span, the request times."""
+
+    def __init__(self, path, num_events, span, request_times):
+        self.path, self.num_events, self.span = path, num_events, span
+        self.request_times = request_times
+
+
+class WriteTimelines(beam.DoFn):
+    """`(user, [blocks of events])` -> the user's timeline, appended to this bundle's file of
+    timelines; per bundle, its `TimelineFile`."""
+
+    def __init__(self, config, work):
+        self.config, self.work = config, work
+
+    def start_bundle(self):
+        self.file = None
+
+    def process(self, element):
+        user, (item, time, bits) = user_timeline(element)
+        if self.file is None:
+            path = FileSystems.join(self.work, "timelines", f"{uuid.uuid4().hex}.pickle")
+            self.file = [FileSystems.create(path, compression_type="uncompressed"), path, 0,
+                         None, []]
+        out = self.file
+        pickle.dump((user, item, time, bits), out[0], protocol=pickle.HIGHEST_PROTOCOL)
+        out[2] += len(item)
+        out[3] = _time_span([out[3], (int(time[-1] - time[0]), int(time[0]),
+                                      int(time[-1]))])
+        out[4].extend(_request_times(item, time, bits, self.config))
+
+    def finish_bundle(self):
+        if self.file is None:
+            return
+        (out, path, num_events, span, times), self.file = self.file, None
+        out.close()
+        yield window.GlobalWindows.windowed_value(
+            TimelineFile(path, num_events, span, np.array(times, np.int64)))
+
+
+def read_timelines(path):
+    """The `(user, (item, time, bits))` of a `WriteTimelines` file, one at a time."""
+    with FileSystems.open(path, compression_type="uncompressed") as f:
+        while True:
+            try:
+                user, item, time, bits = pickle.load(f)
+            except EOFError:
+                return
+            yield user, (item, time, bits)
+
+
 def one_user_timeline(user, item, time, bits):
     return user_requests.Timeline(np.full(len(item), user, np.int64), item, time, bits,
                                   np.array([0, len(item)]))
 
 
-class UserTimeline(beam.DoFn):
+def user_timeline(element):
     """A user's blocks of events -> `(user, (item, time, bits))`, their
     `user_requests.merge_and_sort` timeline."""
-
-    def __init__(self, config):
-        self.config = config
-
-    def process(self, element):
-        user, blocks = element
-        block = np.concatenate(list(blocks), axis=1)
-        timeline = user_requests.merge_and_sort(np.full(block.shape[1], user, np.int64),
-                                                block[0], block[1], block[2], block[3])
-        yield user, (timeline.item, timeline.time, timeline.bits)
+    user, blocks = element
+    block = np.concatenate(list(blocks), axis=1)
+    timeline = user_requests.merge_and_sort(np.full(block.shape[1], user, np.int64),
+                                            block[0], block[1], block[2], block[3])
+    return user, (timeline.item, timeline.time, timeline.bits)
 
 
 class UserStatistics(beam.DoFn):
-    """What one user adds to the global statistics, given the split time: train-period
-    popularity, all items, train window positives (`ItemCounts`, summed per bundle), the
-    user's numbers of train and test requests (tagged `offsets`) and, for exposure
-    negatives, each request's time and window (tagged `exposure`)."""
+    """A file of timelines (`WriteTimelines`) -> what each user adds to the global statistics,
+    given the split time: train-period popularity, all items, train window positives
+    (`ItemCounts`, summed per bundle), the user's numbers of train and test requests
+    (tagged `offsets`) and, for exposure negatives, each request's time and window
+    (tagged `exposure`)."""
 
     def __init__(self, config):
         self.config = config
@@ -635,7 +753,11 @@ class UserStatistics(beam.DoFn):
     def start_bundle(self):
         self.counts = _Counts()
 
-    def process(self, element, split):
+    def process(self, path, split):
+        for element in read_timelines(path):
+            yield from self._user(element, split)
+
+    def _user(self, element, split):
         user, (item, time, bits) = element
         timeline = one_user_timeline(user, item, time, bits)
         train_events = time < split["time"]
@@ -693,12 +815,13 @@ def _exposure_inputs(entries):
 
 
 class BuildRequests(beam.DoFn):
-    """A user's requests: built (`user_requests.build_request`), encoded and written to
-    temporary files of their shards; a request goes to the shard the in-process converter
-    gives it (its index in its split, by user then time, modulo the split's shards). The
-    main output is the test requests' audit entries (`leak_audit.test_entry`); tagged
-    outputs: the temporary files `((split, shard), (path, count))`, the split figures, the
-    audit's train statistics and the negative sampler's fallbacks, per bundle."""
+    """A file of timelines (`WriteTimelines`) -> each user's requests: built
+    (`user_requests.build_request`), encoded and written to temporary files of their
+    shards; a request goes to the shard the in-process converter gives it (its index in
+    its split, by user then time, modulo the split's shards). The main output is the
+    test requests' audit entries (`leak_audit.test_entry`); tagged outputs: the
+    temporary files `((split, shard), (path, count))`, the split figures, the audit's
+    train statistics and the negative sampler's fallbacks, per bundle."""
 
     def __init__(self, config, schema, num_shards, work):
         self.config, self.schema, self.num_shards = config, schema, num_shards
@@ -714,7 +837,11 @@ class BuildRequests(beam.DoFn):
         self.train = None
         self.fallbacks = 0
 
-    def process(self, element, split, counts, offsets, exposure, item_category):
+    def process(self, path, split, counts, offsets, exposure, item_category):
+        for element in read_timelines(path):
+            yield from self._user(element, split, counts, offsets, exposure, item_category)
+
+    def _user(self, element, split, counts, offsets, exposure, item_category):
         user, (item, time, bits) = element
         config = self.config
         timeline = one_user_timeline(user, item, time, bits)
