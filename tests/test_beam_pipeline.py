@@ -133,23 +133,25 @@ def test_globs_of_plain_and_gzip_files_read_as_one_log(tmp_path):
 
 
 def test_the_local_runner_groups_a_large_log_in_groups_of_users(tmp_path):
-    """One group of users per `GROUP_BYTES` of the log (a .gz file's bytes counted
-    `_GZIP_RATIO` times) on the DirectRunner, whose workers get their share of a step's
-    input at once; one on a cluster's runner, which streams it; `--user_groups` where
-    given."""
+    """One group of users per `GROUP_BYTES_PER_WORKER` of the log (a .gz file's bytes
+    counted `_GZIP_RATIO` times) for each worker on the DirectRunner, whose workers get
+    their share of a step's input at once; one on a cluster's runner, which streams it;
+    `--user_groups` where given."""
     (tmp_path / "a.csv").write_bytes(b"x" * 2500)
     (tmp_path / "b.csv.gz").write_bytes(b"x" * 1000)
     files = [str(tmp_path / "a.csv"), str(tmp_path / "b.csv.gz")]
     groups = beam_pipeline.user_groups
-    assert groups(files, _in_memory(), bytes_per_group=6500) == 1
-    assert groups(files, _in_memory(), bytes_per_group=1000) == 7  # 2,500 + 4 * 1,000
+    assert groups(files, _in_memory(), bytes_per_worker=6500) == 1
+    assert groups(files, _in_memory(), bytes_per_worker=1000) == 7  # 2,500 + 4 * 1,000
+    two = beam_pipeline.default_options(num_workers=2)
+    assert groups(files, two, bytes_per_worker=1000) == 4  # 6,500 / (2 * 1,000)
     assert groups(files, beam_pipeline.default_options("DataflowRunner"),
-                  bytes_per_group=1000) == 1
-    assert groups(files, _in_memory("--user_groups=5"), bytes_per_group=1000) == 5
+                  bytes_per_worker=1000) == 1
+    assert groups(files, _in_memory("--user_groups=5"), bytes_per_worker=1000) == 5
     with pytest.raises(ValueError, match=r"--user_groups=0"):
         groups(files, _in_memory("--user_groups=0"))
     # Users spread over the groups, raw consecutive ids too.
-    counts = np.bincount([beam_pipeline._user_group(user, 4) for user in range(1, 401)])
+    counts = np.bincount([beam_pipeline._key_group(user, 4) for user in range(1, 401)])
     assert counts.min() > 70
 
 

@@ -15,9 +15,10 @@ Beam reads as it reads its own command line:
     --runner=SparkRunner --pipeline_options='--spark_master_url=spark://spark-host:7077'
 
 One option is ours (`ifa_tf.data.beam_options`): `--user_groups=N`, the number of groups of
-users the grouping by user runs in, one after another. By default one per 64 MiB of log on
-the DirectRunner (whose workers are sent their whole share of a step's input at once, so
-that a worker's memory would follow the log), one on a cluster's runner.
+users the grouping by user runs in, one after another. By default, on the DirectRunner
+(whose workers are sent their whole share of a step's input at once, so that a worker's
+memory would follow the log), one per 32 MiB of log for each worker; one on a cluster's
+runner.
 """
 
 import contextlib
@@ -49,7 +50,8 @@ def define_flags(flag_values=flags.FLAGS):
                         "--temp_location=gs://b/tmp' for Dataflow, '--flink_master=host:8081' "
                         "for Flink, '--direct_num_workers=1'); ours: '--user_groups=N', "
                         "the groups of users the grouping by user runs in (default: one per "
-                        "64 MiB of log on the DirectRunner, one on other runners).",
+                        "32 MiB of log and worker on the DirectRunner, one on other "
+                        "runners).",
                         flag_values=flag_values)
 
 

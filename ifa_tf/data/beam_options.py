@@ -13,6 +13,7 @@ class ConversionOptions(PipelineOptions):
         parser.add_argument(
             "--user_groups", type=int, default=None,
             help="ifa_tf: the number of groups of users the grouping by user runs in, one "
-                 "after another (each a step of its own). Default: one per 64 MiB of log "
-                 "on the DirectRunner, whose workers are sent their whole share of a "
-                 "step's input at once; one on other runners, which stream it.")
+                 "after another (each a step of its own; the audit's score ranges likewise). "
+                 "Default: on the DirectRunner, whose workers are sent their whole share of "
+                 "a step's input at once, one per 32 MiB of log for each worker; one on "
+                 "other runners, which stream it.")

@@ -11,9 +11,9 @@ log each.
   with `skip_bad_rows`), `log_converter.encode_id` maps the ids.
 - per user (grouped by user): `user_requests.merge_and_sort`, the user's timeline, written
   to files of timelines in the work directory (`user_timelines`). The grouping runs in
-  groups of users, one step each (`user_groups`: with the DirectRunner, one group per 64
-  MiB of log, or `--user_groups`); the steps after it read the timelines from the files,
-  one file at a time.
+  groups of users, one step each (`user_groups`: with the DirectRunner, one group per 32
+  MiB of log for each worker, or `--user_groups`); the steps after it read the timelines
+  from the files, one file at a time.
 - global statistics, as combiners over the workers' partial results, then side inputs:
   the split time (`log_statistics` radix selection: four passes of a 65,536-bucket
   histogram), the popularity counts and strata (`ItemCounts`, `make_sampler`), each item's
@@ -22,7 +22,8 @@ log each.
 - per user again (a file of timelines at a time): `user_requests.build_request` and
   `records.encode_example`, written to the shards; the split figures (`SplitStatistics`)
   and the leak audit's train statistics (`leak_audit.TrainStatistics`) as combiners.
-- leak audit: each test request scored (`leak_audit.score_request`), pooled AUC from
+- leak audit (the test requests' entries written to files by the build, read one file at
+  a time): each test request scored (`leak_audit.score_request`), pooled AUC from
   histograms of disjoint ranges of score values (`ScoreHistogram`, `pooled_auc`: exact),
   GAUC summed exactly (`GroupedAUC`).
 
@@ -35,9 +36,7 @@ co-occurrence profiles: 2 KB an item) and of users (each user's first request in
 bytes a user), not with the number of events. Exceptions: the distinct ids of one role
 (to write its vocabulary and count collisions), one range of the audit's score values,
 and with `negatives="exposure"` every request's window (the sampler draws from other
-users' windows nearest in time); with the DirectRunner, a worker's share of the audit's
-input, the test requests' entries (`leak_audit.test_entry`: about 1.5 KB a test request of
-50 candidates). With the DirectRunner, the driver process also holds the data between
+users' windows nearest in time). With the DirectRunner, the driver process also holds the data between
 steps (the runner's shuffle), which grows with the log; on a cluster the runner's shuffle
 service holds it.
 
@@ -47,13 +46,14 @@ partition` makes one part per worker, and `_send_input_to_worker` writes every p
 before it flushes), so that a worker holds its share of a step's input at once, with
 gRPC's and protobuf's copies of it. Grouped by user in one step, that is half the log's
 events for each of two workers; read from files, a step's input is the files' names, and
-a grouping step's input is one group's events. A cluster's runner streams a step's input
+a grouping step's input is one group's events (the audit's score histograms likewise). A cluster's runner streams a step's input
 to its workers: there the grouping runs in one group, and the files cost one more write
 and read of the timelines.
 """
 
 import contextlib
 import gzip
+import hashlib
 import logging
 import os
 import pickle
@@ -65,8 +65,8 @@ import uuid
 import apache_beam as beam
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import (GoogleCloudOptions, PipelineOptions,
-                                                  StandardOptions)
+from apache_beam.options.pipeline_options import (DirectOptions, GoogleCloudOptions,
+                                                  PipelineOptions, StandardOptions)
 from apache_beam.transforms import window
 
 from ifa_tf.data import leak_audit, log_converter, log_statistics, records, user_requests
@@ -76,9 +76,10 @@ _FLUSH_EVENTS = 1 << 18  # read: events buffered per worker before they are emit
 _FLUSH_IDS = 1 << 17  # read: distinct ids remembered per worker before they are emitted
 _FLUSH_SCORES = 1 << 19  # audit: score values held per worker before they are emitted
 _SCORE_RANGE_BITS = 20
-# The DirectRunner's grouping by user runs in one group of users per GROUP_BYTES of log
-# (`user_groups`); a .gz file's bytes count _GZIP_RATIO times.
-GROUP_BYTES = 64 << 20
+# The DirectRunner's grouping by user runs in one group of users per
+# GROUP_BYTES_PER_WORKER of log for each worker (`user_groups`); a .gz file's bytes count
+# _GZIP_RATIO times.
+GROUP_BYTES_PER_WORKER = 32 << 20
 _GZIP_RATIO = 4
 # glibc's allocator settings for the DirectRunner's workers: blocks of 128 KiB or more are
 # mapped and unmapped on their own, and the heap is trimmed above 128 KiB free. By default
@@ -331,7 +332,8 @@ def _build_conversion(pipeline, summary, files, parser, config, output_dir, work
 
     # The users' timelines, in files of the work directory: the per-user steps below read
     # them from there, one file at a time (see `user_timelines`).
-    stored = user_timelines(read.events, config, work, user_groups(files, pipeline.options))
+    groups = user_groups(files, pipeline.options)
+    stored = user_timelines(read.events, config, work, groups)
     paths = stored | "TimelinePaths" >> beam.Map(lambda f: f.path)
     summary.add("num_events", stored
                 | "CountEvents" >> beam.Map(lambda f: f.num_events)
@@ -377,11 +379,14 @@ def _build_conversion(pipeline, summary, files, parser, config, output_dir, work
         _MergeAll()))
     # Grouped, not combined: Beam's combiner lifting would merge a worker's histograms of
     # each range before the shuffle, holding every distinct score of its share of the test
-    # split at once; grouped, a worker holds one range's histograms at a time.
-    summary.add("audit_terms", audit.histograms
-                | "HistogramsOfRange" >> beam.GroupByKey()
-                | "Terms" >> beam.MapTuple(lambda key, parts: (key, _merged(parts).terms()))
-                | "AllTerms" >> beam.combiners.ToList())
+    # split at once; grouped, a worker holds one range's histograms at a time. The ranges
+    # are grouped in as many groups as the users (`in_groups`).
+    summary.add("audit_terms", in_groups(
+        audit.histograms, groups, "HistogramsOfRange",
+        lambda element, n: _key_group(hash_key(element[0]), n),
+        lambda grouped, label: grouped | label >> beam.MapTuple(
+            lambda key, parts: (key, _merged(parts).terms())))
+        | "AllTerms" >> beam.combiners.ToList())
 
 
 def _time_span(spans):
@@ -618,10 +623,11 @@ def _write_text(path, lines):
 
 
 # ----------------------------------------------------------------------------- per user
-def user_groups(files, options, bytes_per_group=GROUP_BYTES):
-    """How many groups of users the grouping by user runs in: `--user_groups` where given;
-    else, with the DirectRunner, one per `bytes_per_group` of the log's files (a `.gz`
-    file's bytes counted `_GZIP_RATIO` times), and 1 on other runners.
+def user_groups(files, options, bytes_per_worker=GROUP_BYTES_PER_WORKER):
+    """How many groups of users the grouping by user runs in (and the audit's grouping of
+    score ranges): `--user_groups` where given; else, with the DirectRunner, one per
+    `bytes_per_worker` of the log's files for each worker (a `.gz` file's bytes counted
+    `_GZIP_RATIO` times), and 1 on other runners.
 
     The DirectRunner (Beam's FnApiRunner) sends each worker its whole share of a step's
     input as one message (its `GroupingBuffer.partition` makes one part per worker, which
@@ -636,11 +642,13 @@ def user_groups(files, options, bytes_per_group=GROUP_BYTES):
     if options.view_as(StandardOptions).runner not in (None, "DirectRunner",
                                                        "SwitchingDirectRunner"):
         return 1
+    workers = options.view_as(DirectOptions).direct_num_workers
+    workers = (os.cpu_count() or 1) if workers == 0 else (workers or 1)
     size = 0
     for result in FileSystems.match(list(files)):
         for found in result.metadata_list:
             size += found.size_in_bytes * (_GZIP_RATIO if found.path.endswith(".gz") else 1)
-    return max(1, -(-size // bytes_per_group))
+    return max(1, -(-size // (bytes_per_worker * workers)))
 
 
 def user_timelines(events, config, work, groups):
@@ -652,22 +660,37 @@ def user_timelines(events, config, work, groups):
     one at a time: their input is the files' names, so that no step's input holds the
     log's events or timelines (on the DirectRunner, a worker's share of a step's input is
     sent to it whole)."""
+    return in_groups(events, groups, "Users", lambda element, n: _key_group(element[0], n),
+                     lambda grouped, label: grouped | label >> beam.ParDo(
+                         WriteTimelines(config, work)))
+
+
+def in_groups(pcollection, groups, name, group_of, step):
+    """`step(grouped, label)` applied to `pcollection`'s `(key, value)`s grouped by key, in
+    `groups` disjoint groups of keys (`group_of(element, groups)`), a grouping step each,
+    one after another on the DirectRunner; the results flattened. Nothing after a group's
+    step may be a side input of another group's steps (Beam 2.78's local scheduler waits
+    forever on a Flatten of steps with side inputs that feeds a side input)."""
     if groups == 1:
-        parts = [events]
-    else:
-        parts = events | "UserGroups" >> beam.Partition(
-            lambda element, n: _user_group(element[0], n), groups)
-    written = [part
-               | f"GroupByUser{index}" >> beam.GroupByKey()
-               | f"Timelines{index}" >> beam.ParDo(WriteTimelines(config, work))
-               for index, part in enumerate(parts)]
-    return written[0] if groups == 1 else written | "AllTimelines" >> beam.Flatten()
+        return step(pcollection | f"GroupBy{name}" >> beam.GroupByKey(), f"{name}Step")
+    parts = pcollection | f"{name}Groups" >> beam.Partition(group_of, groups)
+    done = [step(part | f"GroupBy{name}{index}" >> beam.GroupByKey(), f"{name}Step{index}")
+            for index, part in enumerate(parts)]
+    return done | f"All{name}" >> beam.Flatten()
 
 
-def _user_group(user, groups):
+def hash_key(key):
+    """A stable integer of a `(score name, value range)` key (Python's `hash` of a string
+    differs between processes)."""
+    name, value_range = key
+    return int.from_bytes(hashlib.blake2b(f"{name}/{value_range}".encode(),
+                                          digest_size=8).digest(), "little")
+
+
+def _key_group(key, groups):
     # Users' ids are hashes or raw integers: mixed (splitmix64's finaliser) before the
     # modulo, so that groups of consecutive raw ids are not skewed.
-    z = (int(user) + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    z = (int(key) + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
     return (z ^ (z >> 31)) % groups
@@ -716,13 +739,34 @@ class WriteTimelines(beam.DoFn):
 
 def read_timelines(path):
     """The `(user, (item, time, bits))` of a `WriteTimelines` file, one at a time."""
+    for user, item, time, bits in read_pickled(path):
+        yield user, (item, time, bits)
+
+
+class PickleFile:
+    """Objects pickled one after another into a new file at `path` (`read_pickled` reads
+    them): `write(value)`, then `close()`, which returns the path."""
+
+    def __init__(self, path):
+        self.path = path
+        self.file = FileSystems.create(path, compression_type="uncompressed")
+
+    def write(self, value):
+        pickle.dump(value, self.file, protocol=pickle.HIGHEST_PROTOCOL)
+
+    def close(self):
+        self.file.close()
+        return self.path
+
+
+def read_pickled(path):
+    """The objects pickled one after another into the file at `path`, one at a time."""
     with FileSystems.open(path, compression_type="uncompressed") as f:
         while True:
             try:
-                user, item, time, bits = pickle.load(f)
+                yield pickle.load(f)
             except EOFError:
                 return
-            yield user, (item, time, bits)
 
 
 def one_user_timeline(user, item, time, bits):
@@ -819,7 +863,8 @@ class BuildRequests(beam.DoFn):
     (`user_requests.build_request`), encoded and written to temporary files of their
     shards; a request goes to the shard the in-process converter gives it (its index in
     its split, by user then time, modulo the split's shards). The main output is the
-    test requests' audit entries (`leak_audit.test_entry`); tagged outputs: the
+    path of a file of the bundle's test requests' audit entries (`leak_audit.test_entry`,
+    a `PickleFile`); tagged outputs: the
     temporary files `((split, shard), (path, count))`, the split figures, the audit's
     train statistics and the negative sampler's fallbacks, per bundle."""
 
@@ -835,11 +880,12 @@ class BuildRequests(beam.DoFn):
         self.writers = {}
         self.statistics = {}
         self.train = None
+        self.tests = None
         self.fallbacks = 0
 
     def process(self, path, split, counts, offsets, exposure, item_category):
         for element in read_timelines(path):
-            yield from self._user(element, split, counts, offsets, exposure, item_category)
+            self._user(element, split, counts, offsets, exposure, item_category)
 
     def _user(self, element, split, counts, offsets, exposure, item_category):
         user, (item, time, bits) = element
@@ -873,14 +919,17 @@ class BuildRequests(beam.DoFn):
                 self.train.add(leak_audit.train_positives(request, self.schema.tasks[0]),
                                index)
             else:
-                yield leak_audit.test_entry(request, self.schema.tasks)
+                self._tests().write(leak_audit.test_entry(request, self.schema.tasks))
         self.fallbacks += sampler.fallbacks - before
 
     def finish_bundle(self):
         # Nothing of the bundle stays with the DoFn, which a runner keeps after the bundle.
         writers, statistics, train = self.writers, self.statistics, self.train
+        tests, self.tests = self.tests, None
         self.writers, self.statistics, self.train = {}, {}, None
         self._sampler = self._hashes = None
+        if tests is not None:
+            yield window.GlobalWindows.windowed_value(tests.close())
         for key, (writer, path, count) in writers.items():
             writer.close()
             yield _tagged("files", (key, (path, count)))
@@ -889,6 +938,12 @@ class BuildRequests(beam.DoFn):
         if train is not None:
             yield _tagged("train", train)
         yield _tagged("fallbacks", self.fallbacks)
+
+    def _tests(self):
+        if self.tests is None:
+            self.tests = PickleFile(FileSystems.join(self.work, "audit",
+                                                     f"{uuid.uuid4().hex}.pickle"))
+        return self.tests
 
     def _writer(self, split, shard):
         key = (split, shard)
@@ -955,8 +1010,8 @@ class ConcatenateShard(beam.DoFn):
 
 # -------------------------------------------------------------------------------- audit
 class ScoreTests(beam.DoFn):
-    """Scores test requests for the leak audit (`leak_audit.score_request`) with the train
-    statistics as a side input. Main output: `AuditTotals` per bundle; tagged
+    """A file of test requests' audit entries (`BuildRequests`) -> each one scored for the
+    leak audit (`leak_audit.score_request`), with the train statistics as a side input. Main output: `AuditTotals` per bundle; tagged
     `histograms`: `((score, value range), ScoreHistogram)`, made whenever the worker holds
     `_FLUSH_SCORES` scores."""
 
@@ -968,9 +1023,13 @@ class ScoreTests(beam.DoFn):
         self.totals = leak_audit.AuditTotals(self.tasks)
         self.pending, self.held = {}, 0
 
-    def process(self, entry, train):
+    def process(self, path, train):
         if self._lookup is None or self._lookup[0] is not train:
             self._lookup = (train, train.lookup())
+        for entry in read_pickled(path):
+            yield from self._score(entry)
+
+    def _score(self, entry):
         candidates, in_history, labels = entry
         scores = leak_audit.score_request(candidates, in_history, labels, self._lookup[1])
         self.totals.add(scores, labels)
