@@ -269,7 +269,8 @@ def report():
         large = by_name.get(f"generated_20m_beam_{workers}_worker{'s' if workers > 1 else ''}")
         if small and large and large.get("max_worker_peak_rss_mb") and "log_rows" in large:
             ratio = large["max_worker_peak_rss_mb"] / small["max_worker_peak_rss_mb"]
-            lines.append(f"\nBeam, {workers} workers: the largest worker peak on the 20M-event "
+            lines.append(f"\nBeam, {workers} worker{'s' if workers > 1 else ''}: the largest "
+                         f"worker peak on the 20M-event "
                          f"log is {ratio:.2f}x the one on the 1M-event log "
                          f"({large['max_worker_peak_rss_mb']} MB against "
                          f"{small['max_worker_peak_rss_mb']} MB).")

@@ -28,9 +28,9 @@ ACTIONS = "pv:click,clk:click+long_view,fav:like"
 REAL_MOVIELENS_100K = os.environ.get("IFA_TF_MOVIELENS_100K", "/tmp/ml-100k")
 
 
-def _in_memory():
+def _in_memory(*extra):
     return beam_pipeline.default_options(
-        extra=["--direct_running_mode=in_memory", "--direct_num_workers=1"])
+        extra=["--direct_running_mode=in_memory", "--direct_num_workers=1", *extra])
 
 
 def _log(path, seed=0, num_users=12, num_items=60, num_rows=700, bad_row=True):
@@ -84,16 +84,17 @@ def _both(log, tmp_path, options=None, num_shards=3, **config):
 
 
 # ----------------------------------------------------------------- the same output
-@pytest.mark.parametrize("negatives, extra", [
-    ("popularity_matched", {"exclude_history": True}),
-    ("exposure", {}),
-    ("popularity", {"fixed_set_size": False}),
+@pytest.mark.parametrize("negatives, extra, groups", [
+    ("popularity_matched", {"exclude_history": True}, 1),
+    ("exposure", {}, 3),  # the grouping by user in 3 groups of users, as a large log's
+    ("popularity", {"fixed_set_size": False}, 1),
 ])
-def test_beam_writes_what_the_in_process_converter_writes(tmp_path, negatives, extra):
+def test_beam_writes_what_the_in_process_converter_writes(tmp_path, negatives, extra, groups):
     log = _log(tmp_path / "log.csv")
     in_process, on_beam, metadata = _both(
-        log, tmp_path, columns=COLUMNS, actions=ACTIONS, skip_bad_rows=True, negatives=negatives,
-        max_candidates=12, num_negatives=4, **extra)
+        log, tmp_path, options=_in_memory(f"--user_groups={groups}"), columns=COLUMNS,
+        actions=ACTIONS, skip_bad_rows=True, negatives=negatives, max_candidates=12,
+        num_negatives=4, **extra)
     _assert_same_output(in_process, on_beam)
     assert metadata["bad_rows"] == 1 and metadata["bad_row_lines"] == [61]
     assert metadata["leak_audit"]["num_requests"] > 10
@@ -102,9 +103,10 @@ def test_beam_writes_what_the_in_process_converter_writes(tmp_path, negatives, e
 
 
 def test_the_multi_process_runner_writes_the_same(tmp_path):
-    """The runner the command uses: two worker processes."""
+    """The runner the command uses: two worker processes, here with the grouping by user
+    in two groups of users."""
     log = _log(tmp_path / "log.csv", seed=1, num_rows=300, bad_row=False)
-    options = beam_pipeline.default_options(num_workers=2)
+    options = beam_pipeline.default_options(num_workers=2, extra=["--user_groups=2"])
     assert options.get_all_options()["direct_running_mode"] == "multi_processing"
     in_process, on_beam, _ = _both(log, tmp_path, options=options, columns=COLUMNS,
                                    actions=ACTIONS, max_candidates=10, num_negatives=3)
@@ -128,6 +130,29 @@ def test_globs_of_plain_and_gzip_files_read_as_one_log(tmp_path):
     log_converter.convert_log(whole, str(tmp_path / "single"),
                               log_converter.LogConfig(**kwargs), num_shards=3)
     assert _records_by_file(str(tmp_path / "single")) == _records_by_file(on_beam)
+
+
+def test_the_local_runner_groups_a_large_log_in_groups_of_users(tmp_path):
+    """One group of users per `GROUP_BYTES_PER_WORKER` of the log (a .gz file's bytes
+    counted `_GZIP_RATIO` times) for each worker on the DirectRunner, whose workers get
+    their share of a step's input at once; one on a cluster's runner, which streams it;
+    `--user_groups` where given."""
+    (tmp_path / "a.csv").write_bytes(b"x" * 2500)
+    (tmp_path / "b.csv.gz").write_bytes(b"x" * 1000)
+    files = [str(tmp_path / "a.csv"), str(tmp_path / "b.csv.gz")]
+    groups = beam_pipeline.user_groups
+    assert groups(files, _in_memory(), bytes_per_worker=6500) == 1
+    assert groups(files, _in_memory(), bytes_per_worker=1000) == 7  # 2,500 + 4 * 1,000
+    two = beam_pipeline.default_options(num_workers=2)
+    assert groups(files, two, bytes_per_worker=1000) == 4  # 6,500 / (2 * 1,000)
+    assert groups(files, beam_pipeline.default_options("DataflowRunner"),
+                  bytes_per_worker=1000) == 1
+    assert groups(files, _in_memory("--user_groups=5"), bytes_per_worker=1000) == 5
+    with pytest.raises(ValueError, match=r"--user_groups=0"):
+        groups(files, _in_memory("--user_groups=0"))
+    # Users spread over the groups, raw consecutive ids too.
+    counts = np.bincount([beam_pipeline._key_group(user, 4) for user in range(1, 401)])
+    assert counts.min() > 70
 
 
 def test_the_local_workers_start_with_the_allocator_settings(monkeypatch):
@@ -303,6 +328,8 @@ def test_the_early_checks_read_a_glob_of_plain_and_gzip_files(tmp_path, flag_val
     (["--runner=DirectRunner", "--pipeline_options=--runner=FlinkRunner"],
      "pass the runner as --runner"),
     (["--runner=DirectRunner", "--pipeline_options=--project='p"], "No closing quotation"),
+    (["--runner=DirectRunner", "--pipeline_options=--user_groups=0"],
+     "--user_groups must be a positive integer. Received: --user_groups=0"),
 ])
 def test_runner_mistakes_are_usage_errors(tmp_path, flag_values, arguments, message):
     log = _log(tmp_path / "log.csv")
@@ -328,8 +355,8 @@ def test_runner_is_a_from_log_flag(tmp_path, flag_values):
      {"flink_master": "flink-host:8081", "parallelism": 16, "environment_type": "LOOPBACK"}),
     ("SparkRunner", "--spark_master_url=spark://spark-host:7077",
      {"spark_master_url": "spark://spark-host:7077"}),
-    ("DirectRunner", "--direct_num_workers=1",
-     {"direct_num_workers": 1, "direct_running_mode": "multi_processing"}),
+    ("DirectRunner", "--direct_num_workers=1 --user_groups=4",
+     {"direct_num_workers": 1, "direct_running_mode": "multi_processing", "user_groups": 4}),
 ])
 def test_pipeline_options_pass_through_to_the_cluster_runners(flag_values, runner, given,
                                                               expected):
@@ -346,6 +373,17 @@ def test_the_direct_runner_defaults_to_one_worker_per_core(flag_values):
     options = beam_flags.options(flag_values).get_all_options()
     assert options["direct_running_mode"] == "multi_processing"
     assert options["direct_num_workers"] == os.cpu_count()
+
+
+def test_our_pipeline_option_is_known_before_tensorflow_loads():
+    """`--user_groups` is checked with Beam's options, before TensorFlow loads."""
+    script = ("import sys\n"
+              "from ifa_tf.cli import beam_flags\n"
+              "print(sorted(beam_flags.unknown_options(['--user_groups=3', '--user_grups=3'])),"
+              " beam_flags.user_groups(['--user_groups=3']), 'tensorflow' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.split("\n")[-2] == "['user_grups'] 3 False"
 
 
 def test_runner_without_beam_installed_says_how_to_install(tmp_path):

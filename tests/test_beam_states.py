@@ -56,7 +56,7 @@ def test_beam_builds_the_states_built_in_process(converted, log_model, tmp_path,
                else request.getfixturevalue("redis_server").url)
     got = beam_states.build_states_from_log(
         on_beam, export_dir, log, dataset, state_model.cross_features, batch_size=2,
-        options=_in_memory(), skip_bad_rows=True)
+        options=_in_memory("--user_groups=2"), skip_bad_rows=True)  # 2 groups of users
     assert got == {"users": expected["users"], "model": state_model.model, "skipped_rows": 2}
     assert expected["skipped_rows"] == 2
     users = sorted(state_store.events_from_log(log, dataset, skip_bad_rows=True))
@@ -88,9 +88,9 @@ def test_bad_event_times_are_refused_alike_on_both_drivers(converted, log_model,
                                                           str(in_process.value))
 
 
-def _in_memory():
+def _in_memory(*extra):
     return beam_pipeline.default_options(extra=["--direct_running_mode=in_memory",
-                                                "--direct_num_workers=1"])
+                                                "--direct_num_workers=1", *extra])
 
 
 def test_the_command_takes_runner_for_build_log_only(converted, log_model,  # noqa: F811

@@ -13,6 +13,12 @@ Beam reads as it reads its own command line:
     --runner=FlinkRunner --pipeline_options='--flink_master=flink-host:8081
         --environment_type=LOOPBACK'
     --runner=SparkRunner --pipeline_options='--spark_master_url=spark://spark-host:7077'
+
+One option is ours (`ifa_tf.data.beam_options`): `--user_groups=N`, the number of groups of
+users the grouping by user runs in, one after another. By default, on the DirectRunner
+(whose workers are sent their whole share of a step's input at once, so that a worker's
+memory would follow the log), one per 32 MiB of log for each worker; one on a cluster's
+runner.
 """
 
 import contextlib
@@ -42,7 +48,11 @@ def define_flags(flag_values=flags.FLAGS):
     flags.DEFINE_string("pipeline_options", None, "With --runner: Beam pipeline options, "
                         "as on Beam's command line (e.g. '--project=p --region=r "
                         "--temp_location=gs://b/tmp' for Dataflow, '--flink_master=host:8081' "
-                        "for Flink, '--direct_num_workers=1').", flag_values=flag_values)
+                        "for Flink, '--direct_num_workers=1'); ours: '--user_groups=N', "
+                        "the groups of users the grouping by user runs in (default: one per "
+                        "32 MiB of log and worker on the DirectRunner, one on other "
+                        "runners).",
+                        flag_values=flag_values)
 
 
 def check(flag_values=flags.FLAGS):
@@ -62,6 +72,10 @@ def check(flag_values=flags.FLAGS):
     if unknown:
         raise app.UsageError(f"--pipeline_options: Beam has no option "
                              f"{', '.join('--' + name for name in unknown)}.")
+    groups = user_groups(pipeline_arguments(flag_values))
+    if groups is not None and groups < 1:
+        raise app.UsageError(f"--pipeline_options: --user_groups must be a positive integer. "
+                             f"Received: --user_groups={groups}")
 
 
 def pipeline_arguments(flag_values=flags.FLAGS):
@@ -79,9 +93,12 @@ def pipeline_arguments(flag_values=flags.FLAGS):
 
 
 def unknown_options(arguments):
-    """The names in `arguments` that no Beam pipeline option reads."""
+    """The names in `arguments` that no Beam pipeline option reads (Beam's, and ours:
+    `beam_options.ConversionOptions`)."""
     with quiet_beam():
         from apache_beam.options.pipeline_options import PipelineOptions
+
+        from ifa_tf.data import beam_options  # noqa: F401 - registers our options
 
         options = PipelineOptions(arguments)
         return set(options.get_all_options(retain_unknown_options=True)) - set(
@@ -91,6 +108,16 @@ def unknown_options(arguments):
 def options(flag_values=flags.FLAGS):
     """The `PipelineOptions` the flags give, or None without --runner."""
     return pipeline_options(flag_values["runner"].value, flag_values["pipeline_options"].value)
+
+
+def user_groups(arguments):
+    """`--user_groups` of `arguments` (None where not given)."""
+    with quiet_beam():
+        from apache_beam.options.pipeline_options import PipelineOptions
+
+        from ifa_tf.data import beam_options
+
+        return PipelineOptions(arguments).view_as(beam_options.ConversionOptions).user_groups
 
 
 def pipeline_options(runner, text=None):

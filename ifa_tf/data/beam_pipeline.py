@@ -9,16 +9,21 @@ log each.
 - read: one worker per file (a glob, `.gz` files): `log_converter.RowParser` parses the
   rows (malformed rows fail the run naming the file and lines, or are skipped and counted
   with `skip_bad_rows`), `log_converter.encode_id` maps the ids.
-- per user (grouped by user): `user_requests.merge_and_sort` and `request_points`.
+- per user (grouped by user): `user_requests.merge_and_sort`, the user's timeline, written
+  to files of timelines in the work directory (`user_timelines`). The grouping runs in
+  groups of users, one step each (`user_groups`: with the DirectRunner, one group per 32
+  MiB of log for each worker, or `--user_groups`); the steps after it read the timelines
+  from the files, one file at a time.
 - global statistics, as combiners over the workers' partial results, then side inputs:
   the split time (`log_statistics` radix selection: four passes of a 65,536-bucket
   histogram), the popularity counts and strata (`ItemCounts`, `make_sampler`), each item's
   first category, the id tables and vocabularies, each user's first request index in each
   split (so that a request goes to the shard the in-process converter puts it in).
-- per user again: `user_requests.build_request` and `records.encode_example`, written to
-  the shards; the split figures (`SplitStatistics`) and the leak audit's train statistics
-  (`leak_audit.TrainStatistics`) as combiners.
-- leak audit: each test request scored (`leak_audit.score_request`), pooled AUC from
+- per user again (a file of timelines at a time): `user_requests.build_request` and
+  `records.encode_example`, written to the shards; the split figures (`SplitStatistics`)
+  and the leak audit's train statistics (`leak_audit.TrainStatistics`) as combiners.
+- leak audit (the test requests' entries written to files by the build, read one file at
+  a time): each test request scored (`leak_audit.score_request`), pooled AUC from
   histograms of disjoint ranges of score values (`ScoreHistogram`, `pooled_auc`: exact),
   GAUC summed exactly (`GroupedAUC`).
 
@@ -31,17 +36,24 @@ co-occurrence profiles: 2 KB an item) and of users (each user's first request in
 bytes a user), not with the number of events. Exceptions: the distinct ids of one role
 (to write its vocabulary and count collisions), one range of the audit's score values,
 and with `negatives="exposure"` every request's window (the sampler draws from other
-users' windows nearest in time). With the DirectRunner, the driver process also holds the
-data between steps (the runner's shuffle), which grows with the log; on a cluster the
-runner's shuffle service holds it. The DirectRunner also sends each worker its whole share
-of a step's input as one message (its `GroupingBuffer` makes one part per worker, which
-`_send_input_to_worker` writes whole), so that a local worker's memory grows with its share
-of the log's events at the steps after the grouping by user; a cluster's runner streams a
-step's input to its workers.
+users' windows nearest in time). With the DirectRunner, the driver process also holds the data between
+steps (the runner's shuffle), which grows with the log; on a cluster the runner's shuffle
+service holds it.
+
+Why the files of timelines and the groups of users: the DirectRunner (Beam's FnApiRunner)
+sends each worker its whole share of a step's input as one message (its `GroupingBuffer.
+partition` makes one part per worker, and `_send_input_to_worker` writes every part whole
+before it flushes), so that a worker holds its share of a step's input at once, with
+gRPC's and protobuf's copies of it. Grouped by user in one step, that is half the log's
+events for each of two workers; read from files, a step's input is the files' names, and
+a grouping step's input is one group's events (the audit's score histograms likewise). A cluster's runner streams a step's input
+to its workers: there the grouping runs in one group, and the files cost one more write
+and read of the timelines.
 """
 
 import contextlib
 import gzip
+import hashlib
 import logging
 import os
 import pickle
@@ -53,15 +65,22 @@ import uuid
 import apache_beam as beam
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions
+from apache_beam.options.pipeline_options import (DirectOptions, GoogleCloudOptions,
+                                                  PipelineOptions, StandardOptions)
 from apache_beam.transforms import window
 
 from ifa_tf.data import leak_audit, log_converter, log_statistics, records, user_requests
+from ifa_tf.data.beam_options import ConversionOptions
 
 _FLUSH_EVENTS = 1 << 18  # read: events buffered per worker before they are emitted by user
 _FLUSH_IDS = 1 << 17  # read: distinct ids remembered per worker before they are emitted
 _FLUSH_SCORES = 1 << 19  # audit: score values held per worker before they are emitted
 _SCORE_RANGE_BITS = 20
+# The DirectRunner's grouping by user runs in one group of users per
+# GROUP_BYTES_PER_WORKER of log for each worker (`user_groups`); a .gz file's bytes count
+# _GZIP_RATIO times.
+GROUP_BYTES_PER_WORKER = 32 << 20
+_GZIP_RATIO = 4
 # glibc's allocator settings for the DirectRunner's workers: blocks of 128 KiB or more are
 # mapped and unmapped on their own, and the heap is trimmed above 128 KiB free. By default
 # glibc raises its mapping threshold after each large block freed (up to 32 MiB) and keeps
@@ -110,6 +129,7 @@ def convert_log(path, output_dir, config, num_shards=1, compression="gzip", sour
     try:
         FileSystems.mkdirs(work)
         FileSystems.mkdirs(FileSystems.join(work, "records"))
+        FileSystems.mkdirs(FileSystems.join(work, "timelines"))
         pipeline = beam.Pipeline(options=options or default_options())
         summary = SummaryFiles(FileSystems.join(work, "summary"))
         _build_conversion(pipeline, summary, files, parser, config, output_dir, work,
@@ -122,7 +142,7 @@ def convert_log(path, output_dir, config, num_shards=1, compression="gzip", sour
         return metadata
     finally:
         # As in-process, a run that gives no dataset leaves no output directory it made.
-        _remove(output_dir if created and not finished else work)
+        remove(output_dir if created and not finished else work)
 
 
 def convert_preset(name, data_dir, output_dir, num_shards=1, compression="gzip",
@@ -181,9 +201,6 @@ class SummaryFiles:
                 name, value = pickle.loads(f.read())
             found[name].append(value)
         return found
-
-    def remove(self):
-        _remove(self.directory)
 
 
 def temporary_directory(options):
@@ -283,7 +300,8 @@ def _shard_counts(split, num_shards):
     return {name: min(num_shards, count) for name, count in counts.items() if count}
 
 
-def _remove(path):
+def remove(path):
+    """Removes a work directory (a cluster's: a warning where it cannot)."""
     if "://" not in path:
         shutil.rmtree(path, ignore_errors=True)
         return
@@ -312,21 +330,21 @@ def _build_conversion(pipeline, summary, files, parser, config, output_dir, work
                 | "IdsOfRole" >> beam.GroupByKey()
                 | "IdTable" >> beam.ParDo(WriteIdTable(output_dir)))
 
-    timelines = (read.events
-                 | "GroupByUser" >> beam.GroupByKey()
-                 | "Timeline" >> beam.ParDo(UserTimeline(config)))
-    summary.add("num_events", timelines
-                | "CountEvents" >> beam.Map(lambda t: len(t[1][0]))
+    # The users' timelines, in files of the work directory: the per-user steps below read
+    # them from there, one file at a time (see `user_timelines`).
+    groups = user_groups(files, pipeline.options)
+    stored = user_timelines(read.events, config, work, groups)
+    paths = stored | "TimelinePaths" >> beam.Map(lambda f: f.path)
+    summary.add("num_events", stored
+                | "CountEvents" >> beam.Map(lambda f: f.num_events)
                 | "SumEvents" >> beam.CombineGlobally(sum))
-    summary.add("time_span", timelines
-                | "TimeSpans" >> beam.MapTuple(lambda user, timeline: (
-                    int(timeline[1][-1] - timeline[1][0]), int(timeline[1][0]),
-                    int(timeline[1][-1])))
+    summary.add("time_span", stored
+                | "TimeSpans" >> beam.Map(lambda f: f.span)
                 | "LogTimeSpan" >> beam.CombineGlobally(_time_span))
-    split = _split_time(timelines, config)
+    split = _split_time(stored | "RequestTimes" >> beam.Map(lambda f: f.request_times), config)
     summary.add("split", split)
 
-    statistics = timelines | "Statistics" >> beam.ParDo(
+    statistics = paths | "Statistics" >> beam.ParDo(
         UserStatistics(config), split=beam.pvalue.AsSingleton(split)).with_outputs(
             "offsets", "exposure", main="counts")
     counts = statistics.counts | "MergeCounts" >> beam.CombineGlobally(_MergeAll())
@@ -335,7 +353,7 @@ def _build_conversion(pipeline, summary, files, parser, config, output_dir, work
     exposure = (statistics.exposure | "Exposure" >> beam.combiners.ToList()
                 | "ExposureInputs" >> beam.Map(_exposure_inputs))
 
-    built = timelines | "Build" >> beam.ParDo(
+    built = paths | "Build" >> beam.ParDo(
         BuildRequests(config, schema, num_shards, work),
         split=beam.pvalue.AsSingleton(split),
         counts=beam.pvalue.AsSingleton(counts),
@@ -361,11 +379,14 @@ def _build_conversion(pipeline, summary, files, parser, config, output_dir, work
         _MergeAll()))
     # Grouped, not combined: Beam's combiner lifting would merge a worker's histograms of
     # each range before the shuffle, holding every distinct score of its share of the test
-    # split at once; grouped, a worker holds one range's histograms at a time.
-    summary.add("audit_terms", audit.histograms
-                | "HistogramsOfRange" >> beam.GroupByKey()
-                | "Terms" >> beam.MapTuple(lambda key, parts: (key, _merged(parts).terms()))
-                | "AllTerms" >> beam.combiners.ToList())
+    # split at once; grouped, a worker holds one range's histograms at a time. The ranges
+    # are grouped in as many groups as the users (`in_groups`).
+    summary.add("audit_terms", in_groups(
+        audit.histograms, groups, "HistogramsOfRange",
+        lambda element, n: _key_group(hash_key(element[0]), n),
+        lambda grouped, label: grouped | label >> beam.MapTuple(
+            lambda key, parts: (key, _merged(parts).terms())))
+        | "AllTerms" >> beam.combiners.ToList())
 
 
 def _time_span(spans):
@@ -387,10 +408,10 @@ def category_table(categories):
                                                          in first.items()}))
 
 
-def _split_time(timelines, config):
-    """The split time, as a singleton `{"time", "count", "train"}`: the request times'
-    radix selection, one pass per `log_statistics.RADIX_LEVELS` entry."""
-    times = timelines | "RequestTimes" >> beam.Map(_request_times, config)
+def _split_time(times, config):
+    """The split time, as a singleton `{"time", "count", "train"}`: the radix selection of
+    the request times (`times`: arrays of them), one pass per `log_statistics.RADIX_LEVELS`
+    entry."""
     state = (times | "Count" >> beam.ParDo(_TimesSummary())
              | "SumCount" >> beam.CombineGlobally(_CountAndMax())
              | "Rank" >> beam.Map(_selection_start, config.test_fraction))
@@ -409,10 +430,9 @@ def _split_time(timelines, config):
         n=beam.pvalue.AsSingleton(train))
 
 
-def _request_times(timeline, config):
-    _, (item, time, bits) = timeline
+def _request_times(item, time, bits, config):
     user = one_user_timeline(0, item, time, bits)
-    return np.array([p.time for p in user_requests.request_points(user, config)], np.int64)
+    return [p.time for p in user_requests.request_points(user, config)]
 
 
 class _TimesSummary(beam.DoFn):
@@ -603,31 +623,173 @@ def _write_text(path, lines):
 
 
 # ----------------------------------------------------------------------------- per user
+def user_groups(files, options, bytes_per_worker=GROUP_BYTES_PER_WORKER):
+    """How many groups of users the grouping by user runs in (and the audit's grouping of
+    score ranges): `--user_groups` where given; else, with the DirectRunner, one per
+    `bytes_per_worker` of the log's files for each worker (a `.gz` file's bytes counted
+    `_GZIP_RATIO` times), and 1 on other runners.
+
+    The DirectRunner (Beam's FnApiRunner) sends each worker its whole share of a step's
+    input as one message (its `GroupingBuffer.partition` makes one part per worker, which
+    `_send_input_to_worker` writes whole): grouped in one step, a worker would hold its
+    share of the whole log at once. A cluster's runner streams a step's input."""
+    given = options.view_as(ConversionOptions).user_groups
+    if given is not None:
+        if given < 1:
+            raise ValueError(f"--user_groups must be a positive integer. "
+                             f"Received: --user_groups={given}")
+        return given
+    if options.view_as(StandardOptions).runner not in (None, "DirectRunner",
+                                                       "SwitchingDirectRunner"):
+        return 1
+    workers = options.view_as(DirectOptions).direct_num_workers
+    workers = (os.cpu_count() or 1) if workers == 0 else (workers or 1)
+    size = 0
+    for result in FileSystems.match(list(files)):
+        for found in result.metadata_list:
+            size += found.size_in_bytes * (_GZIP_RATIO if found.path.endswith(".gz") else 1)
+    return max(1, -(-size // (bytes_per_worker * workers)))
+
+
+def user_timelines(events, config, work, groups):
+    """`ReadFile`'s events -> each user's timeline (`user_requests.merge_and_sort`), written
+    to files under `work`: a PCollection of `TimelineFile`s.
+
+    The users are grouped in `groups` disjoint groups (by a hash of the id), one grouping
+    step each, so that a step's input is a group's events. The steps after read the files,
+    one at a time: their input is the files' names, so that no step's input holds the
+    log's events or timelines (on the DirectRunner, a worker's share of a step's input is
+    sent to it whole)."""
+    return in_groups(events, groups, "Users", lambda element, n: _key_group(element[0], n),
+                     lambda grouped, label: grouped | label >> beam.ParDo(
+                         WriteTimelines(config, work)))
+
+
+def in_groups(pcollection, groups, name, group_of, step):
+    """`step(grouped, label)` applied to `pcollection`'s `(key, value)`s grouped by key, in
+    `groups` disjoint groups of keys (`group_of(element, groups)`), a grouping step each,
+    one after another on the DirectRunner; the results flattened. Nothing after a group's
+    step may be a side input of another group's steps (Beam 2.78's local scheduler waits
+    forever on a Flatten of steps with side inputs that feeds a side input)."""
+    if groups == 1:
+        return step(pcollection | f"GroupBy{name}" >> beam.GroupByKey(), f"{name}Step")
+    parts = pcollection | f"{name}Groups" >> beam.Partition(group_of, groups)
+    done = [step(part | f"GroupBy{name}{index}" >> beam.GroupByKey(), f"{name}Step{index}")
+            for index, part in enumerate(parts)]
+    return done | f"All{name}" >> beam.Flatten()
+
+
+def hash_key(key):
+    """A stable integer of a `(score name, value range)` key (Python's `hash` of a string
+    differs between processes)."""
+    name, value_range = key
+    return int.from_bytes(hashlib.blake2b(f"{name}/{value_range}".encode(),
+                                          digest_size=8).digest(), "little")
+
+
+def _key_group(key, groups):
+    # Users' ids are hashes or raw integers: mixed (splitmix64's finaliser) before the
+    # modulo, so that groups of consecutive raw ids are not skewed.
+    z = (int(key) + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) % groups
+
+
+class TimelineFile:
+    """One file of users' timelines (`WriteTimelines`) and what the conversion's global
+    figures need of it: events, the users' time span, the request times."""
+
+    def __init__(self, path, num_events, span, request_times):
+        self.path, self.num_events, self.span = path, num_events, span
+        self.request_times = request_times
+
+
+class WriteTimelines(beam.DoFn):
+    """`(user, [blocks of events])` -> the user's timeline, appended to this bundle's file of
+    timelines; per bundle, its `TimelineFile`."""
+
+    def __init__(self, config, work):
+        self.config, self.work = config, work
+
+    def start_bundle(self):
+        self.file = None
+
+    def process(self, element):
+        user, (item, time, bits) = user_timeline(element)
+        if self.file is None:
+            path = FileSystems.join(self.work, "timelines", f"{uuid.uuid4().hex}.pickle")
+            self.file = [FileSystems.create(path, compression_type="uncompressed"), path, 0,
+                         None, []]
+        out = self.file
+        pickle.dump((user, item, time, bits), out[0], protocol=pickle.HIGHEST_PROTOCOL)
+        out[2] += len(item)
+        out[3] = _time_span([out[3], (int(time[-1] - time[0]), int(time[0]),
+                                      int(time[-1]))])
+        out[4].extend(_request_times(item, time, bits, self.config))
+
+    def finish_bundle(self):
+        if self.file is None:
+            return
+        (out, path, num_events, span, times), self.file = self.file, None
+        out.close()
+        yield window.GlobalWindows.windowed_value(
+            TimelineFile(path, num_events, span, np.array(times, np.int64)))
+
+
+def read_timelines(path):
+    """The `(user, (item, time, bits))` of a `WriteTimelines` file, one at a time."""
+    for user, item, time, bits in read_pickled(path):
+        yield user, (item, time, bits)
+
+
+class PickleFile:
+    """Objects pickled one after another into a new file at `path` (`read_pickled` reads
+    them): `write(value)`, then `close()`, which returns the path."""
+
+    def __init__(self, path):
+        self.path = path
+        self.file = FileSystems.create(path, compression_type="uncompressed")
+
+    def write(self, value):
+        pickle.dump(value, self.file, protocol=pickle.HIGHEST_PROTOCOL)
+
+    def close(self):
+        self.file.close()
+        return self.path
+
+
+def read_pickled(path):
+    """The objects pickled one after another into the file at `path`, one at a time."""
+    with FileSystems.open(path, compression_type="uncompressed") as f:
+        while True:
+            try:
+                yield pickle.load(f)
+            except EOFError:
+                return
+
+
 def one_user_timeline(user, item, time, bits):
     return user_requests.Timeline(np.full(len(item), user, np.int64), item, time, bits,
                                   np.array([0, len(item)]))
 
 
-class UserTimeline(beam.DoFn):
+def user_timeline(element):
     """A user's blocks of events -> `(user, (item, time, bits))`, their
     `user_requests.merge_and_sort` timeline."""
-
-    def __init__(self, config):
-        self.config = config
-
-    def process(self, element):
-        user, blocks = element
-        block = np.concatenate(list(blocks), axis=1)
-        timeline = user_requests.merge_and_sort(np.full(block.shape[1], user, np.int64),
-                                                block[0], block[1], block[2], block[3])
-        yield user, (timeline.item, timeline.time, timeline.bits)
+    user, blocks = element
+    block = np.concatenate(list(blocks), axis=1)
+    timeline = user_requests.merge_and_sort(np.full(block.shape[1], user, np.int64),
+                                            block[0], block[1], block[2], block[3])
+    return user, (timeline.item, timeline.time, timeline.bits)
 
 
 class UserStatistics(beam.DoFn):
-    """What one user adds to the global statistics, given the split time: train-period
-    popularity, all items, train window positives (`ItemCounts`, summed per bundle), the
-    user's numbers of train and test requests (tagged `offsets`) and, for exposure
-    negatives, each request's time and window (tagged `exposure`)."""
+    """A file of timelines (`WriteTimelines`) -> what each user adds to the global statistics,
+    given the split time: train-period popularity, all items, train window positives
+    (`ItemCounts`, summed per bundle), the user's numbers of train and test requests
+    (tagged `offsets`) and, for exposure negatives, each request's time and window
+    (tagged `exposure`)."""
 
     def __init__(self, config):
         self.config = config
@@ -635,7 +797,11 @@ class UserStatistics(beam.DoFn):
     def start_bundle(self):
         self.counts = _Counts()
 
-    def process(self, element, split):
+    def process(self, path, split):
+        for element in read_timelines(path):
+            yield from self._user(element, split)
+
+    def _user(self, element, split):
         user, (item, time, bits) = element
         timeline = one_user_timeline(user, item, time, bits)
         train_events = time < split["time"]
@@ -693,12 +859,14 @@ def _exposure_inputs(entries):
 
 
 class BuildRequests(beam.DoFn):
-    """A user's requests: built (`user_requests.build_request`), encoded and written to
-    temporary files of their shards; a request goes to the shard the in-process converter
-    gives it (its index in its split, by user then time, modulo the split's shards). The
-    main output is the test requests' audit entries (`leak_audit.test_entry`); tagged
-    outputs: the temporary files `((split, shard), (path, count))`, the split figures, the
-    audit's train statistics and the negative sampler's fallbacks, per bundle."""
+    """A file of timelines (`WriteTimelines`) -> each user's requests: built
+    (`user_requests.build_request`), encoded and written to temporary files of their
+    shards; a request goes to the shard the in-process converter gives it (its index in
+    its split, by user then time, modulo the split's shards). The main output is the
+    path of a file of the bundle's test requests' audit entries (`leak_audit.test_entry`,
+    a `PickleFile`); tagged outputs: the
+    temporary files `((split, shard), (path, count))`, the split figures, the audit's
+    train statistics and the negative sampler's fallbacks, per bundle."""
 
     def __init__(self, config, schema, num_shards, work):
         self.config, self.schema, self.num_shards = config, schema, num_shards
@@ -712,9 +880,14 @@ class BuildRequests(beam.DoFn):
         self.writers = {}
         self.statistics = {}
         self.train = None
+        self.tests = None
         self.fallbacks = 0
 
-    def process(self, element, split, counts, offsets, exposure, item_category):
+    def process(self, path, split, counts, offsets, exposure, item_category):
+        for element in read_timelines(path):
+            self._user(element, split, counts, offsets, exposure, item_category)
+
+    def _user(self, element, split, counts, offsets, exposure, item_category):
         user, (item, time, bits) = element
         config = self.config
         timeline = one_user_timeline(user, item, time, bits)
@@ -746,14 +919,17 @@ class BuildRequests(beam.DoFn):
                 self.train.add(leak_audit.train_positives(request, self.schema.tasks[0]),
                                index)
             else:
-                yield leak_audit.test_entry(request, self.schema.tasks)
+                self._tests().write(leak_audit.test_entry(request, self.schema.tasks))
         self.fallbacks += sampler.fallbacks - before
 
     def finish_bundle(self):
         # Nothing of the bundle stays with the DoFn, which a runner keeps after the bundle.
         writers, statistics, train = self.writers, self.statistics, self.train
+        tests, self.tests = self.tests, None
         self.writers, self.statistics, self.train = {}, {}, None
         self._sampler = self._hashes = None
+        if tests is not None:
+            yield window.GlobalWindows.windowed_value(tests.close())
         for key, (writer, path, count) in writers.items():
             writer.close()
             yield _tagged("files", (key, (path, count)))
@@ -762,6 +938,12 @@ class BuildRequests(beam.DoFn):
         if train is not None:
             yield _tagged("train", train)
         yield _tagged("fallbacks", self.fallbacks)
+
+    def _tests(self):
+        if self.tests is None:
+            self.tests = PickleFile(FileSystems.join(self.work, "audit",
+                                                     f"{uuid.uuid4().hex}.pickle"))
+        return self.tests
 
     def _writer(self, split, shard):
         key = (split, shard)
@@ -828,8 +1010,8 @@ class ConcatenateShard(beam.DoFn):
 
 # -------------------------------------------------------------------------------- audit
 class ScoreTests(beam.DoFn):
-    """Scores test requests for the leak audit (`leak_audit.score_request`) with the train
-    statistics as a side input. Main output: `AuditTotals` per bundle; tagged
+    """A file of test requests' audit entries (`BuildRequests`) -> each one scored for the
+    leak audit (`leak_audit.score_request`), with the train statistics as a side input. Main output: `AuditTotals` per bundle; tagged
     `histograms`: `((score, value range), ScoreHistogram)`, made whenever the worker holds
     `_FLUSH_SCORES` scores."""
 
@@ -841,9 +1023,13 @@ class ScoreTests(beam.DoFn):
         self.totals = leak_audit.AuditTotals(self.tasks)
         self.pending, self.held = {}, 0
 
-    def process(self, entry, train):
+    def process(self, path, train):
         if self._lookup is None or self._lookup[0] is not train:
             self._lookup = (train, train.lookup())
+        for entry in read_pickled(path):
+            yield from self._score(entry)
+
+    def _score(self, entry):
         candidates, in_history, labels = entry
         scores = leak_audit.score_request(candidates, in_history, labels, self._lookup[1])
         self.totals.add(scores, labels)

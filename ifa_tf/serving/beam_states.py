@@ -2,14 +2,15 @@
 pipeline's workers.
 
 The raw log is read and mapped as `state_store.events_from_log` reads it in-process, by the
-converter's pipeline steps (`beam_pipeline.ReadFile`: the parser of `state_store.log_source`,
-with its rules on malformed rows and event times, and the converter's id rule;
-`UserTimeline`: its merge of rows of one (user, item, time); each item's first category),
-and each user's whole timeline becomes the events of a state (`user_requests.
-sequence_events`). Batches of users then go to the workers, which load the SavedModel once
-each (`DoFn.setup`), compute the states with its `update_state` signature
-(`state_store.build_states`) and write them to the store: SQLite on this machine (one file
-the local workers share), Redis for a cluster's workers.
+converter's pipeline steps (`beam_pipeline.ReadFile`: the parser of
+`state_store.log_source`, with its rules on malformed rows and event times, and the
+converter's id rule; `user_timelines`: its merge of rows of one (user, item, time), in
+groups of users, into files of timelines; each item's first category), and each user's whole
+timeline becomes the events of a state (`user_requests.sequence_events`). Batches of users
+then go to the workers, which load the SavedModel once each (`DoFn.setup`), compute the
+states with its `update_state` signature (`state_store.build_states`) and write them to the
+store: SQLite on this machine (one file the local workers share), Redis for a cluster's
+workers.
 """
 
 import os
@@ -48,16 +49,17 @@ def build_states_from_log(store_url, export_dir, log, dataset, cross_features=()
                 parser, log_converter.id_roles(config))).with_outputs(
                     "ids", "categories", "bad", main="events"))
     item_category = beam_pipeline.category_table(read.categories)
-    written = (read.events
-               | "GroupByUser" >> beam.GroupByKey()
-               | "Timeline" >> beam.ParDo(beam_pipeline.UserTimeline(config))
-               | "Events" >> beam.Map(_user_events, schema,
-                                      beam.pvalue.AsSingleton(item_category))
+    work = beam_pipeline.temporary_directory(pipeline.options)
+    stored = beam_pipeline.user_timelines(read.events, config, work,
+                                          beam_pipeline.user_groups(files, pipeline.options))
+    written = (stored
+               | "Events" >> beam.FlatMap(_file_events, schema,
+                                          beam.pvalue.AsSingleton(item_category))
                | "Batches" >> beam.BatchElements(min_batch_size=batch_size,
                                                  max_batch_size=batch_size)
                | "States" >> beam.ParDo(WriteStates(export_dir, store_url, cross_features,
                                                     batch_size, batch)))
-    summary = beam_pipeline.SummaryFiles(beam_pipeline.temporary_directory(pipeline.options))
+    summary = beam_pipeline.SummaryFiles(FileSystems.join(work, "summary"))
     summary.add("written", written | "Total" >> beam.CombinePerKey(sum)
                 | "AllModels" >> beam.combiners.ToList())
     summary.add("bad", read.bad | "BadRows" >> beam.Map(lambda bad: bad[1])
@@ -66,7 +68,7 @@ def build_states_from_log(store_url, export_dir, log, dataset, cross_features=()
         beam_pipeline.run(pipeline, run_context)
         found = summary.read()
     finally:
-        summary.remove()
+        beam_pipeline.remove(work)
     totals = found["written"][0]
     models = {model for model, _ in totals}
     return {"users": int(sum(count for _, count in totals)),
@@ -74,11 +76,14 @@ def build_states_from_log(store_url, export_dir, log, dataset, cross_features=()
             "skipped_rows": int(found["bad"][0])}
 
 
-def _user_events(element, schema, item_category):
-    user, (item, time, bits) = element
-    timeline = beam_pipeline.one_user_timeline(user, item, time, bits)
-    return user, user_requests.sequence_events(timeline, slice(0, len(item)), item_category,
-                                               schema, state_store.EVENT_TIME)
+def _file_events(stored, schema, item_category):
+    """A file of users' timelines (`beam_pipeline.user_timelines`) -> each user's
+    `(user, events)`."""
+    for user, (item, time, bits) in beam_pipeline.read_timelines(stored.path):
+        timeline = beam_pipeline.one_user_timeline(user, item, time, bits)
+        yield user, user_requests.sequence_events(timeline, slice(0, len(item)),
+                                                  item_category, schema,
+                                                  state_store.EVENT_TIME)
 
 
 class WriteStates(beam.DoFn):
