@@ -707,7 +707,7 @@ class TimelineFile:
 
 class WriteTimelines(beam.DoFn):
     """`(user, [blocks of events])` -> the user's timeline, appended to this bundle's file of
-    timelines; per bundle, its `TimelineFile`."""
+    timelines (a `PickleFile`); per bundle, its `TimelineFile`."""
 
     def __init__(self, config, work):
         self.config, self.work = config, work
@@ -718,23 +718,22 @@ class WriteTimelines(beam.DoFn):
     def process(self, element):
         user, (item, time, bits) = user_timeline(element)
         if self.file is None:
-            path = FileSystems.join(self.work, "timelines", f"{uuid.uuid4().hex}.pickle")
-            self.file = [FileSystems.create(path, compression_type="uncompressed"), path, 0,
-                         None, []]
-        out = self.file
-        pickle.dump((user, item, time, bits), out[0], protocol=pickle.HIGHEST_PROTOCOL)
-        out[2] += len(item)
-        out[3] = _time_span([out[3], (int(time[-1] - time[0]), int(time[0]),
-                                      int(time[-1]))])
-        out[4].extend(_request_times(item, time, bits, self.config))
+            self.file = PickleFile(FileSystems.join(self.work, "timelines",
+                                                    f"{uuid.uuid4().hex}.pickle"))
+            self.num_events, self.span, self.times = 0, None, []
+        self.file.write((user, item, time, bits))
+        self.num_events += len(item)
+        self.span = _time_span([self.span, (int(time[-1] - time[0]), int(time[0]),
+                                            int(time[-1]))])
+        self.times.extend(_request_times(item, time, bits, self.config))
 
     def finish_bundle(self):
         if self.file is None:
             return
-        (out, path, num_events, span, times), self.file = self.file, None
-        out.close()
+        # Nothing of the bundle stays with the DoFn, which a runner keeps after the bundle.
+        out, times, self.file, self.times = self.file, self.times, None, None
         yield window.GlobalWindows.windowed_value(
-            TimelineFile(path, num_events, span, np.array(times, np.int64)))
+            TimelineFile(out.close(), self.num_events, self.span, np.array(times, np.int64)))
 
 
 def read_timelines(path):
